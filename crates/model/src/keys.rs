@@ -1,0 +1,117 @@
+//! The store's key layout. Every key berth writes is built here, so the
+//! layout can be read in one place and prefixes used by watches stay in step
+//! with the keys written.
+//!
+//! Segments are joined with `/`; names are validated elsewhere to contain no
+//! `/` (Compose names are `[a-z0-9][a-z0-9_.-]*`).
+
+use crate::InstanceKey;
+
+/// Root of everything berth stores.
+pub const ROOT: &str = "/berth/";
+
+/// Prefix of all stack records.
+pub const STACKS: &str = "/berth/stacks/";
+/// Prefix of all releases.
+pub const RELEASES: &str = "/berth/releases/";
+/// Prefix of all assignments.
+pub const ASSIGNMENTS: &str = "/berth/assign/";
+/// Prefix of all instance statuses.
+pub const STATUS: &str = "/berth/status/";
+/// Prefix of all nodes.
+pub const NODES: &str = "/berth/nodes/";
+/// Prefix of the user KV space.
+pub const KV: &str = "/berth/kv/";
+
+/// `/berth/stacks/<ns>/<stack>`
+pub fn stack(ns: &str, stack: &str) -> String {
+    format!("{STACKS}{ns}/{stack}")
+}
+
+/// `/berth/stacks/<ns>/`
+pub fn stacks_in(ns: &str) -> String {
+    format!("{STACKS}{ns}/")
+}
+
+/// `/berth/releases/<ns>/<stack>/<version, zero-padded>` (so they sort).
+pub fn release(ns: &str, stack: &str, version: u64) -> String {
+    format!("{RELEASES}{ns}/{stack}/{version:012}")
+}
+
+/// `/berth/releases/<ns>/<stack>/`
+pub fn releases_of(ns: &str, stack: &str) -> String {
+    format!("{RELEASES}{ns}/{stack}/")
+}
+
+/// `/berth/assign/<node>/<ns>/<stack>/<service>/<slot>`
+pub fn assignment(node: &str, key: &InstanceKey) -> String {
+    format!(
+        "{ASSIGNMENTS}{node}/{}/{}/{}/{:06}",
+        key.namespace, key.stack, key.service, key.slot
+    )
+}
+
+/// `/berth/assign/<node>/`: what one agent watches.
+pub fn assignments_of(node: &str) -> String {
+    format!("{ASSIGNMENTS}{node}/")
+}
+
+/// `/berth/status/<ns>/<stack>/<service>/<slot>`
+///
+/// Status is keyed by instance, not node, so `ps` of a stack is one range.
+pub fn status(key: &InstanceKey) -> String {
+    format!(
+        "{STATUS}{}/{}/{}/{:06}",
+        key.namespace, key.stack, key.service, key.slot
+    )
+}
+
+/// `/berth/status/<ns>/<stack>/`
+pub fn status_of_stack(ns: &str, stack: &str) -> String {
+    format!("{STATUS}{ns}/{stack}/")
+}
+
+/// `/berth/nodes/<id>`
+pub fn node(id: &str) -> String {
+    format!("{NODES}{id}")
+}
+
+/// Parse the instance key back out of an assignment or status key.
+pub fn parse_instance(key: &str) -> Option<InstanceKey> {
+    let rest = key.strip_prefix(STATUS).or_else(|| {
+        key.strip_prefix(ASSIGNMENTS)
+            .and_then(|r| r.split_once('/').map(|(_, r)| r))
+    })?;
+    let mut parts = rest.split('/');
+    let namespace = parts.next()?.to_owned();
+    let stack = parts.next()?.to_owned();
+    let service = parts.next()?.to_owned();
+    let slot = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(InstanceKey {
+        namespace,
+        stack,
+        service,
+        slot,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_keys_round_trip() {
+        let k = InstanceKey {
+            namespace: "default".into(),
+            stack: "shop".into(),
+            service: "web".into(),
+            slot: 12,
+        };
+        assert_eq!(parse_instance(&status(&k)), Some(k.clone()));
+        assert_eq!(parse_instance(&assignment("n1", &k)), Some(k));
+        assert_eq!(parse_instance("/berth/status/a/b"), None);
+    }
+}

@@ -1,0 +1,322 @@
+//! berth's core types and the store key layout.
+//!
+//! # What lives where in the store
+//!
+//! Desired state (written by the API, read by controllers):
+//! - [`keys::stack`] → [`StackRecord`]: the current release of a stack and
+//!   per-service scale / stopped flags.
+//! - [`keys::release`] → [`Release`]: immutable, numbered resolved specs.
+//!
+//! Placement (written by the controller after the scheduler, read by agents):
+//! - [`keys::assignment`] → [`Assignment`]: one instance a node must run.
+//!
+//! Actual state (written by agents only):
+//! - [`keys::status`] → [`InstanceStatus`].
+//! - [`keys::node`] → [`Node`], attached to the node's lease.
+//!
+//! Nothing here does I/O; this crate must not depend on tokio or the store.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub use berth_spec::types::{Service, Stack};
+use serde::{Deserialize, Serialize};
+
+pub mod keys;
+
+/// Milliseconds since the Unix epoch. The model has no clock: callers pass it.
+pub type Millis = u64;
+
+/// The default namespace.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Identifies one instance slot: `<namespace>/<stack>/<service>/<slot>`.
+///
+/// Slots are small integers starting at 1 (shown as `web.3`); scaling down
+/// removes the highest slots first, which are also the newest.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct InstanceKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack name.
+    pub stack: String,
+    /// Service name.
+    pub service: String,
+    /// Replica slot, from 1.
+    pub slot: u32,
+}
+
+impl InstanceKey {
+    /// The short display name `service.slot` used in logs and `ps`.
+    pub fn short(&self) -> String {
+        format!("{}.{}", self.service, self.slot)
+    }
+}
+
+impl fmt::Display for InstanceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}.{}",
+            self.namespace, self.stack, self.service, self.slot
+        )
+    }
+}
+
+/// Desired state of one stack. Written only through the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StackRecord {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack name.
+    pub name: String,
+    /// The release that should be running.
+    pub release: u64,
+    /// The resolved spec of that release (copied so controllers need one read).
+    pub spec: Stack,
+    /// Per-service desired scale and run flag, keyed by service name.
+    pub services: BTreeMap<String, ServiceDesired>,
+    /// Last change.
+    pub updated_at: Millis,
+}
+
+/// Desired state of one service of a stack.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDesired {
+    /// Number of replicas wanted.
+    pub replicas: u32,
+    /// `berth stop SERVICE` sets this; `berth start` clears it.
+    #[serde(default)]
+    pub stopped: bool,
+    /// Bumped by `berth restart`: instances whose assignment carries an older
+    /// generation are replaced.
+    #[serde(default)]
+    pub restart_generation: u64,
+}
+
+/// An immutable, numbered version of a stack's resolved spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    /// 1, 2, 3…
+    pub version: u64,
+    /// The full resolved spec.
+    pub spec: Stack,
+    /// When it was created.
+    pub created_at: Millis,
+    /// Who created it (user name or "berth").
+    pub author: String,
+    /// Why (e.g. "up", "deploy", "rollback to v2").
+    pub message: String,
+}
+
+/// One instance a node must run: desired state, placed by the scheduler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Which slot.
+    pub key: InstanceKey,
+    /// Unique per incarnation: a new one means "replace the running instance".
+    pub uid: String,
+    /// Node that runs it.
+    pub node: String,
+    /// Release the spec comes from.
+    pub release: u64,
+    /// Restart generation of the service when this was made.
+    #[serde(default)]
+    pub restart_generation: u64,
+    /// The service template.
+    pub service: Service,
+    /// Extra environment the controller adds (discovery, `BERTH_*`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Run or stop.
+    pub desired: DesiredState,
+    /// When the controller wrote it.
+    pub created_at: Millis,
+}
+
+/// What the agent should do with an assignment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    /// Keep it running (per its restart policy).
+    Running,
+    /// Stop it gracefully and keep it stopped.
+    Stopped,
+}
+
+/// Lifecycle state of an instance, as the agent sees it.
+///
+/// ```text
+///  pending ──► starting ──► running ──► exited ──► (backoff ──► starting)
+///                 │            │                      │
+///                 ▼            ▼                      ▼
+///              failed      stopping ──► stopped     failed (policy says no more)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    /// Assigned, not started yet (e.g. waiting for dependencies).
+    Pending,
+    /// Being started.
+    Starting,
+    /// Process/container is alive.
+    Running,
+    /// Exited; the restart policy decides what happens next.
+    Exited,
+    /// Waiting before the next restart (crash loop back-off).
+    Backoff,
+    /// Could not start or gave up restarting.
+    Failed,
+    /// Stop signal sent, waiting for exit.
+    Stopping,
+    /// Stopped on purpose.
+    Stopped,
+}
+
+impl fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::Pending => "pending",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Exited => "exited",
+            Self::Backoff => "backoff",
+            Self::Failed => "failed",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Health as `ps --json` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Has a check that has not passed yet.
+    Starting,
+    /// Last check passed.
+    Healthy,
+    /// `retries` consecutive checks failed after the start period.
+    Unhealthy,
+    /// No health check.
+    None,
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::Starting => "starting",
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+            Self::None => "none",
+        };
+        f.write_str(s)
+    }
+}
+
+/// How an instance last ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code, if it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// Signal name, if killed (`SIGKILL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// When.
+    pub at: Millis,
+}
+
+/// Actual state of one instance. Written only by the agent that runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Which slot.
+    pub key: InstanceKey,
+    /// The assignment incarnation this reports on.
+    pub uid: String,
+    /// Node it runs on.
+    pub node: String,
+    /// Release it runs.
+    pub release: u64,
+    /// Lifecycle state.
+    pub state: InstanceState,
+    /// Health.
+    pub health: Health,
+    /// OS pid of the process (group leader), or the container's main pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Address other services reach it on (an IP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Port it listens on (`PORT`), if the service has ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Restarts of this incarnation.
+    pub restarts: u32,
+    /// How it last ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitInfo>,
+    /// When the current process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Millis>,
+    /// Output of the last health check (trimmed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_output: Option<String>,
+    /// Why resource limits could not be applied, if they could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits_warning: Option<String>,
+    /// Human-readable reason for the current state (e.g. why it failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Last update.
+    pub updated_at: Millis,
+}
+
+/// A machine running an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Stable id (hostname by default).
+    pub id: String,
+    /// Address other nodes reach its instances on.
+    pub address: String,
+    /// Static labels (`--label k=v`).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Dynamic facts (cpu count, memory, load…), refreshed by the agent.
+    #[serde(default)]
+    pub facts: BTreeMap<String, serde_json::Value>,
+    /// `drain` stops new placements and moves instances off.
+    #[serde(default)]
+    pub draining: bool,
+    /// Last heartbeat.
+    pub updated_at: Millis,
+}
+
+/// Which stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// The process's stdout.
+    Stdout,
+    /// The process's stderr.
+    Stderr,
+    /// berth's own notes about the instance (started, exited with 1, …).
+    System,
+}
+
+/// One captured log line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Instance that wrote it.
+    pub key: InstanceKey,
+    /// Capture time, microseconds since the Unix epoch (orders merges).
+    pub ts_us: u64,
+    /// Stream.
+    pub stream: LogStream,
+    /// The text, without the trailing newline.
+    pub line: String,
+}

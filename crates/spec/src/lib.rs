@@ -1,0 +1,2 @@
+//! Stack files → [`types::Stack`].
+pub mod types;

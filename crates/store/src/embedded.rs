@@ -1,0 +1,1 @@
+//! Embedded store: TODO by store helper
