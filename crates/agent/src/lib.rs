@@ -1,1 +1,52 @@
-//! agent
+//! berth's agent: runs, on one node, the instances assigned to that node.
+//!
+//! It owns how instances run (drivers), keeping them running (supervision
+//! and restart back-off), health checks, log capture and the reporting of
+//! instance statuses. It does not decide what runs where (the scheduler and
+//! controllers do, through assignments) and never writes desired state.
+//!
+//! # Layout
+//! - [`agent`]: the reconcile loop: assignments in, supervisors, statuses out.
+//! - [`control`]: [`ControlPlane`], the agent's only door to the servers, and
+//!   [`StoreControlPlane`] for the single-machine server.
+//! - [`supervisor`]: one task per instance: lifecycle, restart policy, back-off.
+//! - [`driver`]: the [`driver::Driver`] trait and the `process` driver, with
+//!   command/env building and cgroups.
+//! - [`health`]: exec, HTTP and TCP probes and the Compose health state machine.
+//! - [`logs`]: [`LogStore`], rotating per-instance log files and a live stream.
+//! - [`ports`]: free-port allocation for instances.
+//! - [`orphans`]: the agent id, and killing what a killed agent left behind.
+//!
+//! ```no_run
+//! # async fn demo(store: std::sync::Arc<dyn berth_store::Store>) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use berth_agent::{AgentConfig, LogConfig, LogStore, StoreControlPlane};
+//! let cfg = AgentConfig {
+//!     node_id: "local".into(),
+//!     data_dir: "/tmp/berth".into(),
+//!     address: "127.0.0.1".into(),
+//!     logs: LogConfig::default(),
+//! };
+//! let logs = LogStore::open(cfg.data_dir.join("logs"), cfg.logs.clone())?;
+//! let (_stop, shutdown) = tokio::sync::watch::channel(false);
+//! berth_agent::run(cfg, Arc::new(StoreControlPlane::new(store)), logs, shutdown).await?;
+//! # Ok(()) }
+//! ```
+
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod agent;
+pub mod control;
+pub mod driver;
+pub mod health;
+pub mod logs;
+pub mod orphans;
+pub mod ports;
+pub mod supervisor;
+
+pub use agent::{AgentConfig, AgentError, run};
+pub use control::{
+    AssignmentEvent, AssignmentStream, ControlError, ControlPlane, StoreControlPlane,
+};
+pub use logs::{LogConfig, LogError, LogQuery, LogStore};

@@ -1,0 +1,451 @@
+//! The agent: keeps this node's running supervisors in line with its
+//! assignments, and reports their statuses.
+//!
+//! Reconciliation is level-triggered and idempotent: the agent holds the
+//! desired assignments (listed, then followed by a watch; re-listed after
+//! any break) and its supervisors, and for each key:
+//! - desired `running`, no supervisor (or a stopped one) → start one;
+//! - a supervisor with a different `uid`, or desired `stopped` → stop it
+//!   gracefully; once it has stopped, look again (a new uid then starts);
+//! - no assignment → stop gracefully, then `forget` the status.
+//!
+//! Stops never block the loop: a supervisor stops itself and the agent only
+//! learns when its task ends, so scaling 100 → 1 takes one grace period, not
+//! 99. Statuses are coalesced per instance by a reporter task that writes
+//! only the latest of each, in batches.
+//!
+//! Crash-only: before anything runs, processes and cgroups a previous
+//! incarnation left (it was `kill -9`ed) are killed, not adopted (see
+//! [`crate::orphans`]). On shutdown every instance is stopped in parallel
+//! and reported `stopped`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_model::{Assignment, DesiredState, InstanceKey, InstanceState, InstanceStatus};
+use futures::StreamExt;
+use tokio::sync::{Notify, watch};
+use tokio::task::{Id, JoinSet};
+
+use crate::control::{AssignmentEvent, ControlPlane};
+use crate::driver::cgroup::Cgroups;
+use crate::driver::command::INHERITED_VARS;
+use crate::driver::process::ProcessDriver;
+use crate::logs::{LogConfig, LogStore};
+use crate::orphans;
+use crate::ports::PortAllocator;
+use crate::supervisor::{self, Backoff, Context, StatusSink};
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This node's id (assignments are listed for it).
+    pub node_id: String,
+    /// Data directory: fallback working directory, and with the node id the
+    /// source of the agent id.
+    pub data_dir: PathBuf,
+    /// Address instances are reached on (`127.0.0.1` on one machine).
+    pub address: String,
+    /// Log file limits (used by whoever opens the [`LogStore`]).
+    pub logs: LogConfig,
+}
+
+/// Errors that end the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The data directory cannot be used.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Wait before retrying the control plane.
+const RETRY: Duration = Duration::from_millis(500);
+
+enum Pending {
+    Status(Box<InstanceStatus>),
+    Forget,
+}
+
+/// Keeps the latest status per instance and writes it out.
+struct Reporter {
+    pending: Mutex<HashMap<InstanceKey, Pending>>,
+    notify: Notify,
+}
+
+impl Reporter {
+    fn put(&self, key: InstanceKey, p: Pending) {
+        if let Ok(mut m) = self.pending.lock() {
+            m.insert(key, p);
+        }
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> HashMap<InstanceKey, Pending> {
+        self.pending
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
+    }
+
+    /// Put back what could not be written, unless something newer came.
+    fn restore(&self, batch: HashMap<InstanceKey, Pending>) {
+        if let Ok(mut m) = self.pending.lock() {
+            for (k, p) in batch {
+                m.entry(k).or_insert(p);
+            }
+        }
+    }
+
+    async fn write(&self, control: &dyn ControlPlane) -> bool {
+        let batch = self.take();
+        if batch.is_empty() {
+            return true;
+        }
+        let statuses: Vec<InstanceStatus> = batch
+            .values()
+            .filter_map(|p| match p {
+                Pending::Status(s) => Some((**s).clone()),
+                Pending::Forget => None,
+            })
+            .collect();
+        let forgets: Vec<&InstanceKey> = batch
+            .iter()
+            .filter_map(|(k, p)| matches!(p, Pending::Forget).then_some(k))
+            .collect();
+        let mut ok = true;
+        if let Err(e) = control.report_many(&statuses).await {
+            tracing::warn!(error = %e, "cannot report instance statuses; will retry");
+            ok = false;
+        }
+        for k in &forgets {
+            if let Err(e) = control.forget(k).await {
+                tracing::warn!(instance = %k, error = %e, "cannot forget instance status; will retry");
+                ok = false;
+            }
+        }
+        if !ok {
+            self.restore(batch);
+        }
+        ok
+    }
+
+    /// Write until `done` turns true and nothing is left (or, once done,
+    /// the control plane keeps failing).
+    async fn run(self: Arc<Self>, control: Arc<dyn ControlPlane>, mut done: watch::Receiver<bool>) {
+        loop {
+            let finished = *done.borrow();
+            let ok = self.write(control.as_ref()).await;
+            let empty = self.pending.lock().map(|m| m.is_empty()).unwrap_or(true);
+            if finished && (empty || !ok) {
+                return;
+            }
+            if !ok {
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+            if empty {
+                tokio::select! {
+                    () = self.notify.notified() => {}
+                    _ = done.changed() => {}
+                }
+            }
+        }
+    }
+}
+
+impl StatusSink for Reporter {
+    fn update(&self, status: InstanceStatus) {
+        self.put(status.key.clone(), Pending::Status(Box::new(status)));
+    }
+}
+
+enum Phase {
+    Running,
+    Stopping,
+    /// The supervisor task has ended (stopped on purpose, or crashed).
+    Done,
+}
+
+struct Slot {
+    uid: String,
+    phase: Phase,
+    stop: watch::Sender<bool>,
+}
+
+struct Agent {
+    ctx: Arc<Context>,
+    reporter: Arc<Reporter>,
+    desired: HashMap<InstanceKey, Assignment>,
+    actual: HashMap<InstanceKey, Slot>,
+    tasks: JoinSet<()>,
+    task_keys: HashMap<Id, InstanceKey>,
+}
+
+impl Agent {
+    fn start(&mut self, a: &Assignment) {
+        let (stop, rx) = watch::channel(false);
+        let handle = self
+            .tasks
+            .spawn(supervisor::run(self.ctx.clone(), a.clone(), rx));
+        self.task_keys.insert(handle.id(), a.key.clone());
+        self.actual.insert(
+            a.key.clone(),
+            Slot {
+                uid: a.uid.clone(),
+                phase: Phase::Running,
+                stop,
+            },
+        );
+    }
+
+    fn forget(&mut self, key: &InstanceKey) {
+        self.reporter.put(key.clone(), Pending::Forget);
+        let logs = self.ctx.logs.clone();
+        let key = key.clone();
+        // Only releases the file handle; cheap and nothing waits on it.
+        self.tasks.spawn(async move { logs.close(&key).await });
+    }
+
+    fn reconcile(&mut self, key: &InstanceKey) {
+        let want = self.desired.get(key).cloned();
+        match (want, self.actual.get_mut(key)) {
+            (Some(a), None) => match a.desired {
+                DesiredState::Running => self.start(&a),
+                DesiredState::Stopped => {
+                    let mut st = supervisor::initial_status(&a, &self.ctx.node, &self.ctx.address);
+                    st.state = InstanceState::Stopped;
+                    self.reporter.update(st);
+                }
+            },
+            (Some(a), Some(slot)) => match slot.phase {
+                Phase::Running if slot.uid != a.uid || a.desired == DesiredState::Stopped => {
+                    slot.stop.send_replace(true);
+                    slot.phase = Phase::Stopping;
+                }
+                Phase::Running | Phase::Stopping => {}
+                Phase::Done => {
+                    if a.desired == DesiredState::Running {
+                        self.actual.remove(key);
+                        self.start(&a);
+                    }
+                }
+            },
+            (None, Some(slot)) => match slot.phase {
+                Phase::Running => {
+                    slot.stop.send_replace(true);
+                    slot.phase = Phase::Stopping;
+                }
+                Phase::Stopping => {}
+                Phase::Done => {
+                    self.actual.remove(key);
+                    self.forget(key);
+                }
+            },
+            (None, None) => {}
+        }
+    }
+
+    fn reconcile_all(&mut self) {
+        let keys: HashSet<InstanceKey> = self
+            .desired
+            .keys()
+            .chain(self.actual.keys())
+            .cloned()
+            .collect();
+        for k in keys {
+            self.reconcile(&k);
+        }
+    }
+
+    fn task_done(&mut self, id: Id) {
+        let Some(key) = self.task_keys.remove(&id) else {
+            return;
+        };
+        if let Some(slot) = self.actual.get_mut(&key) {
+            slot.phase = Phase::Done;
+        }
+        self.reconcile(&key);
+    }
+
+    fn apply(&mut self, ev: AssignmentEvent) -> bool {
+        match ev {
+            AssignmentEvent::Upsert(a) => {
+                if a.node != self.ctx.node {
+                    return true;
+                }
+                let key = a.key.clone();
+                self.desired.insert(key.clone(), a);
+                self.reconcile(&key);
+            }
+            AssignmentEvent::Removed(key) => {
+                self.desired.remove(&key);
+                if self.actual.contains_key(&key) {
+                    self.reconcile(&key);
+                } else {
+                    self.forget(&key);
+                }
+            }
+            AssignmentEvent::Resync => return false,
+        }
+        true
+    }
+
+    async fn shutdown(&mut self) {
+        for slot in self.actual.values_mut() {
+            slot.stop.send_replace(true);
+        }
+        while let Some(res) = self.tasks.join_next().await {
+            if let Err(e) = res {
+                tracing::error!(error = %e, "supervisor task failed during shutdown");
+            }
+        }
+    }
+}
+
+fn log_task_result(res: &Result<(Id, ()), tokio::task::JoinError>) -> Id {
+    match res {
+        Ok((id, ())) => *id,
+        Err(e) => {
+            tracing::error!(error = %e, "supervisor task failed");
+            e.id()
+        }
+    }
+}
+
+/// Run the agent until `shutdown` turns true (or its sender is dropped).
+pub async fn run(
+    cfg: AgentConfig,
+    control: Arc<dyn ControlPlane>,
+    logs: LogStore,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| AgentError::DataDir {
+        path: cfg.data_dir.clone(),
+        source,
+    })?;
+    let agent_id = orphans::agent_id(&cfg.node_id, &cfg.data_dir);
+    let cgroups = Arc::new(Cgroups::detect(&agent_id));
+    {
+        let id = agent_id.clone();
+        let cg = cgroups.clone();
+        let cleanup = tokio::task::spawn_blocking(move || {
+            let n = orphans::kill_orphans(&id);
+            let c = cg.remove_leftovers();
+            (n, c)
+        });
+        if let Ok((n, c)) = cleanup.await
+            && (n > 0 || c > 0)
+        {
+            tracing::warn!(
+                processes = n,
+                cgroups = c,
+                "cleaned up after a previous run"
+            );
+        }
+    }
+
+    let reporter = Arc::new(Reporter {
+        pending: Mutex::new(HashMap::new()),
+        notify: Notify::new(),
+    });
+    let (reporter_done, reporter_rx) = watch::channel(false);
+    let reporter_task = tokio::spawn(reporter.clone().run(control.clone(), reporter_rx));
+
+    let inherited_env: BTreeMap<String, String> = std::env::vars()
+        .filter(|(k, _)| INHERITED_VARS.contains(&k.as_str()))
+        .collect();
+    let ctx = Arc::new(Context {
+        driver: Arc::new(ProcessDriver::new(cgroups)),
+        logs,
+        ports: PortAllocator::new(),
+        sink: reporter.clone(),
+        node: cfg.node_id.clone(),
+        address: cfg.address.clone(),
+        agent_id,
+        fallback_dir: cfg.data_dir.clone(),
+        inherited_env,
+        backoff: Backoff::default(),
+    });
+    let mut agent = Agent {
+        ctx,
+        reporter,
+        desired: HashMap::new(),
+        actual: HashMap::new(),
+        tasks: JoinSet::new(),
+        task_keys: HashMap::new(),
+    };
+
+    'outer: loop {
+        let listed = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break 'outer,
+            r = control.list_assignments(&cfg.node_id) => r,
+        };
+        let (list, rev) = match listed {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list assignments; retrying");
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break 'outer,
+                    () = tokio::time::sleep(RETRY) => continue 'outer,
+                }
+            }
+        };
+        agent.desired = list
+            .into_iter()
+            .filter(|a| a.node == cfg.node_id)
+            .map(|a| (a.key.clone(), a))
+            .collect();
+        agent.reconcile_all();
+
+        let mut events = match control.watch_assignments(&cfg.node_id, rev + 1).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch assignments; retrying");
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break 'outer,
+                    () = tokio::time::sleep(RETRY) => continue 'outer,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => break 'outer,
+                Some(res) = agent.tasks.join_next_with_id() => {
+                    let id = log_task_result(&res);
+                    agent.task_done(id);
+                }
+                ev = events.next() => match ev {
+                    Some(Ok(ev)) => {
+                        if !agent.apply(ev) {
+                            continue 'outer;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "assignment watch failed; re-listing");
+                        tokio::time::sleep(RETRY).await;
+                        continue 'outer;
+                    }
+                    None => {
+                        tracing::warn!("assignment watch ended; re-listing");
+                        tokio::time::sleep(RETRY).await;
+                        continue 'outer;
+                    }
+                },
+            }
+        }
+    }
+
+    agent.shutdown().await;
+    reporter_done.send_replace(true);
+    if let Err(e) = reporter_task.await {
+        tracing::error!(error = %e, "status reporter failed");
+    }
+    Ok(())
+}

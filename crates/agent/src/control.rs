@@ -1,0 +1,151 @@
+//! The agent's view of the control plane: where it learns its assignments
+//! and where it reports instance statuses.
+//!
+//! [`ControlPlane`] exists because agents on other machines will talk to the
+//! servers over HTTP, never to the store; in the single-machine server the
+//! agent runs in-process with [`StoreControlPlane`], straight on the store.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use berth_model::{Assignment, InstanceKey, InstanceStatus, keys};
+use berth_store::{Op, Revision, Store, StoreError, Txn, WatchEvent};
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+
+/// A change to this node's assignments.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AssignmentEvent {
+    /// An assignment was created or changed.
+    Upsert(Assignment),
+    /// An assignment was removed.
+    Removed(InstanceKey),
+    /// Events were lost (history compacted): list again and watch from there.
+    Resync,
+}
+
+/// Errors talking to the control plane. The agent retries on all of them.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The control plane cannot be reached or answered with an error.
+    #[error("control plane unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// A stream of assignment changes; ends (or errors) when the watch breaks.
+pub type AssignmentStream = BoxStream<'static, Result<AssignmentEvent, ControlError>>;
+
+/// What an agent needs from the servers.
+#[async_trait]
+pub trait ControlPlane: Send + Sync + 'static {
+    /// Every assignment of `node`, and the revision the listing is at.
+    async fn list_assignments(
+        &self,
+        node: &str,
+    ) -> Result<(Vec<Assignment>, Revision), ControlError>;
+    /// Changes to `node`'s assignments from revision `from` (inclusive).
+    async fn watch_assignments(
+        &self,
+        node: &str,
+        from: Revision,
+    ) -> Result<AssignmentStream, ControlError>;
+    /// Record an instance's status.
+    async fn report(&self, status: &InstanceStatus) -> Result<(), ControlError>;
+    /// Record several statuses; implementations may batch them.
+    async fn report_many(&self, statuses: &[InstanceStatus]) -> Result<(), ControlError> {
+        for s in statuses {
+            self.report(s).await?;
+        }
+        Ok(())
+    }
+    /// Remove an instance's status (its assignment is gone and it stopped).
+    async fn forget(&self, key: &InstanceKey) -> Result<(), ControlError>;
+}
+
+/// The control plane straight on a store (the single-machine server).
+#[derive(Clone)]
+pub struct StoreControlPlane {
+    store: Arc<dyn Store>,
+}
+
+impl StoreControlPlane {
+    /// Use this store.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store }
+    }
+}
+
+fn decode_assignment(kv: &berth_store::KeyValue) -> Option<Assignment> {
+    match berth_store::decode::<Assignment>(kv) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            // One bad record must not stop the node from running the rest.
+            tracing::warn!(key = %kv.key, error = %e, "ignoring an unreadable assignment");
+            None
+        }
+    }
+}
+
+#[async_trait]
+impl ControlPlane for StoreControlPlane {
+    async fn list_assignments(
+        &self,
+        node: &str,
+    ) -> Result<(Vec<Assignment>, Revision), ControlError> {
+        let (kvs, rev) = self.store.range(&keys::assignments_of(node)).await?;
+        Ok((kvs.iter().filter_map(decode_assignment).collect(), rev))
+    }
+
+    async fn watch_assignments(
+        &self,
+        node: &str,
+        from: Revision,
+    ) -> Result<AssignmentStream, ControlError> {
+        let watch = self.store.watch(&keys::assignments_of(node), from).await?;
+        let events = watch.flat_map(|batch| {
+            let out: Vec<Result<AssignmentEvent, ControlError>> = match batch {
+                Ok(batch) => batch
+                    .into_iter()
+                    .filter_map(|ev| match ev {
+                        WatchEvent::Put(kv) => {
+                            decode_assignment(&kv).map(|a| Ok(AssignmentEvent::Upsert(a)))
+                        }
+                        WatchEvent::Delete { key, .. } => {
+                            keys::parse_instance(&key).map(|k| Ok(AssignmentEvent::Removed(k)))
+                        }
+                    })
+                    .collect(),
+                Err(StoreError::Compacted { .. }) => vec![Ok(AssignmentEvent::Resync)],
+                Err(e) => vec![Err(ControlError::Store(e))],
+            };
+            stream::iter(out)
+        });
+        Ok(events.boxed())
+    }
+
+    async fn report(&self, status: &InstanceStatus) -> Result<(), ControlError> {
+        berth_store::put_json(self.store.as_ref(), &keys::status(&status.key), status).await?;
+        Ok(())
+    }
+
+    async fn report_many(&self, statuses: &[InstanceStatus]) -> Result<(), ControlError> {
+        let mut txn = Txn::default();
+        for s in statuses {
+            let key = keys::status(&s.key);
+            let value = berth_store::encode(&key, s)?;
+            txn.success.push(Op::put(key, value));
+        }
+        if !txn.success.is_empty() {
+            self.store.txn(txn).await?;
+        }
+        Ok(())
+    }
+
+    async fn forget(&self, key: &InstanceKey) -> Result<(), ControlError> {
+        self.store.delete(&keys::status(key)).await?;
+        Ok(())
+    }
+}

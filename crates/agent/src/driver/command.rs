@@ -1,0 +1,170 @@
+//! Turning an assignment into a [`LaunchSpec`]: the argv (Compose/Docker
+//! rules for `entrypoint` + `command`), the working directory and the
+//! instance's environment. Pure functions: no I/O, no clock.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use berth_model::Assignment;
+use berth_spec::types::Command;
+
+use super::{DriverError, LaunchSpec};
+
+/// Variables copied from the agent's own environment: enough for programs
+/// to find their tools and locale, nothing that leaks the agent's secrets.
+pub const INHERITED_VARS: &[&str] = &["PATH", "HOME", "LANG", "TERM", "USER", "SHELL", "TZ"];
+
+/// Used when the agent itself has no `PATH`.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Assignment env key through which the controller can pass the stack's
+/// project directory (the default working directory of processes).
+pub const PROJECT_DIR_VAR: &str = "BERTH_PROJECT_DIR";
+
+/// Name of the variable that marks every process of an agent, used to find
+/// orphans after the agent was killed.
+pub const AGENT_ID_VAR: &str = "BERTH_AGENT_ID";
+
+/// What the agent adds to every launch.
+#[derive(Debug, Clone)]
+pub struct LaunchContext<'a> {
+    /// This agent's id (see [`crate::orphans::agent_id`]).
+    pub agent_id: &'a str,
+    /// Fallback working directory when neither the service nor the stack
+    /// names one.
+    pub fallback_dir: &'a Path,
+    /// The agent's own environment (only [`INHERITED_VARS`] are taken).
+    pub inherited: &'a BTreeMap<String, String>,
+}
+
+fn argv_of(command: &Command) -> Vec<String> {
+    match command {
+        Command::Shell(s) => vec!["sh".to_owned(), "-c".to_owned(), s.clone()],
+        Command::Exec(v) => v.clone(),
+    }
+}
+
+/// The argv of a service, as Docker builds it: `entrypoint ++ command`,
+/// each through `sh -c` only when written as a string.
+pub fn argv(
+    entrypoint: Option<&Command>,
+    command: Option<&Command>,
+) -> Result<Vec<String>, DriverError> {
+    let mut argv = entrypoint.map(argv_of).unwrap_or_default();
+    argv.extend(command.map(argv_of).unwrap_or_default());
+    match argv.first() {
+        None => Err(DriverError::Invalid(
+            "the service has neither `command` nor `entrypoint`: give it a `command:`".into(),
+        )),
+        Some(p) if p.is_empty() => Err(DriverError::Invalid(
+            "the command's program name is empty".into(),
+        )),
+        Some(_) => Ok(argv),
+    }
+}
+
+/// Build the launch spec of one instance.
+///
+/// Environment, later layers winning: inherited basics, the service's
+/// `environment` (a `None` value unsets), the assignment's `env`, then the
+/// port variable and the `BERTH_*` variables.
+pub fn launch_spec(
+    a: &Assignment,
+    port: Option<u16>,
+    ctx: &LaunchContext<'_>,
+) -> Result<LaunchSpec, DriverError> {
+    let svc = &a.service;
+    let argv = argv(svc.entrypoint.as_ref(), svc.command.as_ref())?;
+
+    let mut env = BTreeMap::new();
+    for var in INHERITED_VARS {
+        if let Some(v) = ctx.inherited.get(*var) {
+            env.insert((*var).to_owned(), v.clone());
+        }
+    }
+    env.entry("PATH".to_owned())
+        .or_insert_with(|| DEFAULT_PATH.to_owned());
+    for (k, v) in &svc.environment {
+        match v {
+            Some(v) => env.insert(k.clone(), v.clone()),
+            None => env.remove(k),
+        };
+    }
+    for (k, v) in &a.env {
+        env.insert(k.clone(), v.clone());
+    }
+    if let Some(port) = port {
+        let name = svc
+            .berth
+            .port_env
+            .clone()
+            .unwrap_or_else(|| "PORT".to_owned());
+        env.insert(name, port.to_string());
+    }
+    env.insert("BERTH_SERVICE".into(), a.key.service.clone());
+    env.insert("BERTH_INSTANCE".into(), a.key.short());
+    env.insert("BERTH_STACK".into(), a.key.stack.clone());
+    env.insert("BERTH_NAMESPACE".into(), a.key.namespace.clone());
+    env.insert(AGENT_ID_VAR.into(), ctx.agent_id.to_owned());
+
+    let working_dir = svc
+        .working_dir
+        .clone()
+        .or_else(|| a.env.get(PROJECT_DIR_VAR).map(PathBuf::from))
+        .unwrap_or_else(|| ctx.fallback_dir.to_path_buf());
+
+    Ok(LaunchSpec {
+        key: a.key.clone(),
+        uid: a.uid.clone(),
+        argv,
+        env,
+        working_dir,
+        limits: svc.deploy.resources.limits.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(s: &str) -> Command {
+        Command::Shell(s.into())
+    }
+    fn exec(v: &[&str]) -> Command {
+        Command::Exec(v.iter().map(|s| (*s).to_owned()).collect())
+    }
+
+    #[test]
+    fn shell_form_goes_through_sh() {
+        assert_eq!(
+            argv(None, Some(&sh("echo hi"))).unwrap(),
+            ["sh", "-c", "echo hi"]
+        );
+    }
+
+    #[test]
+    fn exec_form_is_exec_d() {
+        assert_eq!(
+            argv(None, Some(&exec(&["python3", "-V"]))).unwrap(),
+            ["python3", "-V"]
+        );
+    }
+
+    #[test]
+    fn entrypoint_and_command_concatenate_like_docker() {
+        assert_eq!(
+            argv(Some(&exec(&["tini", "--"])), Some(&exec(&["app", "x"]))).unwrap(),
+            ["tini", "--", "app", "x"]
+        );
+        assert_eq!(
+            argv(Some(&sh("exec \"$0\" \"$@\"")), Some(&exec(&["app"]))).unwrap(),
+            ["sh", "-c", "exec \"$0\" \"$@\"", "app"]
+        );
+    }
+
+    #[test]
+    fn nothing_to_run_is_an_error() {
+        assert!(argv(None, None).is_err());
+        assert!(argv(None, Some(&exec(&[]))).is_err());
+    }
+}

@@ -1,0 +1,263 @@
+//! The `process` driver: every instance is a plain child process in its own
+//! process group (so signals reach its whole tree), with stdin on
+//! `/dev/null`, stdout and stderr piped to the agent, a clean environment,
+//! and (when the service has limits and cgroups are writable) its own
+//! cgroup, joined before exec.
+//!
+//! No process of an instance outlives it: when the main process exits, or
+//! after a stop, whatever is left in its process group and its cgroup is
+//! SIGKILLed. (A grandchild that `setsid`s away escapes the group; only the
+//! cgroup catches it, so that guarantee needs cgroups.)
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use super::cgroup::{Cgroups, InstanceCgroup};
+use super::{Capabilities, Driver, DriverError, Exit, Handle, LaunchSpec, Started};
+
+/// How long to wait for a killed process group to disappear.
+const REAP_WAIT: Duration = Duration::from_millis(500);
+
+/// Runs instances as child processes.
+#[derive(Debug, Clone)]
+pub struct ProcessDriver {
+    cgroups: Arc<Cgroups>,
+}
+
+impl ProcessDriver {
+    /// A driver using this machine's cgroups (when an instance has limits).
+    pub fn new(cgroups: Arc<Cgroups>) -> Self {
+        Self { cgroups }
+    }
+}
+
+fn cgroup_name(spec: &LaunchSpec) -> String {
+    let uid: String = spec
+        .uid
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(16)
+        .collect();
+    format!(
+        "{}.{}.{}.{}-{uid}",
+        spec.key.namespace, spec.key.stack, spec.key.service, spec.key.slot
+    )
+}
+
+fn has_limits(spec: &LaunchSpec) -> bool {
+    let l = &spec.limits;
+    l.cpus.is_some() || l.memory_bytes.is_some() || l.pids.is_some()
+}
+
+/// Make the child join its cgroups between fork and exec.
+///
+/// This is the crate's only `unsafe`: `pre_exec` runs in the forked child,
+/// where only async-signal-safe calls are allowed. The closure only calls
+/// `write(2)` on descriptors opened by the parent (captured as plain
+/// integers, no allocation), writing `0`, which the kernel reads as "the
+/// writing process". The descriptors are close-on-exec, so the program never
+/// sees them.
+#[allow(unsafe_code)]
+fn join_cgroup_before_exec(cmd: &mut Command, fds: Vec<std::os::fd::RawFd>) {
+    let closure = move || -> std::io::Result<()> {
+        for fd in &fds {
+            // SAFETY: write(2) is async-signal-safe; `fd` stays open in the
+            // child until exec because the parent keeps it open until spawn
+            // returns.
+            let n = unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: see the function's documentation.
+    unsafe {
+        cmd.pre_exec(closure);
+    }
+}
+
+#[async_trait]
+impl Driver for ProcessDriver {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            signals: true,
+            resource_limits: self.cgroups.available(),
+        }
+    }
+
+    async fn start(&self, spec: &LaunchSpec) -> Result<Started, DriverError> {
+        let Some((program, args)) = spec.argv.split_first() else {
+            return Err(DriverError::Invalid("empty argv".into()));
+        };
+        if !spec.working_dir.is_dir() {
+            return Err(DriverError::Invalid(format!(
+                "working directory {} does not exist",
+                spec.working_dir.display()
+            )));
+        }
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .envs(&spec.env)
+            .current_dir(&spec.working_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+
+        let mut limits_warning = None;
+        let mut cgroup = None;
+        if has_limits(spec) {
+            match self.cgroups.create(&cgroup_name(spec), &spec.limits) {
+                Ok(cg) => {
+                    join_cgroup_before_exec(&mut cmd, cg.procs_fds());
+                    cgroup = Some(cg);
+                }
+                Err(e) => limits_warning = Some(format!("resource limits not applied: {e}")),
+            }
+        }
+
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(source) => {
+                if let Some(cg) = cgroup {
+                    tokio::task::spawn_blocking(move || cg.remove()).await.ok();
+                }
+                return Err(DriverError::Spawn {
+                    program: program.clone(),
+                    source,
+                });
+            }
+        };
+        let pid = child.id();
+        let stdout = child.stdout.take().map(|s| Box::pin(s) as super::Output);
+        let stderr = child.stderr.take().map(|s| Box::pin(s) as super::Output);
+        Ok(Started {
+            handle: Box::new(ProcessHandle {
+                child,
+                pgid: pid.map(|p| Pid::from_raw(p as i32)),
+                cgroup: cgroup.map(Arc::new),
+                exit: None,
+            }),
+            stdout,
+            stderr,
+            limits_warning,
+        })
+    }
+}
+
+/// A running child process (the leader of its process group).
+struct ProcessHandle {
+    child: Child,
+    pgid: Option<Pid>,
+    cgroup: Option<Arc<InstanceCgroup>>,
+    exit: Option<Exit>,
+}
+
+fn exit_of(status: ExitStatus) -> Exit {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => Exit::Code(c),
+        (None, Some(s)) => Signal::try_from(s).map_or(Exit::Code(128 + s), Exit::Signal),
+        (None, None) => Exit::Code(-1),
+    }
+}
+
+impl ProcessHandle {
+    /// SIGKILL whatever is left of the instance and wait until it is gone.
+    async fn kill_rest(&mut self) {
+        if let Some(pgid) = self.pgid {
+            let _ = killpg(pgid, Signal::SIGKILL);
+            let deadline = Instant::now() + REAP_WAIT;
+            // Signal 0 probes whether any member of the group is left.
+            while kill(Pid::from_raw(-pgid.as_raw()), None).is_ok() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        if let Some(cg) = self.cgroup.take() {
+            let _ = tokio::task::spawn_blocking(move || {
+                cg.kill_all();
+                cg.remove();
+            })
+            .await;
+        }
+    }
+
+    async fn finish(&mut self, status: ExitStatus) -> Exit {
+        let exit = exit_of(status);
+        self.exit = Some(exit.clone());
+        self.kill_rest().await;
+        exit
+    }
+}
+
+#[async_trait]
+impl Handle for ProcessHandle {
+    fn pid(&self) -> Option<u32> {
+        self.pgid.map(|p| p.as_raw() as u32)
+    }
+
+    fn signal(&self, signal: Signal) -> Result<(), DriverError> {
+        let Some(pgid) = self.pgid else {
+            return Ok(());
+        };
+        match killpg(pgid, signal) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(DriverError::Io(e.into())),
+        }
+    }
+
+    async fn wait(&mut self) -> Result<Exit, DriverError> {
+        if let Some(e) = &self.exit {
+            return Ok(e.clone());
+        }
+        let status = self.child.wait().await?;
+        Ok(self.finish(status).await)
+    }
+
+    async fn stop(&mut self, signal: Signal, grace: Duration) -> Result<Exit, DriverError> {
+        if let Some(e) = &self.exit {
+            return Ok(e.clone());
+        }
+        self.signal(signal)?;
+        let status = match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(status) => status?,
+            Err(_) => {
+                self.signal(Signal::SIGKILL)?;
+                if let Some(cg) = self.cgroup.clone() {
+                    let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+                }
+                self.child.wait().await?
+            }
+        };
+        Ok(self.finish(status).await)
+    }
+}
+
+impl Drop for ProcessHandle {
+    fn drop(&mut self) {
+        // A handle dropped without stop/wait (a panicking supervisor, an
+        // aborted task) must not leave the instance running.
+        if self.exit.is_none()
+            && let Some(pgid) = self.pgid
+        {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+        if let Some(cg) = self.cgroup.take() {
+            cg.kill_all();
+            cg.remove();
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! One supervisor per instance: a task that owns the instance's whole
+//! lifecycle — start, health checks, log capture, exit, restart policy with
+//! back-off, graceful stop — and reports every change of its
+//! [`InstanceStatus`] to a [`StatusSink`] (on change, never periodically).
+//!
+//! ```text
+//!  pending ──► starting ──► running ──(exit)──► policy says restart? ──yes──► backoff ──► starting
+//!                 │            │                        │ no
+//!          (spawn failed)      │ stop                   ▼
+//!                 └──► policy  ▼                 exited / failed ──(stop)──► stopped
+//!                           stopping ──► stopped
+//! ```
+//!
+//! Back-off starts at [`Backoff::initial`], doubles on each restart up to
+//! [`Backoff::max`], and is reset once an instance has run for
+//! [`Backoff::reset_after`], so a crash loop sleeps instead of spinning and a
+//! long-lived instance that crashes once comes back fast. The health state
+//! is reset to `starting` on every start. The supervisor ends only when told
+//! to stop (an exited instance waits, so its status stays visible).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use berth_model::{Assignment, ExitInfo, Health, InstanceState, InstanceStatus, LogStream, Millis};
+use berth_spec::types::{Driver as DriverKind, HealthTest, RestartPolicy};
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::driver::command::{LaunchContext, launch_spec};
+use crate::driver::{Driver, DriverError, Exit, LaunchSpec, Started, parse_signal};
+use crate::health::{self, HealthReport, ProbeTarget};
+use crate::logs::LogStore;
+use crate::ports::{PortAllocator, PortLease};
+
+/// Where supervisors send their status updates.
+pub trait StatusSink: Send + Sync + 'static {
+    /// The instance's status changed; this is the whole new status.
+    fn update(&self, status: InstanceStatus);
+}
+
+impl StatusSink for mpsc::UnboundedSender<InstanceStatus> {
+    fn update(&self, status: InstanceStatus) {
+        // A closed receiver means nobody is interested any more.
+        let _ = self.send(status);
+    }
+}
+
+/// Restart back-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// First delay. Default 100 ms.
+    pub initial: Duration,
+    /// Cap. Default 30 s.
+    pub max: Duration,
+    /// An instance that ran this long restarts with the initial delay again.
+    /// Default 10 s.
+    pub reset_after: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            reset_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What every supervisor of a node shares.
+pub struct Context {
+    /// The driver instances run on.
+    pub driver: Arc<dyn Driver>,
+    /// The node's log store.
+    pub logs: LogStore,
+    /// The node's port allocator.
+    pub ports: PortAllocator,
+    /// Where status updates go.
+    pub sink: Arc<dyn StatusSink>,
+    /// This node's id.
+    pub node: String,
+    /// The address instances are reached on.
+    pub address: String,
+    /// This agent's id (the orphan marker).
+    pub agent_id: String,
+    /// Working directory when neither the service nor the stack gives one.
+    pub fallback_dir: PathBuf,
+    /// The agent's environment (only the basics are passed on).
+    pub inherited_env: BTreeMap<String, String>,
+    /// Restart back-off.
+    pub backoff: Backoff,
+}
+
+/// A running supervisor, for callers that do not manage the task themselves.
+pub struct Supervisor {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Supervisor {
+    /// Start supervising `assignment`.
+    pub fn spawn(ctx: Arc<Context>, assignment: Assignment) -> Self {
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(run(ctx, assignment, rx));
+        Self { stop, task }
+    }
+
+    /// Stop the instance gracefully and wait until it is stopped.
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "supervisor task failed");
+        }
+    }
+}
+
+/// Resolves once a stop is asked for (or nobody can ask any more).
+async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send: drop it here.
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Millis)
+}
+
+fn needs_port(a: &Assignment) -> bool {
+    !a.service.ports.is_empty()
+        || matches!(
+            a.service.healthcheck.as_ref().map(|h| &h.test),
+            Some(HealthTest::Http { port: None, .. } | HealthTest::Tcp { port: None })
+        )
+}
+
+/// The status a supervisor starts from.
+pub fn initial_status(a: &Assignment, node: &str, address: &str) -> InstanceStatus {
+    InstanceStatus {
+        key: a.key.clone(),
+        uid: a.uid.clone(),
+        node: node.to_owned(),
+        release: a.release,
+        state: InstanceState::Pending,
+        health: initial_health(a),
+        pid: None,
+        address: Some(address.to_owned()),
+        port: None,
+        restarts: 0,
+        last_exit: None,
+        started_at: None,
+        health_output: None,
+        limits_warning: None,
+        message: None,
+        updated_at: now_ms(),
+    }
+}
+
+fn initial_health(a: &Assignment) -> Health {
+    if a.service.healthcheck.is_some() {
+        Health::Starting
+    } else {
+        Health::None
+    }
+}
+
+enum Outcome {
+    /// The process ended by itself (or could not start).
+    Exited { exit: Exit, ran_for: Duration },
+    /// We stopped it.
+    Stopped,
+}
+
+struct Run {
+    ctx: Arc<Context>,
+    a: Assignment,
+    st: InstanceStatus,
+    stop: watch::Receiver<bool>,
+}
+
+impl Run {
+    fn emit(&mut self) {
+        self.st.updated_at = now_ms();
+        self.ctx.sink.update(self.st.clone());
+    }
+
+    async fn log(&self, text: &str) {
+        self.ctx.logs.system(&self.a.key, text).await;
+    }
+
+    fn stop_requested(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    async fn wait_for_stop(&mut self) {
+        stop_requested(&mut self.stop).await;
+    }
+
+    /// Give up: the instance cannot run; wait to be told to stop.
+    async fn fail_permanently(&mut self, message: String) {
+        self.log(&message).await;
+        self.st.state = InstanceState::Failed;
+        self.st.message = Some(message);
+        self.emit();
+        self.wait_for_stop().await;
+    }
+
+    async fn supervise(&mut self, spec: LaunchSpec) {
+        let policy = self.a.service.restart;
+        let signal = parse_signal(&self.a.service.stop_signal).unwrap_or(Signal::SIGTERM);
+        let grace = Duration::from_millis(self.a.service.stop_grace_period_ms);
+        let backoff = self.ctx.backoff;
+        let mut delay = backoff.initial;
+        loop {
+            if self.stop_requested() {
+                return;
+            }
+            self.st.state = InstanceState::Starting;
+            self.st.health = initial_health(&self.a);
+            self.st.health_output = None;
+            self.st.pid = None;
+            self.emit();
+            let outcome = match self.ctx.driver.start(&spec).await {
+                Ok(started) => self.run_once(started, &spec, signal, grace).await,
+                Err(e) => {
+                    let msg = format!("failed to start: {e}");
+                    self.log(&msg).await;
+                    self.st.message = Some(msg);
+                    Outcome::Exited {
+                        // What a shell says for "command not found".
+                        exit: Exit::Code(127),
+                        ran_for: Duration::ZERO,
+                    }
+                }
+            };
+            let Outcome::Exited { exit, ran_for } = outcome else {
+                return;
+            };
+            self.st.pid = None;
+            self.st.last_exit = Some(ExitInfo {
+                code: match exit {
+                    Exit::Code(c) => Some(c),
+                    Exit::Signal(_) => None,
+                },
+                signal: match exit {
+                    Exit::Signal(s) => Some(s.as_str().to_owned()),
+                    Exit::Code(_) => None,
+                },
+                at: now_ms(),
+            });
+            if ran_for >= backoff.reset_after {
+                delay = backoff.initial;
+            }
+            let restart = match policy {
+                RestartPolicy::No => false,
+                RestartPolicy::Always | RestartPolicy::UnlessStopped => true,
+                RestartPolicy::OnFailure { max_attempts } => {
+                    !exit.success() && max_attempts.is_none_or(|m| self.st.restarts < m)
+                }
+            };
+            if !restart {
+                let gave_up = matches!(policy, RestartPolicy::OnFailure { .. }) && !exit.success();
+                if gave_up {
+                    self.st.state = InstanceState::Failed;
+                    self.st.message = Some(format!(
+                        "{exit}; gave up after {} restart{}",
+                        self.st.restarts,
+                        if self.st.restarts == 1 { "" } else { "s" }
+                    ));
+                } else {
+                    self.st.state = InstanceState::Exited;
+                    self.st.message = Some(exit.to_string());
+                }
+                if gave_up {
+                    self.log(self.st.message.as_deref().unwrap_or_default())
+                        .await;
+                }
+                self.emit();
+                self.wait_for_stop().await;
+                return;
+            }
+            let msg = format!("restarting in {}ms", delay.as_millis());
+            self.log(&msg).await;
+            self.st.state = InstanceState::Backoff;
+            self.st.message = Some(format!("{exit}; {msg}"));
+            self.emit();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                () = stop_requested(&mut self.stop) => return,
+            }
+            delay = (delay * 2).min(backoff.max);
+            self.st.restarts += 1;
+        }
+    }
+
+    async fn run_once(
+        &mut self,
+        started: Started,
+        spec: &LaunchSpec,
+        signal: Signal,
+        grace: Duration,
+    ) -> Outcome {
+        let Started {
+            mut handle,
+            stdout,
+            stderr,
+            limits_warning,
+        } = started;
+        let began = tokio::time::Instant::now();
+        self.st.state = InstanceState::Running;
+        self.st.pid = handle.pid();
+        self.st.started_at = Some(now_ms());
+        self.st.limits_warning = limits_warning;
+        self.st.message = None;
+        self.emit();
+        let pid = handle.pid().map_or("?".to_owned(), |p| p.to_string());
+        self.log(&format!("started pid {pid}")).await;
+        if let Some(w) = &self.st.limits_warning {
+            self.log(w).await;
+        }
+
+        let mut pumps = Vec::new();
+        for (stream, out) in [(LogStream::Stdout, stdout), (LogStream::Stderr, stderr)] {
+            if let Some(out) = out {
+                let logs = self.ctx.logs.clone();
+                let key = self.a.key.clone();
+                pumps.push(tokio::spawn(async move {
+                    logs.capture(&key, stream, out).await
+                }));
+            }
+        }
+
+        let (health_tx, mut health_rx) = watch::channel(None::<HealthReport>);
+        let check = self.a.service.healthcheck.clone();
+        let target = ProbeTarget {
+            port: self.st.port,
+            env: spec.env.clone(),
+            working_dir: spec.working_dir.clone(),
+        };
+        let monitor = async move {
+            match check {
+                Some(check) => health::monitor(check, target, health_tx).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(monitor);
+
+        let mut stop = self.stop.clone();
+        let outcome = loop {
+            tokio::select! {
+                r = handle.wait() => {
+                    let exit = r.unwrap_or_else(|e| {
+                        tracing::warn!(instance = %self.a.key, error = %e, "wait failed");
+                        Exit::Code(-1)
+                    });
+                    break Outcome::Exited { exit, ran_for: began.elapsed() };
+                }
+                () = stop_requested(&mut stop) => {
+                    self.st.state = InstanceState::Stopping;
+                    self.emit();
+                    self.log(&format!("stopping ({}, grace {}ms)", signal.as_str(), grace.as_millis())).await;
+                    match handle.stop(signal, grace).await {
+                        Ok(exit) => self.log(&format!("stopped: {exit}")).await,
+                        Err(e) => self.log(&format!("stop failed: {e}")).await,
+                    }
+                    break Outcome::Stopped;
+                }
+                () = &mut monitor => {}
+                Ok(()) = health_rx.changed() => {
+                    let report = health_rx.borrow_and_update().clone();
+                    if let Some(r) = report {
+                        self.on_health(r).await;
+                    }
+                }
+            }
+        };
+        drop(handle);
+        if let Outcome::Exited { exit, .. } = &outcome {
+            self.log(&exit.to_string()).await;
+        }
+        // The process group is dead, so the pipes close; a grandchild that
+        // escaped with setsid could hold them open, so do not wait forever.
+        for p in pumps {
+            let abort = p.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(2), p)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        outcome
+    }
+
+    async fn on_health(&mut self, r: HealthReport) {
+        let changed = r.health != self.st.health;
+        let output_changed = self.st.health_output.as_deref() != Some(r.output.as_str());
+        if !changed && !output_changed {
+            return;
+        }
+        self.st.health = r.health;
+        self.st.health_output = Some(r.output.clone());
+        self.emit();
+        if changed {
+            let line = match r.health {
+                Health::Unhealthy => format!("health: unhealthy: {}", r.output),
+                h => format!("health: {h}"),
+            };
+            self.log(&line).await;
+        }
+    }
+}
+
+/// Supervise one assignment until `stop` turns true; the last status sent
+/// is `stopped`. This is the body of a supervisor task.
+pub async fn run(ctx: Arc<Context>, a: Assignment, stop: watch::Receiver<bool>) {
+    let st = initial_status(&a, &ctx.node, &ctx.address);
+    let mut run = Run {
+        ctx: ctx.clone(),
+        a,
+        st,
+        stop,
+    };
+    run.emit();
+
+    let mut lease: Option<PortLease> = None;
+    let setup: Result<LaunchSpec, String> = (|| {
+        if run.a.service.driver() == DriverKind::Docker && ctx.driver.name() != "docker" {
+            return Err(DriverError::Unsupported {
+                driver: ctx.driver.name(),
+                what: "images (`image:`/`build:`); give the service a `command:` to run it as a process"
+                    .into(),
+            }
+            .to_string());
+        }
+        if needs_port(&run.a) {
+            let l = ctx
+                .ports
+                .allocate()
+                .map_err(|e| format!("cannot allocate a port: {e}"))?;
+            run.st.port = Some(l.port());
+            lease = Some(l);
+        }
+        let lctx = LaunchContext {
+            agent_id: &ctx.agent_id,
+            fallback_dir: &ctx.fallback_dir,
+            inherited: &ctx.inherited_env,
+        };
+        launch_spec(&run.a, run.st.port, &lctx).map_err(|e| e.to_string())
+    })();
+    match setup {
+        Ok(spec) => run.supervise(spec).await,
+        Err(message) => run.fail_permanently(message).await,
+    }
+    drop(lease);
+    run.st.state = InstanceState::Stopped;
+    run.st.pid = None;
+    run.st.port = None;
+    run.emit();
+}
