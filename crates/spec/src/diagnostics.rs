@@ -81,11 +81,14 @@ impl fmt::Display for Diagnostic {
         write!(f, ": ")?;
         // The field is shown relative to the service when there is one, as
         // the service is already named.
-        let field = self.field.as_deref().map(|field| match &self.service {
-            Some(svc) => field
-                .strip_prefix(&format!("services.{svc}."))
-                .unwrap_or(field),
-            None => field,
+        let field = self.field.as_deref().and_then(|field| match &self.service {
+            Some(svc) if field == format!("services.{svc}") => None,
+            Some(svc) => Some(
+                field
+                    .strip_prefix(&format!("services.{svc}."))
+                    .unwrap_or(field),
+            ),
+            None => Some(field),
         });
         match (&self.service, field) {
             (Some(svc), Some(field)) => write!(f, "service `{svc}`, field `{field}`: ")?,

@@ -328,6 +328,9 @@ fn load_compose(
             Value::Map(entries) => {
                 for (k, v) in entries {
                     let sname = k.as_str().unwrap_or_default().to_string();
+                    let mut v = v.clone();
+                    merge::strip_resets(&mut v);
+                    let v = &v;
                     let mut conv = compose::Conv {
                         loader,
                         service: sname.clone(),

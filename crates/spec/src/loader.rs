@@ -71,6 +71,8 @@ pub struct Loader<'a> {
     pub in_memory: HashMap<PathBuf, String>,
     /// Parsed-and-interpolated files used as `extends` sources.
     extends_cache: HashMap<PathBuf, Option<Node>>,
+    /// `extends` cycles already reported (by their members).
+    extends_cycles: std::collections::BTreeSet<Vec<String>>,
 }
 
 impl<'a> Loader<'a> {
@@ -81,6 +83,7 @@ impl<'a> Loader<'a> {
             files: Vec::new(),
             in_memory: HashMap::new(),
             extends_cache: HashMap::new(),
+            extends_cycles: std::collections::BTreeSet::new(),
         }
     }
 
@@ -277,8 +280,9 @@ impl<'a> Loader<'a> {
             Value::Null => Node::new(svc.pos, Value::Map(Vec::new())),
             _ => svc,
         };
+        // `!reset` entries are kept until the last merge (a later -f file
+        // may reset what an earlier one set) and dropped before conversion.
         let Some(ext) = svc.get("extends").cloned() else {
-            strip_resets(&mut svc);
             return Some(svc);
         };
         let field = format!("services.{name}.extends");
@@ -364,6 +368,11 @@ impl<'a> Loader<'a> {
             .position(|(p, s)| *p == base_path && *s == base_name)
         {
             let mut chain: Vec<String> = stack[i..].iter().map(|(_, s)| s.clone()).collect();
+            let mut members = chain.clone();
+            members.sort();
+            if !self.extends_cycles.insert(members) {
+                return None;
+            }
             chain.push(base_name.clone());
             self.diags.error(
                 Diagnostic::at(&ext.pos, format!("`extends` cycle: {}", chain.join(" → ")))

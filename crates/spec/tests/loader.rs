@@ -1,0 +1,672 @@
+//! The loader on small stack files: results, and each error kind at its
+//! exact file:line:column.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use berth_spec::types::*;
+use berth_spec::{LoadOptions, Loaded, find_stack_file, load, load_str};
+
+fn opts(dir: &Path) -> LoadOptions {
+    LoadOptions {
+        working_dir: dir.to_path_buf(),
+        ..Default::default()
+    }
+}
+
+fn ok(yaml: &str) -> Loaded {
+    let dir = tempfile::tempdir().unwrap();
+    match load_str(&dir.path().join("compose.yaml"), yaml, &opts(dir.path())) {
+        Ok(l) => l,
+        Err(e) => panic!("unexpected error:\n{e}"),
+    }
+}
+
+/// The errors, one per line, with the temp dir stripped.
+fn err_with(yaml: &str, o: impl FnOnce(&mut LoadOptions)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut op = opts(dir.path());
+    o(&mut op);
+    match load_str(&dir.path().join("compose.yaml"), yaml, &op) {
+        Ok(l) => panic!("expected an error, got {:#?}", l.stack),
+        Err(e) => e
+            .to_string()
+            .replace(&format!("{}/", dir.path().display()), ""),
+    }
+}
+
+fn err(yaml: &str) -> String {
+    err_with(yaml, |_| {})
+}
+
+#[test]
+fn error_display_format() {
+    let e = err(
+        "services:\n  web:\n    command: x\n    healthcheck:\n      test: x\n      interval: 5x\n",
+    );
+    assert_eq!(
+        e,
+        "compose.yaml:6:17: service `web`, field `healthcheck.interval`: invalid duration \"5x\" (hint: use a Compose duration like 5s, 1m30s, 250ms)"
+    );
+}
+
+#[test]
+fn yaml_syntax_error_has_position() {
+    let e = err("services:\n  web:\n    command: x\n   image: y\n");
+    assert!(e.starts_with("compose.yaml:4:"), "{e}");
+    assert!(e.contains("invalid YAML"), "{e}");
+    let e = err("services:\n  web: [\n");
+    assert!(
+        e.starts_with("compose.yaml:3:") && e.contains("invalid YAML"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_key_with_suggestion() {
+    let e = err("services:\n  web:\n    comand: x\n");
+    assert_eq!(
+        e,
+        "compose.yaml:3:5: service `web`, field `comand`: unknown key `comand` (hint: did you mean `command`?)"
+    );
+    let e = err("servics:\n  web: {}\n");
+    assert!(e.contains("compose.yaml:1:1: field `servics`: unknown key `servics` (hint: did you mean `services`?)"), "{e}");
+    let e = err(
+        "services:\n  web:\n    command: x\n    healthcheck:\n      test: x\n      intervl: 5s\n",
+    );
+    assert!(
+        e.contains("compose.yaml:6:7: service `web`, field `healthcheck.intervl`: unknown key"),
+        "{e}"
+    );
+    assert!(e.contains("did you mean `interval`?"), "{e}");
+}
+
+#[test]
+fn unsupported_key_warns() {
+    let l = ok(
+        "services:\n  web:\n    command: x\n    privileged: true\n    devices: [/dev/x]\n    x-note: hi\n",
+    );
+    let w: Vec<String> = l
+        .warnings
+        .iter()
+        .map(|w| format!("{}:{} {}", w.line, w.column, w.message))
+        .collect();
+    assert_eq!(
+        w,
+        [
+            "4:5 `privileged` is not supported by berth and is ignored",
+            "5:5 `devices` is not supported by berth and is ignored"
+        ]
+    );
+    assert_eq!(
+        l.stack.services["web"].extensions["x-note"],
+        serde_json::json!("hi")
+    );
+}
+
+#[test]
+fn wrong_types() {
+    let e = err("services:\n  web:\n    command: x\n    deploy:\n      replicas: many\n");
+    assert_eq!(
+        e,
+        "compose.yaml:5:17: service `web`, field `deploy.replicas`: expected a whole number, found a string"
+    );
+    let e = err("services:\n  web:\n    command: x\n    ports: 80\n");
+    assert_eq!(
+        e,
+        "compose.yaml:4:12: service `web`, field `ports`: expected a list of ports, found a number"
+    );
+    let e = err("services:\n  web: [a]\n");
+    assert!(
+        e.starts_with("compose.yaml:2:8: service `web`: a service must be a mapping, found a list"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_required_variable() {
+    let e = err("services:\n  web:\n    command: run ${DB_URL:?database URL needed}\n");
+    assert!(
+        e.starts_with("compose.yaml:3:14: service `web`, field `command`: required variable `DB_URL` is missing a value: database URL needed"),
+        "{e}"
+    );
+    let l = {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(dir.path());
+        o.env.insert("DB_URL".into(), "pg://x".into());
+        load_str(
+            &dir.path().join("compose.yaml"),
+            "services:\n  web:\n    command: run ${DB_URL:?x}\n",
+            &o,
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        l.stack.services["web"].command,
+        Some(Command::Shell("run pg://x".into()))
+    );
+}
+
+#[test]
+fn dependency_errors() {
+    let e = err(
+        "services:\n  a:\n    command: x\n    depends_on: [b]\n  b:\n    command: x\n    depends_on:\n      c: {condition: service_healthy}\n  c:\n    command: x\n    depends_on: [a]\n",
+    );
+    assert_eq!(
+        e,
+        "compose.yaml:4:18: service `a`, field `depends_on`: dependency cycle: a → b → c → a (hint: remove one of these depends_on entries)"
+    );
+    let e = err("services:\n  a:\n    command: x\n    depends_on: [a]\n");
+    assert!(
+        e.starts_with(
+            "compose.yaml:4:18: service `a`, field `depends_on`: service `a` depends on itself"
+        ),
+        "{e}"
+    );
+    let e =
+        err("services:\n  web:\n    command: x\n    depends_on: [dbb]\n  db:\n    command: x\n");
+    assert_eq!(
+        e,
+        "compose.yaml:4:18: service `web`, field `depends_on`: depends on undefined service `dbb` (hint: did you mean `db`?)"
+    );
+    let e = err(
+        "services:\n  web:\n    command: x\n    depends_on:\n      db:\n        condition: service_ready\n  db:\n    command: x\n",
+    );
+    assert!(
+        e.starts_with(
+            "compose.yaml:6:20: service `web`, field `depends_on.db.condition`: invalid condition"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn profiles() {
+    let y = "services:\n  web:\n    command: x\n    depends_on:\n      dbg: {condition: service_started, required: false}\n  dbg:\n    command: x\n    profiles: [debug]\n";
+    let l = ok(y);
+    assert_eq!(l.stack.services.keys().collect::<Vec<_>>(), ["web"]);
+    assert!(l.stack.services["web"].depends_on.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path());
+    o.profiles = vec!["debug".into()];
+    let l = load_str(&dir.path().join("compose.yaml"), y, &o).unwrap();
+    assert_eq!(l.stack.services.len(), 2);
+    let e = err(
+        "services:\n  web:\n    command: x\n    depends_on: [dbg]\n  dbg:\n    command: x\n    profiles: [debug]\n",
+    );
+    assert!(e.contains("compose.yaml:4:18: service `web`, field `depends_on`: depends on `dbg`, whose profiles are not enabled"), "{e}");
+    let l = {
+        let mut o = opts(dir.path());
+        o.env.insert("COMPOSE_PROFILES".into(), "debug".into());
+        load_str(&dir.path().join("compose.yaml"), y, &o).unwrap()
+    };
+    assert_eq!(l.stack.services.len(), 2);
+}
+
+#[test]
+fn full_service() {
+    let l = ok(r#"
+name: shop
+x-base: &base
+  restart: on-failure:5
+  labels: [tier=web]
+services:
+  web:
+    <<: *base
+    command: ["python", "-m", "http.server"]
+    entrypoint: /bin/sh -c
+    working_dir: app
+    environment:
+      - A=1
+      - FROM_ENV
+      - LATER
+    ports:
+      - target: 5000
+        published: "8080"
+        host_ip: 127.0.0.1
+        protocol: tcp
+        app_protocol: http
+        name: web
+        mode: host
+    healthcheck:
+      test: ["CMD-SHELL", "curl -f localhost"]
+      start_interval: 1s
+    stop_signal: "15"
+    stop_grace_period: 1m
+    scale: 2
+    deploy:
+      resources:
+        limits: {cpus: 0.25, memory: 1g, pids: 100}
+        reservations: {cpus: "0.5", memory: 100k}
+      update_config: {parallelism: 2, delay: 10s, order: start-first, failure_action: pause, monitor: 30s, max_failure_ratio: 0.1}
+      placement:
+        constraints: [node.labels.zone == east]
+        preferences: [{spread: node.labels.rack}]
+        max_replicas_per_node: 1
+      labels: {a: b}
+    x-berth:
+      routes: [shop.localhost/api]
+      port_env: HTTP_PORT
+"#);
+    let s = &l.stack.services["web"];
+    assert_eq!(l.stack.name, "shop");
+    assert_eq!(
+        s.restart,
+        RestartPolicy::OnFailure {
+            max_attempts: Some(5)
+        }
+    );
+    assert_eq!(s.labels["tier"], "web");
+    assert_eq!(
+        s.command,
+        Some(Command::Exec(vec![
+            "python".into(),
+            "-m".into(),
+            "http.server".into()
+        ]))
+    );
+    assert_eq!(s.entrypoint, Some(Command::Shell("/bin/sh -c".into())));
+    assert_eq!(s.working_dir, Some(l.stack.project_dir.join("app")));
+    assert_eq!(s.environment["A"].as_deref(), Some("1"));
+    assert_eq!(s.environment["FROM_ENV"], None);
+    let p = &s.ports[0];
+    assert_eq!(
+        (
+            p.target,
+            p.published,
+            p.host_ip.as_deref(),
+            p.app_protocol.as_deref(),
+            p.name.as_deref()
+        ),
+        (
+            5000,
+            Some(8080),
+            Some("127.0.0.1"),
+            Some("http"),
+            Some("web")
+        )
+    );
+    let hc = s.healthcheck.as_ref().unwrap();
+    assert_eq!(
+        hc.test,
+        HealthTest::Shell {
+            command: "curl -f localhost".into()
+        }
+    );
+    assert_eq!(
+        (
+            hc.interval_ms,
+            hc.timeout_ms,
+            hc.retries,
+            hc.start_period_ms,
+            hc.start_interval_ms
+        ),
+        (30_000, 30_000, 3, 0, 1_000)
+    );
+    assert_eq!(s.stop_signal, "SIGTERM");
+    assert_eq!(s.stop_grace_period_ms, 60_000);
+    assert_eq!(s.deploy.replicas, 2);
+    assert_eq!(
+        s.deploy.resources.limits,
+        ResourceSpec {
+            cpus: Some(0.25),
+            memory_bytes: Some(1 << 30),
+            pids: Some(100)
+        }
+    );
+    assert_eq!(s.deploy.resources.reservations.cpus, Some(0.5));
+    let u = s.deploy.update_config.as_ref().unwrap();
+    assert_eq!(
+        (
+            u.parallelism,
+            u.delay_ms,
+            u.order.as_deref(),
+            u.failure_action.as_str(),
+            u.monitor_ms
+        ),
+        (2, 10_000, Some("start-first"), "pause", 30_000)
+    );
+    assert_eq!(s.deploy.placement.preferences, ["node.labels.rack"]);
+    assert_eq!(s.deploy.placement.max_replicas_per_node, Some(1));
+    assert_eq!(s.berth.routes, ["shop.localhost/api"]);
+    assert_eq!(s.berth.port_env.as_deref(), Some("HTTP_PORT"));
+    assert!(l.stack.extensions.contains_key("x-base"));
+}
+
+#[test]
+fn restart_policy_from_deploy_wins() {
+    let l = ok(
+        "services:\n  w:\n    command: x\n    restart: always\n    deploy:\n      restart_policy: {condition: on-failure, max_attempts: 3}\n",
+    );
+    assert_eq!(
+        l.stack.services["w"].restart,
+        RestartPolicy::OnFailure {
+            max_attempts: Some(3)
+        }
+    );
+    let l = ok(
+        "services:\n  w:\n    command: x\n    deploy:\n      restart_policy: {condition: none}\n",
+    );
+    assert_eq!(l.stack.services["w"].restart, RestartPolicy::No);
+    let e = err("services:\n  w:\n    command: x\n    restart: sometimes\n");
+    assert!(
+        e.starts_with("compose.yaml:4:14: service `w`, field `restart`: invalid restart policy"),
+        "{e}"
+    );
+}
+
+#[test]
+fn healthcheck_variants() {
+    let l = ok(
+        "services:\n  a:\n    command: x\n    healthcheck: {test: [NONE]}\n  b:\n    command: x\n    healthcheck: {test: x, disable: true}\n",
+    );
+    assert!(l.stack.services.values().all(|s| s.healthcheck.is_none()));
+    let l = ok(
+        "services:\n  a:\n    command: x\n    x-berth:\n      healthcheck: {http: /healthz, port: 8080, interval: 1s}\n  b:\n    command: x\n    x-berth: {healthcheck: {tcp: true}}\n",
+    );
+    let a = l.stack.services["a"].healthcheck.as_ref().unwrap();
+    assert_eq!(
+        a.test,
+        HealthTest::Http {
+            port: Some(8080),
+            path: "/healthz".into()
+        }
+    );
+    assert_eq!(a.interval_ms, 1_000);
+    assert_eq!(
+        l.stack.services["b"].healthcheck.as_ref().unwrap().test,
+        HealthTest::Tcp { port: None }
+    );
+    let e = err(
+        "services:\n  a:\n    command: x\n    healthcheck: {test: x}\n    x-berth:\n      healthcheck: {http: /}\n",
+    );
+    assert!(e.contains("compose.yaml:6:20: service `a`, field `x-berth.healthcheck`: both `healthcheck` and `x-berth.healthcheck` are set"), "{e}");
+    let e = err("services:\n  a:\n    command: x\n    x-berth:\n      route: [a]\n");
+    assert!(e.contains("compose.yaml:5:7: service `a`, field `x-berth.route`: unknown key `route` (hint: did you mean `routes`?)"), "{e}");
+    let e = err("services:\n  a:\n    command: x\n    healthcheck: {test: [CURL, x]}\n");
+    assert!(
+        e.contains("compose.yaml:4:25: service `a`, field `healthcheck.test`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn names_are_validated() {
+    let e = err("services:\n  Web:\n    command: x\n");
+    assert!(
+        e.starts_with("compose.yaml:2:3: service `Web`: invalid service name `Web`"),
+        "{e}"
+    );
+    let e = err("name: My App\nservices:\n  web:\n    command: x\n");
+    assert!(
+        e.starts_with("compose.yaml:1:7: field `name`: invalid stack name `My App`"),
+        "{e}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("My_Cool.App");
+    std::fs::create_dir(&folder).unwrap();
+    let l = load_str(
+        &folder.join("compose.yaml"),
+        "services:\n  web:\n    command: x\n",
+        &opts(&folder),
+    )
+    .unwrap();
+    assert_eq!(l.stack.name, "my_coolapp");
+    let mut o = opts(&folder);
+    o.project_name = Some("other".into());
+    let l = load_str(
+        &folder.join("compose.yaml"),
+        "name: mine\nservices:\n  web:\n    command: x\n",
+        &o,
+    )
+    .unwrap();
+    assert_eq!(l.stack.name, "other");
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn env_files_and_dotenv() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        ".env",
+        "# comment\nTAG=1.2\nexport GREETING=\"hello\\nworld\"\nSHADOWED=fromdotenv\n",
+    );
+    write(
+        d,
+        "app.env",
+        "A=1\nB='lit ${X}'\nC=plain # trailing comment\nexport D=4\n",
+    );
+    write(
+        d,
+        "compose.yaml",
+        "services:\n  web:\n    image: app:${TAG}\n    env_file: [app.env, {path: missing.env, required: false}]\n    environment:\n      A: override\n      G: ${GREETING}\n      S: ${SHADOWED}\n",
+    );
+    let mut o = opts(d);
+    o.env.insert("SHADOWED".into(), "fromenv".into());
+    let l = load(&o).unwrap();
+    let s = &l.stack.services["web"];
+    assert_eq!(s.image.as_deref(), Some("app:1.2"));
+    let env: BTreeMap<&str, Option<&str>> = s
+        .environment
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref()))
+        .collect();
+    assert_eq!(env["A"], Some("override"));
+    assert_eq!(env["B"], Some("lit ${X}"));
+    assert_eq!(env["C"], Some("plain"));
+    assert_eq!(env["D"], Some("4"));
+    assert_eq!(env["G"], Some("hello\nworld"));
+    assert_eq!(env["S"], Some("fromenv"));
+    assert!(l.files.iter().any(|f| f.ends_with("app.env")));
+    write(d, "bad.env", "OK=1\nNOT A KEY=2\n");
+    write(
+        d,
+        "compose.yaml",
+        "services:\n  web:\n    command: x\n    env_file: bad.env\n",
+    );
+    let e = load(&o).unwrap_err().to_string();
+    assert!(
+        e.contains("bad.env:2:1: service `web`: invalid variable name `NOT A KEY`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn extends_and_include() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        "common/base.yaml",
+        "services:\n  base:\n    command: run\n    environment: [A=1, B=2]\n    ports: [\"80\"]\n    volumes: [./data:/data]\n",
+    );
+    write(
+        d,
+        "lib/compose.yaml",
+        "services:\n  lib:\n    command: lib\n",
+    );
+    write(
+        d,
+        "compose.yaml",
+        "include:\n  - lib/compose.yaml\nservices:\n  web:\n    extends: {file: common/base.yaml, service: base}\n    environment: {B: 3}\n    ports: [\"81\"]\n    command: [run, fast]\n  worker:\n    extends: web\n",
+    );
+    let l = load(&opts(d)).unwrap();
+    let web = &l.stack.services["web"];
+    assert_eq!(web.environment["A"].as_deref(), Some("1"));
+    assert_eq!(web.environment["B"].as_deref(), Some("3"));
+    assert_eq!(
+        web.ports.iter().map(|p| p.target).collect::<Vec<_>>(),
+        [80, 81]
+    );
+    assert_eq!(
+        web.command,
+        Some(Command::Exec(vec!["run".into(), "fast".into()]))
+    );
+    // Relative paths stay relative to the file that wrote them.
+    assert_eq!(
+        web.volumes[0].source.as_deref(),
+        Some(d.join("common/data").to_str().unwrap())
+    );
+    assert_eq!(l.stack.services["worker"].ports.len(), 2);
+    assert!(l.stack.services.contains_key("lib"));
+
+    write(
+        d,
+        "compose.yaml",
+        "services:\n  a:\n    extends: b\n  b:\n    extends: a\n",
+    );
+    let e = load(&opts(d)).unwrap_err().to_string();
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("compose.yaml:5:14: service `b`, field `extends`: `extends` cycle: a → b → a"),
+        "{e}"
+    );
+
+    write(
+        d,
+        "compose.yaml",
+        "include: [lib/compose.yaml]\nservices:\n  lib:\n    command: x\n",
+    );
+    let e = load(&opts(d)).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "compose.yaml:3:3: service `lib`: service `lib` is also defined by the included file"
+        ),
+        "{e}"
+    );
+
+    write(
+        d,
+        "compose.yaml",
+        "include:\n  - https://example.com/compose.yaml\nservices:\n  a:\n    command: x\n",
+    );
+    let e = load(&opts(d)).unwrap_err().to_string();
+    assert!(
+        e.contains("compose.yaml:2:5: field `include`: remote includes are not supported"),
+        "{e}"
+    );
+}
+
+#[test]
+fn several_files_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(
+        d,
+        "compose.yaml",
+        "services:\n  web:\n    command: a\n    environment: [A=1]\n    ports: [\"80\"]\n    labels: {x: y}\n",
+    );
+    write(
+        d,
+        "override.yaml",
+        "services:\n  web:\n    command: b\n    environment: {B: 2}\n    ports: [\"81\", \"80\"]\n    labels: !reset {}\n  extra:\n    command: c\n",
+    );
+    let mut o = opts(d);
+    o.files = vec!["compose.yaml".into(), "override.yaml".into()];
+    let l = load(&o).unwrap();
+    let web = &l.stack.services["web"];
+    assert_eq!(web.command, Some(Command::Shell("b".into())));
+    assert_eq!(web.environment.len(), 2);
+    assert_eq!(web.ports.len(), 2);
+    assert!(web.labels.is_empty());
+    assert!(l.stack.services.contains_key("extra"));
+}
+
+#[test]
+fn procfile() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("myapp");
+    std::fs::create_dir(&d).unwrap();
+    write(
+        &d,
+        "Procfile",
+        "# processes\nweb: gunicorn app:app --bind 0.0.0.0:$PORT\n\nworker:   python worker.py\n",
+    );
+    assert_eq!(find_stack_file(&d), Some(d.join("Procfile")));
+    let l = load(&opts(&d)).unwrap();
+    assert_eq!(l.stack.name, "myapp");
+    assert_eq!(l.stack.source, SourceKind::Procfile);
+    let web = &l.stack.services["web"];
+    assert_eq!(
+        web.command,
+        Some(Command::Shell(
+            "gunicorn app:app --bind 0.0.0.0:$PORT".into()
+        ))
+    );
+    assert_eq!(web.ports[0].target, 5000);
+    let hc = web.healthcheck.as_ref().unwrap();
+    assert_eq!(
+        hc.test,
+        HealthTest::Http {
+            port: None,
+            path: "/".into()
+        }
+    );
+    assert_eq!(
+        (
+            hc.interval_ms,
+            hc.timeout_ms,
+            hc.retries,
+            hc.start_interval_ms
+        ),
+        (2_000, 2_000, 3, 500)
+    );
+    let worker = &l.stack.services["worker"];
+    assert_eq!(
+        worker.command,
+        Some(Command::Shell("python worker.py".into()))
+    );
+    assert!(worker.ports.is_empty() && worker.healthcheck.is_none());
+    write(
+        &d,
+        "Procfile",
+        "web: ok\nthis line is wrong\nBad: x\nempty:\n",
+    );
+    let e = load(&opts(&d)).unwrap_err().to_string();
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(lines.len(), 3, "{e}");
+    assert!(lines[0].ends_with("Procfile:2:1: expected `name: command` (hint: each Procfile line is a process name, a colon and the command, e.g. `web: python app.py`)"), "{e}");
+    assert!(
+        lines[1].contains("Procfile:3:1: service `Bad`: invalid process name"),
+        "{e}"
+    );
+    assert!(
+        lines[2].contains("Procfile:4:7: service `empty`: process `empty` has no command"),
+        "{e}"
+    );
+}
+
+#[test]
+fn anchors_merge_keys_and_duplicates() {
+    let l = ok(
+        "x-env: &env {A: '1'}\nservices:\n  a:\n    command: x\n    environment: *env\n  b:\n    command: x\n    environment:\n      <<: *env\n      B: '2'\n",
+    );
+    assert_eq!(l.stack.services["b"].environment.len(), 2);
+    let e = err("services:\n  a:\n    command: x\n    command: y\n");
+    assert!(
+        e.starts_with("compose.yaml:4:5: duplicate key `command`"),
+        "{e}"
+    );
+    let e = err("a: &a [*a]\n");
+    assert!(e.contains("compose.yaml:1:"), "{e}");
+}
+
+#[test]
+fn version_warns_and_no_stack_file_errors() {
+    let l = ok("version: '3.8'\nservices:\n  a:\n    command: x\n");
+    assert_eq!(l.warnings[0].line, 1);
+    assert!(l.warnings[0].message.contains("obsolete"));
+    let dir = tempfile::tempdir().unwrap();
+    let e = load(&opts(dir.path())).unwrap_err();
+    assert!(e.errors[0].message.contains("no stack file found"));
+}
