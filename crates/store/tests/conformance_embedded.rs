@@ -4,6 +4,8 @@
 //! history-fallback path of watches is exercised all the time, not only when
 //! a machine is slow; `run_all_with_default_options` covers the defaults.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
 use std::sync::Arc;
 
 use berth_store::Store;
