@@ -25,6 +25,7 @@ use std::fmt;
 pub use berth_spec::types::{Service, Stack};
 use serde::{Deserialize, Serialize};
 
+pub mod api;
 pub mod keys;
 
 /// Milliseconds since the Unix epoch. The model has no clock: callers pass it.

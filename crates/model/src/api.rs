@@ -1,0 +1,210 @@
+//! Request and response bodies of berth's HTTP API (`/v1/...`).
+//!
+//! Shared by the server (which produces them) and the CLI (which consumes
+//! them), so both sides agree on field names by construction. The routes and
+//! their meaning are documented in the server's OpenAPI description
+//! (`GET /v1/openapi.json`); this module only holds the shapes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    DesiredState, ExitInfo, Health, InstanceState, Millis, ServiceDesired, Stack, StackRecord,
+};
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthResponse {
+    /// Always true when the server answers.
+    pub ok: bool,
+    /// berth version of the server.
+    pub version: String,
+    /// Server process id.
+    pub pid: u32,
+    /// Id of the node the server's local agent runs as.
+    pub node: String,
+}
+
+/// Error body of every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+    /// What to do about it, when there is something to say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+/// `POST /v1/stacks`: submit a resolved stack as a new release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitStackRequest {
+    /// Namespace to deploy into.
+    pub namespace: String,
+    /// The resolved stack (the client resolves its files locally).
+    pub stack: Stack,
+    /// Who submits (defaults to "berth").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+    /// Why (defaults to "up").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Answer to `POST /v1/stacks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitStackResponse {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack name.
+    pub stack: String,
+    /// The release just created.
+    pub release: u64,
+}
+
+/// `POST /v1/stacks/{ns}/{stack}/scale`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    /// Service name → wanted replicas.
+    pub replicas: BTreeMap<String, u32>,
+}
+
+/// `POST /v1/stacks/{ns}/{stack}/stop|start|restart`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ServicesRequest {
+    /// Services to act on; empty means every service of the stack.
+    #[serde(default)]
+    pub services: Vec<String>,
+}
+
+/// Answer to scale / stop / start / restart: the stack's desired state after
+/// the change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackChangeResponse {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack name.
+    pub stack: String,
+    /// Current release.
+    pub release: u64,
+    /// Desired state per service after the change.
+    pub services: BTreeMap<String, ServiceDesired>,
+}
+
+/// Answer to `DELETE /v1/stacks/{ns}/{stack}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveStackResponse {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack name.
+    pub stack: String,
+    /// Whether the stack's captured logs were deleted too.
+    pub logs_removed: bool,
+    /// Named volume directories deleted (only with `volumes=true`).
+    #[serde(default)]
+    pub volumes_removed: Vec<String>,
+}
+
+/// One stack in `GET /v1/stacks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackSummary {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack name.
+    pub name: String,
+    /// Current release.
+    pub release: u64,
+    /// Per service: desired and observed counts.
+    pub services: BTreeMap<String, ServiceSummary>,
+    /// Last change of the desired state.
+    pub updated_at: Millis,
+}
+
+/// Desired and observed state of one service, for summaries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    /// Desired replicas.
+    pub replicas: u32,
+    /// Stopped on purpose.
+    pub stopped: bool,
+    /// Instances whose state is `running`.
+    pub running: u32,
+    /// Running instances that are healthy (or have no health check).
+    pub healthy: u32,
+}
+
+/// `GET /v1/stacks/{ns}/{stack}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StackDetail {
+    /// The desired state.
+    pub record: StackRecord,
+    /// Its instances, as `GET /v1/instances` shows them.
+    pub instances: Vec<Instance>,
+}
+
+/// One row of `GET /v1/instances` (and `berth ps`): an assigned slot joined
+/// with what its agent last reported.
+///
+/// A slot that is assigned but not reported yet shows as `pending`; an
+/// instance whose assignment is gone (it is being stopped) still shows, with
+/// `desired: null`, until its agent removes its status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack name.
+    pub stack: String,
+    /// Service name.
+    pub service: String,
+    /// Short name `service.slot`, e.g. `web.3`.
+    pub instance: String,
+    /// Replica slot, from 1.
+    pub slot: u32,
+    /// Incarnation id (the reported one when reported, else the assigned one).
+    pub uid: String,
+    /// Node it runs (or is to run) on.
+    pub node: String,
+    /// Release it runs (or is to run).
+    pub release: u64,
+    /// What the controller wants: `running`, `stopped`, or null when the
+    /// assignment is gone.
+    pub desired: Option<DesiredState>,
+    /// Lifecycle state.
+    pub state: InstanceState,
+    /// Health.
+    pub health: Health,
+    /// True when the reported incarnation is the assigned one and the
+    /// assignment wants it running: the row describes what was asked for, not
+    /// an older copy being replaced.
+    pub current: bool,
+    /// OS pid.
+    pub pid: Option<u32>,
+    /// `ip:port` to reach it, when it has a port.
+    pub address: Option<String>,
+    /// Its port (`PORT`).
+    pub port: Option<u16>,
+    /// Restarts of this incarnation.
+    pub restarts: u32,
+    /// How it last ended.
+    pub last_exit: Option<ExitInfo>,
+    /// When the current process started.
+    pub started_at: Option<Millis>,
+    /// Seconds since `started_at`, while running.
+    pub uptime_s: Option<u64>,
+    /// Output of the last health check.
+    pub health_output: Option<String>,
+    /// Why resource limits could not be applied.
+    pub limits_warning: Option<String>,
+    /// Why it is in its state.
+    pub message: Option<String>,
+}
+
+impl Instance {
+    /// Running and healthy (or without a health check), and the assigned
+    /// incarnation: what `berth up -d` waits for.
+    pub fn is_ready(&self) -> bool {
+        self.current
+            && self.state == InstanceState::Running
+            && matches!(self.health, Health::Healthy | Health::None)
+    }
+}

@@ -1,0 +1,108 @@
+//! The one place where errors become HTTP answers.
+//!
+//! Handlers return [`ApiError`]; its [`IntoResponse`] picks the status and
+//! writes the JSON body `{ "error": "...", "hint": "..." }` every client
+//! (the CLI first) relies on. No handler builds an error response itself.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use berth_model::api::ErrorBody;
+use berth_store::StoreError;
+
+use crate::desired::DesiredError;
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A desired-state command was refused or failed.
+    #[error(transparent)]
+    Desired(#[from] DesiredError),
+    /// Reading actual state failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The request itself is malformed (bad query parameter, bad body).
+    #[error("{message}")]
+    BadRequest {
+        /// What is wrong.
+        message: String,
+        /// How to fix it.
+        hint: Option<String>,
+    },
+    /// Something the request names does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The listener requires a token and the request had none or a wrong one.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// The server could not do its own work (file system, …).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 with a hint.
+    pub fn bad_request(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
+    }
+
+    /// HTTP status and hint of this error.
+    fn classify(&self) -> (StatusCode, Option<String>) {
+        use DesiredError as D;
+        match self {
+            Self::Desired(D::InvalidName { .. }) => (
+                StatusCode::BAD_REQUEST,
+                Some("names may hold lower-case letters, digits, '_', '.' and '-'".into()),
+            ),
+            Self::Desired(D::EmptyStack { .. }) => (
+                StatusCode::BAD_REQUEST,
+                Some("enable a profile with --profile, or add a service".into()),
+            ),
+            Self::Desired(D::GlobalService { .. }) => (
+                StatusCode::BAD_REQUEST,
+                Some("global services get one instance per eligible node".into()),
+            ),
+            Self::Desired(D::StackNotFound { namespace, .. }) => (
+                StatusCode::NOT_FOUND,
+                Some(format!(
+                    "list the stacks with `berth ps -a -n {namespace}`, or start it with `berth up`"
+                )),
+            ),
+            Self::Desired(D::UnknownService { known, .. }) => (
+                StatusCode::NOT_FOUND,
+                Some(format!("the stack's services are: {}", known.join(", "))),
+            ),
+            Self::Desired(D::Conflict { .. }) => (StatusCode::CONFLICT, None),
+            Self::Desired(D::Store(_)) | Self::Store(_) | Self::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, None)
+            }
+            Self::BadRequest { hint, .. } => (StatusCode::BAD_REQUEST, hint.clone()),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                Some(
+                    "send `Authorization: Bearer <token>`; the token is in the server's data dir \
+                     (file `token`); the CLI reads BERTH_TOKEN"
+                        .into(),
+                ),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, hint) = self.classify();
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "API request failed");
+        }
+        let body = ErrorBody {
+            error: self.to_string(),
+            hint,
+        };
+        (status, Json(body)).into_response()
+    }
+}

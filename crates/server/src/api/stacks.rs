@@ -1,0 +1,284 @@
+//! Stack routes: list, submit, detail, remove, and the scale / stop / start /
+//! restart actions. Each write is one [`Command`] through
+//! [`desired::apply`](crate::desired::apply).
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use bytes::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use berth_model::api::{
+    RemoveStackResponse, ScaleRequest, ServiceSummary, ServicesRequest, StackChangeResponse,
+    StackDetail, StackSummary, SubmitStackRequest, SubmitStackResponse,
+};
+use berth_model::{Health, InstanceState, StackRecord, keys};
+use berth_store::decode;
+use serde::Deserialize;
+
+use super::instances::{InstanceFilter, instances};
+use super::{ApiContext, ApiError, ApiJson, ApiQuery, now_ms};
+use crate::desired::{self, Command, DesiredError};
+
+/// Query of `GET /v1/stacks`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    /// Only this namespace; every namespace when absent.
+    pub namespace: Option<String>,
+}
+
+pub(crate) async fn list(
+    State(ctx): State<ApiContext>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<Vec<StackSummary>>, ApiError> {
+    let prefix = match &q.namespace {
+        Some(ns) => keys::stacks_in(ns),
+        None => keys::STACKS.to_owned(),
+    };
+    let (kvs, _) = ctx.store.range(&prefix).await?;
+    let filter = InstanceFilter {
+        namespace: q.namespace.clone(),
+        ..Default::default()
+    };
+    let rows = instances(&*ctx.store, &filter, now_ms()).await?;
+    let mut out = Vec::with_capacity(kvs.len());
+    for kv in &kvs {
+        let record: StackRecord = decode(kv)?;
+        let mut services: BTreeMap<String, ServiceSummary> = record
+            .services
+            .iter()
+            .map(|(name, d)| {
+                let summary = ServiceSummary {
+                    replicas: d.replicas,
+                    stopped: d.stopped,
+                    running: 0,
+                    healthy: 0,
+                };
+                (name.clone(), summary)
+            })
+            .collect();
+        for row in rows
+            .iter()
+            .filter(|r| r.namespace == record.namespace && r.stack == record.name)
+        {
+            if let Some(s) = services.get_mut(&row.service) {
+                if row.state == InstanceState::Running {
+                    s.running += 1;
+                    if matches!(row.health, Health::Healthy | Health::None) {
+                        s.healthy += 1;
+                    }
+                }
+            }
+        }
+        out.push(StackSummary {
+            namespace: record.namespace,
+            name: record.name,
+            release: record.release,
+            services,
+            updated_at: record.updated_at,
+        });
+    }
+    Ok(Json(out))
+}
+
+pub(crate) async fn submit(
+    State(ctx): State<ApiContext>,
+    ApiJson(req): ApiJson<SubmitStackRequest>,
+) -> Result<(StatusCode, Json<SubmitStackResponse>), ApiError> {
+    let namespace = desired::namespace_or_default(Some(&req.namespace)).to_owned();
+    let cmd = Command::SubmitStack {
+        namespace: namespace.clone(),
+        stack: req.stack,
+        author: req.author.unwrap_or_else(|| "berth".into()),
+        message: req.message.unwrap_or_else(|| "up".into()),
+    };
+    let outcome = desired::apply(&*ctx.store, &cmd, now_ms()).await?;
+    let record = outcome
+        .record
+        .ok_or_else(|| ApiError::Internal("submit wrote no stack record".into()))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(SubmitStackResponse {
+            namespace,
+            stack: record.name,
+            release: record.release,
+        }),
+    ))
+}
+
+pub(crate) async fn detail(
+    State(ctx): State<ApiContext>,
+    Path((ns, stack)): Path<(String, String)>,
+) -> Result<Json<StackDetail>, ApiError> {
+    let kv = ctx
+        .store
+        .get(&keys::stack(&ns, &stack))
+        .await?
+        .ok_or(DesiredError::StackNotFound {
+            namespace: ns.clone(),
+            stack: stack.clone(),
+        })?;
+    let record: StackRecord = decode(&kv)?;
+    let filter = InstanceFilter {
+        namespace: Some(ns),
+        stack: Some(stack),
+        service: None,
+    };
+    let instances = instances(&*ctx.store, &filter, now_ms()).await?;
+    Ok(Json(StackDetail { record, instances }))
+}
+
+/// Query of `DELETE /v1/stacks/{ns}/{stack}`.
+#[derive(Debug, Deserialize)]
+pub struct RemoveQuery {
+    /// Also delete the stack's named volume directories.
+    #[serde(default)]
+    pub volumes: bool,
+    /// Also delete the stack's captured logs (default true).
+    #[serde(default = "yes")]
+    pub logs: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+pub(crate) async fn remove(
+    State(ctx): State<ApiContext>,
+    Path((ns, stack)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
+) -> Result<Json<RemoveStackResponse>, ApiError> {
+    let cmd = Command::RemoveStack {
+        namespace: ns.clone(),
+        stack: stack.clone(),
+    };
+    desired::apply(&*ctx.store, &cmd, now_ms()).await?;
+    if q.logs {
+        ctx.logs
+            .remove_stack(&ns, &stack)
+            .await
+            .map_err(|e| ApiError::Internal(format!("removing the stack's logs: {e}")))?;
+    }
+    let volumes_removed = if q.volumes {
+        remove_volumes(&ctx, &ns, &stack)?
+    } else {
+        Vec::new()
+    };
+    Ok(Json(RemoveStackResponse {
+        namespace: ns,
+        stack,
+        logs_removed: q.logs,
+        volumes_removed,
+    }))
+}
+
+/// Named volumes of process services live under
+/// `<data_dir>/volumes/<ns>/<stack>/<volume>`; delete that folder.
+fn remove_volumes(ctx: &ApiContext, ns: &str, stack: &str) -> Result<Vec<String>, ApiError> {
+    let dir = ctx.data_dir.join("volumes").join(ns).join(stack);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(ApiError::Internal(format!("reading {}: {e}", dir.display()))),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| ApiError::Internal(format!("reading {}: {e}", dir.display())))?;
+        removed.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    std::fs::remove_dir_all(&dir)
+        .map_err(|e| ApiError::Internal(format!("removing {}: {e}", dir.display())))?;
+    removed.sort();
+    Ok(removed)
+}
+
+async fn change(ctx: &ApiContext, cmd: Command) -> Result<Json<StackChangeResponse>, ApiError> {
+    let outcome = desired::apply(&*ctx.store, &cmd, now_ms()).await?;
+    let record = outcome
+        .record
+        .ok_or_else(|| ApiError::Internal("command wrote no stack record".into()))?;
+    Ok(Json(StackChangeResponse {
+        namespace: record.namespace,
+        stack: record.name,
+        release: record.release,
+        services: record.services,
+    }))
+}
+
+pub(crate) async fn scale(
+    State(ctx): State<ApiContext>,
+    Path((namespace, stack)): Path<(String, String)>,
+    ApiJson(req): ApiJson<ScaleRequest>,
+) -> Result<Json<StackChangeResponse>, ApiError> {
+    if req.replicas.is_empty() {
+        return Err(ApiError::bad_request(
+            "nothing to scale",
+            r#"send {"replicas": {"web": 3}}"#,
+        ));
+    }
+    let cmd = Command::Scale {
+        namespace,
+        stack,
+        replicas: req.replicas,
+    };
+    change(&ctx, cmd).await
+}
+
+pub(crate) async fn stop(
+    State(ctx): State<ApiContext>,
+    Path((namespace, stack)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<StackChangeResponse>, ApiError> {
+    let services = services_of(&body)?;
+    let cmd = Command::SetStopped {
+        namespace,
+        stack,
+        services,
+        stopped: true,
+    };
+    change(&ctx, cmd).await
+}
+
+pub(crate) async fn start(
+    State(ctx): State<ApiContext>,
+    Path((namespace, stack)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<StackChangeResponse>, ApiError> {
+    let services = services_of(&body)?;
+    let cmd = Command::SetStopped {
+        namespace,
+        stack,
+        services,
+        stopped: false,
+    };
+    change(&ctx, cmd).await
+}
+
+pub(crate) async fn restart(
+    State(ctx): State<ApiContext>,
+    Path((namespace, stack)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<StackChangeResponse>, ApiError> {
+    let services = services_of(&body)?;
+    let cmd = Command::Restart {
+        namespace,
+        stack,
+        services,
+    };
+    change(&ctx, cmd).await
+}
+
+/// The body of stop/start/restart is optional: none (or `{}`) means every
+/// service.
+fn services_of(body: &[u8]) -> Result<Vec<String>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let req: ServicesRequest = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            format!("bad request body: {e}"),
+            r#"send {"services": ["web"]}, or nothing for every service"#,
+        )
+    })?;
+    Ok(req.services)
+}
