@@ -24,21 +24,21 @@ mod watch;
 mod writer;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::oneshot;
 
 use crate::{
     KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, Txn, TxnResult, WatchStream,
 };
 use watch::{Watch, backend};
-use writer::{Committed, KV, Limits, META, META_REVISION, Reply, Request, Status, WriteOp, Writer};
+use writer::{Hub, KV, Limits, META, META_REVISION, Reply, Request, Status, WriteOp, Writer};
 
 /// Tunables of [`EmbeddedStore`]. `Options::default()` suits berth.
 #[derive(Debug, Clone)]
@@ -80,6 +80,18 @@ impl Options {
         self.watch_buffer = commits;
         self
     }
+
+    /// Apply at most this many requests per write transaction.
+    pub fn max_batch(mut self, requests: usize) -> Self {
+        self.max_batch = requests;
+        self
+    }
+
+    /// Give redb this many bytes of page cache.
+    pub fn cache_size(mut self, bytes: usize) -> Self {
+        self.cache_size = bytes;
+        self
+    }
 }
 
 /// The embedded [`Store`]. Cheap to clone; the background writer stops when
@@ -92,8 +104,7 @@ pub struct EmbeddedStore {
 struct Inner {
     db: Arc<Database>,
     requests: Option<mpsc::Sender<Request>>,
-    /// Taken on close so that open watches end.
-    events: Mutex<Option<broadcast::Sender<Committed>>>,
+    hub: Arc<Hub>,
     status: Arc<Status>,
     writer: Option<JoinHandle<()>>,
 }
@@ -134,12 +145,12 @@ impl EmbeddedStore {
             .map_err(|e| StoreError::Backend(format!("opening {}: {}", path.display(), e.0)))?;
         let db = Arc::new(db);
         let (requests, queue) = mpsc::channel();
-        let (events, _) = broadcast::channel(options.watch_buffer.max(1));
+        let hub = Arc::new(Hub::new(options.watch_buffer));
         let status = Arc::new(Status::default());
         let writer = Writer::new(
             db.clone(),
             queue,
-            events.clone(),
+            hub.clone(),
             status.clone(),
             Limits {
                 history_retention: options.history_retention,
@@ -147,7 +158,7 @@ impl EmbeddedStore {
             },
             persisted,
         );
-        let thread_status = status.clone();
+        let (thread_status, thread_hub) = (status.clone(), hub.clone());
         let writer = std::thread::Builder::new()
             .name("berth-store-writer".into())
             .spawn(move || {
@@ -156,13 +167,14 @@ impl EmbeddedStore {
                 if outcome.is_err() {
                     thread_status.fail("the store's writer thread panicked".into());
                 }
+                thread_hub.shut();
             })
             .map_err(|e| StoreError::Backend(format!("starting the store writer: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 requests: Some(requests),
-                events: Mutex::new(Some(events)),
+                hub,
                 status,
                 writer: Some(writer),
             }),
@@ -174,9 +186,7 @@ impl EmbeddedStore {
     /// file itself is released when the last clone is dropped.
     pub async fn close(&self) {
         self.inner.status.close();
-        if let Some(sender) = self.lock_events().take() {
-            drop(sender);
-        }
+        self.inner.hub.shut();
         let (done, stopped) = oneshot::channel();
         if let Some(requests) = &self.inner.requests
             && requests.send(Request::Close(done)).is_ok()
@@ -184,15 +194,6 @@ impl EmbeddedStore {
             // An error only means the writer is already gone.
             let _ = stopped.await;
         }
-    }
-
-    fn lock_events(&self) -> std::sync::MutexGuard<'_, Option<broadcast::Sender<Committed>>> {
-        // A poisoned lock only means a panic elsewhere while holding it; the
-        // Option inside is still meaningful.
-        self.inner
-            .events
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request) -> Result<T> {
@@ -280,10 +281,10 @@ impl Store for EmbeddedStore {
         self.inner.status.check()?;
         // Subscribe before reading anything: see the `watch` module.
         let live = self
-            .lock_events()
-            .as_ref()
-            .map(broadcast::Sender::subscribe)
-            .ok_or(StoreError::Closed)?;
+            .inner
+            .hub
+            .subscribe()
+            .ok_or_else(|| self.inner.status.error())?;
         let next = if from <= 0 {
             current_revision(&self.read()?)? + 1
         } else {

@@ -125,3 +125,41 @@ async fn close_ends_watches_and_refuses_calls_then_file_reopens() {
     let store = EmbeddedStore::open(&path).unwrap();
     assert_eq!(store.get("/a").await.unwrap().unwrap().value, b("1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_failure_turns_every_later_call_into_backend_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    drop(EmbeddedStore::open(&path).unwrap());
+    {
+        // Damage one row behind the store's back.
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let kv: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("kv");
+            let mut table = txn.open_table(kv).unwrap();
+            table.insert("/bad", b"\x09garbage".as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = EmbeddedStore::open(&path).unwrap();
+    let mut w = store.watch("/", 0).await.unwrap();
+    // Updating the damaged key makes the writer read it, fail and stop.
+    let err = store.put("/bad", b("x"), 0).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Backend(ref m) if m.contains("corrupt")),
+        "{err}"
+    );
+    assert!(matches!(
+        store.put("/good", b("x"), 0).await,
+        Err(StoreError::Backend(_))
+    ));
+    assert!(matches!(
+        store.get("/good").await,
+        Err(StoreError::Backend(_))
+    ));
+    match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+        Ok(Some(Err(StoreError::Backend(_)))) => {}
+        other => panic!("an open watch must end with the failure, got {other:?}"),
+    }
+}

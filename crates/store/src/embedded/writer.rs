@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, Table, TableDefinition, WriteTransaction};
@@ -55,6 +55,46 @@ pub(super) struct RevisionEvents {
 /// What one group commit published, in revision order.
 pub(super) type Committed = Arc<Vec<RevisionEvents>>;
 
+/// The live-event channel. The one sender lives here, shared by the handles
+/// (to subscribe) and the writer (to publish); whoever stops the store shuts
+/// it, which ends every open watch — whether the writer stopped because it
+/// was closed, because every handle was dropped, or because it failed.
+#[derive(Debug)]
+pub(super) struct Hub {
+    sender: Mutex<Option<broadcast::Sender<Committed>>>,
+}
+
+impl Hub {
+    pub(super) fn new(capacity: usize) -> Self {
+        let (sender, _) = broadcast::channel(capacity.max(1));
+        Self {
+            sender: Mutex::new(Some(sender)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<broadcast::Sender<Committed>>> {
+        // Poisoning only means a panic elsewhere while holding the lock; the
+        // Option inside is still meaningful.
+        self.sender.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A receiver of everything published from now on, or None once shut.
+    pub(super) fn subscribe(&self) -> Option<broadcast::Receiver<Committed>> {
+        self.lock().as_ref().map(broadcast::Sender::subscribe)
+    }
+
+    fn publish(&self, committed: Committed) {
+        if let Some(sender) = self.lock().as_ref() {
+            // No receiver (no watch open) is fine.
+            let _ = sender.send(committed);
+        }
+    }
+
+    pub(super) fn shut(&self) {
+        drop(self.lock().take());
+    }
+}
+
 /// Whether the store still works, shared by handles, watches and the writer.
 #[derive(Debug, Default)]
 pub(super) struct Status {
@@ -64,7 +104,7 @@ pub(super) struct Status {
 
 impl Status {
     pub(super) fn fail(&self, message: String) {
-        tracing::error!(error = %message, "embedded store writer failed; the store is now read-only-broken");
+        tracing::error!(error = %message, "embedded store writer failed; every later call returns this error");
         let _ = self.failure.set(message);
     }
 
@@ -189,7 +229,7 @@ pub(super) struct Persisted {
 pub(super) struct Writer {
     db: Arc<Database>,
     requests: Receiver<Request>,
-    events: broadcast::Sender<Committed>,
+    hub: Arc<Hub>,
     status: Arc<Status>,
     limits: Limits,
     revision: Revision,
@@ -271,7 +311,7 @@ impl Writer {
     pub(super) fn new(
         db: Arc<Database>,
         requests: Receiver<Request>,
-        events: broadcast::Sender<Committed>,
+        hub: Arc<Hub>,
         status: Arc<Status>,
         limits: Limits,
         persisted: Persisted,
@@ -296,7 +336,7 @@ impl Writer {
         Self {
             db,
             requests,
-            events,
+            hub,
             status,
             limits,
             revision: persisted.revision,
@@ -311,15 +351,12 @@ impl Writer {
     pub(super) fn run(mut self) {
         let closing = self.serve();
         let Writer {
-            db,
-            requests,
-            events,
-            ..
+            db, requests, hub, ..
         } = self;
         // Queued requests are answered (with an error) by dropping them; the
         // file is released before `close()` returns.
         drop(requests);
-        drop(events);
+        hub.shut();
         drop(db);
         if let Some(reply) = closing {
             let _ = reply.send(());
@@ -396,8 +433,7 @@ impl Writer {
         match self.commit_group(&writes, &expired, &mut committed) {
             Ok(outcomes) => {
                 if !committed.is_empty() {
-                    // No receiver (no watch open) is fine.
-                    let _ = self.events.send(Arc::new(committed));
+                    self.hub.publish(Arc::new(committed));
                 }
                 for ((_, reply), outcome) in writes.into_iter().zip(outcomes) {
                     reply.send(outcome);
