@@ -384,7 +384,7 @@ pub async fn run(
 
     'outer: loop {
         let listed = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => break 'outer,
+            () = supervisor::stop_requested(&mut shutdown) => break 'outer,
             r = control.list_assignments(&cfg.node_id) => r,
         };
         let (list, rev) = match listed {
@@ -392,7 +392,7 @@ pub async fn run(
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list assignments; retrying");
                 tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => break 'outer,
+                    () = supervisor::stop_requested(&mut shutdown) => break 'outer,
                     () = tokio::time::sleep(RETRY) => continue 'outer,
                 }
             }
@@ -409,14 +409,14 @@ pub async fn run(
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch assignments; retrying");
                 tokio::select! {
-                    _ = shutdown.wait_for(|s| *s) => break 'outer,
+                    () = supervisor::stop_requested(&mut shutdown) => break 'outer,
                     () = tokio::time::sleep(RETRY) => continue 'outer,
                 }
             }
         };
         loop {
             tokio::select! {
-                _ = shutdown.wait_for(|s| *s) => break 'outer,
+                () = supervisor::stop_requested(&mut shutdown) => break 'outer,
                 Some(res) = agent.tasks.join_next_with_id() => {
                     let id = log_task_result(&res);
                     agent.task_done(id);

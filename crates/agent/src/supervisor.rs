@@ -118,7 +118,7 @@ impl Supervisor {
 }
 
 /// Resolves once a stop is asked for (or nobody can ask any more).
-async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn stop_requested(rx: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send: drop it here.
     let _ = rx.wait_for(|s| *s).await.map(|_| ());
 }

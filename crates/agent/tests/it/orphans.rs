@@ -1,0 +1,47 @@
+//! Orphan cleanup after a `kill -9` of the agent.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use crate::common::{gone, wait_gone};
+
+#[tokio::test]
+async fn processes_carrying_the_marker_are_killed_others_are_not() {
+    let id = format!("orphan-test-{}", std::process::id());
+    let spawn = |marker: &str| {
+        Command::new("sh")
+            .args(["-c", "trap '' TERM; sleep 1000; echo never"])
+            .env("BERTH_AGENT_ID", marker)
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    };
+    let mut ours = spawn(&id);
+    let mut theirs = spawn(&format!("{id}-other"));
+    // Let the shells start their sleeps.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        berth_agent::orphans::find_marked(&id).len(),
+        2,
+        "sh and sleep"
+    );
+
+    let found = tokio::task::spawn_blocking({
+        let id = id.clone();
+        move || berth_agent::orphans::kill_orphans(&id)
+    })
+    .await
+    .unwrap();
+    assert_eq!(found, 2);
+    ours.wait().unwrap();
+    assert!(wait_gone(ours.id()).await);
+    assert!(berth_agent::orphans::find_marked(&id).is_empty());
+    assert!(!gone(theirs.id()), "another agent's process survives");
+    theirs.kill().unwrap();
+    theirs.wait().unwrap();
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(theirs.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .ok();
+}

@@ -1,0 +1,293 @@
+//! Supervision: start, logs, restart policies, back-off, stop, limits.
+
+use std::time::{Duration, Instant};
+
+use berth_agent::supervisor::Supervisor;
+use berth_model::{InstanceState, LogStream};
+use serde_json::json;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn runs_logs_and_restarts_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let mut live = logs.subscribe();
+    let (ctx, mut rx) = context(dir.path(), logs.clone());
+    let svc = service("web", "echo hi; sleep 1000", json!({}));
+    let sup = Supervisor::spawn(ctx, assignment(key("web", 1), svc, "u1", "n1"));
+
+    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let pid = running.pid.expect("pid");
+    assert_eq!(running.restarts, 0);
+    let line = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let l = live.recv().await.unwrap();
+            if l.stream == LogStream::Stdout {
+                return l;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(line.line, "hi");
+    assert_eq!(line.key, key("web", 1));
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let again = until(&mut rx, 5, "running again", |s| {
+        s.state == InstanceState::Running && s.restarts == 1
+    })
+    .await;
+    assert_ne!(again.pid, Some(pid));
+    let last = again.last_exit.expect("last exit");
+    assert_eq!(last.signal.as_deref(), Some("SIGKILL"));
+    assert_eq!(last.code, None);
+    // The first incarnation's `sleep` died with its group.
+    assert!(group_members(pid).is_empty());
+
+    let new_pid = again.pid.unwrap();
+    sup.stop().await;
+    let mut last_state = None;
+    while let Ok(s) = rx.try_recv() {
+        last_state = Some(s.state);
+    }
+    assert_eq!(last_state, Some(InstanceState::Stopped));
+    assert!(wait_gone(new_pid).await);
+
+    let past = logs
+        .read(&berth_agent::LogQuery {
+            namespace: "default".into(),
+            stack: "demo".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let texts: Vec<&str> = past.iter().map(|l| l.line.as_str()).collect();
+    assert_eq!(texts.iter().filter(|t| **t == "hi").count(), 2, "{texts:?}");
+    assert!(
+        texts.iter().any(|t| t.starts_with("started pid")),
+        "{texts:?}"
+    );
+    assert!(texts.contains(&"killed by SIGKILL"), "{texts:?}");
+}
+
+#[tokio::test]
+async fn restart_no_stays_exited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
+    let svc = service("job", "exit 3", json!({"restart": {"policy": "no"}}));
+    let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u1", "n1"));
+    let exited = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
+    assert_eq!(exited.last_exit.unwrap().code, Some(3));
+    assert_eq!(exited.restarts, 0);
+    // Nothing more happens until we stop it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(rx.try_recv().is_err(), "no restart expected");
+    sup.stop().await;
+    assert_eq!(rx.recv().await.unwrap().state, InstanceState::Stopped);
+}
+
+#[tokio::test]
+async fn on_failure_2_gives_up_after_two_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
+    let svc = service(
+        "job",
+        "exit 1",
+        json!({"restart": {"policy": "on-failure", "max_attempts": 2}}),
+    );
+    let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u1", "n1"));
+    let mut starts = 0;
+    let failed = until(&mut rx, 10, "failed", |s| s.state == InstanceState::Failed).await;
+    assert_eq!(failed.restarts, 2);
+    assert!(failed.message.unwrap().contains("gave up after 2 restarts"));
+    sup.stop().await;
+    while let Ok(s) = rx.try_recv() {
+        if s.state == InstanceState::Running {
+            starts += 1;
+        }
+    }
+    assert_eq!(starts, 0, "no start after giving up");
+}
+
+#[tokio::test]
+async fn on_failure_does_not_restart_a_clean_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
+    let svc = service("job", "true", json!({"restart": {"policy": "on-failure"}}));
+    let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u1", "n1"));
+    let s = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
+    assert_eq!(s.last_exit.unwrap().code, Some(0));
+    sup.stop().await;
+}
+
+#[tokio::test]
+async fn back_off_doubles_up_to_the_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
+    let svc = service("crash", "exit 1", json!({}));
+    let sup = Supervisor::spawn(ctx, assignment(key("crash", 1), svc, "u1", "n1"));
+    let mut delays = Vec::new();
+    let mut gaps = Vec::new();
+    let mut last_backoff: Option<Instant> = None;
+    while delays.len() < 6 {
+        let s = until(&mut rx, 10, "backoff", |s| {
+            s.state == InstanceState::Backoff
+        })
+        .await;
+        let now = Instant::now();
+        if let Some(prev) = last_backoff {
+            gaps.push(now - prev);
+        }
+        last_backoff = Some(now);
+        let msg = s.message.unwrap();
+        let ms: u64 = msg
+            .rsplit("restarting in ")
+            .next()
+            .and_then(|m| m.strip_suffix("ms"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        delays.push(ms);
+    }
+    sup.stop().await;
+    assert_eq!(delays, [50, 100, 200, 400, 400, 400]);
+    // The loop really slept: each back-off state follows the previous one by
+    // at least the previous delay.
+    for (gap, delay) in gaps.iter().zip(&delays) {
+        assert!(*gap >= Duration::from_millis(*delay), "{gaps:?}");
+    }
+}
+
+#[tokio::test]
+async fn stop_kills_a_term_ignoring_group_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
+    // `sleep` is not the last command, so the shell cannot exec it.
+    let svc = service(
+        "stubborn",
+        "trap '' TERM; sleep 1000; echo never",
+        json!({}),
+    );
+    let sup = Supervisor::spawn(ctx, assignment(key("stubborn", 1), svc, "u1", "n1"));
+    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let pid = running.pid.unwrap();
+    let mut children = Vec::new();
+    for _ in 0..100 {
+        children = group_members(pid);
+        if !children.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(children.len(), 1, "the sleep grandchild");
+    let t0 = Instant::now();
+    sup.stop().await;
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(300),
+        "grace respected: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "then killed: {took:?}");
+    assert!(wait_gone(pid).await);
+    assert!(wait_gone(children[0]).await, "grandchild gone");
+    let mut states = Vec::new();
+    while let Ok(s) = rx.try_recv() {
+        states.push(s.state);
+    }
+    assert_eq!(states, [InstanceState::Stopping, InstanceState::Stopped]);
+}
+
+#[tokio::test]
+async fn a_command_that_cannot_start_backs_off_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
+    let mut svc = service("bad", "x", json!({"restart": {"policy": "no"}}));
+    svc.command = Some(berth_spec::types::Command::Exec(vec![
+        "/nonexistent/berth-test-binary".into(),
+    ]));
+    let sup = Supervisor::spawn(ctx, assignment(key("bad", 1), svc, "u1", "n1"));
+    let s = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
+    assert_eq!(s.last_exit.unwrap().code, Some(127));
+    sup.stop().await;
+}
+
+#[tokio::test]
+async fn environment_and_port_are_given_to_the_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let mut live = logs.subscribe();
+    let (ctx, mut rx) = context(dir.path(), logs);
+    let svc = service(
+        "web",
+        "echo \"$PORT $BERTH_INSTANCE $BERTH_STACK $GREETING ${UNSET-unset}\"; sleep 1000",
+        json!({
+            "ports": [{"target": 8080, "protocol": "tcp"}],
+            "environment": {"GREETING": "hello", "UNSET": null},
+        }),
+    );
+    let sup = Supervisor::spawn(ctx, assignment(key("web", 3), svc, "u1", "n1"));
+    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let port = running.port.expect("a port");
+    assert_eq!(running.address.as_deref(), Some("127.0.0.1"));
+    let line = loop {
+        let l = live.recv().await.unwrap();
+        if l.stream == LogStream::Stdout {
+            break l.line;
+        }
+    };
+    assert_eq!(line, format!("{port} web.3 demo hello unset"));
+    sup.stop().await;
+}
+
+#[tokio::test]
+async fn limits_go_into_a_cgroup_that_is_removed_afterwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
+    let svc = service(
+        "limited",
+        "sleep 1000",
+        json!({"deploy": {"mode": "replicated", "replicas": 1,
+            "resources": {"limits": {"pids": 50, "memory_bytes": 268435456_u64, "cpus": 0.5}}}}),
+    );
+    let sup = Supervisor::spawn(ctx, assignment(key("limited", 1), svc, "u1", "n1"));
+    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let pid = running.pid.unwrap();
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    if let Some(w) = &running.limits_warning {
+        // A machine without writable cgroups: the warning must say so.
+        assert!(w.contains("not applied"), "{w}");
+        assert!(!cgroups.contains("berth-"));
+    } else {
+        let pids_line = cgroups
+            .lines()
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == "pids"))
+                    || l.starts_with("0::")
+            })
+            .unwrap();
+        assert!(pids_line.contains("berth-test-"), "{cgroups}");
+        let rel = pids_line.splitn(3, ':').nth(2).unwrap();
+        let dir = if pids_line.starts_with("0::") {
+            format!("/sys/fs/cgroup{rel}")
+        } else {
+            format!("/sys/fs/cgroup/pids{rel}")
+        };
+        assert_eq!(
+            std::fs::read_to_string(format!("{dir}/pids.max"))
+                .unwrap()
+                .trim(),
+            "50"
+        );
+        sup.stop().await;
+        assert!(!std::path::Path::new(&dir).exists(), "cgroup removed");
+        return;
+    }
+    sup.stop().await;
+}
