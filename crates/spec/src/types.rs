@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 /// A resolved stack (Compose's "project").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stack {
-    /// Stack name: top-level `name:`, else `-p`, else the project folder's name
-    /// (lower-cased, only `[a-z0-9_-]`, as Compose normalises it).
+    /// Stack name, by Compose's precedence: `-p`, else `COMPOSE_PROJECT_NAME`
+    /// (environment or `.env`), else top-level `name:`, else the project
+    /// folder's name (lower-cased, only `[a-z0-9_-]`, as Compose normalises it).
     pub name: String,
     /// The folder relative paths were resolved against.
     pub project_dir: PathBuf,
@@ -430,6 +431,12 @@ pub struct ServiceNetwork {
 ///   routes: ["api.example.com/v1"]         # host[/path-prefix], for the router
 ///   port_env: PORT                          # name of the port variable
 /// ```
+///
+/// An `x-berth.healthcheck` takes the same `interval`/`timeout`/`retries`/
+/// `start_period`/`start_interval` keys as Compose's, with faster defaults
+/// suited to HTTP/TCP probes: 2s, 2s, 3, 0, 500ms (the Procfile `web` check
+/// uses the same). It becomes `Service::healthcheck`; a service may not have
+/// both it and a Compose `healthcheck`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BerthExt {
     /// Router rules `host[/path]` for this service (the router issue).

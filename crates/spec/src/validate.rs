@@ -112,7 +112,7 @@ pub fn check_references(
                         Diagnostic::at(&pos, format!("depends on `{dep}`, whose profiles are not enabled"))
                             .service(name.clone())
                             .field(field)
-                            .hint(format!("enable its profile (--profile), or mark the dependency `required: false`")),
+                            .hint("enable its profile (--profile), or mark the dependency `required: false`"),
                     );
                 } else {
                     diags.warn(

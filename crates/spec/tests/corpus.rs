@@ -3,6 +3,7 @@
 //! expectation written from the Compose Specification: the resolved result,
 //! or the specific error. A corpus file without an expectation fails the
 //! test, so new fixtures get looked at.
+#![allow(clippy::unwrap_used)] // tests unwrap what they control
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! The loader on small stack files: results, and each error kind at its
 //! exact file:line:column.
+#![allow(clippy::unwrap_used)] // tests unwrap what they control
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
 //! Interpolation, durations, sizes, signals and port syntax.
+#![allow(clippy::unwrap_used)] // tests unwrap what they control
 
 use berth_spec::interpolate::{InterpError, interpolate};
 use berth_spec::parse_port_spec;
