@@ -1,1 +1,20 @@
-fn main() {}
+//! The `berth` binary: parse, run, print the error, exit with its code.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // clap exits with 2 on a usage error and 0 for --help/--version.
+    let cli = berth_cli::args::Cli::parse();
+    match berth_cli::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            match err.downcast_ref::<berth_cli::exit::Failure>() {
+                Some(f) => eprintln!("error: {f}"),
+                None => eprintln!("error: {err:#}"),
+            }
+            ExitCode::from(berth_cli::exit::code_of(&err))
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Command-line syntax (the "low" phase): what the user typed, parsed and
+//! checked for shape by clap, with no I/O. [`crate::settings`] turns it into
+//! the objects the commands use.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// berth: run a Compose file or Procfile as supervised services.
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "Run a Compose file or Procfile as supervised, discoverable services",
+    after_help = concat!(
+        "Example:\n  berth up -d          # start the stack in this folder in the background\n  berth ps             # see its instances\n  berth logs -f web    # follow the web service's logs\n  berth down           # stop and forget it\n\n",
+        "Exit codes:\n  0  success\n  1  generic failure\n  2  bad input (stack file errors, bad flags or arguments)\n  3  no server running / cannot connect to the server\n  4  not found (stack or service)\n  5  `up -d` failed (an instance is unhealthy, failed, or the wait timed out)\n  130  interrupted (second Ctrl-C)\n\n",
+        "Environment:\n  BERTH_DATA_DIR  data dir (default $XDG_STATE_HOME/berth, else ~/.local/state/berth)\n  BERTH_ADDR      http://HOST:PORT of a remote server (instead of the data dir's socket)\n  BERTH_TOKEN     API token for BERTH_ADDR when it is not a loopback address\n  NO_COLOR        disable colours"
+    )
+)]
+pub struct Cli {
+    /// Options every command takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Where the server keeps its state, logs, socket and token.
+    #[arg(long, global = true, env = "BERTH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of a remote server (http://HOST:PORT) instead of the local socket.
+    #[arg(long, global = true, env = "BERTH_ADDR", value_name = "URL")]
+    pub addr: Option<String>,
+    /// API token for --addr (needed when the server listens on a non-loopback address).
+    #[arg(long, global = true, env = "BERTH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Namespace of the stack.
+    #[arg(short = 'n', long, global = true, default_value = "default", value_name = "NS")]
+    pub namespace: String,
+    /// Machine-readable JSON output (where supported).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Never use colours (also: NO_COLOR set, or stdout not a terminal).
+    #[arg(long, global = true)]
+    pub no_color: bool,
+}
+
+/// Which stack a stack-scoped command is about.
+#[derive(Debug, Clone, Default, Args)]
+pub struct StackArgs {
+    /// Stack file (repeatable; later files override earlier ones).
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Stack name (default: the stack file's, else the only stack running).
+    #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+    pub project: Option<String>,
+    /// Enable services of this profile (repeatable).
+    #[arg(long = "profile", value_name = "PROFILE")]
+    pub profiles: Vec<String>,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start (or update) a stack and stream its logs; with -d, wait until healthy.
+    #[command(after_help = "Example:\n  berth up             # run ./compose.yaml, logs until Ctrl-C (which stops it)\n  berth up -d          # return once every service is running and healthy\n  berth up -f prod.yml -p shop --profile debug")]
+    Up(UpArgs),
+    /// List instances with state, health, pid, address and restarts.
+    #[command(after_help = "Example:\n  berth ps\n  berth ps -a --json | jq '.[] | select(.health != \"healthy\")'")]
+    Ps(PsArgs),
+    /// Show past and live logs of a stack's services, merged in time order.
+    #[command(after_help = "Example:\n  berth logs -f                # all services, follow\n  berth logs --tail 50 web     # last 50 lines of web\n  berth logs --since 10m worker")]
+    Logs(LogsArgs),
+    /// Stop services (all when none are named); they stay defined.
+    #[command(after_help = "Example:\n  berth stop           # stop every service of the stack\n  berth stop worker")]
+    Stop(ServicesArgs),
+    /// Start stopped services (all when none are named).
+    #[command(after_help = "Example:\n  berth start worker")]
+    Start(ServicesArgs),
+    /// Replace the instances of services (all when none are named).
+    #[command(after_help = "Example:\n  berth restart web")]
+    Restart(ServicesArgs),
+    /// Stop a stack and forget it (named volumes are kept unless -v).
+    #[command(after_help = "Example:\n  berth down\n  berth down -p shop -v")]
+    Down(DownArgs),
+    /// Set the number of replicas of services.
+    #[command(after_help = "Example:\n  berth scale web=5\n  berth scale web=2 worker=0")]
+    Scale(ScaleArgs),
+    /// Print the resolved stack (YAML, or JSON with --json), or its errors.
+    #[command(after_help = "Example:\n  berth config                 # ./compose.yaml after interpolation, extends, profiles\n  berth config -f a.yml -f b.yml --json\n  berth config --services")]
+    Config(ConfigArgs),
+    /// Run the berth server in the foreground (for systemd or containers).
+    #[command(after_help = "Example:\n  berth server                          # socket in the data dir + a free 127.0.0.1 port\n  berth server --listen 0.0.0.0:7777    # reachable from other machines (token required)")]
+    Server(ServerArgs),
+    /// Print the CLI's version (and the server's, when one answers).
+    #[command(after_help = "Example:\n  berth version\n  berth version --json")]
+    Version,
+}
+
+/// `berth up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Detached: return once every service is running and healthy.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// With -d: how long to wait for health (e.g. 60s, 2m).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub wait_timeout: std::time::Duration,
+}
+
+/// `berth ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Every stack of the namespace.
+    #[arg(short = 'a', long = "all-stacks")]
+    pub all: bool,
+}
+
+/// `berth logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Stack file (repeatable). `-f` means --follow here, as in Compose.
+    #[arg(long = "file", value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Stack name (default: the stack file's, else the only stack running).
+    #[arg(short = 'p', long = "project-name", value_name = "NAME")]
+    pub project: Option<String>,
+    /// Enable services of this profile (repeatable).
+    #[arg(long = "profile", value_name = "PROFILE")]
+    pub profiles: Vec<String>,
+    /// Keep streaming new lines.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Only the last N lines of the past.
+    #[arg(long, value_name = "N")]
+    pub tail: Option<usize>,
+    /// Only lines since a time: 10m, 1h30m, 2024-05-01T12:00:00Z, or Unix seconds.
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Print lines without the `service.N |` prefix.
+    #[arg(long)]
+    pub no_prefix: bool,
+    /// Services to show (all when none).
+    #[arg(value_name = "SERVICE")]
+    pub services: Vec<String>,
+}
+
+impl LogsArgs {
+    /// The stack selection, in the shape the other commands use.
+    pub fn stack(&self) -> StackArgs {
+        StackArgs {
+            files: self.files.clone(),
+            project: self.project.clone(),
+            profiles: self.profiles.clone(),
+        }
+    }
+}
+
+/// `berth stop|start|restart`.
+#[derive(Debug, Args)]
+pub struct ServicesArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Services (all when none).
+    #[arg(value_name = "SERVICE")]
+    pub services: Vec<String>,
+}
+
+/// `berth down`.
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Also delete the stack's named volumes.
+    #[arg(short = 'v', long)]
+    pub volumes: bool,
+    /// How long to wait for instances to stop.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub timeout: std::time::Duration,
+}
+
+/// `berth scale`.
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// SERVICE=N pairs.
+    #[arg(value_name = "SERVICE=N", required = true, value_parser = parse_scale)]
+    pub replicas: Vec<(String, u32)>,
+}
+
+/// `berth config`.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Print only the service names, one per line.
+    #[arg(long)]
+    pub services: bool,
+}
+
+/// `berth server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// TCP address for the API (repeatable). Non-loopback addresses require the
+    /// token. Default: a free port on 127.0.0.1, written to <data-dir>/server.json.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    pub listen: Vec<SocketAddr>,
+    /// Only the Unix socket, no TCP listener.
+    #[arg(long, conflicts_with = "listen")]
+    pub no_tcp: bool,
+    /// This node's id (default: the host name).
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+}
+
+/// `web=3` → (`web`, 3).
+pub fn parse_scale(s: &str) -> Result<(String, u32), String> {
+    let (service, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not SERVICE=N (e.g. web=3)"))?;
+    if service.is_empty() {
+        return Err(format!("{s:?} has no service name before '=' (e.g. web=3)"));
+    }
+    let n: u32 = n.trim().parse().map_err(|_| {
+        format!("{s:?}: replicas must be a whole number ≥ 0, got {n:?} (e.g. {service}=3)")
+    })?;
+    Ok((service.to_owned(), n))
+}
+
+/// `90s`, `2m`, `1h`, `500ms`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a duration (e.g. 30s, 2m, 1h, 500ms)");
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "" | "s" => n.checked_mul(1000),
+        "ms" => Some(n),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(bad)?;
+    Ok(std::time::Duration::from_millis(ms))
+}

@@ -1,0 +1,119 @@
+//! The commands. Each takes validated [`Settings`] and its own arguments and
+//! returns the process exit code (errors carry theirs, see [`crate::exit`]).
+
+use std::time::{Duration, Instant};
+
+use berth_model::api::{Instance, StackDetail};
+use berth_model::{DesiredState, InstanceState, LogLine};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::client::{Client, enc};
+use crate::exit::{self, Failure};
+use crate::resolve::stack_path;
+
+pub mod actions;
+pub mod config;
+pub mod logs;
+pub mod ps;
+pub mod server;
+pub mod up;
+pub mod version;
+
+/// Reads NDJSON log lines off a streaming response body.
+pub struct LineReader {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl LineReader {
+    /// Wrap a response body.
+    pub fn new(body: Incoming) -> Self {
+        Self {
+            body,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next line, `None` at the end of the stream. Cancel-safe: partial
+    /// data stays buffered in `self`.
+    pub async fn next(&mut self) -> anyhow::Result<Option<LogLine>> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let parsed = serde_json::from_slice(&line)
+                    .map_err(|e| anyhow::anyhow!("bad log line from the server: {e}"))?;
+                return Ok(Some(parsed));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(Failure::new(
+                        exit::NO_SERVER,
+                        format!("lost the connection to the berth server: {e}"),
+                    ));
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The instances of one stack.
+pub async fn stack_instances(client: &Client, ns: &str, stack: &str) -> anyhow::Result<Vec<Instance>> {
+    client
+        .get(&format!(
+            "/v1/instances?namespace={}&stack={}",
+            enc(ns),
+            enc(stack)
+        ))
+        .await
+}
+
+/// The desired state and instances of one stack.
+pub async fn stack_detail(client: &Client, ns: &str, stack: &str) -> anyhow::Result<StackDetail> {
+    client.get(&stack_path(ns, stack)).await
+}
+
+/// An instance that is down for good: not wanted running, and not running.
+pub fn is_down(i: &Instance) -> bool {
+    i.desired != Some(DesiredState::Running)
+        && matches!(
+            i.state,
+            InstanceState::Stopped
+                | InstanceState::Exited
+                | InstanceState::Failed
+                | InstanceState::Pending
+        )
+}
+
+/// Poll until every instance of the listed services (all when empty) is
+/// down; returns the ones still up at the timeout.
+pub async fn wait_down(
+    client: &Client,
+    ns: &str,
+    stack: &str,
+    services: &[String],
+    timeout: Duration,
+) -> anyhow::Result<Vec<Instance>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let up: Vec<Instance> = stack_instances(client, ns, stack)
+            .await?
+            .into_iter()
+            .filter(|i| services.is_empty() || services.contains(&i.service))
+            .filter(|i| !is_down(i))
+            .collect();
+        if up.is_empty() || Instant::now() >= deadline {
+            return Ok(up);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

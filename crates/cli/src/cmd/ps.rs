@@ -1,0 +1,35 @@
+//! `berth ps`.
+
+use berth_model::api::Instance;
+
+use crate::args::PsArgs;
+use crate::client::enc;
+use crate::exit;
+use crate::output::instance_table;
+use crate::resolve;
+use crate::settings::Settings;
+
+/// List instances of the stack (or, with `-a`, of every stack).
+pub async fn run(settings: &Settings, args: &PsArgs) -> anyhow::Result<u8> {
+    let client = settings.client();
+    let ns = &settings.namespace;
+    // Without -p or a stack file, every stack of the namespace is shown:
+    // that is "the only stack running" when there is one, and more useful
+    // than an error when there are several.
+    let all = args.all || (args.stack.project.is_none() && !resolve::has_stack_file(&args.stack));
+    let path = if all {
+        format!("/v1/instances?namespace={}", enc(ns))
+    } else {
+        let stack = resolve::stack_name(settings, &client, &args.stack).await?;
+        format!("/v1/instances?namespace={}&stack={}", enc(ns), enc(&stack))
+    };
+    let rows: Vec<Instance> = client.get(&path).await?;
+    if settings.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if rows.is_empty() {
+        eprintln!("no instances");
+    } else {
+        print!("{}", instance_table(&rows, settings.color));
+    }
+    Ok(exit::OK)
+}
