@@ -9,12 +9,14 @@ use crate::diagnostics::{Diagnostic, Diags};
 use crate::types::Service;
 use crate::yaml::Pos;
 
-/// True for a valid service name: `[a-z0-9][a-z0-9_.-]*`.
+/// True for a valid service name: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, Compose's
+/// rule. Unlike stack names, service names keep their case: Compose does
+/// not normalise them, and the names berth derives from them (such as
+/// `<NAME>_HOST` variables) are built from the name as written.
 pub fn valid_service_name(name: &str) -> bool {
     let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
-        && chars
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-'))
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// True for a valid stack name: `[a-z0-9][a-z0-9_-]*` (Compose's rule).
@@ -43,7 +45,7 @@ pub fn check_names(services: &BTreeMap<String, (Service, ServiceMeta)>, diags: &
                 "service names cannot contain `/`".to_string()
             } else {
                 format!(
-                    "use lowercase letters, digits, `_`, `.` and `-`, starting with a letter or digit (e.g. `{}`)",
+                    "use letters, digits, `_`, `.` and `-`, starting with a letter or digit (e.g. `{}`)",
                     suggest_name(name)
                 )
             };
@@ -59,7 +61,6 @@ pub fn check_names(services: &BTreeMap<String, (Service, ServiceMeta)>, diags: &
 fn suggest_name(name: &str) -> String {
     let s: String = name
         .chars()
-        .map(|c| c.to_ascii_lowercase())
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
                 c

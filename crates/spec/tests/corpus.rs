@@ -232,10 +232,49 @@ fn expectations() -> BTreeMap<&'static str, Expect> {
         "compose-go/loader/testdata/empty.yaml",
         Err("empty.yaml: the file is empty"),
     );
-    // berth's service names are lowercase (they become DNS names).
     m.insert(
         "compose-go/loader/testdata/extends/base.yaml",
-        Err("base.yaml:12:3: service `withUlimits`: invalid service name `withUlimits`"),
+        Ok(|l, dir| {
+            // Service names keep their case (Compose allows uppercase).
+            assert_eq!(
+                names(l),
+                [
+                    "another",
+                    "base",
+                    "nil",
+                    "with-build",
+                    "with-port",
+                    "withUlimits"
+                ]
+            );
+            assert_eq!(l.stack.name, "extends");
+            // `extends: base` (same file) brings in the base's image.
+            assert_eq!(svc(l, "another").image.as_deref(), Some("base"));
+            assert_eq!(svc(l, "another").driver(), Driver::Docker);
+            let w = svc(l, "withUlimits");
+            assert_eq!(w.name, "withUlimits");
+            assert_eq!(w.image.as_deref(), Some("test"));
+            assert!(l.warnings.iter().any(|d| d.line == 14
+                && d.service.as_deref() == Some("withUlimits")
+                && d.message == "`ulimits` is not supported by berth and is ignored"));
+            assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+            // Extended from sibling.yaml: its `build: .` is relative to that file.
+            let b = svc(l, "with-build").build.as_ref().unwrap();
+            assert_eq!(
+                (b.context.as_path(), b.dockerfile.as_str()),
+                (dir, "Dockerfile")
+            );
+            // No image or build: processes, run in the project dir.
+            let p = svc(l, "with-port");
+            assert_eq!(p.ports, [port(8000, Some(8000))]);
+            assert_eq!(p.driver(), Driver::Process);
+            assert_eq!(p.working_dir.as_deref(), Some(dir));
+            let nil = svc(l, "nil");
+            assert_eq!(
+                (nil.command.as_ref(), nil.working_dir.as_deref()),
+                (None, Some(dir))
+            );
+        }),
     );
     m.insert(
         "compose-go/loader/testdata/extends/depends_on.yaml",

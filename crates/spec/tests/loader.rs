@@ -393,9 +393,29 @@ fn healthcheck_variants() {
 
 #[test]
 fn names_are_validated() {
-    let e = err("services:\n  Web:\n    command: x\n");
+    // Compose's rule: uppercase is fine, and the name keeps its case.
+    let l = ok(
+        "services:\n  WebApp:\n    command: x\n  worker:\n    command: x\n    depends_on: [WebApp]\n",
+    );
+    assert_eq!(
+        l.stack.services.keys().collect::<Vec<_>>(),
+        ["WebApp", "worker"]
+    );
+    assert_eq!(l.stack.services["WebApp"].name, "WebApp");
+    assert!(l.stack.services["worker"].depends_on.contains_key("WebApp"));
+    let e = err("services:\n  _web:\n    command: x\n");
     assert!(
-        e.starts_with("compose.yaml:2:3: service `Web`: invalid service name `Web`"),
+        e.starts_with("compose.yaml:2:3: service `_web`: invalid service name `_web` (hint: use letters, digits, `_`, `.` and `-`, starting with a letter or digit (e.g. `web`))"),
+        "{e}"
+    );
+    let e = err("services:\n  My App:\n    command: x\n");
+    assert!(
+        e.starts_with("compose.yaml:2:3: service `My App`: invalid service name `My App` (hint: use letters, digits, `_`, `.` and `-`, starting with a letter or digit (e.g. `My-App`))"),
+        "{e}"
+    );
+    let e = err("name: MyApp\nservices:\n  web:\n    command: x\n");
+    assert!(
+        e.starts_with("compose.yaml:1:7: field `name`: invalid stack name `MyApp`"),
         "{e}"
     );
     let e = err("name: My App\nservices:\n  web:\n    command: x\n");
@@ -591,7 +611,7 @@ fn procfile() {
     write(
         &d,
         "Procfile",
-        "# processes\nweb: gunicorn app:app --bind 0.0.0.0:$PORT\n\nworker:   python worker.py\n",
+        "# processes\nweb: gunicorn app:app --bind 0.0.0.0:$PORT\n\nworker:   python worker.py\nReportJob: ./report\n",
     );
     assert_eq!(find_stack_file(&d), Some(d.join("Procfile")));
     let l = load(&opts(&d)).unwrap();
@@ -622,6 +642,9 @@ fn procfile() {
         ),
         (2_000, 2_000, 3, 500)
     );
+    // Process names keep their case; only `web` (lowercase) gets a port.
+    let job = &l.stack.services["ReportJob"];
+    assert!(job.ports.is_empty() && job.healthcheck.is_none());
     let worker = &l.stack.services["worker"];
     assert_eq!(
         worker.command,
@@ -631,14 +654,14 @@ fn procfile() {
     write(
         &d,
         "Procfile",
-        "web: ok\nthis line is wrong\nBad: x\nempty:\n",
+        "web: ok\nthis line is wrong\nb@d: x\nempty:\n",
     );
     let e = load(&opts(&d)).unwrap_err().to_string();
     let lines: Vec<&str> = e.lines().collect();
     assert_eq!(lines.len(), 3, "{e}");
     assert!(lines[0].ends_with("Procfile:2:1: expected `name: command` (hint: each Procfile line is a process name, a colon and the command, e.g. `web: python app.py`)"), "{e}");
     assert!(
-        lines[1].contains("Procfile:3:1: service `Bad`: invalid process name"),
+        lines[1].contains("Procfile:3:1: service `b@d`: invalid process name"),
         "{e}"
     );
     assert!(
