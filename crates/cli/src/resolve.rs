@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use berth_model::api::StackSummary;
-use berth_spec::{Diagnostic, LoadOptions, Loaded};
+use berth_spec::{Diagnostic, LoadError, LoadOptions, Loaded};
 
 use crate::args::StackArgs;
 use crate::client::{Client, enc};
@@ -18,6 +18,29 @@ use crate::settings::Settings;
 /// Load the stack files named by `args` (or found in the current folder).
 /// Errors → exit code 2 with every diagnostic; warnings are printed.
 pub fn load(args: &StackArgs) -> anyhow::Result<Loaded> {
+    match load_quiet(args)? {
+        Ok(loaded) => {
+            print_warnings(&loaded.warnings);
+            Ok(loaded)
+        }
+        Err(e) => {
+            // Each diagnostic on its own line, starting with file:line:col,
+            // so editors and grep can jump to it.
+            for d in &e.errors {
+                eprintln!("error: {d}");
+            }
+            let n = e.errors.len();
+            let msg = format!(
+                "the stack file has {n} error{}",
+                if n == 1 { "" } else { "s" }
+            );
+            Err(Failure::new(exit::BAD_INPUT, msg))
+        }
+    }
+}
+
+/// Load without printing anything.
+pub fn load_quiet(args: &StackArgs) -> anyhow::Result<Result<Loaded, LoadError>> {
     let opts = LoadOptions {
         files: args.files.clone(),
         working_dir: std::env::current_dir()?,
@@ -25,24 +48,7 @@ pub fn load(args: &StackArgs) -> anyhow::Result<Loaded> {
         profiles: args.profiles.clone(),
         env: std::env::vars().collect::<BTreeMap<_, _>>(),
     };
-    match berth_spec::load(&opts) {
-        Ok(loaded) => {
-            print_warnings(&loaded.warnings);
-            Ok(loaded)
-        }
-        Err(e) => {
-            let n = e.errors.len();
-            let mut msg = String::new();
-            for d in &e.errors {
-                msg.push_str(&format!("error: {d}\n"));
-            }
-            msg.push_str(&format!(
-                "{n} error{} in the stack file",
-                if n == 1 { "" } else { "s" }
-            ));
-            Err(Failure::new(exit::BAD_INPUT, msg))
-        }
-    }
+    Ok(berth_spec::load(&opts))
 }
 
 fn print_warnings(warnings: &[Diagnostic]) {
@@ -65,13 +71,17 @@ pub async fn stack_name(settings: &Settings, client: &Client, args: &StackArgs) 
     if let Some(p) = &args.project {
         return Ok(p.clone());
     }
+    if !args.files.is_empty() {
+        return Ok(load(args)?.stack.name);
+    }
     if has_stack_file(args) {
-        match load(args) {
+        // A file merely found here may be broken while the user manages a
+        // running stack: fall back to the running stacks, but say so.
+        match load_quiet(args)? {
             Ok(loaded) => return Ok(loaded.stack.name),
-            // An explicit -f must load; a file merely found here may be
-            // broken while the user manages a running stack, so fall back.
-            Err(e) if !args.files.is_empty() => return Err(e),
-            Err(e) => eprintln!("warning: ignoring the stack file in this folder:\n{e}"),
+            Err(_) => eprintln!(
+                "warning: the stack file in this folder has errors (see `berth config`); ignoring it"
+            ),
         }
     }
     let stacks = list_stacks(client, &settings.namespace).await?;
