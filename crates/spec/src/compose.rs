@@ -553,8 +553,12 @@ fn env_files(conv: &mut Conv<'_, '_>, node: &Node, env: &mut BTreeMap<String, Op
         };
         match envfile::parse(&path, &text) {
             Ok(entries) => {
-                for (k, v) in entries {
-                    let v = v.or_else(|| conv.vars.get(&k).cloned());
+                let vars = conv.vars;
+                let lookup = |name: &str| vars.get(name).cloned();
+                let service = conv.service.clone();
+                let resolved =
+                    envfile::resolve(&path, entries, &lookup, Some(&service), conv.diags());
+                for (k, v) in resolved {
                     if v.is_some() || !env.contains_key(&k) {
                         env.insert(k, v);
                     }

@@ -1,15 +1,34 @@
 //! `.env` and `env_file` parsing: `KEY=VALUE` lines, `#` comments, blank
 //! lines, an optional `export ` prefix, single quotes (literal), double
-//! quotes (with `\n`, `\t`, `\"`, `\\` escapes, may span lines), and unquoted
-//! values whose trailing ` # comment` is dropped. A line holding only `KEY`
-//! means "take KEY from the environment" (value `None`).
+//! quotes (with `\n`, `\t`, `\"`, `\\`, `\$` escapes, may span lines), and
+//! unquoted values whose trailing ` # comment` is dropped. A line holding
+//! only `KEY` means "take KEY from the environment" (value `None`).
+//!
+//! Unquoted and double-quoted values are then interpolated ([`resolve`]) as
+//! Compose does; single-quoted ones are taken literally.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::diagnostics::Diagnostic;
+use crate::diagnostics::{Diagnostic, Diags};
+use crate::interpolate::{InterpError, interpolate};
 
-/// One parsed entry.
-pub type Entry = (String, Option<String>);
+/// One parsed entry, before interpolation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The variable name.
+    pub key: String,
+    /// The value as written (quotes removed, escapes applied; a `$` escaped
+    /// in double quotes is kept as `$$` for interpolation). `None` for a
+    /// bare `KEY` line.
+    pub value: Option<String>,
+    /// Single-quoted: not interpolated.
+    pub literal: bool,
+    /// 1-based line of the value (or of the key, for a bare `KEY`).
+    pub line: usize,
+    /// 1-based column of the value.
+    pub column: usize,
+}
 
 /// Parses an env file's text. Errors carry the line and column.
 pub fn parse(file: &Path, content: &str) -> Result<Vec<Entry>, Diagnostic> {
@@ -49,12 +68,20 @@ pub fn parse(file: &Path, content: &str) -> Result<Vec<Entry>, Diagnostic> {
             return Err(err(i, indent, format!("invalid variable name `{key}`")));
         }
         let Some(value) = value else {
-            out.push((key.to_string(), None));
+            out.push(Entry {
+                key: key.to_string(),
+                value: None,
+                literal: false,
+                line: i + 1,
+                column: indent + 1,
+            });
             i += 1;
             continue;
         };
         let v = value.trim_start();
         let value_col = indent + line.len() - v.len();
+        let start_line = i;
+        let literal = v.starts_with('\'');
         let parsed = if let Some(body) = v.strip_prefix('\'') {
             match body.find('\'') {
                 Some(end) => body[..end].to_string(),
@@ -63,7 +90,6 @@ pub fn parse(file: &Path, content: &str) -> Result<Vec<Entry>, Diagnostic> {
         } else if let Some(body) = v.strip_prefix('"') {
             // A double-quoted value may continue over several lines.
             let mut text = body.to_string();
-            let start_line = i;
             loop {
                 if let Some(s) = close_double(&text) {
                     break s;
@@ -86,10 +112,92 @@ pub fn parse(file: &Path, content: &str) -> Result<Vec<Entry>, Diagnostic> {
             };
             v.trim_end().to_string()
         };
-        out.push((key.to_string(), Some(parsed)));
+        out.push(Entry {
+            key: key.to_string(),
+            value: Some(parsed),
+            literal,
+            line: start_line + 1,
+            column: value_col + 1,
+        });
         i += 1;
     }
     Ok(out)
+}
+
+/// Interpolates the values of one env file's `entries`, in order, as
+/// Compose does: a variable is looked up with `lookup` first (the caller's
+/// environment over the project's `.env`), then among the entries above it
+/// in the same file. Single-quoted values are literal. A bare `KEY` takes
+/// its value from `lookup` (`None` when it has none). Unset variables warn
+/// and become empty; a failed `${VAR:?msg}` or a malformed `$` is an error
+/// at the value's position and drops the entry. `service` names the service
+/// whose `env_file` this is, for the diagnostics.
+pub fn resolve(
+    file: &Path,
+    entries: Vec<Entry>,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    service: Option<&str>,
+    diags: &mut Diags,
+) -> Vec<(String, Option<String>)> {
+    let mut earlier: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let at = |msg: String| {
+            let d = Diagnostic {
+                file: file.to_path_buf(),
+                line: e.line,
+                column: e.column,
+                service: None,
+                field: None,
+                message: msg,
+                hint: None,
+            };
+            match service {
+                Some(s) => d.service(s),
+                None => d,
+            }
+        };
+        let value = match e.value {
+            None => lookup(&e.key),
+            Some(v) if e.literal => Some(v),
+            Some(v) => {
+                let look = |name: &str| lookup(name).or_else(|| earlier.get(name).cloned());
+                let mut unset = Vec::new();
+                match interpolate(&v, &look, &mut unset) {
+                    Ok(s) => {
+                        for var in unset {
+                            diags.warn(
+                                at(format!(
+                                    "variable `{var}` is not set; using an empty string"
+                                ))
+                                .hint(format!(
+                                    "set `{var}` in the environment, in the `.env` file or above this line, or give a default with `${{{var}:-default}}`"
+                                )),
+                            );
+                        }
+                        Some(s)
+                    }
+                    Err(err) => {
+                        let hint = match &err {
+                            InterpError::Required { var, .. } => format!(
+                                "set `{var}` in the environment, in the `.env` file or above this line"
+                            ),
+                            InterpError::Invalid { .. } => {
+                                "write `$$` for a literal `$`, or single-quote the value".into()
+                            }
+                        };
+                        diags.error(at(err.to_string()).hint(hint));
+                        continue;
+                    }
+                }
+            }
+        };
+        if let Some(v) = &value {
+            earlier.insert(e.key.clone(), v.clone());
+        }
+        out.push((e.key, value));
+    }
+    out
 }
 
 /// Unescapes a double-quoted body up to its closing quote, `None` if the
@@ -106,7 +214,8 @@ fn close_double(s: &str) -> Option<String> {
                 Some('r') => out.push('\r'),
                 Some('"') => out.push('"'),
                 Some('\\') => out.push('\\'),
-                Some('$') => out.push('$'),
+                // Kept escaped: the value is interpolated next.
+                Some('$') => out.push_str("$$"),
                 Some(other) => {
                     out.push('\\');
                     out.push(other);

@@ -139,20 +139,15 @@ impl<'a> Loader<'a> {
             };
             match envfile::parse(path, &text) {
                 Ok(entries) => {
-                    for (k, v) in entries {
-                        let value = match v {
-                            Some(v) => {
-                                let lookup = |name: &str| {
-                                    self.opts.env.get(name).or_else(|| vars.get(name)).cloned()
-                                };
-                                interpolate(&v, &lookup, &mut Vec::new()).unwrap_or(v)
-                            }
-                            None => match self.opts.env.get(&k) {
-                                Some(v) => v.clone(),
-                                None => continue,
-                            },
-                        };
-                        vars.insert(k, value);
+                    // Earlier env files count as the environment for later
+                    // ones; the caller's environment wins over them all.
+                    let env = &self.opts.env;
+                    let lookup = |name: &str| env.get(name).or_else(|| vars.get(name)).cloned();
+                    let resolved = envfile::resolve(path, entries, &lookup, None, &mut self.diags);
+                    for (k, v) in resolved {
+                        if let Some(v) = v {
+                            vars.insert(k, v);
+                        }
                     }
                 }
                 Err(d) => self.diags.error(d),

@@ -503,6 +503,77 @@ fn env_files_and_dotenv() {
 }
 
 #[test]
+fn env_file_values_are_interpolated() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, ".env", "HOST=db.local\nLITERAL='$NOT_A_VAR'\n");
+    write(
+        d,
+        "app.env",
+        concat!(
+            "BASE=postgres://${HOST}:5432\n",
+            "URL=${BASE}/app\n",
+            "GREETING=\"hi ${USER_NAME}\\n\"\n",
+            "RAW='${HOST}'\n",
+            "PRICE=\"\\$5 or $$6\"\n",
+            "DEF=${NOPE:-fallback}\n",
+            "NAME=fromfile\n",
+            "SEEN=${NAME}\n",
+            "EMPTY=x${UNSET_ONE}y\n",
+            "USER_NAME\n",
+        ),
+    );
+    write(
+        d,
+        "compose.yaml",
+        "services:\n  web:\n    command: x\n    env_file: app.env\n    environment:\n      L: ${LITERAL}\n",
+    );
+    let mut o = opts(d);
+    o.env.insert("USER_NAME".into(), "ada".into());
+    o.env.insert("NAME".into(), "fromenv".into());
+    let l = load(&o).unwrap();
+    let env: BTreeMap<&str, Option<&str>> = l.stack.services["web"]
+        .environment
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_deref()))
+        .collect();
+    assert_eq!(env["BASE"], Some("postgres://db.local:5432"));
+    // Entries above in the same file are visible.
+    assert_eq!(env["URL"], Some("postgres://db.local:5432/app"));
+    assert_eq!(env["GREETING"], Some("hi ada\n"));
+    // Single quotes are literal, in env files and in `.env`.
+    assert_eq!(env["RAW"], Some("${HOST}"));
+    assert_eq!(env["L"], Some("$NOT_A_VAR"));
+    assert_eq!(env["PRICE"], Some("$5 or $6"));
+    assert_eq!(env["DEF"], Some("fallback"));
+    // The loader's environment wins over the file's own entries for
+    // lookups (Compose's order); the entry itself keeps its value.
+    assert_eq!(env["NAME"], Some("fromfile"));
+    assert_eq!(env["SEEN"], Some("fromenv"));
+    assert_eq!(env["USER_NAME"], Some("ada"));
+    assert_eq!(env["EMPTY"], Some("xy"));
+    let w: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].ends_with("app.env:9:7: service `web`: variable `UNSET_ONE` is not set; using an empty string (hint: set `UNSET_ONE` in the environment, in the `.env` file or above this line, or give a default with `${UNSET_ONE:-default}`)"),
+        "{w:?}"
+    );
+
+    write(d, "app.env", "OK=1\n  X = ${REQ:?needs REQ}\nY=$5\n");
+    let e = load(&o).unwrap_err().to_string();
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(lines.len(), 2, "{e}");
+    assert!(
+        lines[0].ends_with("app.env:2:7: service `web`: required variable `REQ` is missing a value: needs REQ (hint: set `REQ` in the environment, in the `.env` file or above this line)"),
+        "{e}"
+    );
+    assert!(
+        lines[1].contains("app.env:3:3: service `web`: invalid interpolation `$5`"),
+        "{e}"
+    );
+}
+
+#[test]
 fn extends_and_include() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
