@@ -699,6 +699,7 @@ pub fn parse_port_spec(spec: &str) -> Result<Vec<Port>, String> {
             protocol: protocol.clone(),
             app_protocol: None,
             name: None,
+            mode: None,
         })
         .collect())
 }
@@ -755,18 +756,22 @@ fn ports(conv: &mut Conv<'_, '_>, node: &Node, out: &mut Vec<Port>) {
                     "use tcp or udp",
                 );
             }
-            if let Some(m) = node.get("mode")
-                && let Some(s) = conv.string(m, "ports.mode")
-                && s != "host"
-                && s != "ingress"
-            {
-                conv.error_hint(
-                    m,
-                    "ports.mode",
-                    format!("invalid port mode {s:?}"),
-                    "use host or ingress",
-                );
-            }
+            let mode = match node.get("mode") {
+                Some(m) => match conv.string(m, "ports.mode") {
+                    Some(s) if s == "host" || s == "ingress" => Some(s),
+                    Some(s) => {
+                        conv.error_hint(
+                            m,
+                            "ports.mode",
+                            format!("invalid port mode {s:?}"),
+                            "use host or ingress",
+                        );
+                        None
+                    }
+                    None => None,
+                },
+                None => None,
+            };
             let port = Port {
                 target,
                 published,
@@ -778,6 +783,7 @@ fn ports(conv: &mut Conv<'_, '_>, node: &Node, out: &mut Vec<Port>) {
                     .get("app_protocol")
                     .and_then(|a| conv.string(a, "ports.app_protocol")),
                 name: node.get("name").and_then(|n| conv.string(n, "ports.name")),
+                mode,
             };
             if !out.contains(&port) {
                 out.push(port);

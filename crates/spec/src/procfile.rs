@@ -85,6 +85,7 @@ pub fn parse(
                         protocol: "tcp".into(),
                         app_protocol: Some("http".into()),
                         name: None,
+                        mode: None,
                     }]
                 } else {
                     Vec::new()

@@ -205,6 +205,10 @@ pub struct Port {
     /// Long syntax `name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Long syntax `mode`: `host` or `ingress`, as written (Swarm's
+    /// publishing modes; `None` when not given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// One `depends_on` entry.

@@ -38,6 +38,7 @@ fn port(target: u16, published: Option<u16>) -> Port {
         protocol: "tcp".into(),
         app_protocol: None,
         name: None,
+        mode: None,
     }
 }
 

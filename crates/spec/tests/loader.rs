@@ -277,14 +277,16 @@ services:
             p.published,
             p.host_ip.as_deref(),
             p.app_protocol.as_deref(),
-            p.name.as_deref()
+            p.name.as_deref(),
+            p.mode.as_deref()
         ),
         (
             5000,
             Some(8080),
             Some("127.0.0.1"),
             Some("http"),
-            Some("web")
+            Some("web"),
+            Some("host")
         )
     );
     let hc = s.healthcheck.as_ref().unwrap();
@@ -332,6 +334,28 @@ services:
     assert_eq!(s.berth.routes, ["shop.localhost/api"]);
     assert_eq!(s.berth.port_env.as_deref(), Some("HTTP_PORT"));
     assert!(l.stack.extensions.contains_key("x-base"));
+}
+
+#[test]
+fn port_mode() {
+    let l = ok(
+        "services:\n  a:\n    command: x\n    ports: [{target: 80, mode: ingress}, {target: 81}, \"82\"]\n",
+    );
+    let modes: Vec<Option<&str>> = l.stack.services["a"]
+        .ports
+        .iter()
+        .map(|p| p.mode.as_deref())
+        .collect();
+    assert_eq!(modes, [Some("ingress"), None, None]);
+    // Kept in the resolved YAML only when given.
+    let out = berth_spec::to_yaml(&l.stack);
+    assert_eq!(out.matches("mode: ingress").count(), 1, "{out}");
+    let e =
+        err("services:\n  a:\n    command: x\n    ports:\n      - {target: 80, mode: bridge}\n");
+    assert!(
+        e.starts_with("compose.yaml:5:28: service `a`, field `ports.mode`: invalid port mode \"bridge\" (hint: use host or ingress)"),
+        "{e}"
+    );
 }
 
 #[test]
