@@ -38,10 +38,22 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "BERTH_ADDR", value_name = "URL")]
     pub addr: Option<String>,
     /// API token for --addr (needed when the server listens on a non-loopback address).
-    #[arg(long, global = true, env = "BERTH_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Namespace of the stack.
-    #[arg(short = 'n', long, global = true, default_value = "default", value_name = "NS")]
+    #[arg(
+        short = 'n',
+        long,
+        global = true,
+        default_value = "default",
+        value_name = "NS"
+    )]
     pub namespace: String,
     /// Machine-readable JSON output (where supported).
     #[arg(long, global = true)]
@@ -69,16 +81,24 @@ pub struct StackArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start (or update) a stack and stream its logs; with -d, wait until healthy.
-    #[command(after_help = "Example:\n  berth up             # run ./compose.yaml, logs until Ctrl-C (which stops it)\n  berth up -d          # return once every service is running and healthy\n  berth up -f prod.yml -p shop --profile debug")]
+    #[command(
+        after_help = "Example:\n  berth up             # run ./compose.yaml, logs until Ctrl-C (which stops it)\n  berth up -d          # return once every service is running and healthy\n  berth up -f prod.yml -p shop --profile debug"
+    )]
     Up(UpArgs),
     /// List instances with state, health, pid, address and restarts.
-    #[command(after_help = "Example:\n  berth ps\n  berth ps -a --json | jq '.[] | select(.health != \"healthy\")'")]
+    #[command(
+        after_help = "Example:\n  berth ps\n  berth ps -a --json | jq '.[] | select(.health != \"healthy\")'"
+    )]
     Ps(PsArgs),
     /// Show past and live logs of a stack's services, merged in time order.
-    #[command(after_help = "Example:\n  berth logs -f                # all services, follow\n  berth logs --tail 50 web     # last 50 lines of web\n  berth logs --since 10m worker")]
+    #[command(
+        after_help = "Example:\n  berth logs -f                # all services, follow\n  berth logs --tail 50 web     # last 50 lines of web\n  berth logs --since 10m worker"
+    )]
     Logs(LogsArgs),
     /// Stop services (all when none are named); they stay defined.
-    #[command(after_help = "Example:\n  berth stop           # stop every service of the stack\n  berth stop worker")]
+    #[command(
+        after_help = "Example:\n  berth stop           # stop every service of the stack\n  berth stop worker"
+    )]
     Stop(ServicesArgs),
     /// Start stopped services (all when none are named).
     #[command(after_help = "Example:\n  berth start worker")]
@@ -93,10 +113,14 @@ pub enum Command {
     #[command(after_help = "Example:\n  berth scale web=5\n  berth scale web=2 worker=0")]
     Scale(ScaleArgs),
     /// Print the resolved stack (YAML, or JSON with --json), or its errors.
-    #[command(after_help = "Example:\n  berth config                 # ./compose.yaml after interpolation, extends, profiles\n  berth config -f a.yml -f b.yml --json\n  berth config --services")]
+    #[command(
+        after_help = "Example:\n  berth config                 # ./compose.yaml after interpolation, extends, profiles\n  berth config -f a.yml -f b.yml --json\n  berth config --services"
+    )]
     Config(ConfigArgs),
     /// Run the berth server in the foreground (for systemd or containers).
-    #[command(after_help = "Example:\n  berth server                          # socket in the data dir + a free 127.0.0.1 port\n  berth server --listen 0.0.0.0:7777    # reachable from other machines (token required)")]
+    #[command(
+        after_help = "Example:\n  berth server                          # socket in the data dir + a free 127.0.0.1 port\n  berth server --listen 0.0.0.0:7777    # reachable from other machines (token required)"
+    )]
     Server(ServerArgs),
     /// Print the CLI's version (and the server's, when one answers).
     #[command(after_help = "Example:\n  berth version\n  berth version --json")]
@@ -248,9 +272,7 @@ pub fn parse_scale(s: &str) -> Result<(String, u32), String> {
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let bad = || format!("{s:?} is not a duration (e.g. 30s, 2m, 1h, 500ms)");
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| bad())?;
     let ms = match unit {

@@ -29,7 +29,10 @@ pub async fn ensure_server(settings: &Settings) -> anyhow::Result<Client> {
     };
     std::fs::create_dir_all(&settings.data_dir)?;
     let log_path = settings.data_dir.join("server.log");
-    let log = OpenOptions::new().create(true).append(true).open(&log_path)?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
     let exe = std::env::current_exe()?;
     let mut child = Command::new(exe)
         .arg("server")
@@ -40,7 +43,9 @@ pub async fn ensure_server(settings: &Settings) -> anyhow::Result<Client> {
         .stderr(log)
         .process_group(0)
         .spawn()
-        .map_err(|e| Failure::new(exit::NO_SERVER, format!("cannot start a berth server: {e}")))?;
+        .map_err(|e| {
+            Failure::with_code(exit::NO_SERVER, format!("cannot start a berth server: {e}"))
+        })?;
     eprintln!(
         "started a berth server (pid {}, data dir {}, log {})",
         child.id(),
@@ -58,7 +63,7 @@ pub async fn ensure_server(settings: &Settings) -> anyhow::Result<Client> {
             if client.is_up().await {
                 return Ok(client);
             }
-            return Err(Failure::new(
+            return Err(Failure::with_code(
                 exit::NO_SERVER,
                 format!(
                     "the berth server exited at start ({status}); see {}",
@@ -68,7 +73,7 @@ pub async fn ensure_server(settings: &Settings) -> anyhow::Result<Client> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err(Failure::new(
+    Err(Failure::with_code(
         exit::NO_SERVER,
         format!(
             "the berth server did not answer within {}s; see {}",

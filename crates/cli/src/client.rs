@@ -66,7 +66,7 @@ impl Client {
                 format!("cannot connect to the berth server at {authority}: {cause}")
             }
         };
-        Failure::new(exit::NO_SERVER, message)
+        Failure::with_code(exit::NO_SERVER, message)
     }
 
     /// Send a request; the response body is left to the caller (streaming).
@@ -207,7 +207,7 @@ pub async fn check(resp: Response<Incoming>) -> anyhow::Result<Response<Incoming
     if let Some(hint) = hint {
         message.push_str(&format!("\n  hint: {hint}"));
     }
-    Err(Failure::new(code, message))
+    Err(Failure::with_code(code, message))
 }
 
 /// Percent-encode a query value or path segment.

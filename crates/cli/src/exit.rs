@@ -32,7 +32,7 @@ pub struct Failure {
 
 impl Failure {
     /// A failure with this code and message.
-    pub fn new(code: u8, message: impl Into<String>) -> anyhow::Error {
+    pub fn with_code(code: u8, message: impl Into<String>) -> anyhow::Error {
         anyhow::Error::new(Failure {
             code,
             message: message.into(),

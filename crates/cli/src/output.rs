@@ -6,9 +6,7 @@ use berth_model::api::Instance;
 use berth_model::{LogLine, LogStream};
 
 /// ANSI colours cycled through by service, like Compose's.
-const PALETTE: &[&str] = &[
-    "36", "33", "32", "35", "34", "96", "93", "92", "95", "94",
-];
+const PALETTE: &[&str] = &["36", "33", "32", "35", "34", "96", "93", "92", "95", "94"];
 
 /// A stable colour for a service name (same name, same colour, every run).
 pub fn service_color(service: &str) -> &'static str {

@@ -34,7 +34,7 @@ pub fn load(args: &StackArgs) -> anyhow::Result<Loaded> {
                 "the stack file has {n} error{}",
                 if n == 1 { "" } else { "s" }
             );
-            Err(Failure::new(exit::BAD_INPUT, msg))
+            Err(Failure::with_code(exit::BAD_INPUT, msg))
         }
     }
 }
@@ -67,7 +67,11 @@ pub fn has_stack_file(args: &StackArgs) -> bool {
 }
 
 /// The name of the stack a command (other than `up`) acts on.
-pub async fn stack_name(settings: &Settings, client: &Client, args: &StackArgs) -> anyhow::Result<String> {
+pub async fn stack_name(
+    settings: &Settings,
+    client: &Client,
+    args: &StackArgs,
+) -> anyhow::Result<String> {
     if let Some(p) = &args.project {
         return Ok(p.clone());
     }
@@ -87,19 +91,22 @@ pub async fn stack_name(settings: &Settings, client: &Client, args: &StackArgs) 
     let stacks = list_stacks(client, &settings.namespace).await?;
     match stacks.as_slice() {
         [only] => Ok(only.name.clone()),
-        [] => Err(Failure::new(
+        [] => Err(Failure::with_code(
             exit::NOT_FOUND,
             format!(
                 "no stack file here and no stack running in namespace {:?} (start one with `berth up`)",
                 settings.namespace
             ),
         )),
-        many => Err(Failure::new(
+        many => Err(Failure::with_code(
             exit::BAD_INPUT,
             format!(
                 "several stacks run in namespace {:?}: {}; pick one with -p NAME",
                 settings.namespace,
-                many.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                many.iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )),
     }
@@ -107,7 +114,9 @@ pub async fn stack_name(settings: &Settings, client: &Client, args: &StackArgs) 
 
 /// The stacks of a namespace.
 pub async fn list_stacks(client: &Client, ns: &str) -> anyhow::Result<Vec<StackSummary>> {
-    client.get(&format!("/v1/stacks?namespace={}", enc(ns))).await
+    client
+        .get(&format!("/v1/stacks?namespace={}", enc(ns)))
+        .await
 }
 
 /// `/v1/stacks/{ns}/{stack}` with both segments encoded.

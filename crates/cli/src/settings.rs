@@ -71,7 +71,7 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
     }
     match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
         Some(home) => Ok(PathBuf::from(home).join(".local/state/berth")),
-        None => Err(Failure::new(
+        None => Err(Failure::with_code(
             exit::BAD_INPUT,
             "cannot find a data dir: neither XDG_STATE_HOME nor HOME is set (pass --data-dir)",
         )),
@@ -89,7 +89,7 @@ fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
 /// `http://host:port` (or bare `host:port`) → `host:port`.
 pub fn parse_addr(addr: &str) -> anyhow::Result<String> {
     let bad = |why: &str| {
-        Failure::new(
+        Failure::with_code(
             exit::BAD_INPUT,
             format!("BERTH_ADDR/--addr {addr:?} {why} (expected http://HOST:PORT)"),
         )
@@ -116,7 +116,10 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(parse_addr("http://127.0.0.1:7777").unwrap(), "127.0.0.1:7777");
+        assert_eq!(
+            parse_addr("http://127.0.0.1:7777").unwrap(),
+            "127.0.0.1:7777"
+        );
         assert_eq!(parse_addr("h:1/").unwrap(), "h:1");
         assert!(parse_addr("http://h").is_err());
         assert!(parse_addr("https://h:1").is_err());

@@ -3,6 +3,8 @@
 //! need a server are covered against a data dir with none running (exit 3);
 //! running stacks end to end is the lead's test suite.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -44,18 +46,35 @@ fn the_command_definition_is_consistent() {
 #[test]
 fn every_subcommand_help_has_an_example() {
     let cmd = berth_cli::args::Cli::command();
-    let names: Vec<String> = cmd.get_subcommands().map(|c| c.get_name().to_owned()).filter(|n| n != "help").collect();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .filter(|n| n != "help")
+        .collect();
     assert!(names.len() >= 11, "{names:?}");
     for name in &names {
         let out = berth(&fixtures(), &[name, "--help"]);
         assert!(out.status.success(), "{name} --help failed");
-        assert!(stdout(&out).contains("Example"), "`berth {name} --help` has no example:\n{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("Example"),
+            "`berth {name} --help` has no example:\n{}",
+            stdout(&out)
+        );
     }
     let top = berth(&fixtures(), &["--help"]);
     let text = stdout(&top);
     assert!(text.contains("Example"));
-    for code in ["0  success", "2  bad input", "3  no server", "4  not found", "5  `up -d` failed"] {
-        assert!(text.contains(code), "exit code line {code:?} missing from --help");
+    for code in [
+        "0  success",
+        "2  bad input",
+        "3  no server",
+        "4  not found",
+        "5  `up -d` failed",
+    ] {
+        assert!(
+            text.contains(code),
+            "exit code line {code:?} missing from --help"
+        );
     }
 }
 
@@ -77,7 +96,10 @@ fn config_prints_the_resolved_stack() {
     assert_eq!(stdout(&out), "web\nworker\n");
 
     // -f from elsewhere, -p overrides nothing when the file has `name:`.
-    let out = berth(&fixtures(), &["config", "-f", "procfile/Procfile", "--services"]);
+    let out = berth(
+        &fixtures(),
+        &["config", "-f", "procfile/Procfile", "--services"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "web\nworker\n");
 }
@@ -93,7 +115,10 @@ fn config_errors_name_file_line_and_column_and_exit_2() {
         let out = berth(&fixtures().join(fixture), &["config"]);
         assert_eq!(out.status.code(), Some(2), "{fixture}: {}", stderr(&out));
         let err = stderr(&out);
-        assert!(err.contains(line_col), "{fixture}: no {line_col} in:\n{err}");
+        assert!(
+            err.contains(line_col),
+            "{fixture}: no {line_col} in:\n{err}"
+        );
         assert!(err.contains(words), "{fixture}: no {words} in:\n{err}");
         assert!(out.stdout.is_empty(), "{fixture}: printed a stack anyway");
     }
@@ -119,14 +144,30 @@ fn scale_syntax_is_checked_before_any_server_is_asked() {
 
 #[test]
 fn commands_without_a_server_say_so_and_exit_3() {
-    for args in [&["ps"][..], &["logs"], &["stop"], &["scale", "web=2"], &["down"]] {
+    for args in [
+        &["ps"][..],
+        &["logs"],
+        &["stop"],
+        &["scale", "web=2"],
+        &["down"],
+    ] {
         let out = berth(&fixtures().join("good"), args);
         assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains("no berth server running for data dir"), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no berth server running for data dir"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
-    let out = berth(&fixtures().join("good"), &["--addr", "http://127.0.0.1:1", "ps"]);
+    let out = berth(
+        &fixtures().join("good"),
+        &["--addr", "http://127.0.0.1:1", "ps"],
+    );
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    let out = berth(&fixtures().join("good"), &["--addr", "https://example:1", "ps"]);
+    let out = berth(
+        &fixtures().join("good"),
+        &["--addr", "https://example:1", "ps"],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
 

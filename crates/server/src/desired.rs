@@ -275,11 +275,15 @@ async fn attempt(
                         service: service.clone(),
                     });
                 }
-                record.services.entry(service.clone()).or_insert(ServiceDesired {
-                    replicas: 0,
-                    stopped: false,
-                    restart_generation: 0,
-                }).replicas = n;
+                record
+                    .services
+                    .entry(service.clone())
+                    .or_insert(ServiceDesired {
+                        replicas: 0,
+                        stopped: false,
+                        restart_generation: 0,
+                    })
+                    .replicas = n;
             }
             record.updated_at = now;
             update(store, &stack_key, current_rev, record).await
@@ -400,7 +404,9 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), DesiredError> {
     };
     // Compose allows upper-case service names, but not project names.
     let letter = |c: char| {
-        c.is_ascii_lowercase() || c.is_ascii_digit() || (what == "service" && c.is_ascii_uppercase())
+        c.is_ascii_lowercase()
+            || c.is_ascii_digit()
+            || (what == "service" && c.is_ascii_uppercase())
     };
     let mut chars = name.chars();
     match chars.next() {

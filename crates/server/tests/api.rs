@@ -2,6 +2,8 @@
 //! store in a tempdir: desired-state writes, the instance join, logs,
 //! auth, the OpenAPI description and the listeners.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -46,7 +48,8 @@ struct Harness {
 impl Harness {
     async fn start(token: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
         let logs = LogStore::open(dir.path().join("logs"), Default::default()).unwrap();
         let ctx = ApiContext {
             store: store.clone(),
@@ -71,11 +74,22 @@ impl Harness {
         }
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Value>, token: Option<&str>) -> (StatusCode, Bytes) {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> (StatusCode, Bytes) {
         let stream = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
         tokio::spawn(conn);
-        let mut req = Request::builder().method(method).uri(path).header("host", "x");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "x");
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -93,12 +107,19 @@ impl Harness {
 
     async fn json(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
         let (status, bytes) = self.send(method, path, body, None).await;
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     async fn submit(&self) -> SubmitStackResponse {
         let (status, v) = self
-            .json(Method::POST, "/v1/stacks", Some(json!({ "namespace": "default", "stack": stack(self._dir.path()) })))
+            .json(
+                Method::POST,
+                "/v1/stacks",
+                Some(json!({ "namespace": "default", "stack": stack(self._dir.path()) })),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{v}");
         serde_json::from_value(v).unwrap()
@@ -120,7 +141,9 @@ fn stack(dir: &Path) -> berth_spec::types::Stack {
         project_name: Some("shop".into()),
         ..Default::default()
     };
-    berth_spec::load_str(Path::new("compose.yaml"), COMPOSE, &opts).unwrap().stack
+    berth_spec::load_str(Path::new("compose.yaml"), COMPOSE, &opts)
+        .unwrap()
+        .stack
 }
 
 #[tokio::test]
@@ -129,19 +152,34 @@ async fn submit_writes_stack_record_and_numbered_releases() {
     let r = h.submit().await;
     assert_eq!((r.stack.as_str(), r.release), ("shop", 1));
 
-    let (record, _) = get_json::<StackRecord>(&*h.store, &keys::stack("default", "shop")).await.unwrap().unwrap();
+    let (record, _) = get_json::<StackRecord>(&*h.store, &keys::stack("default", "shop"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(record.release, 1);
     assert_eq!(record.services["web"].replicas, 2);
     assert_eq!(record.services["worker"].replicas, 1);
-    let (release, _) = get_json::<Release>(&*h.store, &keys::release("default", "shop", 1)).await.unwrap().unwrap();
+    let (release, _) = get_json::<Release>(&*h.store, &keys::release("default", "shop", 1))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(release.version, 1);
     assert_eq!(release.spec, record.spec);
 
     // A restart bumps the generation; a new submit keeps it and makes v2.
-    let (status, _) = h.json(Method::POST, "/v1/stacks/default/shop/restart", Some(json!({ "services": ["web"] }))).await;
+    let (status, _) = h
+        .json(
+            Method::POST,
+            "/v1/stacks/default/shop/restart",
+            Some(json!({ "services": ["web"] })),
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(h.submit().await.release, 2);
-    let (record, _) = get_json::<StackRecord>(&*h.store, &keys::stack("default", "shop")).await.unwrap().unwrap();
+    let (record, _) = get_json::<StackRecord>(&*h.store, &keys::stack("default", "shop"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(record.release, 2);
     assert_eq!(record.services["web"].restart_generation, 1);
     assert_eq!(record.services["worker"].restart_generation, 0);
@@ -153,23 +191,43 @@ async fn scale_of_unknown_service_is_404_with_the_services_in_the_hint() {
     let h = Harness::start(None).await;
     h.submit().await;
     let (status, v) = h
-        .json(Method::POST, "/v1/stacks/default/shop/scale", Some(json!({ "replicas": { "nope": 3 } })))
+        .json(
+            Method::POST,
+            "/v1/stacks/default/shop/scale",
+            Some(json!({ "replicas": { "nope": 3 } })),
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(v["error"].as_str().unwrap().contains("nope"), "{v}");
     assert!(v["hint"].as_str().unwrap().contains("web, worker"), "{v}");
 
     let (status, v) = h
-        .json(Method::POST, "/v1/stacks/default/shop/scale", Some(json!({ "replicas": { "web": 5 } })))
+        .json(
+            Method::POST,
+            "/v1/stacks/default/shop/scale",
+            Some(json!({ "replicas": { "web": 5 } })),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     let change: StackChangeResponse = serde_json::from_value(v).unwrap();
     assert_eq!(change.services["web"].replicas, 5);
 
-    let (status, v) = h.json(Method::POST, "/v1/stacks/default/ghost/scale", Some(json!({ "replicas": { "web": 1 } }))).await;
+    let (status, v) = h
+        .json(
+            Method::POST,
+            "/v1/stacks/default/ghost/scale",
+            Some(json!({ "replicas": { "web": 1 } })),
+        )
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(v["hint"].is_string());
-    let (status, v) = h.json(Method::POST, "/v1/stacks/default/shop/scale", Some(json!({ "replicas": { "web": -1 } }))).await;
+    let (status, v) = h
+        .json(
+            Method::POST,
+            "/v1/stacks/default/shop/scale",
+            Some(json!({ "replicas": { "web": -1 } })),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     h.shutdown().await;
 }
@@ -178,11 +236,19 @@ async fn scale_of_unknown_service_is_404_with_the_services_in_the_hint() {
 async fn stop_without_body_stops_everything_and_start_undoes_it() {
     let h = Harness::start(None).await;
     h.submit().await;
-    let (status, v) = h.json(Method::POST, "/v1/stacks/default/shop/stop", None).await;
+    let (status, v) = h
+        .json(Method::POST, "/v1/stacks/default/shop/stop", None)
+        .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     assert!(v["services"]["web"]["stopped"].as_bool().unwrap());
     assert!(v["services"]["worker"]["stopped"].as_bool().unwrap());
-    let (_, v) = h.json(Method::POST, "/v1/stacks/default/shop/start", Some(json!({ "services": ["worker"] }))).await;
+    let (_, v) = h
+        .json(
+            Method::POST,
+            "/v1/stacks/default/shop/start",
+            Some(json!({ "services": ["worker"] })),
+        )
+        .await;
     assert!(v["services"]["web"]["stopped"].as_bool().unwrap());
     assert!(!v["services"]["worker"]["stopped"].as_bool().unwrap());
     h.shutdown().await;
@@ -197,13 +263,22 @@ async fn concurrent_writes_are_all_applied() {
     for _ in 0..16 {
         let h = h.clone();
         tasks.push(tokio::spawn(async move {
-            h.json(Method::POST, "/v1/stacks/default/shop/restart", Some(json!({ "services": ["web"] }))).await.0
+            h.json(
+                Method::POST,
+                "/v1/stacks/default/shop/restart",
+                Some(json!({ "services": ["web"] })),
+            )
+            .await
+            .0
         }));
     }
     for t in tasks {
         assert_eq!(t.await.unwrap(), StatusCode::OK);
     }
-    let (record, _) = get_json::<StackRecord>(&*h.store, &keys::stack("default", "shop")).await.unwrap().unwrap();
+    let (record, _) = get_json::<StackRecord>(&*h.store, &keys::stack("default", "shop"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(record.services["web"].restart_generation, 16);
 }
 
@@ -212,12 +287,26 @@ async fn remove_deletes_the_record_and_every_release() {
     let h = Harness::start(None).await;
     h.submit().await;
     h.submit().await;
-    let (status, v) = h.json(Method::DELETE, "/v1/stacks/default/shop", None).await;
+    let (status, v) = h
+        .json(Method::DELETE, "/v1/stacks/default/shop", None)
+        .await;
     assert_eq!(status, StatusCode::OK, "{v}");
-    assert!(h.store.get(&keys::stack("default", "shop")).await.unwrap().is_none());
-    let (releases, _) = h.store.range(&keys::releases_of("default", "shop")).await.unwrap();
+    assert!(
+        h.store
+            .get(&keys::stack("default", "shop"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let (releases, _) = h
+        .store
+        .range(&keys::releases_of("default", "shop"))
+        .await
+        .unwrap();
     assert!(releases.is_empty());
-    let (status, _) = h.json(Method::DELETE, "/v1/stacks/default/shop", None).await;
+    let (status, _) = h
+        .json(Method::DELETE, "/v1/stacks/default/shop", None)
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     // A new submit after removal starts again at v1.
     assert_eq!(h.submit().await.release, 1);
@@ -225,7 +314,12 @@ async fn remove_deletes_the_record_and_every_release() {
 }
 
 fn key(service: &str, slot: u32) -> InstanceKey {
-    InstanceKey { namespace: "default".into(), stack: "shop".into(), service: service.into(), slot }
+    InstanceKey {
+        namespace: "default".into(),
+        stack: "shop".into(),
+        service: service.into(),
+        slot,
+    }
 }
 
 #[tokio::test]
@@ -264,12 +358,30 @@ async fn instances_join_assignments_with_statuses() {
     // web.1: assigned and reported; web.2: assigned only; web.3: reported
     // only (its assignment is gone: being stopped).
     for (slot, uid) in [(1, "a"), (2, "b")] {
-        put_json(&*h.store, &keys::assignment("n1", &key("web", slot)), &assign(slot, uid)).await.unwrap();
+        put_json(
+            &*h.store,
+            &keys::assignment("n1", &key("web", slot)),
+            &assign(slot, uid),
+        )
+        .await
+        .unwrap();
     }
     for (slot, uid) in [(1, "a"), (3, "c")] {
-        put_json(&*h.store, &keys::status(&key("web", slot)), &status(slot, uid)).await.unwrap();
+        put_json(
+            &*h.store,
+            &keys::status(&key("web", slot)),
+            &status(slot, uid),
+        )
+        .await
+        .unwrap();
     }
-    let (status_code, v) = h.json(Method::GET, "/v1/instances?namespace=default&stack=shop", None).await;
+    let (status_code, v) = h
+        .json(
+            Method::GET,
+            "/v1/instances?namespace=default&stack=shop",
+            None,
+        )
+        .await;
     assert_eq!(status_code, StatusCode::OK);
     let rows: Vec<Instance> = serde_json::from_value(v.clone()).unwrap();
     let names: Vec<_> = rows.iter().map(|r| r.instance.as_str()).collect();
@@ -282,11 +394,15 @@ async fn instances_join_assignments_with_statuses() {
     assert_eq!(rows[2].desired, None);
     assert!(!rows[2].current);
     // ps --json's contract: these keys are always present.
-    for k in ["stack", "service", "instance", "state", "health", "pid", "address", "restarts"] {
+    for k in [
+        "stack", "service", "instance", "state", "health", "pid", "address", "restarts",
+    ] {
         assert!(v[0].get(k).is_some(), "missing {k}");
         assert!(v[1].get(k).is_some(), "missing {k}");
     }
-    let (_, v) = h.json(Method::GET, "/v1/instances?service=worker", None).await;
+    let (_, v) = h
+        .json(Method::GET, "/v1/instances?service=worker", None)
+        .await;
     assert_eq!(v, json!([]));
     h.shutdown().await;
 }
@@ -296,26 +412,54 @@ async fn logs_stream_past_then_live_without_gap_or_duplicate() {
     let h = Harness::start(None).await;
     h.submit().await;
     for i in 0..3 {
-        h.logs.append(&key("web", 1), LogStream::Stdout, &format!("past {i}")).await.unwrap();
+        h.logs
+            .append(&key("web", 1), LogStream::Stdout, &format!("past {i}"))
+            .await
+            .unwrap();
     }
-    h.logs.append(&key("worker", 1), LogStream::Stdout, "other service").await.unwrap();
+    h.logs
+        .append(&key("worker", 1), LogStream::Stdout, "other service")
+        .await
+        .unwrap();
 
-    let (status, body) = h.send(Method::GET, "/v1/stacks/default/shop/logs?service=web&tail=2", None, None).await;
+    let (status, body) = h
+        .send(
+            Method::GET,
+            "/v1/stacks/default/shop/logs?service=web&tail=2",
+            None,
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::OK);
-    let lines: Vec<Value> = body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+    let lines: Vec<Value> = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
     let texts: Vec<_> = lines.iter().map(|l| l["line"].as_str().unwrap()).collect();
     assert_eq!(texts, ["past 1", "past 2"]);
 
     // Follow: the past, then a line appended after the request started.
     let stream = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let req = Request::get("/v1/stacks/default/shop/logs?service=web&follow=true").header("host", "x").body(Full::new(Bytes::new())).unwrap();
+    let req = Request::get("/v1/stacks/default/shop/logs?service=web&follow=true")
+        .header("host", "x")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
     let mut body = resp.into_body();
-    h.logs.append(&key("worker", 1), LogStream::Stdout, "not wanted").await.unwrap();
-    h.logs.append(&key("web", 2), LogStream::Stderr, "live").await.unwrap();
+    h.logs
+        .append(&key("worker", 1), LogStream::Stdout, "not wanted")
+        .await
+        .unwrap();
+    h.logs
+        .append(&key("web", 2), LogStream::Stderr, "live")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let got = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -329,12 +473,28 @@ async fn logs_stream_past_then_live_without_gap_or_duplicate() {
     })
     .await
     .unwrap();
-    let texts: Vec<String> = got.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()["line"].as_str().unwrap().to_owned()).collect();
+    let texts: Vec<String> = got
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["line"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
     assert_eq!(texts, ["past 0", "past 1", "past 2", "live"]);
 
-    let (status, v) = h.json(Method::GET, "/v1/stacks/default/shop/logs?since=yesterday", None).await;
+    let (status, v) = h
+        .json(
+            Method::GET,
+            "/v1/stacks/default/shop/logs?since=yesterday",
+            None,
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
-    let (status, _) = h.json(Method::GET, "/v1/stacks/default/ghost/logs", None).await;
+    let (status, _) = h
+        .json(Method::GET, "/v1/stacks/default/ghost/logs", None)
+        .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -347,7 +507,9 @@ async fn token_listener_rejects_requests_without_the_token() {
     assert!(v["error"].as_str().unwrap().contains("token"));
     let (status, _) = h.send(Method::GET, "/v1/stacks", None, Some("wrong")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, body) = h.send(Method::GET, "/v1/health", None, Some("s3cret")).await;
+    let (status, body) = h
+        .send(Method::GET, "/v1/health", None, Some("s3cret"))
+        .await;
     assert_eq!(status, StatusCode::OK);
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["ok"], true);
@@ -369,17 +531,27 @@ async fn every_route_is_in_the_openapi_document_and_back() {
         .unwrap()
         .iter()
         .flat_map(|(path, item)| {
-            item.as_object().unwrap().keys().filter(|m| *m != "parameters").map(move |m| (m.to_uppercase(), path.clone()))
+            item.as_object()
+                .unwrap()
+                .keys()
+                .filter(|m| *m != "parameters")
+                .map(move |m| (m.to_uppercase(), path.clone()))
         })
         .collect();
-    let served: BTreeSet<(String, String)> = api::routes().into_iter().map(|(m, p)| (m.to_string(), p.to_owned())).collect();
+    let served: BTreeSet<(String, String)> = api::routes()
+        .into_iter()
+        .map(|(m, p)| (m.to_string(), p.to_owned()))
+        .collect();
     assert_eq!(documented, served);
     // And the router really serves them: none falls through to "no such route".
     for (method, path) in &served {
         let concrete = path.replace("{ns}", "default").replace("{stack}", "shop");
         let (status, body) = h.send(method.parse().unwrap(), &concrete, None, None).await;
         let text = String::from_utf8_lossy(&body);
-        assert!(!text.contains("no such API route") && status != StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {status} {text}");
+        assert!(
+            !text.contains("no such API route") && status != StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}: {status} {text}"
+        );
     }
     let (status, v) = h.json(Method::GET, "/v1/nope", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
@@ -394,20 +566,44 @@ async fn unix_listener_replaces_a_stale_socket_and_is_private() {
     std::fs::write(&sock, b"stale").unwrap();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
     let logs = LogStore::open(dir.path().join("logs"), Default::default()).unwrap();
-    let ctx = ApiContext { store, logs, data_dir: dir.path().to_owned(), node_id: "n1".into(), token: None };
+    let ctx = ApiContext {
+        store,
+        logs,
+        data_dir: dir.path().to_owned(),
+        node_id: "n1".into(),
+        token: None,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let path = sock.clone();
-    let server = tokio::spawn(async move { api::serve_unix(&path, api::router(ctx), async { let _ = rx.await; }).await });
+    let server = tokio::spawn(async move {
+        api::serve_unix(&path, api::router(ctx), async {
+            let _ = rx.await;
+        })
+        .await
+    });
     let stream = loop {
         match tokio::net::UnixStream::connect(&sock).await {
             Ok(s) => break s,
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     };
-    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let resp = sender.send_request(Request::get("/v1/health").header("host", "x").body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+    let resp = sender
+        .send_request(
+            Request::get("/v1/health")
+                .header("host", "x")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     drop(sender);
     tx.send(()).unwrap();
@@ -420,7 +616,10 @@ fn token_is_created_once_private_and_reused() {
     let t1 = api::load_or_create_token(dir.path()).unwrap();
     assert_eq!(t1.len(), 64);
     assert!(t1.bytes().all(|b| b.is_ascii_hexdigit()));
-    let mode = std::fs::metadata(dir.path().join("token")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(dir.path().join("token"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     assert_eq!(api::load_or_create_token(dir.path()).unwrap(), t1);
     let other = tempfile::tempdir().unwrap();

@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use berth_model::api::{
-    RemoveStackResponse, ScaleRequest, ServicesRequest, StackChangeResponse,
-};
+use berth_model::api::{RemoveStackResponse, ScaleRequest, ServicesRequest, StackChangeResponse};
 
 use crate::args::{DownArgs, ScaleArgs, ServicesArgs};
 use crate::cmd::wait_down;
@@ -39,21 +37,40 @@ impl Action {
 const STOP_WAIT: Duration = Duration::from_secs(60);
 
 /// stop / start / restart.
-pub async fn services(settings: &Settings, args: &ServicesArgs, action: Action) -> anyhow::Result<u8> {
+pub async fn services(
+    settings: &Settings,
+    args: &ServicesArgs,
+    action: Action,
+) -> anyhow::Result<u8> {
     let client = settings.client();
     let stack = resolve::stack_name(settings, &client, &args.stack).await?;
-    let path = format!("{}/{}", stack_path(&settings.namespace, &stack), action.verb());
+    let path = format!(
+        "{}/{}",
+        stack_path(&settings.namespace, &stack),
+        action.verb()
+    );
     let body = ServicesRequest {
         services: args.services.clone(),
     };
     let resp: StackChangeResponse = client.post(&path, &body).await?;
     if action == Action::Stop {
-        let left = wait_down(&client, &settings.namespace, &stack, &args.services, STOP_WAIT).await?;
+        let left = wait_down(
+            &client,
+            &settings.namespace,
+            &stack,
+            &args.services,
+            STOP_WAIT,
+        )
+        .await?;
         if !left.is_empty() {
             let names: Vec<_> = left.iter().map(|i| i.instance.as_str()).collect();
-            return Err(Failure::new(
+            return Err(Failure::with_code(
                 exit::GENERIC,
-                format!("still stopping after {}s: {}", STOP_WAIT.as_secs(), names.join(", ")),
+                format!(
+                    "still stopping after {}s: {}",
+                    STOP_WAIT.as_secs(),
+                    names.join(", ")
+                ),
             ));
         }
     }
@@ -93,14 +110,21 @@ pub async fn scale(settings: &Settings, args: &ScaleArgs) -> anyhow::Result<u8> 
     let mut replicas = BTreeMap::new();
     for (service, n) in &args.replicas {
         if replicas.insert(service.clone(), *n).is_some() {
-            return Err(Failure::new(
+            return Err(Failure::with_code(
                 exit::BAD_INPUT,
                 format!("service {service:?} is given twice"),
             ));
         }
     }
     let path = format!("{}/scale", stack_path(&settings.namespace, &stack));
-    let resp: StackChangeResponse = client.post(&path, &ScaleRequest { replicas: replicas.clone() }).await?;
+    let resp: StackChangeResponse = client
+        .post(
+            &path,
+            &ScaleRequest {
+                replicas: replicas.clone(),
+            },
+        )
+        .await?;
     if settings.json {
         println!("{}", serde_json::to_string_pretty(&resp)?);
     } else {
@@ -139,7 +163,10 @@ pub async fn down(settings: &Settings, args: &DownArgs) -> anyhow::Result<u8> {
     // statuses; wait briefly so a `down` followed by `ps` shows nothing.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while std::time::Instant::now() < deadline {
-        if super::stack_instances(&client, ns, &stack).await?.is_empty() {
+        if super::stack_instances(&client, ns, &stack)
+            .await?
+            .is_empty()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

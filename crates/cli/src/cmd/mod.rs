@@ -51,7 +51,7 @@ impl LineReader {
             match self.body.frame().await {
                 None => return Ok(None),
                 Some(Err(e)) => {
-                    return Err(Failure::new(
+                    return Err(Failure::with_code(
                         exit::NO_SERVER,
                         format!("lost the connection to the berth server: {e}"),
                     ));
@@ -67,7 +67,11 @@ impl LineReader {
 }
 
 /// The instances of one stack.
-pub async fn stack_instances(client: &Client, ns: &str, stack: &str) -> anyhow::Result<Vec<Instance>> {
+pub async fn stack_instances(
+    client: &Client,
+    ns: &str,
+    stack: &str,
+) -> anyhow::Result<Vec<Instance>> {
     client
         .get(&format!(
             "/v1/instances?namespace={}&stack={}",

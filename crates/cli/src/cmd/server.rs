@@ -14,7 +14,11 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
         .try_init();
     let cfg = berth_server::ServerConfig {
         data_dir: settings.data_dir.clone(),
-        listen: if args.no_tcp { Vec::new() } else { args.listen.clone() },
+        listen: if args.no_tcp {
+            Vec::new()
+        } else {
+            args.listen.clone()
+        },
         node_id: args
             .node_id
             .clone()

@@ -76,7 +76,7 @@ async fn attached(
         tokio::select! {
             line = reader.next() => match line? {
                 Some(line) => { printer.print(&line); }
-                None => return Err(Failure::new(exit::NO_SERVER, "the berth server closed the log stream (did it stop?)")),
+                None => return Err(Failure::with_code(exit::NO_SERVER, "the berth server closed the log stream (did it stop?)")),
             },
             _ = interrupt.recv() => break,
         }
@@ -106,7 +106,7 @@ async fn attached(
                 }
                 if Instant::now() >= deadline {
                     let names: Vec<_> = rows.iter().filter(|i| !is_down(i)).map(|i| i.instance.clone()).collect();
-                    return Err(Failure::new(exit::GENERIC, format!(
+                    return Err(Failure::with_code(exit::GENERIC, format!(
                         "still stopping after {}s: {}", STOP_TIMEOUT.as_secs(), names.join(", "))));
                 }
             }
@@ -141,7 +141,10 @@ fn judge(replicas: u32, restart: RestartPolicy, rows: &[&Instance]) -> Verdict {
     let done = |i: &Instance| {
         i.current
             && i.state == InstanceState::Exited
-            && !matches!(restart, RestartPolicy::Always | RestartPolicy::UnlessStopped)
+            && !matches!(
+                restart,
+                RestartPolicy::Always | RestartPolicy::UnlessStopped
+            )
             && i.last_exit.as_ref().is_some_and(|e| e.code == Some(0))
     };
     let ok = rows.iter().filter(|i| i.is_ready() || done(i)).count();
@@ -172,7 +175,11 @@ async fn wait_ready(
             let Some(spec) = detail.record.spec.services.get(name) else {
                 continue;
             };
-            let rows: Vec<&Instance> = detail.instances.iter().filter(|i| &i.service == name).collect();
+            let rows: Vec<&Instance> = detail
+                .instances
+                .iter()
+                .filter(|i| &i.service == name)
+                .collect();
             match judge(desired.replicas, spec.restart, &rows) {
                 Verdict::Ready => {}
                 Verdict::Waiting => waiting.push(name.clone()),
@@ -198,7 +205,7 @@ async fn wait_ready(
             }
             let report = failure_report(client, ns, stack, &detail, &failed, settings.color).await;
             eprint!("{report}");
-            return Err(Failure::new(
+            return Err(Failure::with_code(
                 exit::UP_FAILED,
                 format!(
                     "stack {stack} is not healthy: {}",
@@ -223,7 +230,10 @@ async fn failure_report(
     for (service, why) in failed {
         out.push_str(&format!("\nservice {service}: {why}\n"));
         for i in detail.instances.iter().filter(|i| &i.service == service) {
-            out.push_str(&format!("  {}: state {}, health {}", i.instance, i.state, i.health));
+            out.push_str(&format!(
+                "  {}: state {}, health {}",
+                i.instance, i.state, i.health
+            ));
             if let Some(e) = &i.last_exit {
                 match (&e.code, &e.signal) {
                     (_, Some(sig)) => out.push_str(&format!(", last exit: killed by {sig}")),
@@ -316,7 +326,11 @@ mod tests {
         assert_eq!(judge(1, always, &[&starting]), Verdict::Waiting);
         assert!(matches!(judge(1, always, &[&looping]), Verdict::Failed(_)));
         let mut once = inst(InstanceState::Exited, Health::None, 0);
-        once.last_exit = Some(ExitInfo { code: Some(0), signal: None, at: 1 });
+        once.last_exit = Some(ExitInfo {
+            code: Some(0),
+            signal: None,
+            at: 1,
+        });
         assert_eq!(judge(1, RestartPolicy::No, &[&once]), Verdict::Ready);
         assert_eq!(judge(1, always, &[&once]), Verdict::Waiting);
     }

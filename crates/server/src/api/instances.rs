@@ -142,7 +142,9 @@ fn row(
             },
             current: a.desired == DesiredState::Running,
             message: match a.desired {
-                DesiredState::Running => Some(format!("assigned to node {}, not reported yet", a.node)),
+                DesiredState::Running => {
+                    Some(format!("assigned to node {}, not reported yet", a.node))
+                }
                 DesiredState::Stopped => None,
             },
             ..base
@@ -150,7 +152,10 @@ fn row(
         (a, Some(s)) => {
             let same_incarnation = a.is_some_and(|a| a.uid == s.uid);
             let message = match (a, same_incarnation) {
-                (None, _) => s.message.clone().or(Some("assignment removed; stopping".into())),
+                (None, _) => s
+                    .message
+                    .clone()
+                    .or(Some("assignment removed; stopping".into())),
                 (Some(a), false) => Some(format!(
                     "being replaced by incarnation {} (release {})",
                     a.uid, a.release

@@ -4,7 +4,8 @@
 //! so no line written in between is lost; live lines at or before the last
 //! past line of the same instance are dropped, so none is sent twice. A
 //! subscriber that falls behind the broadcast buffer is told how many lines
-//! it missed with a `system` line instead of losing them silently.
+//! it missed with a `system` line instead of losing them silently. Blank
+//! lines are keep-alives; clients skip them.
 
 use std::collections::HashMap;
 
@@ -16,7 +17,6 @@ use berth_agent::logs::{LogQuery, LogStore};
 use berth_model::{InstanceKey, LogLine, LogStream, keys};
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
-use serde::Deserialize;
 use tokio::sync::broadcast;
 
 use super::time::parse_since;
@@ -24,17 +24,15 @@ use super::{ApiContext, ApiError, now_ms};
 use crate::desired::DesiredError;
 
 /// Query of the logs route. `service` may repeat.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 pub struct LogsParams {
     /// Services to include; all when empty.
-    #[serde(default)]
     pub service: Vec<String>,
     /// Last N lines (per the whole selection) of the past.
     pub tail: Option<usize>,
     /// RFC 3339 time, duration before now (`10m`), or Unix seconds.
     pub since: Option<String>,
     /// Keep streaming live lines.
-    #[serde(default)]
     pub follow: bool,
 }
 
@@ -127,7 +125,9 @@ fn percent_decode(s: &str) -> String {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
+                let hex = s
+                    .get(i + 1..i + 3)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
                 match hex {
                     Some(byte) => {
                         out.push(byte);
@@ -148,6 +148,9 @@ async fn read_past(logs: &LogStore, query: &LogQuery) -> Result<Vec<LogLine>, Ap
         .await
         .map_err(|e| ApiError::Internal(format!("reading logs: {e}")))
 }
+
+/// Silence after which a followed stream sends a keep-alive blank line.
+const KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(15);
 
 enum Phase {
     Past(std::vec::IntoIter<LogLine>),
@@ -184,16 +187,32 @@ fn lines(
             match &mut st.phase {
                 Phase::Past(it) => match it.next() {
                     Some(line) => return Some((encode_line(&line), st)),
-                    None => st.phase = if st.live.is_some() { Phase::Live } else { Phase::Done },
+                    None => {
+                        st.phase = if st.live.is_some() {
+                            Phase::Live
+                        } else {
+                            Phase::Done
+                        }
+                    }
                 },
                 Phase::Live => {
                     let rx = st.live.as_mut()?;
-                    match rx.recv().await {
+                    // A blank line now and then lets a quiet stream notice a
+                    // client that went away (the write fails) instead of
+                    // holding its subscription until the next log line.
+                    let Ok(next) = tokio::time::timeout(KEEPALIVE, rx.recv()).await else {
+                        return Some((Bytes::from_static(b"\n"), st));
+                    };
+                    match next {
                         Ok(line) => {
                             if !wanted(&st.query, &line) {
                                 continue;
                             }
-                            if st.last_past.get(&line.key).is_some_and(|&ts| line.ts_us <= ts) {
+                            if st
+                                .last_past
+                                .get(&line.key)
+                                .is_some_and(|&ts| line.ts_us <= ts)
+                            {
                                 continue;
                             }
                             return Some((encode_line(&line), st));

@@ -127,7 +127,11 @@ fn build() -> Routes {
         .add(Method::POST, "/v1/stacks/{ns}/{stack}/scale", stacks::scale)
         .add(Method::POST, "/v1/stacks/{ns}/{stack}/stop", stacks::stop)
         .add(Method::POST, "/v1/stacks/{ns}/{stack}/start", stacks::start)
-        .add(Method::POST, "/v1/stacks/{ns}/{stack}/restart", stacks::restart)
+        .add(
+            Method::POST,
+            "/v1/stacks/{ns}/{stack}/restart",
+            stacks::restart,
+        )
         .add(Method::GET, "/v1/stacks/{ns}/{stack}/logs", logs::stream)
         .add(Method::GET, "/v1/instances", instances::list)
         .add(Method::GET, "/v1/nodes", instances::nodes)
@@ -143,10 +147,15 @@ pub fn router(ctx: ApiContext) -> Router {
     let token = ctx.token.clone();
     let router = build()
         .router
-        .fallback(|| async { ApiError::NotFound("no such API route (see GET /v1/openapi.json)".into()) })
+        .fallback(|| async {
+            ApiError::NotFound("no such API route (see GET /v1/openapi.json)".into())
+        })
         .with_state(ctx);
     match token {
-        Some(token) => router.layer(middleware::from_fn_with_state(Arc::new(token), require_token)),
+        Some(token) => router.layer(middleware::from_fn_with_state(
+            Arc::new(token),
+            require_token,
+        )),
         None => router,
     }
 }

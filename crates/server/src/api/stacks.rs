@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use bytes::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use berth_model::api::{
@@ -14,6 +13,7 @@ use berth_model::api::{
 };
 use berth_model::{Health, InstanceState, StackRecord, keys};
 use berth_store::decode;
+use bytes::Bytes;
 use serde::Deserialize;
 
 use super::instances::{InstanceFilter, instances};
@@ -61,12 +61,12 @@ pub(crate) async fn list(
             .iter()
             .filter(|r| r.namespace == record.namespace && r.stack == record.name)
         {
-            if let Some(s) = services.get_mut(&row.service) {
-                if row.state == InstanceState::Running {
-                    s.running += 1;
-                    if matches!(row.health, Health::Healthy | Health::None) {
-                        s.healthy += 1;
-                    }
+            if let Some(s) = services.get_mut(&row.service)
+                && row.state == InstanceState::Running
+            {
+                s.running += 1;
+                if matches!(row.health, Health::Healthy | Health::None) {
+                    s.healthy += 1;
                 }
             }
         }
@@ -110,14 +110,14 @@ pub(crate) async fn detail(
     State(ctx): State<ApiContext>,
     Path((ns, stack)): Path<(String, String)>,
 ) -> Result<Json<StackDetail>, ApiError> {
-    let kv = ctx
-        .store
-        .get(&keys::stack(&ns, &stack))
-        .await?
-        .ok_or(DesiredError::StackNotFound {
-            namespace: ns.clone(),
-            stack: stack.clone(),
-        })?;
+    let kv =
+        ctx.store
+            .get(&keys::stack(&ns, &stack))
+            .await?
+            .ok_or(DesiredError::StackNotFound {
+                namespace: ns.clone(),
+                stack: stack.clone(),
+            })?;
     let record: StackRecord = decode(&kv)?;
     let filter = InstanceFilter {
         namespace: Some(ns),
@@ -179,11 +179,17 @@ fn remove_volumes(ctx: &ApiContext, ns: &str, stack: &str) -> Result<Vec<String>
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(ApiError::Internal(format!("reading {}: {e}", dir.display()))),
+        Err(e) => {
+            return Err(ApiError::Internal(format!(
+                "reading {}: {e}",
+                dir.display()
+            )));
+        }
     };
     let mut removed = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| ApiError::Internal(format!("reading {}: {e}", dir.display())))?;
+        let entry =
+            entry.map_err(|e| ApiError::Internal(format!("reading {}: {e}", dir.display())))?;
         removed.push(entry.file_name().to_string_lossy().into_owned());
     }
     std::fs::remove_dir_all(&dir)

@@ -88,8 +88,7 @@ fn parse_rfc3339(s: &str) -> Option<u64> {
     if b[13] != b':' || b[16] != b':' {
         return None;
     }
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60
-    {
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
         return None;
     }
     let mut i = 19;
