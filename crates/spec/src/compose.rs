@@ -446,8 +446,27 @@ pub fn service(
     } else if !restart_given {
         svc.restart = RestartPolicy::No;
     }
-    if svc.working_dir.is_none() && svc.image.is_none() && svc.build.is_none() {
-        svc.working_dir = Some(project_dir.to_path_buf());
+    if svc.driver() == Driver::Process {
+        if svc.working_dir.is_none() {
+            svc.working_dir = Some(project_dir.to_path_buf());
+        }
+        // Accepted for containers, but a plain process has no use for them:
+        // say so rather than drop them silently.
+        for (k, _) in &entries {
+            let key = k.as_str().unwrap_or_default();
+            if schema::DOCKER_ONLY.contains(&key) {
+                let d = conv
+                    .err(
+                        k,
+                        key,
+                        format!(
+                            "`{key}` only applies to containers; this service runs as a process (no `image` or `build`), so it is ignored"
+                        ),
+                    )
+                    .hint("remove it, or give the service an `image:` to run it on the Docker driver");
+                conv.diags().warn(d);
+            }
+        }
     }
     (svc, meta)
 }

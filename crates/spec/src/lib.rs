@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 
 pub use compose::parse_port_spec;
 pub use diagnostics::{Diagnostic, LoadError};
-pub use validate::{normalize_stack_name, valid_service_name, valid_stack_name};
+pub use validate::{MAX_NAME_LEN, normalize_stack_name, valid_service_name, valid_stack_name};
 
 use diagnostics::Diags;
 use loader::{Loader, merge_top, normalize};
@@ -204,7 +204,7 @@ fn stack_name(
             None => Diagnostic::file(file, msg),
         };
         loader.diags.error(d.hint(format!(
-            "use lowercase letters, digits, `_` and `-`, starting with a letter or digit (e.g. `{}`)",
+            "use at most 63 lowercase letters, digits, `_` and `-`, starting with a letter or digit (e.g. `{}`)",
             normalize_stack_name(&name)
         )));
         return None;

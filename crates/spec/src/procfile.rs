@@ -46,7 +46,7 @@ pub fn parse(
             diags.error(
                 at(indent + 1, format!("invalid process name `{name}`"))
                     .service(name)
-                    .hint("use letters, digits, `_`, `.` and `-`, starting with a letter or digit"),
+                    .hint("use at most 63 letters, digits, `_`, `.` and `-`, starting with a letter or digit"),
             );
             continue;
         }

@@ -187,6 +187,20 @@ pub const SERVICE_SUPPORTED: &[&str] = &[
     "volumes",
     "working_dir",
 ];
+/// Service keys that only mean something to a container (the Docker
+/// driver): on a process service (no `image`/`build`) they warn.
+pub const DOCKER_ONLY: &[&str] = &[
+    "cap_add",
+    "cap_drop",
+    "extra_hosts",
+    "init",
+    "networks",
+    "pull_policy",
+    "read_only",
+    "tmpfs",
+    "user",
+    "volumes",
+];
 /// `healthcheck` keys (all supported).
 pub const HEALTHCHECK: &[&str] = &[
     "disable",

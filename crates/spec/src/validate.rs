@@ -9,32 +9,43 @@ use crate::diagnostics::{Diagnostic, Diags};
 use crate::types::Service;
 use crate::yaml::Pos;
 
+/// Longest service or stack name: names become DNS labels (at most 63
+/// bytes), and the server refuses longer ones.
+pub const MAX_NAME_LEN: usize = 63;
+
 /// True for a valid service name: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, Compose's
-/// rule. Unlike stack names, service names keep their case: Compose does
-/// not normalise them, and the names berth derives from them (such as
-/// `<NAME>_HOST` variables) are built from the name as written.
+/// rule, at most [`MAX_NAME_LEN`] long. Unlike stack names, service names
+/// keep their case: Compose does not normalise them, and the names berth
+/// derives from them (such as `<NAME>_HOST` variables) are built from the
+/// name as written.
 pub fn valid_service_name(name: &str) -> bool {
     let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+    name.len() <= MAX_NAME_LEN
+        && matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// True for a valid stack name: `[a-z0-9][a-z0-9_-]*` (Compose's rule).
+/// True for a valid stack name: `[a-z0-9][a-z0-9_-]*` (Compose's rule), at
+/// most [`MAX_NAME_LEN`] long.
 pub fn valid_stack_name(name: &str) -> bool {
     let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+    name.len() <= MAX_NAME_LEN
+        && matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
 }
 
 /// A folder name normalised as Compose does for project names: lower-cased,
-/// only `[a-z0-9_-]` kept, leading `_`/`-` dropped.
+/// only `[a-z0-9_-]` kept, leading `_`/`-` dropped; then cut to
+/// [`MAX_NAME_LEN`].
 pub fn normalize_stack_name(folder: &str) -> String {
     let s: String = folder
         .to_lowercase()
         .chars()
         .filter(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'))
         .collect();
-    s.trim_start_matches(['_', '-']).to_string()
+    let mut s = s.trim_start_matches(['_', '-']).to_string();
+    s.truncate(MAX_NAME_LEN);
+    s
 }
 
 /// Reports invalid service names.
@@ -43,6 +54,8 @@ pub fn check_names(services: &BTreeMap<String, (Service, ServiceMeta)>, diags: &
         if !valid_service_name(name) {
             let hint = if name.contains('/') {
                 "service names cannot contain `/`".to_string()
+            } else if name.len() > MAX_NAME_LEN {
+                format!("service names are at most {MAX_NAME_LEN} characters long")
             } else {
                 format!(
                     "use letters, digits, `_`, `.` and `-`, starting with a letter or digit (e.g. `{}`)",

@@ -106,6 +106,28 @@ fn unsupported_key_warns() {
 }
 
 #[test]
+fn container_keys_warn_on_processes() {
+    let l = ok(
+        "services:\n  web:\n    command: x\n    user: nobody\n    volumes: [./data:/data]\n    labels: {a: b}\n  db:\n    image: postgres\n    user: nobody\n    volumes: [./pg:/var/lib/postgresql/data]\n",
+    );
+    let w: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].ends_with("compose.yaml:4:5: service `web`, field `user`: `user` only applies to containers; this service runs as a process (no `image` or `build`), so it is ignored (hint: remove it, or give the service an `image:` to run it on the Docker driver)"),
+        "{w:?}"
+    );
+    assert!(
+        w[1].contains(
+            "compose.yaml:5:5: service `web`, field `volumes`: `volumes` only applies to containers"
+        ),
+        "{w:?}"
+    );
+    // Still resolved, for `berth config` and the Docker driver later.
+    assert_eq!(l.stack.services["web"].user.as_deref(), Some("nobody"));
+    assert_eq!(l.stack.services["web"].volumes.len(), 1);
+}
+
+#[test]
 fn wrong_types() {
     let e = err("services:\n  web:\n    command: x\n    deploy:\n      replicas: many\n");
     assert_eq!(
@@ -435,6 +457,21 @@ fn names_are_validated() {
     let e = err("services:\n  My App:\n    command: x\n");
     assert!(
         e.starts_with("compose.yaml:2:3: service `My App`: invalid service name `My App` (hint: use letters, digits, `_`, `.` and `-`, starting with a letter or digit (e.g. `My-App`))"),
+        "{e}"
+    );
+    // Names become DNS labels: at most 63 characters.
+    let long = "a".repeat(64);
+    ok(&format!("services:\n  {}:\n    command: x\n", &long[..63]));
+    let e = err(&format!("services:\n  {long}:\n    command: x\n"));
+    assert!(
+        e.starts_with(&format!("compose.yaml:2:3: service `{long}`: invalid service name `{long}` (hint: service names are at most 63 characters long)")),
+        "{e}"
+    );
+    let e = err_with("services:\n  web:\n    command: x\n", |o| {
+        o.project_name = Some(long.clone())
+    });
+    assert!(
+        e.contains(&format!("invalid stack name `{long}` (from -p)")),
         "{e}"
     );
     let e = err("name: MyApp\nservices:\n  web:\n    command: x\n");
