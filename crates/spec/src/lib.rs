@@ -155,7 +155,18 @@ fn run(opts: &LoadOptions, files: &[PathBuf], mem: HashMapOpt) -> Result<Loaded,
     }
     let first = files.first().cloned().unwrap_or_default();
     let project_dir = first.parent().map(Path::to_path_buf).unwrap_or_default();
-    let result = if is_procfile(&first) {
+    let result = if files.len() > 1
+        && let Some(p) = files.iter().find(|f| is_procfile(f))
+    {
+        // Compose merge rules mean nothing for a Procfile: refuse rather
+        // than ignore the other files.
+        loader.diags.error(
+            Diagnostic::file(p, "a Procfile cannot be combined with other stack files").hint(
+                "pass the Procfile alone (`-f Procfile`), or describe the stack in a compose.yaml",
+            ),
+        );
+        None
+    } else if is_procfile(&first) {
         load_procfile(&mut loader, &first, &project_dir)
     } else {
         load_compose(&mut loader, files, &project_dir)

@@ -803,6 +803,23 @@ fn procfile() {
 }
 
 #[test]
+fn procfile_is_not_merged_with_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "Procfile", "web: ./web\n");
+    write(d, "compose.yaml", "services:\n  w:\n    command: x\n");
+    for files in [["Procfile", "compose.yaml"], ["compose.yaml", "Procfile"]] {
+        let mut o = opts(d);
+        o.files = files.iter().map(PathBuf::from).collect();
+        let e = load(&o).unwrap_err().to_string();
+        assert!(
+            e.ends_with("Procfile: a Procfile cannot be combined with other stack files (hint: pass the Procfile alone (`-f Procfile`), or describe the stack in a compose.yaml)"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn anchors_merge_keys_and_duplicates() {
     let l = ok(
         "x-env: &env {A: '1'}\nservices:\n  a:\n    command: x\n    environment: *env\n  b:\n    command: x\n    environment:\n      <<: *env\n      B: '2'\n",
