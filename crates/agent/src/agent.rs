@@ -281,7 +281,7 @@ impl Agent {
                     return true;
                 }
                 let key = a.key.clone();
-                self.desired.insert(key.clone(), a);
+                self.desired.insert(key.clone(), *a);
                 self.reconcile(&key);
             }
             AssignmentEvent::Removed(key) => {

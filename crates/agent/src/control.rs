@@ -17,7 +17,7 @@ use futures::stream::{self, BoxStream};
 #[derive(Debug, Clone, PartialEq)]
 pub enum AssignmentEvent {
     /// An assignment was created or changed.
-    Upsert(Assignment),
+    Upsert(Box<Assignment>),
     /// An assignment was removed.
     Removed(InstanceKey),
     /// Events were lost (history compacted): list again and watch from there.
@@ -111,7 +111,7 @@ impl ControlPlane for StoreControlPlane {
                     .into_iter()
                     .filter_map(|ev| match ev {
                         WatchEvent::Put(kv) => {
-                            decode_assignment(&kv).map(|a| Ok(AssignmentEvent::Upsert(a)))
+                            decode_assignment(&kv).map(|a| Ok(AssignmentEvent::Upsert(Box::new(a))))
                         }
                         WatchEvent::Delete { key, .. } => {
                             keys::parse_instance(&key).map(|k| Ok(AssignmentEvent::Removed(k)))

@@ -97,7 +97,7 @@ pub struct Context {
 /// A running supervisor, for callers that do not manage the task themselves.
 pub struct Supervisor {
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
 }
 
 impl Supervisor {
@@ -105,13 +105,18 @@ impl Supervisor {
     pub fn spawn(ctx: Arc<Context>, assignment: Assignment) -> Self {
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(run(ctx, assignment, rx));
-        Self { stop, task }
+        Self {
+            stop,
+            task: Some(task),
+        }
     }
 
     /// Stop the instance gracefully and wait until it is stopped.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.send_replace(true);
-        if let Err(e) = self.task.await {
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+        {
             tracing::error!(error = %e, "supervisor task failed");
         }
     }
@@ -121,6 +126,14 @@ impl Supervisor {
 pub(crate) async fn stop_requested(rx: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns is not Send: drop it here.
     let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // Dropped without `stop`: the task still stops the instance
+        // gracefully instead of running it forever without an owner.
+        self.stop.send_replace(true);
+    }
 }
 
 fn now_ms() -> Millis {

@@ -45,3 +45,37 @@ async fn processes_carrying_the_marker_are_killed_others_are_not() {
     )
     .ok();
 }
+
+#[tokio::test]
+async fn leftover_cgroups_are_emptied_and_removed() {
+    use berth_agent::driver::cgroup::Cgroups;
+    let id = format!("cgtest-{}", std::process::id());
+    let cgroups = Cgroups::detect(&id);
+    let limits = berth_spec::types::ResourceSpec {
+        pids: Some(20),
+        ..Default::default()
+    };
+    let cg = match cgroups.create("default.demo.web.1-x", &limits) {
+        Ok(cg) => cg,
+        // No writable cgroups on this machine: nothing can be left over.
+        Err(_) => {
+            assert_eq!(cgroups.remove_leftovers(), 0);
+            return;
+        }
+    };
+    let mut child = Command::new("sleep").arg("1000").spawn().unwrap();
+    // Put the process in like a previous agent would have.
+    let fd = cg.procs_fds()[0];
+    let path = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+    std::fs::write(&path, child.id().to_string()).unwrap();
+    assert!(!cg.is_empty());
+    drop(cg);
+    // A new agent with the same id cleans up.
+    let removed = tokio::task::spawn_blocking(move || Cgroups::detect(&id).remove_leftovers())
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed");
+    assert!(!path.parent().unwrap().exists());
+}
