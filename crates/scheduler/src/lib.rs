@@ -109,10 +109,10 @@ fn feasible(node: &Node, placement: &Placement, same_service: u32) -> Result<(),
             Err(e) => return Err(format!("invalid constraint {expr:?}: {e}")),
         }
     }
-    if let Some(max) = placement.max_replicas_per_node {
-        if same_service >= max {
-            return Err(format!("max_replicas_per_node {max} reached"));
-        }
+    if let Some(max) = placement.max_replicas_per_node
+        && same_service >= max
+    {
+        return Err(format!("max_replicas_per_node {max} reached"));
     }
     Ok(())
 }

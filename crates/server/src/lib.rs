@@ -1,1 +1,287 @@
-//! server
+//! The berth server: the HTTP API, the controllers, and the wiring of store,
+//! scheduler and the local agent into one process.
+//!
+//! # Layout
+//! - [`api`]: HTTP routes (axum), auth, listeners (Unix socket + TCP), OpenAPI.
+//! - [`desired`]: the one write path for desired state (typed commands,
+//!   compare-and-swap).
+//! - [`controller`]: turns desired state into assignments (reconcile loop).
+//! - [`catalog`]: healthy instances, and the published-port table.
+//! - [`mirror`]: the watched in-memory copy of state those loops react to.
+//! - [`run`]: opens the store, registers this node, starts the local agent,
+//!   the controller and the listeners, and stops them all on shutdown.
+//!
+//! Every background task started here is owned by [`run`]: it is awaited on
+//! shutdown, and the failure of any one of them stops the server with that
+//! error instead of leaving a half-working process.
+
+#![forbid(unsafe_code)]
+
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use berth_model::{Node, keys};
+use berth_store::{Store, embedded::EmbeddedStore, encode};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub mod api;
+pub mod catalog;
+pub mod controller;
+pub mod desired;
+pub mod mirror;
+
+/// How the server is started.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// State, logs, socket and token live here.
+    pub data_dir: PathBuf,
+    /// TCP addresses for the API (the Unix socket is always there).
+    pub listen: Vec<SocketAddr>,
+    /// This node's id (hostname by default).
+    pub node_id: String,
+}
+
+/// What a running server advertises in `<data_dir>/server.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// Server pid.
+    pub pid: u32,
+    /// Unix socket path.
+    pub socket: PathBuf,
+    /// Bound TCP API addresses.
+    pub tcp: Vec<SocketAddr>,
+    /// Node id.
+    pub node: String,
+}
+
+/// Name of the API socket inside the data dir.
+pub const SOCKET_NAME: &str = "berth.sock";
+
+/// Milliseconds since the Unix epoch (the server's one clock).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The default node id: the host name.
+pub fn default_node_id() -> String {
+    nix_hostname().unwrap_or_else(|| "local".to_owned())
+}
+
+fn nix_hostname() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty() && !s.contains('/'))
+}
+
+/// Run the server until `shutdown` completes, then stop every instance
+/// gracefully and return.
+pub async fn run(
+    cfg: ServerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(&cfg.data_dir.join("state.redb"))
+            .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
+    );
+    let token = api::load_or_create_token(&cfg.data_dir).context("loading the API token")?;
+    let logs = berth_agent::logs::LogStore::open(cfg.data_dir.join("logs"), Default::default())
+        .context("opening the log store")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+
+    // This node's registration lives on a lease: if the server dies, the
+    // node record expires and (in a fleet) its work is rescheduled.
+    let lease = store.lease_grant(Duration::from_secs(10)).await?;
+    let node = Node {
+        id: cfg.node_id.clone(),
+        address: "127.0.0.1".to_owned(),
+        labels: Default::default(),
+        facts: local_facts(),
+        draining: false,
+        updated_at: now_ms(),
+    };
+    let node_key = keys::node(&cfg.node_id);
+    store
+        .put(&node_key, encode(&node_key, &node)?, lease)
+        .await?;
+    tasks.spawn(keep_lease_alive(store.clone(), lease, stop_rx.clone()));
+
+    let agent_cfg = berth_agent::AgentConfig {
+        node_id: cfg.node_id.clone(),
+        data_dir: cfg.data_dir.clone(),
+        address: "127.0.0.1".to_owned(),
+        logs: Default::default(),
+    };
+    let control = Arc::new(berth_agent::StoreControlPlane::new(store.clone()));
+    {
+        let logs = logs.clone();
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            berth_agent::run(agent_cfg, control, logs, rx)
+                .await
+                .context("agent failed")
+        });
+    }
+    tasks.spawn(controller::run(store.clone(), stop_rx.clone()));
+    {
+        let (tx, rx) = watch::channel(berth_net::Backends::new());
+        let store = store.clone();
+        let stop = stop_rx.clone();
+        tasks.spawn(
+            async move { mirror::follow(store, stop, &mut catalog::PortTable { tx }).await },
+        );
+        let stop = stop_rx.clone();
+        tasks.spawn(async move {
+            berth_net::tcp::PortProxy::new(rx).run(stop).await;
+            Ok(())
+        });
+    }
+
+    // Listeners.
+    let ctx = |token: Option<String>| api::ApiContext {
+        store: store.clone(),
+        logs: logs.clone(),
+        data_dir: cfg.data_dir.clone(),
+        node_id: cfg.node_id.clone(),
+        token,
+    };
+    let socket = cfg.data_dir.join(SOCKET_NAME);
+    {
+        let router = api::router(ctx(None));
+        let socket = socket.clone();
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            api::serve_unix(&socket, router, stopped(rx))
+                .await
+                .context("API socket")
+        });
+    }
+    let mut bound = Vec::new();
+    for addr in &cfg.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "binding the API to {addr} (is another server using it? pick another with --listen)"
+            )
+        })?;
+        let local = listener.local_addr()?;
+        bound.push(local);
+        // Only loopback listeners are open without the token.
+        let need_token = (!addr.ip().is_loopback()).then(|| token.clone());
+        let router = api::router(ctx(need_token));
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            api::serve_tcp(listener, router, stopped(rx))
+                .await
+                .context("API listener")
+        });
+    }
+    let info = ServerInfo {
+        pid: std::process::id(),
+        socket,
+        tcp: bound.clone(),
+        node: cfg.node_id.clone(),
+    };
+    write_info(&cfg.data_dir, &info)?;
+    tracing::info!(data_dir = %cfg.data_dir.display(), api = ?bound, "berth server ready");
+
+    // Wait for shutdown or for a task to fail.
+    let failure = tokio::select! {
+        _ = shutdown => None,
+        Some(res) = tasks.join_next() => Some(flatten(res)),
+    };
+    let _ = stop_tx.send(true);
+    let mut result = match failure {
+        Some(Err(e)) => Err(e),
+        _ => Ok(()),
+    };
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = flatten(res) {
+            tracing::error!(error = %e, "task failed during shutdown");
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+    }
+    let _ = store.lease_revoke(lease).await;
+    let _ = fs::remove_file(cfg.data_dir.join("server.json"));
+    result
+}
+
+fn flatten(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    res.map_err(|e| anyhow::anyhow!("task panicked: {e}"))?
+}
+
+/// Resolves once `rx` turns true (or its sender is gone).
+pub async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn keep_lease_alive(
+    store: Arc<dyn Store>,
+    lease: berth_store::LeaseId,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    let mut stop = std::pin::pin!(stopped(stop));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => store.lease_keep_alive(lease).await.context("node lease keep-alive")?,
+            _ = &mut stop => return Ok(()),
+        }
+    }
+}
+
+/// One server per data dir: a second one would fight over the instances.
+fn lock_data_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+    let path = dir.join("server.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+        anyhow::anyhow!(
+            "another berth server is already running with data dir {} (stop it, or use another --data-dir)",
+            dir.display()
+        )
+    })
+}
+
+fn write_info(dir: &Path, info: &ServerInfo) -> anyhow::Result<()> {
+    let path = dir.join("server.json");
+    let tmp = dir.join("server.json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(info)?)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
+    fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+fn local_facts() -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut facts = std::collections::BTreeMap::new();
+    facts.insert("arch".to_owned(), std::env::consts::ARCH.into());
+    facts.insert("os".to_owned(), std::env::consts::OS.into());
+    if let Ok(n) = std::thread::available_parallelism() {
+        facts.insert("cpus".to_owned(), n.get().into());
+    }
+    facts
+}

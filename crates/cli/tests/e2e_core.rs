@@ -1,0 +1,397 @@
+//! End-to-end acceptance of the core (issue 2): the real `berth` binary, a
+//! real server with its embedded store, real child processes, real sockets.
+//!
+//! Every test uses its own data dir and a unique stack name, so the process
+//! table can be checked for leftovers by the `BERTH_STACK` each instance
+//! carries in its environment.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Berth {
+    data: tempfile::TempDir,
+    env: BTreeMap<String, String>,
+    servers: Vec<Child>,
+}
+
+impl Berth {
+    fn new() -> Self {
+        Self {
+            data: tempfile::tempdir().unwrap(),
+            env: BTreeMap::new(),
+            servers: Vec::new(),
+        }
+    }
+
+    fn command(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
+        c.args(args)
+            .current_dir(dir)
+            .env("BERTH_DATA_DIR", self.data.path())
+            .env("NO_COLOR", "1")
+            .env_remove("BERTH_ADDR")
+            .envs(&self.env)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, dir: &Path, args: &[&str]) -> Output {
+        self.command(dir, args).output().unwrap()
+    }
+
+    fn ok(&self, dir: &Path, args: &[&str]) -> String {
+        let out = self.run(dir, args);
+        assert!(
+            out.status.success(),
+            "berth {args:?} failed ({}):\nstdout: {}\nstderr: {}\nserver log: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.server_log(),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ps(&self, dir: &Path, stack: &str) -> Vec<Value> {
+        let out = self.ok(dir, &["ps", "--json", "-p", stack]);
+        serde_json::from_str::<Vec<Value>>(&out).unwrap_or_else(|e| panic!("ps --json: {e}: {out}"))
+    }
+
+    fn server_pid(&self) -> Option<i32> {
+        let info = std::fs::read(self.data.path().join("server.json")).ok()?;
+        let v: Value = serde_json::from_slice(&info).ok()?;
+        v["pid"].as_i64().map(|p| p as i32)
+    }
+
+    fn server_log(&self) -> String {
+        let log = std::fs::read_to_string(self.data.path().join("server.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Start `berth server` as our own child (used after a kill -9).
+    fn start_server(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join("server.log"))
+            .unwrap();
+        let child = self
+            .command(self.data.path(), &["server"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.servers.push(child);
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        if let Some(pid) = self.server_pid() {
+            signal(pid, "TERM");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            signal(pid, "KILL");
+        }
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn signal(pid: i32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .output();
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes (its parent may be this test).
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// Pids of live processes whose environment says they belong to `stack`
+/// (and to `service`, if given).
+fn processes_of(stack: &str, service: Option<&str>) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        let has = |k: &str, v: &str| vars.iter().any(|x| *x == format!("{k}={v}").as_bytes());
+        if has("BERTH_STACK", stack)
+            && service.is_none_or(|s| has("BERTH_SERVICE", s))
+            && alive(pid)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(()) => return,
+            Err(why) if Instant::now() > deadline => panic!("timed out waiting for {what}: {why}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(port: u16, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    if out.starts_with("HTTP/1.") && out.contains(" 200 ") {
+        Ok(out)
+    } else {
+        Err(out)
+    }
+}
+
+fn instances<'a>(ps: &'a [Value], service: &str) -> Vec<&'a Value> {
+    ps.iter().filter(|i| i["service"] == service).collect()
+}
+
+fn all_ready(ps: &[Value], service: &str, n: usize) -> Result<(), String> {
+    let list = instances(ps, service);
+    let ready = list
+        .iter()
+        .filter(|i| i["state"] == "running" && (i["health"] == "healthy" || i["health"] == "none"))
+        .count();
+    if list.len() == n && ready == n {
+        Ok(())
+    } else {
+        Err(format!(
+            "{service}: {ready} ready of {} listed, want {n}: {list:?}",
+            list.len()
+        ))
+    }
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn example_stack_up_heals_scales_and_goes_down_cleanly() {
+    let mut berth = Berth::new();
+    let stack = format!("poly{}", std::process::id());
+    let (api_port, web_port) = (free_port(), free_port());
+    berth.env.insert("API_PORT".into(), api_port.to_string());
+    berth.env.insert("WEB_PORT".into(), web_port.to_string());
+    let dir = repo().join("examples/polyglot");
+
+    berth.ok(&dir, &["up", "-d", "-p", &stack]);
+    let ps = berth.ps(&dir, &stack);
+    for (service, n) in [("api", 2), ("web", 2), ("worker", 1)] {
+        all_ready(&ps, service, n).unwrap();
+    }
+    for i in &ps {
+        for key in [
+            "stack", "service", "instance", "state", "health", "pid", "address", "restarts",
+        ] {
+            assert!(i.get(key).is_some(), "ps --json lacks {key}: {i}");
+        }
+        assert_eq!(i["stack"], stack.as_str());
+    }
+    // The front end answers through its published port, with the API's answer.
+    let page = http_get(web_port, "/").unwrap();
+    assert!(
+        page.contains("\"api\"") && page.contains("hello from the python api"),
+        "{page}"
+    );
+
+    // kill -9 of one app process: back and healthy by itself.
+    let victim = instances(&ps, "api")[0].clone();
+    let pid = victim["pid"].as_i64().unwrap() as i32;
+    signal(pid, "KILL");
+    wait_until("api instance to come back", Duration::from_secs(30), || {
+        let ps = berth.ps(&dir, &stack);
+        let me = ps
+            .iter()
+            .find(|i| i["instance"] == victim["instance"])
+            .ok_or("gone")?;
+        let back = me["restarts"].as_u64() >= Some(1)
+            && me["pid"].as_i64() != Some(pid as i64)
+            && me["health"] == "healthy";
+        if back { Ok(()) } else { Err(me.to_string()) }
+    });
+
+    // scale web=5 then =1.
+    berth.ok(&dir, &["scale", "-p", &stack, "web=5"]);
+    wait_until("5 healthy web", Duration::from_secs(30), || {
+        all_ready(&berth.ps(&dir, &stack), "web", 5)
+    });
+    berth.ok(&dir, &["scale", "-p", &stack, "web=1"]);
+    wait_until("1 web", Duration::from_secs(30), || {
+        all_ready(&berth.ps(&dir, &stack), "web", 1)
+    });
+    wait_until("web processes down to 1", Duration::from_secs(30), || {
+        let n = processes_of(&stack, Some("web")).len();
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} web processes"))
+        }
+    });
+    assert_eq!(http_get(web_port, "/").map(|_| ()), Ok(()));
+
+    // The worker talks to the front end, and its logs say so.
+    wait_until("worker log line", Duration::from_secs(30), || {
+        let logs = berth.ok(&dir, &["logs", "-p", &stack, "--tail", "20", "worker"]);
+        if logs.contains("worker.1 |") && logs.contains("via api.") {
+            Ok(())
+        } else {
+            Err(logs)
+        }
+    });
+
+    berth.ok(&dir, &["down", "-p", &stack]);
+    wait_until("no process left", Duration::from_secs(15), || {
+        let left = processes_of(&stack, None);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    });
+    let ps = berth.ps(&dir, &stack);
+    assert!(ps.is_empty(), "{ps:?}");
+    berth.servers.clear();
+}
+
+#[test]
+fn server_killed_during_scale_converges_to_exactly_the_desired_count() {
+    let mut berth = Berth::new();
+    let stack = format!("crash{}", std::process::id());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("compose.yaml"),
+        concat!(
+            "services:\n",
+            "  web:\n",
+            "    command: [\"sh\", \"-c\", \"exec busybox httpd -f -p 127.0.0.1:$$PORT\"]\n",
+            "    ports: [\"8080\"]\n",
+            "    x-berth:\n",
+            "      healthcheck: { http: /, interval: 1s, start_interval: 100ms }\n",
+        ),
+    )
+    .unwrap();
+    // busybox httpd answers 404 for / without an index; give it one.
+    std::fs::write(dir.path().join("index.html"), "ok").unwrap();
+    let dir = dir.path();
+    berth.ok(dir, &["up", "-d", "-p", &stack]);
+    all_ready(&berth.ps(dir, &stack), "web", 1).unwrap();
+
+    berth.ok(dir, &["scale", "-p", &stack, "web=20"]);
+    std::thread::sleep(Duration::from_millis(150));
+    let pid = berth.server_pid().expect("server.json names the server");
+    signal(pid, "KILL");
+    wait_until("server gone", Duration::from_secs(5), || {
+        if alive(pid) {
+            Err("alive".into())
+        } else {
+            Ok(())
+        }
+    });
+
+    berth.start_server();
+    wait_until("20 healthy web", Duration::from_secs(60), || {
+        berth
+            .run(dir, &["ps"])
+            .status
+            .success()
+            .then_some(())
+            .ok_or("no server yet")?;
+        all_ready(&berth.ps(dir, &stack), "web", 20)
+    });
+    // Exactly 20 processes: no orphans from the killed server, no duplicates.
+    wait_until("exactly 20 web processes", Duration::from_secs(20), || {
+        let n = processes_of(&stack, Some("web")).len();
+        if n == 20 {
+            Ok(())
+        } else {
+            Err(format!("{n} web processes"))
+        }
+    });
+    berth.ok(dir, &["down", "-p", &stack]);
+    assert!(processes_of(&stack, None).is_empty());
+}
+
+#[test]
+fn malformed_stack_files_fail_with_file_line_column() {
+    let berth = Berth::new();
+    let cases = [
+        ("indent", "services:\n  web:\n    command: x\n   image: y\n"),
+        ("unknown", "services:\n  web:\n    comand: sleep 1\n"),
+        (
+            "type",
+            "services:\n  web:\n    command: sleep 1\n    deploy:\n      replicas: many\n",
+        ),
+        (
+            "cycle",
+            "services:\n  a:\n    command: x\n    depends_on: [b]\n  b:\n    command: x\n    depends_on: [a]\n",
+        ),
+        (
+            "required",
+            "services:\n  web:\n    command: echo ${NOPE:?set NOPE first}\n",
+        ),
+    ];
+    for (name, content) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("compose.yaml"), content).unwrap();
+        for args in [&["config"][..], &["up", "-d"][..]] {
+            let out = berth.run(dir.path(), args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{name} {args:?}: {err}");
+            let located = err.lines().any(|l| {
+                l.contains("compose.yaml:")
+                    && l.split("compose.yaml:").nth(1).is_some_and(|rest| {
+                        let mut it = rest.split(':');
+                        it.next().is_some_and(|x| x.parse::<u32>().is_ok())
+                            && it.next().is_some_and(|x| x.trim().parse::<u32>().is_ok())
+                    })
+            });
+            assert!(located, "{name} {args:?}: no file:line:column in: {err}");
+        }
+    }
+}

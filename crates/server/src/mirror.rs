@@ -1,0 +1,145 @@
+//! An in-memory mirror of the cluster state under `/berth/`, kept current by
+//! one store watch, for the loops that react to state (the controller, the
+//! catalog). Reacting to a mirror instead of re-reading the store makes a
+//! reconcile pass cost no I/O, and level-triggered handlers make a missed or
+//! repeated notification harmless.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use berth_model::{Assignment, InstanceKey, InstanceStatus, Node, StackRecord, keys};
+use berth_store::{Revision, Store, StoreError, WatchEvent, decode};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+
+/// Everything the controller knows, mirrored from the store.
+#[derive(Debug, Default)]
+pub struct Mirror {
+    /// Stack records by key, with their mod revision.
+    pub stacks: BTreeMap<String, (StackRecord, Revision)>,
+    /// Assignments by key, with their mod revision.
+    pub assignments: BTreeMap<String, (Assignment, Revision)>,
+    /// Instance statuses by instance.
+    pub statuses: BTreeMap<InstanceKey, InstanceStatus>,
+    /// Nodes by id.
+    pub nodes: BTreeMap<String, Node>,
+}
+
+impl Mirror {
+    /// Apply one store event. Keys outside the four prefixes are ignored;
+    /// values that do not decode are logged and skipped (they cannot be
+    /// acted on, and one bad record must not stop every other stack).
+    pub fn apply(&mut self, event: &WatchEvent) {
+        match event {
+            WatchEvent::Put(kv) => {
+                let key = kv.key.as_str();
+                let rev = kv.mod_revision;
+                if key.starts_with(keys::STACKS) {
+                    if let Some(v) = decode_logged(kv) {
+                        self.stacks.insert(kv.key.clone(), (v, rev));
+                    }
+                } else if key.starts_with(keys::ASSIGNMENTS) {
+                    if let Some(v) = decode_logged(kv) {
+                        self.assignments.insert(kv.key.clone(), (v, rev));
+                    }
+                } else if key.starts_with(keys::STATUS) {
+                    if let Some(v) = decode_logged::<InstanceStatus>(kv) {
+                        self.statuses.insert(v.key.clone(), v);
+                    }
+                } else if let Some(id) = key.strip_prefix(keys::NODES)
+                    && let Some(v) = decode_logged(kv)
+                {
+                    self.nodes.insert(id.to_owned(), v);
+                }
+            }
+            WatchEvent::Delete { key, .. } => {
+                self.stacks.remove(key);
+                self.assignments.remove(key);
+                if key.starts_with(keys::STATUS)
+                    && let Some(k) = keys::parse_instance(key)
+                {
+                    self.statuses.remove(&k);
+                }
+                if let Some(id) = key.strip_prefix(keys::NODES) {
+                    self.nodes.remove(id);
+                }
+            }
+        }
+    }
+}
+
+fn decode_logged<T: serde::de::DeserializeOwned>(kv: &berth_store::KeyValue) -> Option<T> {
+    match decode(kv) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(key = %kv.key, error = %e, "skipping undecodable record");
+            None
+        }
+    }
+}
+
+/// Something that reacts to the mirror.
+pub trait Follower {
+    /// Called after the initial listing and after every burst of events,
+    /// with the highest revision applied so far.
+    fn changed(
+        &mut self,
+        mirror: &Mirror,
+        revision: Revision,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+
+    /// Called when the mirror is rebuilt from a fresh listing.
+    fn relisted(&mut self) {}
+}
+
+/// List `/berth/`, then follow its watch, calling `follower` after every
+/// burst, until `shutdown` turns true. Re-lists when the watch ends or
+/// reports compaction, so no change is ever silently missed.
+pub async fn follow<F: Follower + Send>(
+    store: Arc<dyn Store>,
+    shutdown: watch::Receiver<bool>,
+    follower: &mut F,
+) -> anyhow::Result<()> {
+    let mut shutdown = std::pin::pin!(crate::stopped(shutdown));
+    loop {
+        let (kvs, rev) = store.range(keys::ROOT).await?;
+        let mut mirror = Mirror::default();
+        for kv in kvs {
+            mirror.apply(&WatchEvent::Put(kv));
+        }
+        follower.relisted();
+        let mut events = store.watch(keys::ROOT, rev + 1).await?;
+        let mut seen = rev;
+        loop {
+            follower.changed(&mirror, seen).await?;
+            let batch = tokio::select! {
+                b = events.next() => b,
+                _ = &mut shutdown => return Ok(()),
+            };
+            let Some(batch) = batch else { break };
+            let mut batch = Some(batch);
+            let mut relist = false;
+            // Drain everything already queued so a burst costs one pass.
+            while let Some(b) = batch.take() {
+                match b {
+                    Ok(b) => {
+                        for e in &b {
+                            seen = seen.max(e.revision());
+                            mirror.apply(e);
+                        }
+                    }
+                    Err(StoreError::Compacted { .. }) => relist = true,
+                    Err(e) => return Err(e.into()),
+                }
+                if relist {
+                    break;
+                }
+                batch = events.next().now_or_never().flatten();
+            }
+            if relist {
+                break;
+            }
+        }
+        tracing::info!("state watch ended; re-listing");
+    }
+}
