@@ -450,6 +450,15 @@ pub fn service(
         if svc.working_dir.is_none() {
             svc.working_dir = Some(project_dir.to_path_buf());
         }
+        if svc.command.is_none() && svc.entrypoint.is_none() {
+            // Compose would refuse a service without image or build; berth
+            // runs it as a process, which needs a program. A warning, not an
+            // error: `berth config` and later `-f` files may still fill it.
+            let d = conv
+                .err(key, "", "this service has no `command`, `entrypoint`, `image` or `build`: its instances will fail to start")
+                .hint("give it a `command:` to run as a process");
+            conv.diags().warn(d);
+        }
         // Accepted for containers, but a plain process has no use for them:
         // say so rather than drop them silently.
         for (k, _) in &entries {
@@ -536,7 +545,12 @@ fn env_files(conv: &mut Conv<'_, '_>, node: &Node, env: &mut BTreeMap<String, Op
         let (path_node, required) = match &it.value {
             Value::Scalar { .. } => (it.clone(), true),
             Value::Map(_) => {
-                conv.keys(&it, "env_file", schema::ENV_FILE, schema::ENV_FILE);
+                conv.keys(
+                    &it,
+                    "env_file",
+                    schema::ENV_FILE,
+                    schema::ENV_FILE_SUPPORTED,
+                );
                 let Some(p) = it.get("path") else {
                     conv.error(&it, "env_file", "an `env_file` entry needs a `path`");
                     continue;
@@ -723,10 +737,30 @@ pub fn parse_port_spec(spec: &str) -> Result<Vec<Port>, String> {
         .collect())
 }
 
+/// An IPv4 or IPv6 address (the proxy binds it; a host name cannot be).
+fn valid_host_ip(ip: &str) -> bool {
+    ip.parse::<std::net::IpAddr>().is_ok()
+}
+
+fn bad_host_ip(conv: &mut Conv<'_, '_>, node: &Node, ip: &str) {
+    conv.error_hint(
+        node,
+        "ports",
+        format!("invalid host IP {ip:?}: expected an IPv4 or IPv6 address"),
+        "write 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)",
+    );
+}
+
 fn ports(conv: &mut Conv<'_, '_>, node: &Node, out: &mut Vec<Port>) {
     match &node.value {
         Value::Scalar { text, .. } => match parse_port_spec(text) {
             Ok(ps) => {
+                if let Some(ip) = ps.first().and_then(|p| p.host_ip.as_deref())
+                    && !valid_host_ip(ip)
+                {
+                    bad_host_ip(conv, node, ip);
+                    return;
+                }
                 for p in ps {
                     if !out.contains(&p) {
                         out.push(p);
@@ -791,12 +825,21 @@ fn ports(conv: &mut Conv<'_, '_>, node: &Node, out: &mut Vec<Port>) {
                 },
                 None => None,
             };
+            let host_ip = match node.get("host_ip") {
+                Some(h) => match conv.string(h, "ports.host_ip") {
+                    Some(ip) if valid_host_ip(&ip) => Some(ip),
+                    Some(ip) => {
+                        bad_host_ip(conv, h, &ip);
+                        return;
+                    }
+                    None => return,
+                },
+                None => None,
+            };
             let port = Port {
                 target,
                 published,
-                host_ip: node
-                    .get("host_ip")
-                    .and_then(|h| conv.string(h, "ports.host_ip")),
+                host_ip,
                 protocol,
                 app_protocol: node
                     .get("app_protocol")

@@ -273,6 +273,8 @@ pub const EXTENDS: &[&str] = &["service", "file"];
 pub const INCLUDE: &[&str] = &["path", "env_file", "project_directory"];
 /// `env_file` long-syntax keys.
 pub const ENV_FILE: &[&str] = &["path", "required", "format"];
+/// Of those, the ones berth acts on (`format` alternatives are not read).
+pub const ENV_FILE_SUPPORTED: &[&str] = &["path", "required"];
 /// `build` keys berth acts on.
 pub const BUILD_SUPPORTED: &[&str] = &["context", "dockerfile", "args", "target"];
 /// Long-syntax volume keys berth acts on.

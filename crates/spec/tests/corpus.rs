@@ -255,10 +255,20 @@ fn expectations() -> BTreeMap<&'static str, Expect> {
             let w = svc(l, "withUlimits");
             assert_eq!(w.name, "withUlimits");
             assert_eq!(w.image.as_deref(), Some("test"));
-            assert!(l.warnings.iter().any(|d| d.line == 14
-                && d.service.as_deref() == Some("withUlimits")
-                && d.message == "`ulimits` is not supported by berth and is ignored"));
-            assert_eq!(l.warnings.len(), 1, "{:?}", l.warnings);
+            let warnings: Vec<(usize, Option<&str>, &str)> = l
+                .warnings
+                .iter()
+                .map(|d| (d.line, d.service.as_deref(), d.message.as_str()))
+                .collect();
+            let nothing_to_run = "this service has no `command`, `entrypoint`, `image` or `build`: its instances will fail to start";
+            assert_eq!(
+                warnings,
+                [
+                    (8, Some("with-port"), nothing_to_run),
+                    (14, Some("withUlimits"), "`ulimits` is not supported by berth and is ignored"),
+                    (25, Some("nil"), nothing_to_run),
+                ]
+            );
             // Extended from sibling.yaml: its `build: .` is relative to that file.
             let b = svc(l, "with-build").build.as_ref().unwrap();
             assert_eq!(

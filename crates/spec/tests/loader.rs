@@ -381,6 +381,60 @@ fn port_mode() {
 }
 
 #[test]
+fn port_host_ip_must_be_an_address() {
+    let l = ok(
+        "services:\n  a:\n    command: x\n    ports: [\"0.0.0.0:80:80\", \"[::1]:81:81\", {target: 82, published: 82, host_ip: 127.0.0.1}]\n",
+    );
+    let ips: Vec<Option<&str>> = l.stack.services["a"]
+        .ports
+        .iter()
+        .map(|p| p.host_ip.as_deref())
+        .collect();
+    assert_eq!(ips, [Some("0.0.0.0"), Some("::1"), Some("127.0.0.1")]);
+    let e = err(
+        "services:\n  a:\n    command: x\n    ports:\n      - localhost:80:80\n      - {target: 81, host_ip: myhost}\n",
+    );
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(lines.len(), 2, "{e}");
+    assert_eq!(
+        lines[0],
+        "compose.yaml:5:9: service `a`, field `ports`: invalid host IP \"localhost\": expected an IPv4 or IPv6 address (hint: write 127.0.0.1 (this machine only) or 0.0.0.0 (every interface))"
+    );
+    assert!(
+        lines[1].starts_with(
+            "compose.yaml:6:31: service `a`, field `ports`: invalid host IP \"myhost\""
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn nothing_to_run_and_env_file_format_warn() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "a.env", "A=1\n");
+    let l = load_str(
+        &d.join("compose.yaml"),
+        "services:\n  idle: {}\n  a:\n    command: x\n    env_file: [{path: a.env, format: raw}]\n",
+        &opts(d),
+    )
+    .unwrap();
+    let w: Vec<String> = l
+        .warnings
+        .iter()
+        .map(|w| format!("{}:{} {}", w.line, w.column, w.message))
+        .collect();
+    assert_eq!(
+        w,
+        [
+            "2:3 this service has no `command`, `entrypoint`, `image` or `build`: its instances will fail to start",
+            "5:30 `format` is not supported by berth and is ignored",
+        ]
+    );
+    assert_eq!(l.stack.services["a"].environment["A"].as_deref(), Some("1"));
+}
+
+#[test]
 fn restart_policy_from_deploy_wins() {
     let l = ok(
         "services:\n  w:\n    command: x\n    restart: always\n    deploy:\n      restart_policy: {condition: on-failure, max_attempts: 3}\n",
