@@ -14,7 +14,7 @@
 //!   expires or is revoked.
 //!
 //! Implementations: [`embedded::EmbeddedStore`] (redb, single file, the
-//! default) and, for fleets, an etcd one. [`conformance`] holds the test suite
+//! default) and, for fleets, [`etcd::EtcdStore`]. [`conformance`] holds the test suite
 //! both must pass.
 //!
 //! This crate knows nothing of berth's types: values are bytes. The typed
@@ -31,6 +31,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 pub mod conformance;
 pub mod embedded;
+pub mod etcd;
 
 /// A store revision. Starts at 1 for an empty store, as etcd's does.
 pub type Revision = i64;

@@ -1,0 +1,342 @@
+//! Real etcd processes for tests: a single member ([`Etcd::start`]) or a
+//! cluster of N members on 127.0.0.1 ([`EtcdCluster::start`]), each in its
+//! own temporary data directory, killed (SIGKILL) and waited for on drop.
+//! Children also get SIGKILL if the test process dies first
+//! (`PR_SET_PDEATHSIG`), so an aborted run leaves no etcd behind.
+//!
+//! Missing etcd is a test failure, not a skip: the message says to run
+//! `scripts/test`, which installs it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_store::etcd::{EtcdConfig, EtcdStore};
+use berth_store::{KeyValue, LeaseId, Result, Revision, Store, Txn, TxnResult, WatchStream};
+use bytes::Bytes;
+use tokio::time::{Instant, sleep};
+
+/// How long a member may take to become healthy.
+const STARTUP: Duration = Duration::from_secs(30);
+
+/// One etcd member process.
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Member {
+    /// `host:port` of the client URL.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// The last lines etcd logged, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut command = Command::new("etcd");
+        command
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between
+        // fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        match command.spawn() {
+            Ok(child) => self.child = Some(child),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "etcd is not installed (no `etcd` on PATH). The etcd store tests need a real \
+                 etcd: run scripts/test, which installs Debian's etcd-server (or \
+                 `apt-get install etcd-server`)."
+            ),
+            Err(e) => panic!("cannot start etcd: {e}"),
+        }
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start the member again on its data directory (after [`Member::kill`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "{} is still running", self.name);
+        // A restarting member rejoins; it must not try to bootstrap again.
+        for arg in &mut self.args {
+            if arg == "--initial-cluster-state=new" {
+                *arg = "--initial-cluster-state=existing".into();
+            }
+        }
+        self.spawn();
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn check_alive(&mut self) {
+        if let Some(child) = &mut self.child
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            panic!(
+                "etcd member {} exited ({status}) while starting:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A cluster of real etcd members on 127.0.0.1 (1 member for most tests).
+pub struct EtcdCluster {
+    pub members: Vec<Member>,
+    // Dropped after the members (fields drop in order): the processes are
+    // dead before their data directories go.
+    _dir: tempfile::TempDir,
+}
+
+/// One etcd member, for the conformance suite.
+pub type Etcd = EtcdCluster;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl EtcdCluster {
+    /// A single-member etcd, healthy.
+    pub async fn single() -> Self {
+        Self::start(1).await
+    }
+
+    /// `size` members forming one cluster, all healthy, with a leader.
+    pub async fn start(size: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<Member> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(client_port, peer_port))| {
+                let name = format!("m{i}");
+                let data_dir = dir.path().join(&name);
+                let client = format!("http://127.0.0.1:{client_port}");
+                let peer = format!("http://127.0.0.1:{peer_port}");
+                let args = vec![
+                    format!("--name={name}"),
+                    format!("--data-dir={}", data_dir.display()),
+                    format!("--listen-client-urls={client}"),
+                    format!("--advertise-client-urls={client}"),
+                    format!("--listen-peer-urls={peer}"),
+                    format!("--initial-advertise-peer-urls={peer}"),
+                    format!("--initial-cluster={initial_cluster}"),
+                    format!("--initial-cluster-token={token}"),
+                    "--initial-cluster-state=new".into(),
+                    // Fast elections (and a 1 s minimum lease TTL, which is
+                    // 1.5 election timeouts) so tests do not wait on etcd.
+                    "--heartbeat-interval=50".into(),
+                    "--election-timeout=500".into(),
+                    "--logger=zap".into(),
+                    "--log-level=warn".into(),
+                ];
+                Member {
+                    log: dir.path().join(format!("{name}.log")),
+                    name,
+                    client_port,
+                    peer_port,
+                    data_dir,
+                    args,
+                    child: None,
+                }
+            })
+            .collect();
+        for member in &mut members {
+            member.spawn();
+        }
+        let mut cluster = Self { members, _dir: dir };
+        cluster.wait_healthy().await;
+        cluster
+    }
+
+    /// Client endpoints of every member (running or not).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(Member::endpoint).collect()
+    }
+
+    /// Waits until every running member answers and knows a leader.
+    pub async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + STARTUP;
+        for i in 0..self.members.len() {
+            if !self.members[i].is_running() {
+                continue;
+            }
+            loop {
+                self.members[i].check_alive();
+                if member_status(&self.members[i].endpoint())
+                    .await
+                    .is_some_and(|(_, leader)| leader != 0)
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "etcd member {} not healthy within {STARTUP:?}:\n{}",
+                    self.members[i].name,
+                    self.members[i].log_tail()
+                );
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Index of the current leader among the running members.
+    pub async fn leader(&self) -> usize {
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            for (i, member) in self.members.iter().enumerate() {
+                if member.is_running()
+                    && let Some((id, leader)) = member_status(&member.endpoint()).await
+                    && id == leader
+                {
+                    return i;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no etcd leader within {STARTUP:?}"
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A store on every member's endpoint, under `namespace`.
+    pub async fn store(&self, namespace: &str) -> EtcdStore {
+        EtcdStore::connect(EtcdConfig::new(self.endpoints()).namespace(namespace))
+            .await
+            .unwrap()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+}
+
+/// `(member id, leader id)` of the member at `endpoint`, if it answers.
+async fn member_status(endpoint: &str) -> Option<(u64, u64)> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_timeout(Duration::from_millis(500));
+    let mut client = etcd_client::Client::connect([endpoint], Some(options))
+        .await
+        .ok()?;
+    let status = client.status().await.ok()?;
+    Some((status.header()?.member_id(), status.leader()))
+}
+
+/// A store that owns the etcd it talks to, so a test's etcd lives exactly
+/// as long as its store (the conformance suite only holds the store).
+pub struct EtcdBacked {
+    pub store: EtcdStore,
+    pub etcd: Arc<EtcdCluster>,
+}
+
+impl EtcdBacked {
+    /// A fresh single-member etcd and a store on it under `namespace`.
+    pub async fn fresh(namespace: &str) -> Self {
+        let etcd = EtcdCluster::single().await;
+        let store = etcd.store(namespace).await;
+        Self {
+            store,
+            etcd: Arc::new(etcd),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EtcdBacked {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        self.store.get(key).await
+    }
+    async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
+        self.store.range(prefix).await
+    }
+    async fn put(&self, key: &str, value: Bytes, lease: LeaseId) -> Result<Revision> {
+        self.store.put(key, value, lease).await
+    }
+    async fn delete(&self, key: &str) -> Result<Revision> {
+        self.store.delete(key).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<TxnResult> {
+        self.store.txn(txn).await
+    }
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream> {
+        self.store.watch(prefix, from).await
+    }
+    async fn revision(&self) -> Result<Revision> {
+        self.store.revision().await
+    }
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId> {
+        self.store.lease_grant(ttl).await
+    }
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<()> {
+        self.store.lease_keep_alive(lease).await
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<()> {
+        self.store.lease_revoke(lease).await
+    }
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        self.store.compact(revision).await
+    }
+}
