@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use berth_model::{Assignment, InstanceKey, InstanceStatus, keys};
-use berth_store::{Op, Revision, Store, StoreError, Txn, WatchEvent};
+use berth_store::{LeaseId, Op, Revision, Store, StoreError, Txn, WatchEvent};
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 
@@ -69,12 +69,24 @@ pub trait ControlPlane: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct StoreControlPlane {
     store: Arc<dyn Store>,
+    lease: LeaseId,
 }
 
 impl StoreControlPlane {
-    /// Use this store.
+    /// Use this store; statuses are written without a lease.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store }
+        Self { store, lease: 0 }
+    }
+
+    /// Attach every status this agent writes to the node's lease.
+    ///
+    /// Statuses are facts about a live agent: when it dies they must go with
+    /// it. After a `kill -9` and restart, the new agent re-reports what it
+    /// runs under its new lease, and the old lease's expiry removes the rest
+    /// (e.g. statuses of instances whose assignments were deleted while the
+    /// agent was down), so no ghost instance outlives one lease TTL.
+    pub fn with_lease(store: Arc<dyn Store>, lease: LeaseId) -> Self {
+        Self { store, lease }
     }
 }
 
@@ -127,7 +139,9 @@ impl ControlPlane for StoreControlPlane {
     }
 
     async fn report(&self, status: &InstanceStatus) -> Result<(), ControlError> {
-        berth_store::put_json(self.store.as_ref(), &keys::status(&status.key), status).await?;
+        let key = keys::status(&status.key);
+        let value = berth_store::encode(&key, status)?;
+        self.store.put(&key, value, self.lease).await?;
         Ok(())
     }
 
@@ -136,7 +150,11 @@ impl ControlPlane for StoreControlPlane {
         for s in statuses {
             let key = keys::status(&s.key);
             let value = berth_store::encode(&key, s)?;
-            txn.success.push(Op::put(key, value));
+            txn.success.push(Op::Put {
+                key,
+                value,
+                lease: self.lease,
+            });
         }
         if !txn.success.is_empty() {
             self.store.txn(txn).await?;

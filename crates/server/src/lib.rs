@@ -131,7 +131,10 @@ pub async fn run(
         address: "127.0.0.1".to_owned(),
         logs: Default::default(),
     };
-    let control = Arc::new(berth_agent::StoreControlPlane::new(store.clone()));
+    let control = Arc::new(berth_agent::StoreControlPlane::with_lease(
+        store.clone(),
+        lease,
+    ));
     {
         let logs = logs.clone();
         let rx = stop_rx.clone();
