@@ -1,0 +1,78 @@
+//! The one place where the router's own failures become HTTP responses.
+//!
+//! Bodies are short plain text naming the service (never backend
+//! addresses or anything else a client should not learn).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use crate::http::body::RespBody;
+use crate::http::table::ServiceId;
+
+/// Why the router answered a request itself instead of forwarding it.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matched the request's host and path (404).
+    #[error("no route for host {host} path {path}")]
+    NoRoute {
+        /// The request's host, normalized.
+        host: String,
+        /// The request's path.
+        path: String,
+    },
+    /// The request had no usable host (400).
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// The service has no instance the router may use now (503).
+    #[error("no healthy instance of service {0}")]
+    NoHealthyInstance(ServiceId),
+    /// The service's bulkhead is full (503).
+    #[error("service {service} is at its concurrency limit ({limit})")]
+    AtConcurrencyLimit {
+        /// The service.
+        service: ServiceId,
+        /// Its `max_concurrent`.
+        limit: u32,
+    },
+    /// The instance did not answer within the upstream timeout (504).
+    #[error("service {0} did not answer in time")]
+    Timeout(ServiceId),
+    /// Connecting to or talking with the instance failed (502).
+    #[error("bad gateway: service {service} failed: {reason}")]
+    Upstream {
+        /// The service.
+        service: ServiceId,
+        /// What went wrong, without addresses.
+        reason: &'static str,
+    },
+}
+
+impl ProxyError {
+    /// The status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoHealthyInstance(_) | ProxyError::AtConcurrencyLimit { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The response sent to the client.
+    pub(crate) fn into_response(self) -> Response<RespBody> {
+        let mut body = self.to_string();
+        body.push('\n');
+        let mut resp = Response::new(RespBody::Local(Full::new(Bytes::from(body))));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}

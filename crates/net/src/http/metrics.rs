@@ -1,0 +1,124 @@
+//! Router metrics: per-service request counters by status class, a
+//! fixed-bucket latency histogram, in-flight and ejection counts, and
+//! router-wide connection counts — plain atomics, read as a
+//! [`RouterMetrics`] snapshot by whoever exports them (the metrics issue).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::http::table::ServiceId;
+
+/// Upper bounds of the latency buckets, in microseconds; a last implicit
+/// bucket holds everything slower.
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 10_000_000,
+];
+
+/// Live counters of one service.
+pub(crate) struct ServiceMetrics {
+    pub(crate) id: ServiceId,
+    by_class: [AtomicU64; 5],
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    latency_sum_us: AtomicU64,
+    pub(crate) ejections: AtomicU64,
+    pub(crate) retries: AtomicU64,
+}
+
+impl ServiceMetrics {
+    pub(crate) fn new(id: ServiceId) -> Self {
+        Self {
+            id,
+            by_class: Default::default(),
+            buckets: Default::default(),
+            latency_sum_us: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn record(&self, status: u16, elapsed: Duration) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(LATENCY_BUCKETS_US.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self, in_flight: u64, instances_ejected: u64) -> ServiceSnapshot {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServiceSnapshot {
+            service: self.id.clone(),
+            requests_by_class: self.by_class.each_ref().map(load),
+            latency_buckets: self.buckets.each_ref().map(load),
+            latency_sum_us: load(&self.latency_sum_us),
+            in_flight,
+            ejections: load(&self.ejections),
+            instances_ejected,
+            retries: load(&self.retries),
+        }
+    }
+}
+
+/// Router-wide counters.
+#[derive(Default)]
+pub(crate) struct GlobalMetrics {
+    pub(crate) connections_accepted: AtomicU64,
+    pub(crate) connections_active: AtomicU64,
+    pub(crate) no_route: AtomicU64,
+}
+
+/// One service's counters at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSnapshot {
+    /// The service.
+    pub service: ServiceId,
+    /// Responses sent, by status class: `[1xx, 2xx, 3xx, 4xx, 5xx]`
+    /// (including the router's own 502/503/504 for this service).
+    pub requests_by_class: [u64; 5],
+    /// Request counts per latency bucket: index `i` counts requests taking
+    /// at most [`LATENCY_BUCKETS_US`]`[i]` µs (and more than the previous
+    /// bound); the last entry counts the slower ones.
+    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of all latencies, in microseconds.
+    pub latency_sum_us: u64,
+    /// Requests in flight now.
+    pub in_flight: u64,
+    /// Times an instance of this service was ejected by the circuit breaker.
+    pub ejections: u64,
+    /// Instances ejected now.
+    pub instances_ejected: u64,
+    /// Requests re-sent to another instance after a connect failure.
+    pub retries: u64,
+}
+
+impl ServiceSnapshot {
+    /// Total responses.
+    pub fn requests(&self) -> u64 {
+        self.requests_by_class.iter().sum()
+    }
+}
+
+/// Everything the router counts, at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouterMetrics {
+    /// Client connections accepted since start.
+    pub connections_accepted: u64,
+    /// Client connections open now.
+    pub connections_active: u64,
+    /// Requests answered 404 because no route matched.
+    pub no_route: u64,
+    /// Per service, for every service the router has seen, sorted by id.
+    pub services: Vec<ServiceSnapshot>,
+}
+
+impl RouterMetrics {
+    /// The snapshot of one service, if the router has seen it.
+    pub fn service(&self, id: &ServiceId) -> Option<&ServiceSnapshot> {
+        self.services.iter().find(|s| &s.service == id)
+    }
+}
