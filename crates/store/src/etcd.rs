@@ -112,8 +112,9 @@ impl EtcdStore {
     /// here, with the endpoints named, not at the first write.
     pub async fn connect(config: EtcdConfig) -> Result<Self> {
         let endpoints = config.endpoints.join(",");
-        let unreachable =
-            |e: &dyn std::fmt::Display| StoreError::Backend(format!("etcd at {endpoints}: {e}"));
+        let unreachable = |e: &dyn std::fmt::Display| {
+            StoreError::Backend(format!("cannot use etcd at {endpoints}: {e}"))
+        };
         if config.endpoints.is_empty() {
             return Err(unreachable(&"no endpoint given"));
         }
@@ -148,7 +149,10 @@ impl EtcdStore {
         tokio::time::timeout(config.connect_timeout, store.header_revision())
             .await
             .map_err(|_| unreachable(&format!("no answer within {:?}", config.connect_timeout)))?
-            .map_err(|e| unreachable(&e))?;
+            .map_err(|e| match e {
+                StoreError::Backend(message) => unreachable(&message),
+                other => other,
+            })?;
         Ok(store)
     }
 
@@ -164,12 +168,15 @@ impl EtcdStore {
     }
 
     async fn header_revision(&self) -> Result<Revision> {
-        let key = self.namespace.key("");
+        // Any read answers with the revision; etcd refuses an empty key.
+        let mut key = self.namespace.key("");
+        if key.is_empty() {
+            key.push(0);
+        }
         let response = self
             .call("revision", Retry::Always, |mut c| {
                 let key = key.clone();
                 async move {
-                    // Any read answers with the revision; ask for nothing.
                     let options = GetOptions::new().with_count_only();
                     c.get(key, Some(options)).await
                 }
