@@ -33,6 +33,8 @@ pub struct Member {
     data_dir: PathBuf,
     log: PathBuf,
     args: Vec<String>,
+    /// TLS for health checks, when the member serves clients over https.
+    client_tls: Option<etcd_client::TlsOptions>,
     child: Option<Child>,
 }
 
@@ -152,6 +154,16 @@ impl EtcdCluster {
 
     /// `size` members forming one cluster, all healthy, with a leader.
     pub async fn start(size: usize) -> Self {
+        Self::start_with(size, None).await
+    }
+
+    /// A single member serving clients over TLS with client-certificate
+    /// authentication, using the files of [`TlsFiles::generate`].
+    pub async fn single_tls(files: &TlsFiles) -> Self {
+        Self::start_with(1, Some(files)).await
+    }
+
+    async fn start_with(size: usize, tls: Option<&TlsFiles>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let token = dir
             .path()
@@ -172,9 +184,10 @@ impl EtcdCluster {
             .map(|(i, &(client_port, peer_port))| {
                 let name = format!("m{i}");
                 let data_dir = dir.path().join(&name);
-                let client = format!("http://127.0.0.1:{client_port}");
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                let client = format!("{scheme}://127.0.0.1:{client_port}");
                 let peer = format!("http://127.0.0.1:{peer_port}");
-                let args = vec![
+                let mut args = vec![
                     format!("--name={name}"),
                     format!("--data-dir={}", data_dir.display()),
                     format!("--listen-client-urls={client}"),
@@ -191,7 +204,16 @@ impl EtcdCluster {
                     "--logger=zap".into(),
                     "--log-level=warn".into(),
                 ];
+                if let Some(tls) = tls {
+                    args.extend([
+                        format!("--cert-file={}", tls.server_cert.display()),
+                        format!("--key-file={}", tls.server_key.display()),
+                        format!("--trusted-ca-file={}", tls.ca.display()),
+                        "--client-cert-auth".into(),
+                    ]);
+                }
                 Member {
+                    client_tls: tls.map(TlsFiles::client_options),
                     log: dir.path().join(format!("{name}.log")),
                     name,
                     client_port,
@@ -224,7 +246,7 @@ impl EtcdCluster {
             }
             loop {
                 self.members[i].check_alive();
-                if member_status(&self.members[i].endpoint())
+                if member_status(&self.members[i])
                     .await
                     .is_some_and(|(_, leader)| leader != 0)
                 {
@@ -247,7 +269,7 @@ impl EtcdCluster {
         loop {
             for (i, member) in self.members.iter().enumerate() {
                 if member.is_running()
-                    && let Some((id, leader)) = member_status(&member.endpoint()).await
+                    && let Some((id, leader)) = member_status(member).await
                     && id == leader
                 {
                     return i;
@@ -273,12 +295,15 @@ impl EtcdCluster {
     }
 }
 
-/// `(member id, leader id)` of the member at `endpoint`, if it answers.
-async fn member_status(endpoint: &str) -> Option<(u64, u64)> {
-    let options = etcd_client::ConnectOptions::new()
+/// `(member id, leader id)` of the member, if it answers.
+async fn member_status(member: &Member) -> Option<(u64, u64)> {
+    let mut options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_millis(500))
         .with_timeout(Duration::from_millis(500));
-    let mut client = etcd_client::Client::connect([endpoint], Some(options))
+    if let Some(tls) = &member.client_tls {
+        options = options.with_tls(tls.clone());
+    }
+    let mut client = etcd_client::Client::connect([member.endpoint()], Some(options))
         .await
         .ok()?;
     let status = client.status().await.ok()?;
@@ -338,5 +363,122 @@ impl Store for EtcdBacked {
     }
     async fn compact(&self, revision: Revision) -> Result<()> {
         self.store.compact(revision).await
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made
+/// with the `openssl` command line tool in a temporary directory.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    pub fn generate() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl is needed to make test certificates (apt-get install openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=berth-test-ca",
+                ],
+            ]
+            .concat(),
+        );
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+            ),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ] {
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let pem = format!("{name}.pem");
+            let extfile = format!("{name}.ext");
+            std::fs::write(path(&extfile), ext).unwrap();
+            openssl(
+                &[
+                    &["req", "-new"][..],
+                    &ec,
+                    &[
+                        "-keyout",
+                        &key,
+                        "-out",
+                        &csr,
+                        "-subj",
+                        &format!("/CN={name}"),
+                    ],
+                ]
+                .concat(),
+            );
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ]);
+        }
+        Self {
+            ca: path("ca.pem"),
+            server_cert: path("server.pem"),
+            server_key: path("server.key"),
+            client_cert: path("client.pem"),
+            client_key: path("client.key"),
+            _dir: dir,
+        }
+    }
+
+    fn client_options(&self) -> etcd_client::TlsOptions {
+        let read = |p: &Path| std::fs::read(p).unwrap();
+        etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&self.ca)))
+            .identity(etcd_client::Identity::from_pem(
+                read(&self.client_cert),
+                read(&self.client_key),
+            ))
     }
 }
