@@ -321,3 +321,33 @@ pub struct LogLine {
     /// The text, without the trailing newline.
     pub line: String,
 }
+
+/// One instance as service discovery sees it: derived from actual state
+/// (or registered from outside through the Consul-compatible API), never
+/// edited by hand.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack (`""` for services registered from outside).
+    pub stack: String,
+    /// Service name.
+    pub service: String,
+    /// Instance id (`web.3`, or the registration id).
+    pub instance: String,
+    /// Node it runs on.
+    pub node: String,
+    /// IP address it is reachable on.
+    pub address: String,
+    /// Port, if it listens on one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Tags (from labels / registration).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Free-form metadata (release, uid, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
+    /// Passing its health check (or has none) and running.
+    pub healthy: bool,
+}

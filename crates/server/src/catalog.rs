@@ -10,7 +10,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use berth_model::{Health, InstanceState, InstanceStatus};
+use berth_model::{CatalogEntry, Health, InstanceState, InstanceStatus};
 use berth_net::Backends;
 use berth_store::Revision;
 use tokio::sync::watch;
@@ -20,6 +20,54 @@ use crate::mirror::{Follower, Mirror};
 /// Whether the router and proxies may send traffic to this instance.
 pub fn routable(s: &InstanceStatus) -> bool {
     s.state == InstanceState::Running && matches!(s.health, Health::Healthy | Health::None)
+}
+
+/// Every instance of every stack as discovery sees it, healthy or not,
+/// sorted by (namespace, stack, service, slot).
+///
+/// Instances without an address (not started yet) are left out: there is
+/// nothing to connect to.
+pub fn entries(mirror: &Mirror) -> Vec<CatalogEntry> {
+    mirror
+        .statuses
+        .values()
+        .filter_map(|s| {
+            let address = s.address.clone()?;
+            let mut meta = std::collections::BTreeMap::new();
+            meta.insert("release".to_owned(), s.release.to_string());
+            meta.insert("uid".to_owned(), s.uid.clone());
+            let tags = mirror
+                .stacks
+                .values()
+                .find(|(r, _)| r.namespace == s.key.namespace && r.name == s.key.stack)
+                .and_then(|(r, _)| r.spec.services.get(&s.key.service))
+                .map(|svc| svc.labels.iter().map(|(k, v)| format!("{k}={v}")).collect())
+                .unwrap_or_default();
+            Some(CatalogEntry {
+                namespace: s.key.namespace.clone(),
+                stack: s.key.stack.clone(),
+                service: s.key.service.clone(),
+                instance: s.key.short(),
+                node: s.node.clone(),
+                address,
+                port: s.port,
+                tags,
+                meta,
+                healthy: routable(s),
+            })
+        })
+        .collect()
+}
+
+/// Read the whole state into a mirror once (for request handlers that need
+/// a consistent snapshot and the revision it is at, e.g. blocking queries).
+pub async fn snapshot(store: &dyn berth_store::Store) -> anyhow::Result<(Mirror, Revision)> {
+    let (kvs, rev) = store.range(berth_model::keys::ROOT).await?;
+    let mut mirror = Mirror::default();
+    for kv in kvs {
+        mirror.apply(&berth_store::WatchEvent::Put(kv));
+    }
+    Ok((mirror, rev))
 }
 
 /// The published-port table for the current mirror.
