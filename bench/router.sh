@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Router benchmark: berth's HTTP router against nginx and HAProxy as reverse
+# proxies, in one run, with the same backend and the same wrk settings.
+#
+#   bench/router.sh            # 10 s per target, 2 wrk threads, 64 connections
+#   DURATION=5s CONNS=32 bench/router.sh
+#
+# The backend is nginx answering a small fixed body (one worker). Each proxy
+# gets 2 workers/threads and keeps connections to the backend alive. All
+# traffic stays on 127.0.0.1; every wrk run is bounded by DURATION.
+# Prints a Markdown table: requests/s, p50, p99, and ratios against nginx.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+THREADS=${THREADS:-2}
+CONNS=${CONNS:-64}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing ${need[*]} (apt)" >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+echo "building the router example (release)" >&2
+CARGO_TARGET_DIR=$TARGET_DIR cargo build -q --release -p berth-net --example router
+ROUTER=$TARGET_DIR/release/examples/router
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() {
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "nothing listens on port $1" >&2
+    tail -n 5 "$WORK"/*.err >&2 || true
+    return 1
+}
+
+BACKEND=$(free_port)
+NGINX_PROXY=$(free_port)
+HAPROXY_PORT=$(free_port)
+BERTH=$(free_port)
+
+nginx_conf() { # name workers server-block
+    mkdir -p "$WORK/$1"
+    cat >"$WORK/$1/nginx.conf" <<EOF
+worker_processes $2;
+daemon off;
+pid $WORK/$1/nginx.pid;
+error_log $WORK/$1/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/$1/body;
+    proxy_temp_path $WORK/$1/proxy;
+    fastcgi_temp_path $WORK/$1/fastcgi;
+    uwsgi_temp_path $WORK/$1/uwsgi;
+    scgi_temp_path $WORK/$1/scgi;
+    keepalive_requests 1000000;
+    $3
+}
+EOF
+}
+
+nginx_conf backend 1 "server { listen 127.0.0.1:$BACKEND; location / { default_type text/plain; return 200 'hello, world\n'; } }"
+nginx_conf proxy 2 "upstream app { server 127.0.0.1:$BACKEND; keepalive 128; }
+    server { listen 127.0.0.1:$NGINX_PROXY; location / {
+        proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";
+        proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; proxy_set_header Host \$host; } }"
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+    nbthread 2
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    option forwardfor
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend be
+backend be
+    server s1 127.0.0.1:$BACKEND
+EOF
+
+"$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" &
+PIDS+=($!)
+"$NGINX" -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy" 2>"$WORK/proxy.err" &
+PIDS+=($!)
+"$HAPROXY" -db -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.err" &
+PIDS+=($!)
+"$ROUTER" --listen "127.0.0.1:$BERTH" --backend "127.0.0.1:$BACKEND" --threads 2 2>"$WORK/router.err" &
+PIDS+=($!)
+for p in "$BACKEND" "$NGINX_PROXY" "$HAPROXY_PORT" "$BERTH"; do wait_port "$p"; done
+
+# wrk latency "123.45us" / "1.23ms" / "1.02s" → milliseconds
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+        else { print v } }'
+}
+
+declare -A RPS P50 P99
+run() { # name port
+    wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "http://127.0.0.1:$2/" >/dev/null
+    local out
+    out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/")
+    echo "$out" >"$WORK/$1.wrk"
+    if grep -q "Non-2xx\|Socket errors" <<<"$out"; then
+        echo "warning: $1: $(grep "Non-2xx\|Socket errors" <<<"$out")" >&2
+    fi
+    RPS[$1]=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    P50[$1]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    P99[$1]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    echo "$1: ${RPS[$1]} req/s, p50 ${P50[$1]} ms, p99 ${P99[$1]} ms" >&2
+}
+
+run "backend (direct)" "$BACKEND"
+run "berth router" "$BERTH"
+run "nginx" "$NGINX_PROXY"
+run "HAProxy" "$HAPROXY_PORT"
+
+echo
+echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency, keep-alive, 13-byte body; $(nproc) cores shared by wrk, proxy and backend"
+echo
+echo "| target | req/s | p50 ms | p99 ms | req/s vs nginx | p99 vs nginx |"
+echo "|---|---:|---:|---:|---:|---:|"
+for name in "backend (direct)" "berth router" "nginx" "HAProxy"; do
+    awk -v n="$name" -v r="${RPS[$name]}" -v p50="${P50[$name]}" -v p99="${P99[$name]}" \
+        -v nr="${RPS[nginx]}" -v np="${P99[nginx]}" \
+        'BEGIN { printf "| %s | %.0f | %.3f | %.3f | %.2f× | %.2f× |\n", n, r, p50, p99, r / nr, p99 / np }'
+done
