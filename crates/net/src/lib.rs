@@ -4,6 +4,9 @@
 //!   upgrades, TLS termination) routing by host and path to a service's
 //!   instances, with load balancing, retries, a circuit breaker and a
 //!   bulkhead. It follows an [`http::RouteTable`] the server builds.
+//! - [`dns::DnsServer`]: the authoritative DNS server for `berth.`
+//!   (A/AAAA/SRV of healthy instances, UDP and TCP), following a
+//!   [`dns::Zone`] the server builds from its catalog.
 //! - [`tcp::PortProxy`], which makes a published Compose port
 //!   (`ports: ["8000:5000"]`) mean what it means in Compose — something
 //!   listens on the host port — even though berth's process instances each
@@ -18,6 +21,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod dns;
 pub mod http;
 pub mod tcp;
 
