@@ -4,8 +4,12 @@
 //! ```text
 //! cargo run --release -p berth-net --example router -- \
 //!     --listen 127.0.0.1:8080 --backend 127.0.0.1:5000 [--backend …] \
-//!     [--policy rr|least] [--threads N] [--access-log]
+//!     [--policy rr|least] [--threads N] [--access-log] [--work-stealing]
 //! ```
+//!
+//! By default it serves from one single-threaded runtime per thread
+//! ([`Router::serve_on_threads`]); `--work-stealing` serves one listener
+//! from Tokio's multi-threaded runtime instead, for comparison.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +24,7 @@ struct Args {
     policy: LbPolicy,
     threads: Option<usize>,
     access_log: bool,
+    work_stealing: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -28,6 +33,7 @@ fn parse() -> Result<Args, String> {
     let mut policy = LbPolicy::RoundRobin;
     let mut threads = None;
     let mut access_log = false;
+    let mut work_stealing = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -43,6 +49,7 @@ fn parse() -> Result<Args, String> {
             }
             "--threads" => threads = Some(value()?.parse().map_err(|e| format!("--threads: {e}"))?),
             "--access-log" => access_log = true,
+            "--work-stealing" => work_stealing = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -56,6 +63,7 @@ fn parse() -> Result<Args, String> {
         policy,
         threads,
         access_log,
+        work_stealing,
     })
 }
 
@@ -67,11 +75,18 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    let mut rt = if args.work_stealing {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = args.threads {
+            b.worker_threads(n);
+        }
+        b
+    } else {
+        // Only the route-table follower runs here; requests run on the
+        // router's own threads.
+        tokio::runtime::Builder::new_current_thread()
+    };
     rt.enable_all();
-    if let Some(n) = args.threads {
-        rt.worker_threads(n);
-    }
     let rt = match rt.build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -110,6 +125,22 @@ async fn run(args: Args) -> std::io::Result<()> {
     );
     let (_tx, rx) = tokio::sync::watch::channel(table);
     let router = Router::new(rx, RouterConfig::default());
+    if !args.work_stealing {
+        let threads = args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = router.serve_on_threads(args.listen, threads, stop_rx)?;
+        eprintln!(
+            "router listening on {} ({threads} threads)",
+            server.local_addr()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = stop_tx.send(true);
+        return tokio::task::spawn_blocking(move || server.join())
+            .await
+            .map_err(std::io::Error::other)?;
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     eprintln!("router listening on {}", args.listen);
     router

@@ -752,3 +752,35 @@ async fn shutdown_lets_a_running_request_finish_then_stops_accepting() {
         .unwrap();
     assert!(TcpStream::connect(r.addr).await.is_err(), "still accepting");
 }
+
+#[tokio::test]
+async fn serves_from_per_core_threads_and_stops() {
+    let b = backend("a").await;
+    let (_tx, rx) = watch::channel(one_service_table(svc(&[b.addr])));
+    let router = Router::new(rx, RouterConfig::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server = router
+        .serve_on_threads("127.0.0.1:0".parse().unwrap(), 2, stop_rx)
+        .unwrap();
+    let addr = server.local_addr();
+    let cl = client();
+    for _ in 0..20 {
+        // Fresh connections, so that the kernel spreads them over both threads.
+        let cl2 = client();
+        assert_eq!(
+            get(&cl2, addr, "web.test", "/").await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        get(&cl, addr, "web.test", "/").await.header("x-backend"),
+        "a"
+    );
+    assert_eq!(b.hits.load(Ordering::SeqCst), 21);
+    stop_tx.send(true).unwrap();
+    tokio::task::spawn_blocking(move || server.join())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+}

@@ -127,7 +127,6 @@ pub struct Router {
 
 pub(crate) struct Inner {
     pub(crate) table: Arc<ArcSwap<Compiled>>,
-    pub(crate) client: Client<HttpConnector, UpstreamBody>,
     pub(crate) config: RouterConfig,
     pub(crate) breaker: BreakerConfig,
     pub(crate) clock: Clock,
@@ -207,15 +206,6 @@ impl Router {
             }
         });
 
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .build(connector);
         let breaker = BreakerConfig {
             failure_threshold: config.failure_threshold.max(1),
             base_ejection: config.base_ejection,
@@ -224,7 +214,6 @@ impl Router {
         Self {
             inner: Arc::new(Inner {
                 table: swap,
-                client,
                 config,
                 breaker,
                 clock: Clock::new(),
@@ -258,6 +247,21 @@ impl Router {
         self.serve_inner(listener, Some(acceptor), shutdown).await
     }
 
+    /// A connection pool to instances. Each serve call has its own, so
+    /// that pooled connections stay on the runtime (thread) that uses them.
+    fn client(&self) -> Client<HttpConnector, UpstreamBody> {
+        let config = &self.inner.config;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.enforce_http(true);
+        Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .build(connector)
+    }
+
     /// The counters now.
     pub fn metrics(&self) -> RouterMetrics {
         let g = &self.inner.global;
@@ -286,12 +290,57 @@ impl Router {
         }
     }
 
+    /// Serve plain HTTP on `addr` from `threads` OS threads, each running a
+    /// single-threaded runtime with its own `SO_REUSEPORT` listener and its
+    /// own connection pool: the kernel spreads connections over the threads
+    /// and a request never crosses threads, which saves the wake-ups a
+    /// work-stealing runtime pays per request. Returns once every listener
+    /// is bound (port 0 is resolved once and shared); the threads stop when
+    /// `shutdown` turns true.
+    pub fn serve_on_threads(
+        &self,
+        addr: SocketAddr,
+        threads: usize,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<ThreadedServer> {
+        let mut addr = addr;
+        let mut listeners = Vec::new();
+        for _ in 0..threads.max(1) {
+            let l = reuseport_listener(addr)?;
+            addr = l.local_addr()?;
+            listeners.push(l);
+        }
+        let mut handles = Vec::new();
+        for (i, l) in listeners.into_iter().enumerate() {
+            let router = self.clone();
+            let mut stop = shutdown.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("berth-router-{i}"))
+                .spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    rt.block_on(async move {
+                        let listener = TcpListener::from_std(l)?;
+                        router
+                            .serve(listener, async move {
+                                let _ = stop.wait_for(|s| *s).await;
+                            })
+                            .await
+                    })
+                })?;
+            handles.push(handle);
+        }
+        Ok(ThreadedServer { addr, handles })
+    }
+
     async fn serve_inner(
         &self,
         listener: TcpListener,
         tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
+        let client = self.client();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new());
         builder.http2().timer(TokioTimer::new());
@@ -316,18 +365,23 @@ impl Router {
             };
             let _ = stream.set_nodelay(true);
             let inner = self.inner.clone();
+            let client = client.clone();
             let builder = builder.clone();
             let watcher = graceful.watcher();
             let tls = tls.clone();
             conns.spawn(async move {
                 let _active = ActiveConnection::new(inner.clone());
                 match tls {
-                    None => serve_connection(inner, &builder, watcher, stream, peer, false).await,
+                    None => {
+                        serve_connection(inner, client, &builder, watcher, stream, peer, false)
+                            .await
+                    }
                     Some(acceptor) => {
                         let timeout = inner.config.tls_handshake_timeout;
                         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => {
-                                serve_connection(inner, &builder, watcher, s, peer, true).await
+                                serve_connection(inner, client, &builder, watcher, s, peer, true)
+                                    .await
                             }
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed")
@@ -356,6 +410,7 @@ impl Router {
 
 async fn serve_connection<IO>(
     inner: Arc<Inner>,
+    client: Client<HttpConnector, UpstreamBody>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     io: IO,
@@ -364,7 +419,7 @@ async fn serve_connection<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(proxy::ConnInfo::new(peer, tls));
+    let conn = Arc::new(proxy::ConnInfo::new(peer, tls, client));
     let service = hyper::service::service_fn(move |req| {
         let inner = inner.clone();
         let conn = conn.clone();
@@ -374,6 +429,44 @@ async fn serve_connection<IO>(
     if let Err(e) = watcher.watch(conn.into_owned()).await {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
+}
+
+/// The threads started by [`Router::serve_on_threads`].
+pub struct ThreadedServer {
+    addr: SocketAddr,
+    handles: Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl ThreadedServer {
+    /// The address every thread listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Wait for every thread to stop (after shutdown); the first error wins.
+    pub fn join(self) -> std::io::Result<()> {
+        let mut result = Ok(());
+        for h in self.handles {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("router thread panicked")));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Counts an open client connection while alive.

@@ -15,6 +15,8 @@ use hyper::header::{
 };
 use hyper::http::uri::{PathAndQuery, Scheme};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 
 use crate::http::balance::{Outcome, Picked, ServiceState};
@@ -35,10 +37,16 @@ pub(crate) struct ConnInfo {
     /// The peer address as an `X-Forwarded-For` element.
     peer_value: HeaderValue,
     proto: &'static str,
+    /// The serving runtime's pool of connections to instances.
+    client: Client<HttpConnector, UpstreamBody>,
 }
 
 impl ConnInfo {
-    pub(crate) fn new(peer: SocketAddr, tls: bool) -> Self {
+    pub(crate) fn new(
+        peer: SocketAddr,
+        tls: bool,
+        client: Client<HttpConnector, UpstreamBody>,
+    ) -> Self {
         let ip = peer.ip().to_canonical();
         let peer_value = HeaderValue::from_str(&ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
@@ -46,6 +54,7 @@ impl ConnInfo {
             peer_ip: ip,
             peer_value,
             proto: if tls { "https" } else { "http" },
+            client,
         }
     }
 }
@@ -166,7 +175,7 @@ pub(crate) async fn handle(
         };
         let sent = tokio::time::timeout(
             inner.config.upstream_timeout,
-            inner.client.request(upstream_req),
+            conn.client.request(upstream_req),
         )
         .await;
         match sent {
