@@ -16,8 +16,13 @@
 //!
 //! Crash-only: before anything runs, processes and cgroups a previous
 //! incarnation left (it was `kill -9`ed) are killed, not adopted (see
-//! [`crate::orphans`]). On shutdown every instance is stopped in parallel
-//! and reported `stopped`.
+//! [`crate::orphans`]). Containers are different: they outlive the agent
+//! with their output intact, so the ones labelled with this agent's id are
+//! collected first; a supervisor whose assignment uid matches one attaches
+//! to it instead of starting a new one, and after each listing of the
+//! assignments those no assignment wants are removed (see
+//! [`crate::driver::docker`]). On shutdown every instance is stopped in
+//! parallel and reported `stopped`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -30,8 +35,10 @@ use tokio::sync::{Notify, watch};
 use tokio::task::{Id, JoinSet};
 
 use crate::control::{AssignmentEvent, ControlPlane};
+use crate::driver::ByKind;
 use crate::driver::cgroup::Cgroups;
 use crate::driver::command::INHERITED_VARS;
+use crate::driver::docker::{DockerDriver, StatsMap};
 use crate::driver::process::ProcessDriver;
 use crate::logs::{LogConfig, LogStore};
 use crate::orphans;
@@ -63,6 +70,18 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
+}
+
+/// What an embedder may share with or configure in the agent beyond
+/// [`AgentConfig`].
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// The latest CPU/memory sample of every running container, kept by
+    /// the Docker driver (for the metrics API).
+    pub container_stats: StatsMap,
+    /// The Docker engine to use (`unix:///…` or `tcp://…`); `None` means
+    /// `DOCKER_HOST`, else `/var/run/docker.sock`.
+    pub docker_host: Option<String>,
 }
 
 /// Wait before retrying the control plane.
@@ -324,7 +343,18 @@ pub async fn run(
     cfg: AgentConfig,
     control: Arc<dyn ControlPlane>,
     logs: LogStore,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    run_with(cfg, control, logs, shutdown, AgentOptions::default()).await
+}
+
+/// [`run`] with [`AgentOptions`].
+pub async fn run_with(
+    cfg: AgentConfig,
+    control: Arc<dyn ControlPlane>,
+    logs: LogStore,
     mut shutdown: watch::Receiver<bool>,
+    options: AgentOptions,
 ) -> Result<(), AgentError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(|source| AgentError::DataDir {
         path: cfg.data_dir.clone(),
@@ -361,8 +391,21 @@ pub async fn run(
     let inherited_env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| INHERITED_VARS.contains(&k.as_str()))
         .collect();
+    let docker = Arc::new(DockerDriver::new(
+        options.docker_host.clone(),
+        agent_id.clone(),
+        logs.clone(),
+        options.container_stats.clone(),
+    ));
+    let adoptable = docker.collect_adoptable().await;
+    if adoptable > 0 {
+        tracing::info!(containers = adoptable, "found running containers to adopt");
+    }
     let ctx = Arc::new(Context {
-        driver: Arc::new(ProcessDriver::new(cgroups)),
+        driver: Arc::new(ByKind {
+            process: Arc::new(ProcessDriver::new(cgroups)),
+            docker: docker.clone(),
+        }),
         logs,
         ports: PortAllocator::new(),
         sink: reporter.clone(),
@@ -403,6 +446,16 @@ pub async fn run(
             .map(|a| (a.key.clone(), a))
             .collect();
         agent.reconcile_all();
+        // Supervisors for these were just started (and claim their
+        // containers); any other leftover container is removed.
+        docker.sweep(
+            agent
+                .desired
+                .values()
+                .filter(|a| a.desired == DesiredState::Running)
+                .map(|a| (a.key.clone(), a.uid.clone()))
+                .collect(),
+        );
 
         let mut events = match control.watch_assignments(&cfg.node_id, rev + 1).await {
             Ok(s) => s,

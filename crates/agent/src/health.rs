@@ -19,7 +19,10 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use berth_model::Health;
 use berth_spec::types::{HealthTest, Healthcheck};
@@ -73,35 +76,74 @@ fn fail(output: impl Into<String>) -> ProbeResult {
     }
 }
 
+/// Runs probes somewhere other than this host's process table and
+/// loopback (a container: exec through the engine, HTTP/TCP to its IP).
+#[async_trait]
+pub trait Prober: Send + Sync + 'static {
+    /// Run one probe, unbounded (the caller applies the timeout).
+    async fn probe(&self, test: &HealthTest, target: &ProbeTarget) -> ProbeResult;
+}
+
+/// The HTTP/TCP part of a probe against `host`; `None` for exec checks.
+pub async fn probe_network(
+    test: &HealthTest,
+    host: &str,
+    target: &ProbeTarget,
+) -> Option<ProbeResult> {
+    let port = |p: &Option<u16>| p.or(target.port);
+    Some(match test {
+        HealthTest::Exec { .. } | HealthTest::Shell { .. } => return None,
+        HealthTest::Http { port: p, path } => match port(p) {
+            Some(p) => http_get(host, p, path).await,
+            None => fail("HTTP check: the instance has no port and the check names none"),
+        },
+        HealthTest::Tcp { port: p } => match port(p) {
+            Some(p) => match TcpStream::connect((host, p)).await {
+                Ok(_) => ProbeResult {
+                    ok: true,
+                    output: format!("connected to {host}:{p}"),
+                },
+                Err(e) => fail(format!("connect {host}:{p}: {e}")),
+            },
+            None => fail("TCP check: the instance has no port and the check names none"),
+        },
+    })
+}
+
 /// Run one probe, bounded by `timeout`.
 pub async fn probe(test: &HealthTest, target: &ProbeTarget, timeout: Duration) -> ProbeResult {
-    let port = |p: &Option<u16>| p.or(target.port);
     let fut = async {
         match test {
             HealthTest::Exec { argv } => exec(argv.clone(), target).await,
             HealthTest::Shell { command } => {
                 exec(vec!["sh".into(), "-c".into(), command.clone()], target).await
             }
-            HealthTest::Http { port: p, path } => match port(p) {
-                Some(p) => http_get(p, path).await,
-                None => fail("HTTP check: the instance has no port and the check names none"),
-            },
-            HealthTest::Tcp { port: p } => match port(p) {
-                Some(p) => match TcpStream::connect(("127.0.0.1", p)).await {
-                    Ok(_) => ProbeResult {
-                        ok: true,
-                        output: format!("connected to 127.0.0.1:{p}"),
-                    },
-                    Err(e) => fail(format!("connect 127.0.0.1:{p}: {e}")),
-                },
-                None => fail("TCP check: the instance has no port and the check names none"),
-            },
+            _ => probe_network(test, "127.0.0.1", target)
+                .await
+                .unwrap_or_else(|| fail("not a network check")),
         }
     };
+    bounded(fut, timeout).await
+}
+
+async fn bounded(
+    fut: impl std::future::Future<Output = ProbeResult>,
+    timeout: Duration,
+) -> ProbeResult {
     match tokio::time::timeout(timeout, fut).await {
         Ok(r) => r,
         Err(_) => fail(format!("health check timed out after {timeout:?}")),
     }
+}
+
+/// A failed probe result with this output (trimmed).
+pub fn failed(output: impl Into<String>) -> ProbeResult {
+    fail(output)
+}
+
+/// Trim a probe's output as the local probes do.
+pub fn trimmed(output: &str) -> String {
+    trim_output(output)
 }
 
 async fn exec(argv: Vec<String>, target: &ProbeTarget) -> ProbeResult {
@@ -165,10 +207,10 @@ impl Drop for GroupGuard {
 }
 
 /// A minimal HTTP/1.1 GET: 2xx and 3xx pass.
-async fn http_get(port: u16, path: &str) -> ProbeResult {
-    let mut stream = match TcpStream::connect(("127.0.0.1", port)).await {
+async fn http_get(host: &str, port: u16, path: &str) -> ProbeResult {
+    let mut stream = match TcpStream::connect((host, port)).await {
         Ok(s) => s,
-        Err(e) => return fail(format!("GET http://127.0.0.1:{port}{path}: {e}")),
+        Err(e) => return fail(format!("GET http://{host}:{port}{path}: {e}")),
     };
     let path = if path.starts_with('/') {
         path.to_owned()
@@ -176,10 +218,10 @@ async fn http_get(port: u16, path: &str) -> ProbeResult {
         format!("/{path}")
     };
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: berth-health\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: berth-health\r\nConnection: close\r\n\r\n"
     );
     if let Err(e) = stream.write_all(req.as_bytes()).await {
-        return fail(format!("GET http://127.0.0.1:{port}{path}: {e}"));
+        return fail(format!("GET http://{host}:{port}{path}: {e}"));
     }
     let mut buf = vec![0u8; 1024];
     let mut n = 0;
@@ -187,7 +229,7 @@ async fn http_get(port: u16, path: &str) -> ProbeResult {
         match stream.read(&mut buf[n..]).await {
             Ok(0) => break,
             Ok(m) => n += m,
-            Err(e) => return fail(format!("GET http://127.0.0.1:{port}{path}: {e}")),
+            Err(e) => return fail(format!("GET http://{host}:{port}{path}: {e}")),
         }
     }
     let head = String::from_utf8_lossy(&buf[..n]);
@@ -309,11 +351,24 @@ pub async fn monitor(
     target: ProbeTarget,
     out: watch::Sender<Option<HealthReport>>,
 ) {
+    monitor_with(check, target, None, out).await;
+}
+
+/// [`monitor`], probing through `prober` when given.
+pub async fn monitor_with(
+    check: Healthcheck,
+    target: ProbeTarget,
+    prober: Option<Arc<dyn Prober>>,
+    out: watch::Sender<Option<HealthReport>>,
+) {
     let mut tracker = Tracker::new(check.clone(), Instant::now());
     loop {
         let due = tracker.next_probe();
         tokio::time::sleep_until(due).await;
-        let result = probe(&check.test, &target, tracker.timeout()).await;
+        let result = match &prober {
+            Some(p) => bounded(p.probe(&check.test, &target), tracker.timeout()).await,
+            None => probe(&check.test, &target, tracker.timeout()).await,
+        };
         tracker.record(due, &result);
         let report = HealthReport {
             health: tracker.health(),

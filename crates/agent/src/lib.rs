@@ -10,8 +10,9 @@
 //! - [`control`]: [`ControlPlane`], the agent's only door to the servers, and
 //!   [`StoreControlPlane`] for the single-machine server.
 //! - [`supervisor`]: one task per instance: lifecycle, restart policy, back-off.
-//! - [`driver`]: the [`driver::Driver`] trait and the `process` driver, with
-//!   command/env building and cgroups.
+//! - [`driver`]: the [`driver::Driver`] trait, the `process` driver (with
+//!   command/env building and cgroups) and the `docker` driver (containers
+//!   through the Docker Engine API, adopted across agent restarts).
 //! - [`health`]: exec, HTTP and TCP probes and the Compose health state machine.
 //! - [`logs`]: [`LogStore`], rotating per-instance log files and a live stream.
 //! - [`ports`]: free-port allocation for instances.
@@ -45,7 +46,7 @@ pub mod orphans;
 pub mod ports;
 pub mod supervisor;
 
-pub use agent::{AgentConfig, AgentError, run};
+pub use agent::{AgentConfig, AgentError, AgentOptions, run, run_with};
 pub use control::{
     AssignmentEvent, AssignmentStream, ControlError, ControlPlane, StoreControlPlane,
 };

@@ -221,7 +221,7 @@ impl Run {
         self.wait_for_stop().await;
     }
 
-    async fn supervise(&mut self, spec: LaunchSpec) {
+    async fn supervise(&mut self, mut spec: LaunchSpec) {
         let policy = self.a.service.restart;
         let signal = parse_signal(&self.a.service.stop_signal).unwrap_or(Signal::SIGTERM);
         let grace = Duration::from_millis(self.a.service.stop_grace_period_ms);
@@ -236,8 +236,13 @@ impl Run {
             self.st.health_output = None;
             self.st.pid = None;
             self.emit();
+            spec.restarts = self.st.restarts;
             let outcome = match self.ctx.driver.start(&spec).await {
                 Ok(started) => self.run_once(started, &spec, signal, grace).await,
+                Err(e) if e.is_permanent() => {
+                    self.fail_permanently(e.to_string()).await;
+                    return;
+                }
                 Err(e) => {
                     let msg = format!("failed to start: {e}");
                     self.log(&msg).await;
@@ -321,6 +326,10 @@ impl Run {
             stdout,
             stderr,
             limits_warning,
+            address,
+            prober,
+            adopted_restarts,
+            detail,
         } = started;
         let began = tokio::time::Instant::now();
         self.st.state = InstanceState::Running;
@@ -328,9 +337,18 @@ impl Run {
         self.st.started_at = Some(now_ms());
         self.st.limits_warning = limits_warning;
         self.st.message = None;
+        self.st.address = Some(address.unwrap_or_else(|| self.ctx.address.clone()));
+        if let Some(r) = adopted_restarts {
+            self.st.restarts = r;
+        }
         self.emit();
-        let pid = handle.pid().map_or("?".to_owned(), |p| p.to_string());
-        self.log(&format!("started pid {pid}")).await;
+        let what = detail.unwrap_or_else(|| {
+            format!(
+                "pid {}",
+                handle.pid().map_or("?".to_owned(), |p| p.to_string())
+            )
+        });
+        self.log(&format!("started {what}")).await;
         if let Some(w) = &self.st.limits_warning {
             self.log(w).await;
         }
@@ -355,7 +373,7 @@ impl Run {
         };
         let monitor = async move {
             match check {
-                Some(check) => health::monitor(check, target, health_tx).await,
+                Some(check) => health::monitor_with(check, target, prober, health_tx).await,
                 None => std::future::pending().await,
             }
         };
@@ -441,7 +459,8 @@ pub async fn run(ctx: Arc<Context>, a: Assignment, stop: watch::Receiver<bool>) 
 
     let mut lease: Option<PortLease> = None;
     let setup: Result<LaunchSpec, String> = (|| {
-        if run.a.service.driver() == DriverKind::Docker && ctx.driver.name() != "docker" {
+        let kind = run.a.service.driver();
+        if !ctx.driver.runs(kind) {
             return Err(DriverError::Unsupported {
                 driver: ctx.driver.name(),
                 what: "images (`image:`/`build:`); give the service a `command:` to run it as a process"
@@ -449,7 +468,11 @@ pub async fn run(ctx: Arc<Context>, a: Assignment, stop: watch::Receiver<bool>) 
             }
             .to_string());
         }
-        if needs_port(&run.a) {
+        if kind == DriverKind::Docker {
+            // A container listens on its own IP at its target port; berth's
+            // proxy publishes it, so no host port is taken here.
+            run.st.port = run.a.service.ports.first().map(|p| p.target);
+        } else if needs_port(&run.a) {
             let l = ctx
                 .ports
                 .allocate()

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use berth_model::Assignment;
-use berth_spec::types::Command;
+use berth_spec::types::{Command, Driver as DriverKind};
 
 use super::{DriverError, LaunchSpec};
 
@@ -68,22 +68,36 @@ pub fn argv(
 /// Environment, later layers winning: inherited basics, the service's
 /// `environment` (a `None` value unsets), the assignment's `env`, then the
 /// port variable and the `BERTH_*` variables.
+///
+/// Containers differ: the image supplies `PATH` and the rest, so nothing is
+/// inherited from the agent; `entrypoint`/`command` may both be absent (the
+/// image's own run), so `argv` is left empty (the Docker driver reads them
+/// from the service); and the agent-id marker is left out, because
+/// container processes are visible in the host's `/proc`, where the orphan
+/// killer would find and kill containers that are meant to be adopted.
 pub fn launch_spec(
     a: &Assignment,
     port: Option<u16>,
     ctx: &LaunchContext<'_>,
 ) -> Result<LaunchSpec, DriverError> {
     let svc = &a.service;
-    let argv = argv(svc.entrypoint.as_ref(), svc.command.as_ref())?;
+    let container = svc.driver() == DriverKind::Docker;
+    let argv = if container {
+        Vec::new()
+    } else {
+        argv(svc.entrypoint.as_ref(), svc.command.as_ref())?
+    };
 
     let mut env = BTreeMap::new();
-    for var in INHERITED_VARS {
-        if let Some(v) = ctx.inherited.get(*var) {
-            env.insert((*var).to_owned(), v.clone());
+    if !container {
+        for var in INHERITED_VARS {
+            if let Some(v) = ctx.inherited.get(*var) {
+                env.insert((*var).to_owned(), v.clone());
+            }
         }
+        env.entry("PATH".to_owned())
+            .or_insert_with(|| DEFAULT_PATH.to_owned());
     }
-    env.entry("PATH".to_owned())
-        .or_insert_with(|| DEFAULT_PATH.to_owned());
     for (k, v) in &svc.environment {
         match v {
             Some(v) => env.insert(k.clone(), v.clone()),
@@ -105,7 +119,9 @@ pub fn launch_spec(
     env.insert("BERTH_INSTANCE".into(), a.key.short());
     env.insert("BERTH_STACK".into(), a.key.stack.clone());
     env.insert("BERTH_NAMESPACE".into(), a.key.namespace.clone());
-    env.insert(AGENT_ID_VAR.into(), ctx.agent_id.to_owned());
+    if !container {
+        env.insert(AGENT_ID_VAR.into(), ctx.agent_id.to_owned());
+    }
 
     let working_dir = svc
         .working_dir
@@ -120,6 +136,9 @@ pub fn launch_spec(
         env,
         working_dir,
         limits: svc.deploy.resources.limits.clone(),
+        service: svc.clone(),
+        release: a.release,
+        restarts: 0,
     })
 }
 

@@ -9,16 +9,20 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_model::InstanceKey;
-use berth_spec::types::ResourceSpec;
+use berth_spec::types::{Driver as DriverKind, ResourceSpec, Service};
 use nix::sys::signal::Signal;
 use tokio::io::AsyncRead;
 
+use crate::health::Prober;
+
 pub mod cgroup;
 pub mod command;
+pub mod docker;
 pub mod process;
 
 /// Everything a driver needs to start one instance.
@@ -36,6 +40,15 @@ pub struct LaunchSpec {
     pub working_dir: PathBuf,
     /// `deploy.resources.limits`.
     pub limits: ResourceSpec,
+    /// The whole service template (the Docker driver needs image, mounts,
+    /// networks…; the process driver only the fields above).
+    pub service: Service,
+    /// The release the assignment comes from.
+    pub release: u64,
+    /// Restarts of this incarnation so far (set by the supervisor before
+    /// each start; the Docker driver labels containers with it so an
+    /// adopted container keeps its count).
+    pub restarts: u32,
 }
 
 /// An output stream of an instance.
@@ -51,6 +64,17 @@ pub struct Started {
     pub stderr: Option<Output>,
     /// Why resource limits could not be applied, if they could not.
     pub limits_warning: Option<String>,
+    /// The address the instance is reached on, when it is not the node's
+    /// (a container's IP on its network).
+    pub address: Option<String>,
+    /// How health checks reach the instance, when not as a local process
+    /// (containers: exec through the engine, HTTP/TCP to the container IP).
+    pub prober: Option<Arc<dyn Prober>>,
+    /// Set when the driver re-attached to an instance a previous agent
+    /// started (an adopted container): its restart count so far.
+    pub adopted_restarts: Option<u32>,
+    /// What was started, for the `started …` log line (default `pid N`).
+    pub detail: Option<String>,
 }
 
 /// How an instance ended.
@@ -113,6 +137,28 @@ pub enum DriverError {
     /// Waiting for or signalling the instance failed.
     #[error("instance control failed: {0}")]
     Io(#[from] std::io::Error),
+    /// No container engine answers: retrying will not help until one is
+    /// started or configured.
+    #[error("{0}")]
+    EngineUnavailable(String),
+    /// The container engine refused or failed a request.
+    #[error("{0}")]
+    Engine(String),
+    /// The image cannot be had (missing with `pull_policy: never`, failed
+    /// pull or build): retrying the same incarnation will not help.
+    #[error("{0}")]
+    Image(String),
+}
+
+impl DriverError {
+    /// Whether restarting the same incarnation cannot succeed, so the
+    /// instance should fail instead of entering a restart loop.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            Self::Unsupported { .. } | Self::EngineUnavailable(_) | Self::Image(_)
+        )
+    }
 }
 
 /// Starts instances.
@@ -122,6 +168,10 @@ pub trait Driver: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// What this driver can do here.
     fn capabilities(&self) -> Capabilities;
+    /// Whether this driver runs services of this kind.
+    fn runs(&self, kind: DriverKind) -> bool {
+        kind == DriverKind::Process
+    }
     /// Start one instance.
     async fn start(&self, spec: &LaunchSpec) -> Result<Started, DriverError>;
 }
@@ -141,6 +191,37 @@ pub trait Handle: Send {
     async fn wait(&mut self) -> Result<Exit, DriverError>;
     /// Send `signal`, wait up to `grace`, then kill everything of the instance.
     async fn stop(&mut self, signal: Signal, grace: Duration) -> Result<Exit, DriverError>;
+}
+
+/// Dispatches each instance to the driver of its service's kind
+/// ([`Service::driver`]): the agent's single [`Driver`].
+pub struct ByKind {
+    /// Runs `Driver::Process` services.
+    pub process: Arc<dyn Driver>,
+    /// Runs `Driver::Docker` services.
+    pub docker: Arc<dyn Driver>,
+}
+
+#[async_trait]
+impl Driver for ByKind {
+    fn name(&self) -> &'static str {
+        "process+docker"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.process.capabilities()
+    }
+
+    fn runs(&self, kind: DriverKind) -> bool {
+        self.process.runs(kind) || self.docker.runs(kind)
+    }
+
+    async fn start(&self, spec: &LaunchSpec) -> Result<Started, DriverError> {
+        match spec.service.driver() {
+            DriverKind::Docker => self.docker.start(spec).await,
+            DriverKind::Process => self.process.start(spec).await,
+        }
+    }
 }
 
 /// Parse a signal name as normalised by the spec (`SIGTERM`), also accepting

@@ -155,6 +155,10 @@ impl Driver for ProcessDriver {
             stdout,
             stderr,
             limits_warning,
+            address: None,
+            prober: None,
+            adopted_restarts: None,
+            detail: None,
         })
     }
 }

@@ -1,0 +1,258 @@
+//! From a launch spec to the engine's container configuration: names,
+//! labels, mounts, limits, networking. Pure functions: no I/O, no clock.
+
+use std::collections::HashMap;
+
+use berth_model::InstanceKey;
+use berth_spec::types::{Command, Service};
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HostConfig, Mount, MountType, MountVolumeOptions,
+    NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
+};
+
+use crate::driver::LaunchSpec;
+
+/// Label: the stack's namespace.
+pub const LABEL_NAMESPACE: &str = "berth.namespace";
+/// Label: the stack.
+pub const LABEL_STACK: &str = "berth.stack";
+/// Label: the service.
+pub const LABEL_SERVICE: &str = "berth.service";
+/// Label: the instance slot.
+pub const LABEL_INSTANCE: &str = "berth.instance";
+/// Label: the assignment uid (the incarnation).
+pub const LABEL_UID: &str = "berth.uid";
+/// Label: the release.
+pub const LABEL_RELEASE: &str = "berth.release";
+/// Label: the agent that runs it (see [`crate::orphans::agent_id`]).
+pub const LABEL_AGENT: &str = "berth.agent";
+/// Label: restarts of the incarnation before this container started.
+pub const LABEL_RESTARTS: &str = "berth.restarts";
+/// Label on networks and volumes berth created.
+pub const LABEL_MANAGED: &str = "berth.managed";
+
+/// Keep `[A-Za-z0-9_.-]`, replace the rest with `_` (Docker's name rule).
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `berth-<ns>-<stack>-<service>-<slot>-<short uid>`.
+pub fn container_name(key: &InstanceKey, uid: &str) -> String {
+    let short: String = uid
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect();
+    clean(&format!(
+        "berth-{}-{}-{}-{}-{short}",
+        key.namespace, key.stack, key.service, key.slot
+    ))
+}
+
+/// The stack's network: `berth_<ns>_<stack>`.
+pub fn network_name(namespace: &str, stack: &str) -> String {
+    clean(&format!("berth_{namespace}_{stack}"))
+}
+
+/// A named volume of a stack: `<stack>_<name>` (Compose's naming).
+pub fn volume_name(stack: &str, name: &str) -> String {
+    clean(&format!("{stack}_{name}"))
+}
+
+/// The image a service runs: its `image:`, or `<stack>-<service>` for a
+/// `build:` without one (Compose's default tag), lower-cased as image
+/// names must be.
+pub fn image_name(key: &InstanceKey, service: &Service) -> String {
+    match &service.image {
+        Some(i) => i.clone(),
+        None => clean(&format!("{}-{}", key.stack, key.service)).to_ascii_lowercase(),
+    }
+}
+
+/// Labels on networks and volumes of a stack.
+pub fn stack_labels(key: &InstanceKey) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_MANAGED.to_owned(), "true".to_owned()),
+        (LABEL_NAMESPACE.to_owned(), key.namespace.clone()),
+        (LABEL_STACK.to_owned(), key.stack.clone()),
+    ])
+}
+
+fn argv_of(c: &Command) -> Vec<String> {
+    match c {
+        Command::Shell(s) => vec!["/bin/sh".to_owned(), "-c".to_owned(), s.clone()],
+        Command::Exec(v) => v.clone(),
+    }
+}
+
+/// Compose's `extra_hosts` accept `host:ip` and `host=ip`; the engine
+/// wants `host:ip` (an IPv6 address keeps its colons after the first).
+fn extra_host(h: &str) -> String {
+    match h.split_once('=') {
+        Some((host, ip)) => format!("{host}:{ip}"),
+        None => h.to_owned(),
+    }
+}
+
+/// The container configuration of one instance.
+pub fn container_body(
+    spec: &LaunchSpec,
+    image: &str,
+    agent_id: &str,
+    network: &str,
+) -> ContainerCreateBody {
+    let svc = &spec.service;
+    let key = &spec.key;
+    let mut labels: HashMap<String, String> = svc.labels.clone().into_iter().collect();
+    labels.extend([
+        (LABEL_NAMESPACE.to_owned(), key.namespace.clone()),
+        (LABEL_STACK.to_owned(), key.stack.clone()),
+        (LABEL_SERVICE.to_owned(), key.service.clone()),
+        (LABEL_INSTANCE.to_owned(), key.slot.to_string()),
+        (LABEL_UID.to_owned(), spec.uid.clone()),
+        (LABEL_RELEASE.to_owned(), spec.release.to_string()),
+        (LABEL_AGENT.to_owned(), agent_id.to_owned()),
+        (LABEL_RESTARTS.to_owned(), spec.restarts.to_string()),
+    ]);
+
+    let mut binds = Vec::new();
+    let mut mounts = Vec::new();
+    for v in &svc.volumes {
+        match v.kind.as_str() {
+            // `Binds` (not `Mounts`) so a missing host folder is created,
+            // as Compose does.
+            "bind" => {
+                if let Some(src) = &v.source {
+                    let ro = if v.read_only { ":ro" } else { "" };
+                    binds.push(format!("{src}:{}{ro}", v.target));
+                }
+            }
+            "tmpfs" => mounts.push(Mount {
+                target: Some(v.target.clone()),
+                typ: Some(MountType::TMPFS),
+                ..Default::default()
+            }),
+            _ => mounts.push(Mount {
+                target: Some(v.target.clone()),
+                source: v.source.as_deref().map(|s| volume_name(&key.stack, s)),
+                typ: Some(MountType::VOLUME),
+                read_only: Some(v.read_only),
+                volume_options: v.source.as_ref().map(|_| MountVolumeOptions {
+                    labels: Some(stack_labels(key)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+    }
+    let tmpfs: HashMap<String, String> = svc
+        .tmpfs
+        .iter()
+        .map(|t| match t.split_once(':') {
+            Some((path, opts)) => (path.to_owned(), opts.to_owned()),
+            None => (t.clone(), String::new()),
+        })
+        .collect();
+
+    let limits = &svc.deploy.resources.limits;
+    let reservations = &svc.deploy.resources.reservations;
+    let mut aliases = vec![key.service.clone()];
+    for n in svc.networks.values() {
+        for a in &n.aliases {
+            if !aliases.contains(a) {
+                aliases.push(a.clone());
+            }
+        }
+    }
+    let host_config = HostConfig {
+        binds: (!binds.is_empty()).then_some(binds),
+        mounts: (!mounts.is_empty()).then_some(mounts),
+        tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
+        nano_cpus: limits.cpus.map(|c| (c * 1e9).round() as i64),
+        memory: limits.memory_bytes.map(|m| m as i64),
+        pids_limit: limits.pids.map(|p| p as i64),
+        memory_reservation: reservations.memory_bytes.map(|m| m as i64),
+        init: svc.init,
+        readonly_rootfs: svc.read_only.then_some(true),
+        cap_add: (!svc.cap_add.is_empty()).then(|| svc.cap_add.clone()),
+        cap_drop: (!svc.cap_drop.is_empty()).then(|| svc.cap_drop.clone()),
+        extra_hosts: (!svc.extra_hosts.is_empty())
+            .then(|| svc.extra_hosts.iter().map(|h| extra_host(h)).collect()),
+        // berth's supervisor restarts instances; two restarters would fight.
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        network_mode: Some(network.to_owned()),
+        ..Default::default()
+    };
+    let exposed: Vec<String> = svc
+        .ports
+        .iter()
+        .map(|p| format!("{}/{}", p.target, p.protocol))
+        .collect();
+
+    ContainerCreateBody {
+        image: Some(image.to_owned()),
+        entrypoint: svc.entrypoint.as_ref().map(argv_of),
+        cmd: svc.command.as_ref().map(argv_of),
+        env: Some(spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        working_dir: svc
+            .working_dir
+            .as_ref()
+            .map(|d| d.to_string_lossy().into_owned()),
+        user: svc.user.clone(),
+        labels: Some(labels),
+        stop_signal: Some(svc.stop_signal.clone()),
+        stop_timeout: Some((svc.stop_grace_period_ms / 1000) as i64),
+        exposed_ports: (!exposed.is_empty()).then_some(exposed),
+        host_config: Some(host_config),
+        networking_config: Some(NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                network.to_owned(),
+                EndpointSettings {
+                    aliases: Some(aliases),
+                    ..Default::default()
+                },
+            )])),
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> InstanceKey {
+        InstanceKey {
+            namespace: "default".into(),
+            stack: "shop".into(),
+            service: "Web".into(),
+            slot: 2,
+        }
+    }
+
+    #[test]
+    fn names_follow_the_documented_scheme_and_docker_rules() {
+        assert_eq!(
+            container_name(&key(), "0a1b-2c3d-4e5f"),
+            "berth-default-shop-Web-2-0a1b2c3d"
+        );
+        assert_eq!(
+            network_name("default", "my stack"),
+            "berth_default_my_stack"
+        );
+        assert_eq!(volume_name("shop", "data"), "shop_data");
+        assert_eq!(extra_host("db=10.0.0.2"), "db:10.0.0.2");
+        assert_eq!(extra_host("db:10.0.0.2"), "db:10.0.0.2");
+    }
+}
