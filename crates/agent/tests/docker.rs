@@ -307,7 +307,9 @@ async fn container_runs_healthy_restarts_after_docker_kill_and_is_adopted_not_du
     let k = key(stack, "web", 1);
     h.put(&assignment(k.clone(), web(json!({})), "uid-life-1"))
         .await;
-    let agent = h.start(AgentOptions::default());
+    let options = AgentOptions::default();
+    let stats = options.container_stats.clone();
+    let agent = h.start(options);
 
     let st = h
         .eventually(&k, 60, "running and healthy", |s| {
@@ -352,6 +354,14 @@ async fn container_runs_healthy_restarts_after_docker_kill_and_is_adopted_not_du
         assert!(tokio::time::Instant::now() < deadline, "no log: {lines:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The engine's stats reach the shared map.
+    until(15, "a stats sample", || {
+        stats
+            .get(&k)
+            .is_some_and(|s| s.container_id == first[0] && s.memory_bytes > 0)
+    })
+    .await;
 
     // docker kill → berth restarts it, in a new container.
     assert!(docker(&["kill", &first[0]]).0);
