@@ -13,6 +13,10 @@
 //! | `_web._tcp.shop.default.berth.` (and `_web._tcp.shop.berth.` in `default`) | the SRV records (RFC 2782 form) |
 //! | `3.web.shop.default.berth.` | the instance's own A or AAAA (and its SRV): the SRV targets |
 //!
+//! A service with an empty stack (registered from outside berth) has the
+//! same names without the stack label: `web.default.berth.`, `web.berth.`,
+//! `_web._tcp.default.berth.`, `<slot>.web.default.berth.`.
+//!
 //! `web.berth.` answers the union when two stacks of namespace `default`
 //! both have a `web` rather than NXDOMAIN: "the name exists but is
 //! ambiguous" is not something a resolver can report, and a union of
@@ -202,17 +206,25 @@ fn compile_service(zone: &mut Zone, name: &ServiceName, instances: &[Instance]) 
     let ns = name.namespace.to_ascii_lowercase();
     let stack = name.stack.to_ascii_lowercase();
     let service = name.service.to_ascii_lowercase();
-    let full = format!("{service}.{stack}.{ns}.{APEX}");
+    // A service registered from outside berth (Consul API) has no stack:
+    // its names simply leave that label out.
+    let stack = if stack.is_empty() {
+        String::new()
+    } else {
+        format!("{stack}.")
+    };
+    let full = format!("{service}.{stack}{ns}.{APEX}");
     if let Err(why) = check_name(&full) {
         zone.rejected.push(format!("{full}: {why}"));
         return;
     }
-    let mut owners = vec![full.clone(), format!("_{service}._tcp.{stack}.{ns}.{APEX}")];
+    let mut owners = vec![full.clone(), format!("_{service}._tcp.{stack}{ns}.{APEX}")];
     if ns == "default" {
-        owners.push(format!("{service}.{stack}.{APEX}"));
+        owners.push(format!("{service}.{stack}{APEX}"));
         owners.push(format!("{service}.{APEX}"));
-        owners.push(format!("_{service}._tcp.{stack}.{APEX}"));
+        owners.push(format!("_{service}._tcp.{stack}{APEX}"));
     }
+    owners.dedup();
     // The short and `_tcp` spellings are never longer than the full one
     // by more than the `_`/`_tcp` labels; check each anyway.
     owners.retain(|o| match check_name(o) {
@@ -407,6 +419,23 @@ mod tests {
             .build();
         assert_eq!(zone.rejected().len(), 2, "{:?}", zone.rejected());
         assert!(zone.node("1.web.shop.default.berth").is_some());
+    }
+
+    #[test]
+    fn services_without_a_stack_leave_the_label_out() {
+        let zone = Zone::builder()
+            .instance("default", "", "ext", inst("reg-1", "10.0.0.9", Some(80)))
+            .build();
+        assert!(zone.rejected().is_empty(), "{:?}", zone.rejected());
+        for name in [
+            "ext.default.berth",
+            "ext.berth",
+            "_ext._tcp.default.berth",
+            "_ext._tcp.berth",
+        ] {
+            assert_eq!(zone.node(name).unwrap().srv.len(), 1, "{name}");
+        }
+        assert_eq!(zone.node("reg-1.ext.default.berth").unwrap().v4.len(), 1);
     }
 
     #[test]
