@@ -122,6 +122,11 @@ pub enum Command {
         after_help = "Example:\n  berth server                          # socket in the data dir + a free 127.0.0.1 port\n  berth server --listen 0.0.0.0:7777    # reachable from other machines (token required)"
     )]
     Server(ServerArgs),
+    /// Read, write, list and watch keys of the KV store (per namespace).
+    #[command(
+        after_help = "Example:\n  berth kv put app/config/db_url postgres://db/shop\n  berth kv get app/config/db_url\n  berth kv ls app/\n  berth kv watch app/ --prefix\n  berth kv del app/ --recurse"
+    )]
+    Kv(crate::cmd::kv::KvArgs),
     /// Print the CLI's version (and the server's, when one answers).
     #[command(after_help = "Example:\n  berth version\n  berth version --json")]
     Version,

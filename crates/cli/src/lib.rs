@@ -47,6 +47,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Command::Restart(a) => cmd::actions::services(&settings, a, Action::Restart).await,
             Command::Down(a) => cmd::actions::down(&settings, a).await,
             Command::Scale(a) => cmd::actions::scale(&settings, a).await,
+            Command::Kv(a) => cmd::kv::run(&settings, a).await,
             Command::Server(a) => cmd::server::run(&settings, a).await,
             Command::Version => cmd::version::run(&settings).await,
             Command::Config(a) => cmd::config::run(&settings, a),

@@ -22,6 +22,36 @@ pub const STATUS: &str = "/berth/status/";
 pub const NODES: &str = "/berth/nodes/";
 /// Prefix of the user KV space.
 pub const KV: &str = "/berth/kv/";
+/// Prefix of KV sessions (TTL'd lock owners).
+pub const SESSIONS: &str = "/berth/sessions/";
+/// Prefix of services registered from outside (Consul's agent API).
+pub const EXTERNAL: &str = "/berth/external/";
+
+/// `/berth/kv/<ns>/<key>`: a user key (any text after the namespace,
+/// `/`-separated levels included).
+pub fn kv(ns: &str, key: &str) -> String {
+    format!("{KV}{ns}/{key}")
+}
+
+/// `/berth/kv/<ns>/`
+pub fn kv_in(ns: &str) -> String {
+    format!("{KV}{ns}/")
+}
+
+/// `/berth/sessions/<id>`
+pub fn session(id: &str) -> String {
+    format!("{SESSIONS}{id}")
+}
+
+/// `/berth/external/<ns>/<service id>`
+pub fn external(ns: &str, id: &str) -> String {
+    format!("{EXTERNAL}{ns}/{id}")
+}
+
+/// `/berth/external/<ns>/`
+pub fn external_in(ns: &str) -> String {
+    format!("{EXTERNAL}{ns}/")
+}
 
 /// `/berth/stacks/<ns>/<stack>`
 pub fn stack(ns: &str, stack: &str) -> String {

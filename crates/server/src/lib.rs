@@ -7,6 +7,7 @@
 //!   compare-and-swap).
 //! - [`controller`]: turns desired state into assignments (reconcile loop).
 //! - [`catalog`]: healthy instances, and the published-port table.
+//! - [`kv`]: the user KV store, sessions and locks (Consul's semantics).
 //! - [`mirror`]: the watched in-memory copy of state those loops react to.
 //! - [`run`]: opens the store, registers this node, starts the local agent,
 //!   the controller and the listeners, and stops them all on shutdown.
@@ -35,6 +36,7 @@ pub mod api;
 pub mod catalog;
 pub mod controller;
 pub mod desired;
+pub mod kv;
 pub mod mirror;
 
 /// How the server is started.
@@ -145,6 +147,8 @@ pub async fn run(
         });
     }
     tasks.spawn(controller::run(store.clone(), stop_rx.clone()));
+    // Releases the KV locks of sessions whose TTL ran out.
+    tasks.spawn(kv::reap_sessions(store.clone(), stop_rx.clone()));
     {
         let (tx, rx) = watch::channel(berth_net::Backends::new());
         let store = store.clone();

@@ -3,6 +3,10 @@
 //! Handlers return [`ApiError`]; its [`IntoResponse`] picks the status and
 //! writes the JSON body `{ "error": "...", "hint": "..." }` every client
 //! (the CLI first) relies on. No handler builds an error response itself.
+//!
+//! The Consul-compatible routes ([`super::consul`], [`super::kv`]) answer
+//! errors as Consul does — the same statuses, a plain-text body — through
+//! [`ConsulError`], a wrapper over the same [`ApiError`] classification.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -11,6 +15,7 @@ use berth_model::api::ErrorBody;
 use berth_store::StoreError;
 
 use crate::desired::DesiredError;
+use crate::kv::KvError;
 
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +26,9 @@ pub enum ApiError {
     /// Reading actual state failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A KV or session operation failed.
+    #[error(transparent)]
+    Kv(#[from] KvError),
     /// The request itself is malformed (bad query parameter, bad body).
     #[error("{message}")]
     BadRequest {
@@ -79,6 +87,25 @@ impl ApiError {
             Self::Desired(D::Store(_)) | Self::Store(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, None)
             }
+            Self::Kv(KvError::BadKey { .. } | KvError::BadSession(_)) => {
+                (StatusCode::BAD_REQUEST, None)
+            }
+            Self::Kv(KvError::TooLarge { .. }) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Some(
+                    "keep values small; store large blobs elsewhere and put their address in KV"
+                        .into(),
+                ),
+            ),
+            Self::Kv(KvError::SessionNotFound(_)) => (
+                StatusCode::NOT_FOUND,
+                Some(
+                    "create a session with PUT /v1/session/create, and renew it within its TTL"
+                        .into(),
+                ),
+            ),
+            Self::Kv(KvError::Conflict(_)) => (StatusCode::CONFLICT, None),
+            Self::Kv(KvError::Store(_)) => (StatusCode::INTERNAL_SERVER_ERROR, None),
             Self::BadRequest { hint, .. } => (StatusCode::BAD_REQUEST, hint.clone()),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
             Self::Unauthorized => (
@@ -104,5 +131,52 @@ impl IntoResponse for ApiError {
             hint,
         };
         (status, Json(body)).into_response()
+    }
+}
+
+/// An error answered the way Consul answers: its status, and the message as
+/// a plain-text body (Consul's clients show the body as the error).
+#[derive(Debug)]
+pub struct ConsulError(pub ApiError);
+
+impl From<ApiError> for ConsulError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<KvError> for ConsulError {
+    fn from(e: KvError) -> Self {
+        Self(ApiError::Kv(e))
+    }
+}
+
+impl From<StoreError> for ConsulError {
+    fn from(e: StoreError) -> Self {
+        Self(ApiError::Store(e))
+    }
+}
+
+impl From<DesiredError> for ConsulError {
+    fn from(e: DesiredError) -> Self {
+        Self(ApiError::Desired(e))
+    }
+}
+
+impl IntoResponse for ConsulError {
+    fn into_response(self) -> Response {
+        let (status, _) = self.0.classify();
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self.0, "Consul API request failed");
+        }
+        (
+            status,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            )],
+            self.0.to_string(),
+        )
+            .into_response()
     }
 }

@@ -10,6 +10,8 @@
 //! - [`instances`]: the join of assignments (desired placement) with
 //!   instance statuses (actual state) that `berth ps` shows.
 //! - [`logs`]: past and followed logs as an NDJSON stream.
+//! - [`kv`] and [`consul`]: the KV store (`/v1/kv/*`) and the
+//!   Consul-compatible subset (catalog, health, sessions, agent, status).
 //! - [`error`]: the one place errors become HTTP statuses.
 //! - [`serve_unix`], [`serve_tcp`]: listeners with graceful shutdown;
 //!   [`load_or_create_token`] and the bearer-token check for listeners that
@@ -33,8 +35,10 @@ use axum::routing::{MethodFilter, on};
 use berth_model::Millis;
 use berth_store::Store;
 
+pub mod consul;
 pub mod error;
 pub mod instances;
+pub mod kv;
 pub mod logs;
 pub mod stacks;
 pub mod time;
@@ -113,6 +117,12 @@ impl Routes {
     }
 }
 
+impl Routes {
+    fn then(self, f: impl FnOnce(Self) -> Self) -> Self {
+        f(self)
+    }
+}
+
 fn build() -> Routes {
     let r = Routes {
         router: Router::new(),
@@ -135,6 +145,7 @@ fn build() -> Routes {
         .add(Method::GET, "/v1/stacks/{ns}/{stack}/logs", logs::stream)
         .add(Method::GET, "/v1/instances", instances::list)
         .add(Method::GET, "/v1/nodes", instances::nodes)
+        .then(consul::add_routes)
 }
 
 /// Every (method, path) the router serves, in axum's path syntax.
