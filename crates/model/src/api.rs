@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    DesiredState, ExitInfo, Health, InstanceState, Millis, ServiceDesired, Stack, StackRecord,
+    DesiredState, ExitInfo, Health, InstanceState, Millis, RolloutStatus, ServiceDesired, Stack,
+    StackRecord,
 };
 
 /// `GET /v1/health`.
@@ -207,4 +208,134 @@ impl Instance {
             && self.state == InstanceState::Running
             && matches!(self.health, Health::Healthy | Health::None)
     }
+}
+
+/// Answer to `POST /v1/stacks/plan` (`berth deploy --dry-run`): what
+/// submitting a stack would change, service by service, like `terraform plan`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployPlan {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack name.
+    pub stack: String,
+    /// The release now current (0 when the stack does not exist yet).
+    pub current_release: u64,
+    /// The release the submit would create.
+    pub next_release: u64,
+    /// Every service of either side, by name.
+    pub services: Vec<ServicePlan>,
+}
+
+impl DeployPlan {
+    /// Whether submitting would change anything at all.
+    pub fn is_noop(&self) -> bool {
+        self.services
+            .iter()
+            .all(|s| s.action == PlanAction::Unchanged)
+    }
+}
+
+/// What a deploy does to one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlanAction {
+    /// New service: instances are started.
+    Add,
+    /// Its template changed: instances are replaced by a rolling update.
+    Replace,
+    /// Only its replica count changed: scaled, nothing restarted.
+    Scale,
+    /// No longer in the stack: its instances are stopped.
+    Remove,
+    /// Nothing changes.
+    Unchanged,
+}
+
+/// One service of a [`DeployPlan`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePlan {
+    /// Service name.
+    pub service: String,
+    /// What happens to it.
+    pub action: PlanAction,
+    /// The fields that differ (`command`, `environment.FOO`, `deploy.replicas`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<FieldChange>,
+    /// Why, and how (e.g. "rolling update, start-first, 1 at a time").
+    pub reason: String,
+}
+
+/// One changed field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldChange {
+    /// Dotted path of the field.
+    pub field: String,
+    /// Old value as JSON (absent when the field is new).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<serde_json::Value>,
+    /// New value as JSON (absent when the field is removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<serde_json::Value>,
+}
+
+/// `GET /v1/stacks/{ns}/{stack}/releases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasesResponse {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack name.
+    pub stack: String,
+    /// The current release.
+    pub current: u64,
+    /// Where the rollout of the current release stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+    /// Every release, oldest first.
+    pub releases: Vec<ReleaseSummary>,
+}
+
+/// One release in a [`ReleasesResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseSummary {
+    /// 1, 2, 3…
+    pub version: u64,
+    /// When it was created.
+    pub created_at: Millis,
+    /// Who created it.
+    pub author: String,
+    /// Why.
+    pub message: String,
+    /// Whether it is the stack's current release.
+    pub current: bool,
+    /// Services whose spec differs from the previous release (all for v1).
+    #[serde(default)]
+    pub services_changed: Vec<String>,
+}
+
+/// `POST /v1/stacks/{ns}/{stack}/rollback`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// The release whose spec to restore; the previous one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+    /// Who asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
+}
+
+/// `POST /v1/stacks/{ns}/{stack}/env`: change config vars (a new release).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EnvRequest {
+    /// Only this service; every service when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Variables to set.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Variables to remove.
+    #[serde(default)]
+    pub unset: Vec<String>,
+    /// Who asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub author: Option<String>,
 }

@@ -82,6 +82,119 @@ pub struct StackRecord {
     pub services: BTreeMap<String, ServiceDesired>,
     /// Last change.
     pub updated_at: Millis,
+    /// Config vars set with `berth env set|unset`, applied over the stack
+    /// file's environment by every later deploy.
+    #[serde(default, skip_serializing_if = "ConfigVars::is_empty")]
+    pub config: ConfigVars,
+    /// Progress of the rolling update to the current release (or of the
+    /// rolling restart), as the controller reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Config vars (`berth env set|unset`): environment changes kept apart from
+/// the stack file so a later `berth deploy` does not lose them.
+///
+/// A value of `None` is an unset: the variable is removed even when the
+/// stack file sets it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigVars {
+    /// Applied to every service.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub all: BTreeMap<String, Option<String>>,
+    /// Applied to one service (after `all`), keyed by service name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, BTreeMap<String, Option<String>>>,
+}
+
+impl ConfigVars {
+    /// No config vars at all.
+    pub fn is_empty(&self) -> bool {
+        self.all.is_empty() && self.services.values().all(BTreeMap::is_empty)
+    }
+
+    /// `stack` with these vars applied to its services' environment.
+    pub fn apply(&self, mut stack: Stack) -> Stack {
+        for (name, service) in &mut stack.services {
+            let one = self.services.get(name).into_iter().flatten();
+            for (k, v) in self.all.iter().chain(one) {
+                match v {
+                    Some(v) => {
+                        service.environment.insert(k.clone(), Some(v.clone()));
+                    }
+                    None => {
+                        service.environment.remove(k);
+                    }
+                }
+            }
+        }
+        stack
+    }
+}
+
+/// Where the rolling update to a release stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The release being rolled out.
+    pub release: u64,
+    /// The restart generation sum it was started for (a `berth restart`
+    /// starts a rollout without a new release).
+    #[serde(default)]
+    pub generation: u64,
+    /// Where it stands.
+    pub state: RolloutState,
+    /// Human-readable progress or the reason it stopped.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Set when this release is an automatic rollback: what failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<RollbackCause>,
+    /// When it started.
+    pub started_at: Millis,
+    /// Last change of `state` or `message`.
+    pub updated_at: Millis,
+}
+
+/// Why a release was rolled back automatically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackCause {
+    /// The release that failed.
+    pub from: u64,
+    /// The instance whose failure decided it (`web.4`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// What failed: the health check's output or the last exit, with the
+    /// instance's last log lines.
+    pub reason: String,
+}
+
+/// States of a rollout.
+///
+/// ```text
+///  in_progress ──► complete
+///       │
+///       ├──► paused        (failure_action: pause; a new deploy resumes)
+///       └──► (a new release: the automatic rollback, with `rolled_back` set)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Instances are being replaced.
+    InProgress,
+    /// Every instance runs the release and passed its monitor period.
+    Complete,
+    /// A new instance failed and `failure_action` is `pause`.
+    Paused,
+}
+
+impl fmt::Display for RolloutState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::InProgress => "in_progress",
+            Self::Complete => "complete",
+            Self::Paused => "paused",
+        })
+    }
 }
 
 /// Desired state of one service of a stack.
@@ -111,6 +224,9 @@ pub struct Release {
     pub author: String,
     /// Why (e.g. "up", "deploy", "rollback to v2").
     pub message: String,
+    /// The config vars in force when it was made (a rollback restores them).
+    #[serde(default, skip_serializing_if = "ConfigVars::is_empty")]
+    pub config: ConfigVars,
 }
 
 /// One instance a node must run: desired state, placed by the scheduler.
@@ -136,6 +252,13 @@ pub struct Assignment {
     pub desired: DesiredState,
     /// When the controller wrote it.
     pub created_at: Millis,
+    /// Set when the controller retires this instance (replaced by a rolling
+    /// update, or scaled away): from then on routers, DNS and the catalog
+    /// send it no new traffic, and once this time has passed the controller
+    /// deletes the assignment, so the agent stops it after requests already
+    /// routed to it have completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_at: Option<Millis>,
 }
 
 /// What the agent should do with an assignment.

@@ -22,12 +22,25 @@ pub fn routable(s: &InstanceStatus) -> bool {
     s.state == InstanceState::Running && matches!(s.health, Health::Healthy | Health::None)
 }
 
+/// Instances the controller is retiring (replaced by a rolling update, or
+/// scaled away): they still run, to finish what they were sent, but get no
+/// new traffic.
+pub fn retiring(mirror: &Mirror) -> std::collections::BTreeSet<&berth_model::InstanceKey> {
+    mirror
+        .assignments
+        .values()
+        .filter(|(a, _)| a.retire_at.is_some())
+        .map(|(a, _)| &a.key)
+        .collect()
+}
+
 /// Every instance of every stack as discovery sees it, healthy or not,
 /// sorted by (namespace, stack, service, slot).
 ///
 /// Instances without an address (not started yet) are left out: there is
 /// nothing to connect to.
 pub fn entries(mirror: &Mirror) -> Vec<CatalogEntry> {
+    let retiring = retiring(mirror);
     mirror
         .statuses
         .values()
@@ -53,7 +66,7 @@ pub fn entries(mirror: &Mirror) -> Vec<CatalogEntry> {
                 port: s.port,
                 tags,
                 meta,
-                healthy: routable(s),
+                healthy: routable(s) && !retiring.contains(&s.key),
             })
         })
         .collect()
@@ -73,6 +86,7 @@ pub async fn snapshot(store: &dyn berth_store::Store) -> anyhow::Result<(Mirror,
 /// The published-port table for the current mirror.
 pub fn published_ports(mirror: &Mirror) -> Backends {
     let mut table = Backends::new();
+    let retiring = retiring(mirror);
     for (record, _) in mirror.stacks.values() {
         for (name, service) in &record.spec.services {
             for (i, port) in service.ports.iter().enumerate() {
@@ -95,6 +109,7 @@ pub fn published_ports(mirror: &Mirror) -> Backends {
                             && s.key.stack == record.name
                             && s.key.service == *name
                             && routable(s)
+                            && !retiring.contains(&s.key)
                     })
                     .filter_map(|s| {
                         let addr: IpAddr = s.address.as_deref()?.parse().ok()?;

@@ -13,7 +13,10 @@
 
 use std::collections::BTreeMap;
 
-use berth_model::{DEFAULT_NAMESPACE, Millis, Release, ServiceDesired, StackRecord, keys};
+use berth_model::{
+    ConfigVars, DEFAULT_NAMESPACE, Millis, Release, RollbackCause, RolloutState, RolloutStatus,
+    ServiceDesired, StackRecord, keys,
+};
 use berth_spec::types::{DeployMode, Stack};
 use berth_store::{Compare, KeyValue, Op, Store, StoreError, Txn, decode, encode};
 
@@ -72,6 +75,53 @@ pub enum Command {
         /// Stack name.
         stack: String,
     },
+    /// Create release N+1 with the spec and config vars of an older release.
+    Rollback {
+        /// Namespace.
+        namespace: String,
+        /// Stack name.
+        stack: String,
+        /// The release to restore; `None` = the one before the current.
+        to: Option<u64>,
+        /// Who asks (`berth` for the controller).
+        author: String,
+        /// Only if this is still the current release (the controller's
+        /// automatic rollback must not undo a deploy that came after).
+        if_current: Option<u64>,
+        /// Set by the controller's automatic rollback: what failed.
+        cause: Option<RollbackCause>,
+    },
+    /// Set or unset config vars: a new release with the changed environment.
+    SetEnv {
+        /// Namespace.
+        namespace: String,
+        /// Stack name.
+        stack: String,
+        /// Only this service; `None` = every service.
+        service: Option<String>,
+        /// Variables to set.
+        set: BTreeMap<String, String>,
+        /// Variables to remove.
+        unset: Vec<String>,
+        /// Who asks.
+        author: String,
+    },
+    /// The controller's report on a rollout (complete, paused). Applied only
+    /// while the stack is still at that release and restart generation.
+    SetRollout {
+        /// Namespace.
+        namespace: String,
+        /// Stack name.
+        stack: String,
+        /// The release the report is about.
+        release: u64,
+        /// Sum of the services' restart generations the report is about.
+        generation: u64,
+        /// New state.
+        state: RolloutState,
+        /// Why.
+        message: String,
+    },
 }
 
 impl Command {
@@ -88,6 +138,15 @@ impl Command {
                 namespace, stack, ..
             }
             | Self::Restart {
+                namespace, stack, ..
+            }
+            | Self::Rollback {
+                namespace, stack, ..
+            }
+            | Self::SetEnv {
+                namespace, stack, ..
+            }
+            | Self::SetRollout {
                 namespace, stack, ..
             }
             | Self::RemoveStack { namespace, stack } => (namespace, stack),
@@ -138,6 +197,34 @@ pub enum DesiredError {
         /// The service.
         service: String,
     },
+    /// The release asked for does not exist.
+    #[error("stack {stack:?} has no release v{version}")]
+    ReleaseNotFound {
+        /// Stack name.
+        stack: String,
+        /// The missing version.
+        version: u64,
+        /// The newest release there is.
+        latest: u64,
+    },
+    /// A rollback with nothing before the current release.
+    #[error("stack {stack:?} is at its first release: there is nothing to roll back to")]
+    NothingToRollBack {
+        /// Stack name.
+        stack: String,
+    },
+    /// A conditional command whose condition no longer holds (the stack
+    /// moved on to another release or rollout meanwhile).
+    #[error("stack {stack:?} is no longer at release v{expected}")]
+    Superseded {
+        /// Stack name.
+        stack: String,
+        /// The release the command was meant for.
+        expected: u64,
+    },
+    /// `berth env` with nothing to set or unset, or a bad variable name.
+    #[error("{0}")]
+    BadEnv(String),
     /// Other writers kept winning the compare-and-swap race.
     #[error("the stack kept changing under this request ({attempts} attempts); try again")]
     Conflict {
@@ -199,12 +286,15 @@ async fn attempt(
             }
             let old: Option<StackRecord> = current.as_ref().map(decode).transpose()?;
             let version = latest_release(store, namespace, &stack.name).await? + 1;
+            let config = old.as_ref().map(|o| o.config.clone()).unwrap_or_default();
+            let stack = &config.apply(stack.clone());
             let release = Release {
                 version,
                 spec: stack.clone(),
                 created_at: now,
                 author: author.clone(),
                 message: message.clone(),
+                config: config.clone(),
             };
             let services = stack
                 .services
@@ -222,14 +312,17 @@ async fn attempt(
                     (svc_name.clone(), desired)
                 })
                 .collect();
-            let record = StackRecord {
+            let mut record = StackRecord {
                 namespace: namespace.clone(),
                 name: stack.name.clone(),
                 release: version,
                 spec: stack.clone(),
                 services,
                 updated_at: now,
+                config,
+                rollout: None,
             };
+            record.rollout = Some(rollout_started(&record, now, None));
             let release_key = keys::release(namespace, &stack.name, version);
             let txn = Txn {
                 compare: vec![
@@ -317,13 +410,270 @@ async fn attempt(
                 }
             }
             record.updated_at = now;
+            record.rollout = Some(rollout_started(&record, now, None));
+            update(store, &stack_key, current_rev, record).await
+        }
+        Command::Rollback {
+            namespace,
+            stack,
+            to,
+            author,
+            if_current,
+            cause,
+        } => {
+            let old = existing(current.as_ref(), namespace, stack)?;
+            if let Some(expected) = *if_current
+                && old.release != expected
+            {
+                return Err(DesiredError::Superseded {
+                    stack: stack.clone(),
+                    expected,
+                });
+            }
+            let target = match to {
+                Some(v) => *v,
+                None if old.release > 1 => old.release - 1,
+                None => {
+                    return Err(DesiredError::NothingToRollBack {
+                        stack: stack.clone(),
+                    });
+                }
+            };
+            let latest = latest_release(store, namespace, stack).await?;
+            let Some(kv) = store.get(&keys::release(namespace, stack, target)).await? else {
+                return Err(DesiredError::ReleaseNotFound {
+                    stack: stack.clone(),
+                    version: target,
+                    latest,
+                });
+            };
+            let source: Release = decode(&kv)?;
+            let message = match cause {
+                Some(c) => format!("automatic rollback of v{}: {}", c.from, c.reason),
+                None => format!("rollback to v{target}"),
+            };
+            let cause = cause.clone();
+            new_release(
+                store,
+                &stack_key,
+                current_rev,
+                old,
+                NewRelease {
+                    version: latest + 1,
+                    spec: source.spec,
+                    config: source.config,
+                    author: author.clone(),
+                    message,
+                    cause,
+                },
+                now,
+            )
+            .await
+        }
+        Command::SetEnv {
+            namespace,
+            stack,
+            service,
+            set,
+            unset,
+            author,
+        } => {
+            let old = existing(current.as_ref(), namespace, stack)?;
+            if set.is_empty() && unset.is_empty() {
+                return Err(DesiredError::BadEnv(
+                    "nothing to change: give KEY=VALUE to set, or KEY to unset".into(),
+                ));
+            }
+            for k in set.keys().chain(unset) {
+                if k.is_empty() || k.contains('=') || k.contains('\0') {
+                    return Err(DesiredError::BadEnv(format!(
+                        "{k:?} is not a variable name"
+                    )));
+                }
+            }
+            if let Some(s) = service
+                && !old.spec.services.contains_key(s)
+            {
+                return Err(unknown_service(&old, s));
+            }
+            let mut delta = ConfigVars::default();
+            let vars = match service {
+                Some(s) => delta.services.entry(s.clone()).or_default(),
+                None => &mut delta.all,
+            };
+            for (k, v) in set {
+                vars.insert(k.clone(), Some(v.clone()));
+            }
+            for k in unset {
+                vars.insert(k.clone(), None);
+            }
+            let mut config = old.config.clone();
+            merge_config(&mut config, &delta);
+            let spec = delta.apply(old.spec.clone());
+            let mut words: Vec<String> = set.keys().cloned().collect();
+            words.extend(unset.iter().map(|k| format!("-{k}")));
+            let scope = service
+                .as_ref()
+                .map_or(String::new(), |s| format!(" on {s}"));
+            let message = format!("env {}{scope}", words.join(" "));
+            let version = latest_release(store, namespace, stack).await? + 1;
+            new_release(
+                store,
+                &stack_key,
+                current_rev,
+                old,
+                NewRelease {
+                    version,
+                    spec,
+                    config,
+                    author: author.clone(),
+                    message,
+                    cause: None,
+                },
+                now,
+            )
+            .await
+        }
+        Command::SetRollout {
+            namespace,
+            stack,
+            release,
+            generation,
+            state,
+            message,
+        } => {
+            let mut record = existing(current.as_ref(), namespace, stack)?;
+            let still = record.release == *release
+                && generation_of(&record) == *generation
+                && record
+                    .rollout
+                    .as_ref()
+                    .is_some_and(|r| r.state == RolloutState::InProgress);
+            if !still {
+                return Err(DesiredError::Superseded {
+                    stack: stack.clone(),
+                    expected: *release,
+                });
+            }
+            if let Some(r) = record.rollout.as_mut() {
+                r.state = *state;
+                r.message = message.clone();
+                r.updated_at = now;
+            }
             update(store, &stack_key, current_rev, record).await
         }
     }
 }
 
+/// Sum of the services' restart generations: changes when `berth restart`
+/// starts a rollout without a new release.
+pub fn generation_of(record: &StackRecord) -> u64 {
+    record.services.values().map(|d| d.restart_generation).sum()
+}
+
+fn rollout_started(
+    record: &StackRecord,
+    now: Millis,
+    cause: Option<RollbackCause>,
+) -> RolloutStatus {
+    RolloutStatus {
+        release: record.release,
+        generation: generation_of(record),
+        state: RolloutState::InProgress,
+        message: String::new(),
+        rolled_back: cause,
+        started_at: now,
+        updated_at: now,
+    }
+}
+
+/// `delta` merged into `config`: later values win, per variable.
+fn merge_config(config: &mut ConfigVars, delta: &ConfigVars) {
+    for (k, v) in &delta.all {
+        config.all.insert(k.clone(), v.clone());
+        // A stack-wide change overrides earlier per-service values of the
+        // same variable, as `berth env set K=V` (no --service) promises.
+        for vars in config.services.values_mut() {
+            vars.remove(k);
+        }
+    }
+    for (service, vars) in &delta.services {
+        let into = config.services.entry(service.clone()).or_default();
+        for (k, v) in vars {
+            into.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// What a rollback or env change makes.
+struct NewRelease {
+    version: u64,
+    spec: berth_spec::types::Stack,
+    config: ConfigVars,
+    author: String,
+    message: String,
+    cause: Option<RollbackCause>,
+}
+
+/// Commit a release that keeps the stack's scale and run flags (a rollback
+/// or config change is not a redeploy of the file: `berth scale` stays).
+async fn new_release(
+    store: &dyn Store,
+    stack_key: &str,
+    current_rev: i64,
+    old: StackRecord,
+    new: NewRelease,
+    now: Millis,
+) -> Result<Option<Outcome>, DesiredError> {
+    let services = new
+        .spec
+        .services
+        .iter()
+        .map(|(name, svc)| {
+            let desired = old.services.get(name).cloned().unwrap_or(ServiceDesired {
+                replicas: svc.deploy.replicas,
+                stopped: false,
+                restart_generation: 0,
+            });
+            (name.clone(), desired)
+        })
+        .collect();
+    let release = Release {
+        version: new.version,
+        spec: new.spec.clone(),
+        created_at: now,
+        author: new.author,
+        message: new.message,
+        config: new.config.clone(),
+    };
+    let mut record = StackRecord {
+        namespace: old.namespace.clone(),
+        name: old.name.clone(),
+        release: new.version,
+        spec: new.spec,
+        services,
+        updated_at: now,
+        config: new.config,
+        rollout: None,
+    };
+    record.rollout = Some(rollout_started(&record, now, new.cause));
+    let release_key = keys::release(&old.namespace, &old.name, new.version);
+    let txn = Txn {
+        compare: vec![
+            Compare::ModRevision(stack_key.to_owned(), current_rev),
+            Compare::ModRevision(release_key.clone(), 0),
+        ],
+        success: vec![
+            Op::put(release_key.clone(), encode(&release_key, &release)?),
+            Op::put(stack_key.to_owned(), encode(stack_key, &record)?),
+        ],
+        failure: vec![],
+    };
+    commit(store, txn, Some(record)).await
+}
+
 /// Highest release number of a stack, 0 when it has none.
-async fn latest_release(store: &dyn Store, ns: &str, stack: &str) -> Result<u64, DesiredError> {
+pub async fn latest_release(store: &dyn Store, ns: &str, stack: &str) -> Result<u64, DesiredError> {
     let (kvs, _) = store.range(&keys::releases_of(ns, stack)).await?;
     let mut latest = 0;
     for kv in &kvs {

@@ -4,7 +4,7 @@
 //! # Layout
 //! - [`api`]: HTTP routes (axum), auth, listeners (Unix socket + TCP), OpenAPI.
 //! - [`desired`]: the one write path for desired state (typed commands,
-//!   compare-and-swap).
+//!   compare-and-swap); [`diff`]: what a deploy would change (dry run).
 //! - [`controller`]: turns desired state into assignments (reconcile loop).
 //! - [`catalog`]: healthy instances, and the published-port table.
 //! - [`kv`]: the user KV store, sessions and locks (Consul's semantics).
@@ -36,6 +36,7 @@ pub mod api;
 pub mod catalog;
 pub mod controller;
 pub mod desired;
+pub mod diff;
 pub mod kv;
 pub mod mirror;
 
@@ -146,7 +147,11 @@ pub async fn run(
                 .context("agent failed")
         });
     }
-    tasks.spawn(controller::run(store.clone(), stop_rx.clone()));
+    tasks.spawn(controller::run(
+        store.clone(),
+        stop_rx.clone(),
+        Some(logs.clone()),
+    ));
     // Releases the KV locks of sessions whose TTL ran out.
     tasks.spawn(kv::reap_sessions(store.clone(), stop_rx.clone()));
     {

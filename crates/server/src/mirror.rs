@@ -90,6 +90,14 @@ pub trait Follower {
 
     /// Called when the mirror is rebuilt from a fresh listing.
     fn relisted(&mut self) {}
+
+    /// Wall-clock time (ms since the epoch) at which [`Follower::changed`]
+    /// wants to be called again even if no event arrives: timed steps (a
+    /// drain, a rollout's delay) are scheduled this way instead of sleeping
+    /// inside the handler.
+    fn wake_at(&self) -> Option<berth_model::Millis> {
+        None
+    }
 }
 
 /// List `/berth/`, then follow its watch, calling `follower` after every
@@ -112,9 +120,15 @@ pub async fn follow<F: Follower + Send>(
         let mut seen = rev;
         loop {
             follower.changed(&mirror, seen).await?;
+            let timer = follower.wake_at().map(|at| {
+                let wait = at.saturating_sub(crate::now_ms());
+                // A few ms late so the deadline has surely passed.
+                tokio::time::sleep(std::time::Duration::from_millis(wait + 5))
+            });
             let batch = tokio::select! {
                 b = events.next() => b,
                 _ = &mut shutdown => return Ok(()),
+                () = async { match timer { Some(t) => t.await, None => std::future::pending().await } } => continue,
             };
             let Some(batch) = batch else { break };
             let mut batch = Some(batch);

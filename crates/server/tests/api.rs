@@ -336,6 +336,7 @@ async fn instances_join_assignments_with_statuses() {
         env: Default::default(),
         desired: DesiredState::Running,
         created_at: 1,
+        retire_at: None,
     };
     let status = |slot: u32, uid: &str| InstanceStatus {
         key: key("web", slot),

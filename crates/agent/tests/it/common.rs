@@ -49,6 +49,7 @@ pub fn assignment(key: InstanceKey, service: Service, uid: &str, node: &str) -> 
         env: BTreeMap::new(),
         desired: DesiredState::Running,
         created_at: 0,
+        retire_at: None,
     }
 }
 

@@ -84,6 +84,24 @@ impl ApiError {
                 Some(format!("the stack's services are: {}", known.join(", "))),
             ),
             Self::Desired(D::Conflict { .. }) => (StatusCode::CONFLICT, None),
+            Self::Desired(D::ReleaseNotFound { latest, .. }) => (
+                StatusCode::NOT_FOUND,
+                Some(format!(
+                    "releases go from v1 to v{latest}; list them with `berth releases`"
+                )),
+            ),
+            Self::Desired(D::NothingToRollBack { .. }) => (
+                StatusCode::CONFLICT,
+                Some("deploy a change first; `berth releases` lists the history".into()),
+            ),
+            Self::Desired(D::Superseded { .. }) => (
+                StatusCode::CONFLICT,
+                Some("look at `berth releases` and try again".into()),
+            ),
+            Self::Desired(D::BadEnv(_)) => (
+                StatusCode::BAD_REQUEST,
+                Some("e.g. `berth env set FOO=bar` or `berth env unset FOO`".into()),
+            ),
             Self::Desired(D::Store(_)) | Self::Store(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, None)
             }

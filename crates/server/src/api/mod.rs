@@ -7,6 +7,8 @@
 //! - [`stacks`]: stack summaries, submit, detail, remove, and the
 //!   scale/stop/start/restart actions. Every write goes through
 //!   [`crate::desired::apply`]: the API writes only desired state.
+//! - [`releases`]: the deploy plan (dry run), release history, rollback
+//!   and config vars.
 //! - [`instances`]: the join of assignments (desired placement) with
 //!   instance statuses (actual state) that `berth ps` shows.
 //! - [`logs`]: past and followed logs as an NDJSON stream.
@@ -40,6 +42,7 @@ pub mod error;
 pub mod instances;
 pub mod kv;
 pub mod logs;
+pub mod releases;
 pub mod stacks;
 pub mod time;
 
@@ -143,6 +146,18 @@ fn build() -> Routes {
             stacks::restart,
         )
         .add(Method::GET, "/v1/stacks/{ns}/{stack}/logs", logs::stream)
+        .add(Method::POST, "/v1/stacks/plan", releases::plan)
+        .add(
+            Method::GET,
+            "/v1/stacks/{ns}/{stack}/releases",
+            releases::list,
+        )
+        .add(
+            Method::POST,
+            "/v1/stacks/{ns}/{stack}/rollback",
+            releases::rollback,
+        )
+        .add(Method::POST, "/v1/stacks/{ns}/{stack}/env", releases::env)
         .add(Method::GET, "/v1/instances", instances::list)
         .add(Method::GET, "/v1/nodes", instances::nodes)
         .then(consul::add_routes)
