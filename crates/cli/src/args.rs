@@ -257,6 +257,38 @@ pub struct ServerArgs {
     /// This node's id (default: the host name).
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,
+    /// Address of the HTTP router (`<service>.<stack>.localhost` and the
+    /// stack file's routes). Use `0.0.0.0:80` to serve a real domain as root.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "BERTH_HTTP",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub http: SocketAddr,
+    /// No HTTP router.
+    #[arg(long)]
+    pub no_http: bool,
+    /// Address of the DNS server for `<service>.<stack>.<namespace>.berth`.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "BERTH_DNS",
+        default_value = "127.0.0.1:8600"
+    )]
+    pub dns: SocketAddr,
+    /// No DNS server.
+    #[arg(long)]
+    pub no_dns: bool,
+    /// Where state lives: `embedded` (a file in the data dir) or
+    /// `etcd://host:2379,host2:2379[/prefix]?ca=..&cert=..&key=..&user=..&password-file=..`.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "BERTH_STORE",
+        default_value = "embedded"
+    )]
+    pub store: String,
 }
 
 /// `web=3` → (`web`, 3).

@@ -9,6 +9,7 @@
 //! - [`catalog`]: healthy instances, and the published-port table.
 //! - [`kv`]: the user KV store, sessions and locks (Consul's semantics).
 //! - [`mirror`]: the watched in-memory copy of state those loops react to.
+//! - [`traffic`]: the HTTP router's table and the DNS zone, from the catalog.
 //! - [`run`]: opens the store, registers this node, starts the local agent,
 //!   the controller and the listeners, and stops them all on shutdown.
 //!
@@ -39,6 +40,7 @@ pub mod desired;
 pub mod diff;
 pub mod kv;
 pub mod mirror;
+pub mod traffic;
 
 /// How the server is started.
 #[derive(Debug, Clone)]
@@ -49,6 +51,51 @@ pub struct ServerConfig {
     pub listen: Vec<SocketAddr>,
     /// This node's id (hostname by default).
     pub node_id: String,
+    /// HTTP router address (`None`: no router).
+    pub http: Option<SocketAddr>,
+    /// DNS server address (`None`: no DNS).
+    pub dns: Option<SocketAddr>,
+    /// Where state lives.
+    pub store: StoreLocation,
+}
+
+impl ServerConfig {
+    /// Defaults: API on a free loopback port, router on 127.0.0.1:8080, DNS
+    /// on 127.0.0.1:8600 (Consul's), the embedded store.
+    pub fn new(data_dir: PathBuf, node_id: String) -> Self {
+        Self {
+            data_dir,
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
+            node_id,
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            dns: Some(berth_net::dns::DEFAULT_ADDR),
+            store: StoreLocation::Embedded,
+        }
+    }
+}
+
+/// Where the server keeps its state.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    /// `state.redb` in the data dir (one machine).
+    Embedded,
+    /// An etcd cluster (a fleet); several servers may share it.
+    Etcd(Box<berth_store::etcd::EtcdConfig>),
+}
+
+impl StoreLocation {
+    /// `embedded` or an `etcd://` URL.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        if s == "embedded" {
+            return Ok(Self::Embedded);
+        }
+        let cfg = berth_store::etcd::EtcdConfig::from_url(s).map_err(|e| {
+            anyhow::anyhow!(
+                "--store {s:?}: {e} (use `embedded` or etcd://host:2379[,host:2379][/prefix])"
+            )
+        })?;
+        Ok(Self::Etcd(Box::new(cfg)))
+    }
 }
 
 /// What a running server advertises in `<data_dir>/server.json`.
@@ -100,10 +147,17 @@ pub async fn run(
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let _lock = lock_data_dir(&cfg.data_dir)?;
 
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(&cfg.data_dir.join("state.redb"))
-            .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
-    );
+    let store: Arc<dyn Store> = match &cfg.store {
+        StoreLocation::Embedded => Arc::new(
+            EmbeddedStore::open(&cfg.data_dir.join("state.redb"))
+                .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
+        ),
+        StoreLocation::Etcd(etcd) => Arc::new(
+            berth_store::etcd::EtcdStore::connect((**etcd).clone())
+                .await
+                .context("connecting to etcd")?,
+        ),
+    };
     let token = api::load_or_create_token(&cfg.data_dir).context("loading the API token")?;
     let logs = berth_agent::logs::LogStore::open(cfg.data_dir.join("logs"), Default::default())
         .context("opening the log store")?;
@@ -166,6 +220,25 @@ pub async fn run(
             berth_net::tcp::PortProxy::new(rx).run(stop).await;
             Ok(())
         });
+    }
+    if cfg.http.is_some() || cfg.dns.is_some() {
+        let (routes_tx, routes_rx) = watch::channel(berth_net::http::RouteTable::default());
+        let (zone_tx, zone_rx) = watch::channel(Arc::new(berth_net::dns::Zone::builder().build()));
+        let store = store.clone();
+        let stop = stop_rx.clone();
+        tasks.spawn(async move {
+            let mut tables = traffic::Tables {
+                routes: routes_tx,
+                zone: zone_tx,
+            };
+            mirror::follow(store, stop, &mut tables).await
+        });
+        if let Some(addr) = cfg.http {
+            start_router(&mut tasks, addr, routes_rx, stop_rx.clone()).await;
+        }
+        if let Some(addr) = cfg.dns {
+            start_dns(&mut tasks, addr, zone_rx, stop_rx.clone()).await;
+        }
     }
 
     // Listeners.
@@ -236,6 +309,52 @@ pub async fn run(
     let _ = store.lease_revoke(lease).await;
     let _ = fs::remove_file(cfg.data_dir.join("server.json"));
     result
+}
+
+/// The router is a convenience on one machine: if its port is taken (another
+/// server, a web server), berth still runs, and says so.
+async fn start_router(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    addr: SocketAddr,
+    routes: watch::Receiver<berth_net::http::RouteTable>,
+    stop: watch::Receiver<bool>,
+) {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "HTTP router not started: cannot listen (choose another with --http, or --no-http)");
+            return;
+        }
+    };
+    let router = berth_net::http::Router::new(routes, Default::default());
+    tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "HTTP router listening");
+    tasks.spawn(async move {
+        router
+            .serve(listener, stopped(stop))
+            .await
+            .context("HTTP router")
+    });
+}
+
+/// Like the router, DNS is optional when its port is taken.
+async fn start_dns(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    addr: SocketAddr,
+    zone: watch::Receiver<Arc<berth_net::dns::Zone>>,
+    stop: watch::Receiver<bool>,
+) {
+    match berth_net::dns::DnsServer::bind(addr).await {
+        Ok(server) => {
+            tracing::info!(%addr, "DNS listening");
+            tasks.spawn(async move {
+                server.run(zone, stop).await;
+                Ok(())
+            });
+        }
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "DNS not started: cannot listen (choose another with --dns, or --no-dns)")
+        }
+    }
 }
 
 fn flatten(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {

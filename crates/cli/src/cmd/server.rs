@@ -12,18 +12,19 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    let cfg = berth_server::ServerConfig {
-        data_dir: settings.data_dir.clone(),
-        listen: if args.no_tcp {
-            Vec::new()
-        } else {
-            args.listen.clone()
-        },
-        node_id: args
-            .node_id
-            .clone()
-            .unwrap_or_else(berth_server::default_node_id),
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(berth_server::default_node_id);
+    let mut cfg = berth_server::ServerConfig::new(settings.data_dir.clone(), node_id);
+    cfg.listen = if args.no_tcp {
+        Vec::new()
+    } else {
+        args.listen.clone()
     };
+    cfg.http = (!args.no_http).then_some(args.http);
+    cfg.dns = (!args.no_dns).then_some(args.dns);
+    cfg.store = berth_server::StoreLocation::parse(&args.store)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {

@@ -1,0 +1,248 @@
+//! The end-to-end harness shared by the `e2e_*` tests: a private data dir
+//! per test, the real `berth` binary, and process-table checks.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Berth {
+    pub data: tempfile::TempDir,
+    pub env: BTreeMap<String, String>,
+    pub servers: Vec<Child>,
+}
+
+impl Berth {
+    pub fn new() -> Self {
+        Self {
+            data: tempfile::tempdir().unwrap(),
+            env: BTreeMap::new(),
+            servers: Vec::new(),
+        }
+    }
+
+    pub fn command(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
+        c.args(args)
+            .current_dir(dir)
+            .env("BERTH_DATA_DIR", self.data.path())
+            .env("NO_COLOR", "1")
+            .env_remove("BERTH_ADDR")
+            .envs(&self.env)
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, dir: &Path, args: &[&str]) -> Output {
+        self.command(dir, args).output().unwrap()
+    }
+
+    pub fn ok(&self, dir: &Path, args: &[&str]) -> String {
+        let out = self.run(dir, args);
+        assert!(
+            out.status.success(),
+            "berth {args:?} failed ({}):\nstdout: {}\nstderr: {}\nserver log: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.server_log(),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn ps(&self, dir: &Path, stack: &str) -> Vec<Value> {
+        let out = self.ok(dir, &["ps", "--json", "-p", stack]);
+        serde_json::from_str::<Vec<Value>>(&out).unwrap_or_else(|e| panic!("ps --json: {e}: {out}"))
+    }
+
+    pub fn server_pid(&self) -> Option<i32> {
+        let info = std::fs::read(self.data.path().join("server.json")).ok()?;
+        let v: Value = serde_json::from_slice(&info).ok()?;
+        v["pid"].as_i64().map(|p| p as i32)
+    }
+
+    pub fn server_log(&self) -> String {
+        let log = std::fs::read_to_string(self.data.path().join("server.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Start `berth server` as our own child (used after a kill -9).
+    pub fn start_server(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.path().join("server.log"))
+            .unwrap();
+        let child = self
+            .command(self.data.path(), &["server"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.servers.push(child);
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        if let Some(pid) = self.server_pid() {
+            signal(pid, "TERM");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            signal(pid, "KILL");
+        }
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn signal(pid: i32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .output();
+}
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie is dead for our purposes (its parent may be this test).
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+/// Pids of live processes whose environment says they belong to `stack`
+/// (and to `service`, if given).
+pub fn processes_of(stack: &str, service: Option<&str>) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<&[u8]> = env.split(|b| *b == 0).collect();
+        let has = |k: &str, v: &str| vars.iter().any(|x| *x == format!("{k}={v}").as_bytes());
+        if has("BERTH_STACK", stack)
+            && service.is_none_or(|s| has("BERTH_SERVICE", s))
+            && alive(pid)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(()) => return,
+            Err(why) if Instant::now() > deadline => panic!("timed out waiting for {what}: {why}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn http_get(port: u16, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    if out.starts_with("HTTP/1.") && out.contains(" 200 ") {
+        Ok(out)
+    } else {
+        Err(out)
+    }
+}
+
+pub fn instances<'a>(ps: &'a [Value], service: &str) -> Vec<&'a Value> {
+    ps.iter().filter(|i| i["service"] == service).collect()
+}
+
+pub fn all_ready(ps: &[Value], service: &str, n: usize) -> Result<(), String> {
+    let list = instances(ps, service);
+    let ready = list
+        .iter()
+        .filter(|i| i["state"] == "running" && (i["health"] == "healthy" || i["health"] == "none"))
+        .count();
+    if list.len() == n && ready == n {
+        Ok(())
+    } else {
+        Err(format!(
+            "{service}: {ready} ready of {} listed, want {n}: {list:?}",
+            list.len()
+        ))
+    }
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// An HTTP GET through the router at `port` with a `Host` header.
+pub fn http_get_host(port: u16, host: &str, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    if out.starts_with("HTTP/1.1 200") {
+        Ok(out)
+    } else {
+        Err(out)
+    }
+}
+
+/// `dig +short` against berth's DNS; one answer per line.
+pub fn dig(dns_port: u16, name: &str, qtype: &str) -> Vec<String> {
+    let out = Command::new("dig")
+        .args([
+            "@127.0.0.1",
+            "-p",
+            &dns_port.to_string(),
+            name,
+            qtype,
+            "+short",
+            "+time=2",
+            "+tries=1",
+        ])
+        .output()
+        .expect("dig is installed (scripts/test installs dnsutils)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
