@@ -112,6 +112,24 @@ pub enum Command {
     /// Set the number of replicas of services.
     #[command(after_help = "Example:\n  berth scale web=5\n  berth scale web=2 worker=0")]
     Scale(ScaleArgs),
+    /// Deploy the stack file as a new release, rolled out without downtime.
+    #[command(
+        after_help = "Example:\n  berth deploy --dry-run       # what would change, like `terraform plan`\n  berth deploy -m \"fix login\"  # new release; waits for the rolling update\n\nExits 5 when the rollout fails (it is rolled back automatically unless\nupdate_config.failure_action says otherwise), printing why."
+    )]
+    Deploy(DeployArgs),
+    /// List the stack's releases (only those that changed SERVICE, if given).
+    #[command(after_help = "Example:\n  berth releases\n  berth releases web --json")]
+    Releases(ReleasesArgs),
+    /// Roll back to an older release (default: the previous one) as a new release.
+    #[command(
+        after_help = "Example:\n  berth rollback          # to the release before the current one\n  berth rollback v3"
+    )]
+    Rollback(RollbackArgs),
+    /// List, set or unset config vars (each change is a new release, rolled out).
+    #[command(
+        after_help = "Example:\n  berth env                          # list every service's environment\n  berth env set LOG_LEVEL=debug      # all services\n  berth env set -s web WORKERS=4\n  berth env unset LOG_LEVEL"
+    )]
+    Env(EnvArgs),
     /// Print the resolved stack (YAML, or JSON with --json), or its errors.
     #[command(
         after_help = "Example:\n  berth config                 # ./compose.yaml after interpolation, extends, profiles\n  berth config -f a.yml -f b.yml --json\n  berth config --services"
@@ -144,6 +162,90 @@ pub struct UpArgs {
     /// With -d: how long to wait for health (e.g. 60s, 2m).
     #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
     pub wait_timeout: std::time::Duration,
+}
+
+/// `berth deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Only print what would change (added, replaced, scaled, removed, and why).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Release message.
+    #[arg(short = 'm', long, value_name = "MESSAGE")]
+    pub message: Option<String>,
+    /// Return once the release is created, without waiting for the rollout.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// How long to wait for the rollout (e.g. 5m).
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub wait_timeout: std::time::Duration,
+}
+
+/// `berth releases`.
+#[derive(Debug, Args)]
+pub struct ReleasesArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Only releases that changed this service.
+    #[arg(value_name = "SERVICE")]
+    pub service: Option<String>,
+}
+
+/// `berth rollback`.
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Release to restore (`v3` or `3`); default: the one before the current.
+    #[arg(value_name = "VERSION", value_parser = parse_version)]
+    pub version: Option<u64>,
+    /// Return without waiting for the rollout.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// How long to wait for the rollout.
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub wait_timeout: std::time::Duration,
+}
+
+/// `berth env`.
+#[derive(Debug, Args)]
+pub struct EnvArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Only this service (default: every service).
+    #[arg(short = 's', long, global = true, value_name = "SERVICE")]
+    pub service: Option<String>,
+    /// Return without waiting for the rollout.
+    #[arg(short = 'd', long, global = true)]
+    pub detach: bool,
+    /// set / unset; lists the environment when absent.
+    #[command(subcommand)]
+    pub action: Option<EnvAction>,
+}
+
+/// `berth env set|unset`.
+#[derive(Debug, Subcommand)]
+pub enum EnvAction {
+    /// Set variables: KEY=VALUE...
+    #[command(after_help = "Example:\n  berth env set LOG_LEVEL=debug FEATURE_X=on")]
+    Set {
+        /// KEY=VALUE pairs.
+        #[arg(value_name = "KEY=VALUE", required = true, value_parser = parse_var)]
+        vars: Vec<(String, String)>,
+    },
+    /// Remove variables: KEY...
+    #[command(after_help = "Example:\n  berth env unset LOG_LEVEL")]
+    Unset {
+        /// Variable names.
+        #[arg(value_name = "KEY", required = true)]
+        keys: Vec<String>,
+    },
 }
 
 /// `berth ps`.
@@ -303,6 +405,25 @@ pub fn parse_scale(s: &str) -> Result<(String, u32), String> {
         format!("{s:?}: replicas must be a whole number ≥ 0, got {n:?} (e.g. {service}=3)")
     })?;
     Ok((service.to_owned(), n))
+}
+
+/// `v3` or `3` → 3.
+pub fn parse_version(s: &str) -> Result<u64, String> {
+    let n = s.strip_prefix('v').unwrap_or(s);
+    match n.parse::<u64>() {
+        Ok(v) if v > 0 => Ok(v),
+        _ => Err(format!("{s:?} is not a release (e.g. v3)")),
+    }
+}
+
+/// `KEY=VALUE` → (`KEY`, `VALUE`); the value may be empty or hold `=`.
+pub fn parse_var(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!(
+            "{s:?} is not KEY=VALUE (e.g. LOG_LEVEL=debug; use `berth env unset KEY` to remove)"
+        )),
+    }
 }
 
 /// `90s`, `2m`, `1h`, `500ms`, or plain seconds.

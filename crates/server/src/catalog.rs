@@ -24,7 +24,9 @@ pub fn routable(s: &InstanceStatus) -> bool {
 
 /// Instances the controller is retiring (replaced by a rolling update, or
 /// scaled away): they still run, to finish what they were sent, but get no
-/// new traffic.
+/// new traffic. The controller keeps the retiring assignment until the
+/// instance has stopped, so its agent's status, which may say "running,
+/// healthy" for a moment longer, never makes it routable again.
 pub fn retiring(mirror: &Mirror) -> std::collections::BTreeSet<&berth_model::InstanceKey> {
     mirror
         .assignments

@@ -14,6 +14,7 @@ use crate::resolve::stack_path;
 
 pub mod actions;
 pub mod config;
+pub mod deploy;
 pub mod kv;
 pub mod logs;
 pub mod ps;

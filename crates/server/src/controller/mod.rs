@@ -628,7 +628,23 @@ mod tests {
                 d.replicas = 1;
             }
         }
+        // Nothing routable: stopped (retiring) at once, deleted next pass.
         let c = plan(&m, 3, &mut uid).changes;
+        let stopped: Vec<_> = c
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put { assignment, .. }
+                    if assignment.desired == DesiredState::Stopped
+                        && assignment.retire_at.is_some() =>
+                {
+                    Some(assignment.key.slot)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stopped, vec![2, 3]);
+        apply(&mut m, &c, &mut rev);
+        let c = plan(&m, 4, &mut uid).changes;
         let deleted: Vec<_> = c
             .iter()
             .filter_map(|c| match c {
@@ -666,8 +682,12 @@ mod tests {
                 s.stop_grace_period_ms = 1;
             }
         });
-        let c = plan(&m, 3, &mut uid).changes;
-        apply(&mut m, &c, &mut rev);
+        // Stop-first: stopped, deleted, then a new instance.
+        for now in 3..6 {
+            let c = plan(&m, now, &mut uid).changes;
+            apply(&mut m, &c, &mut rev);
+        }
+        assert!(web_uid(&m).is_some());
         assert_ne!(web_uid(&m), before, "changed spec: replaced");
     }
 
@@ -798,6 +818,20 @@ mod tests {
             let now = self.now;
             let mut changed = false;
             for (a, _) in self.m.assignments.values() {
+                if a.desired == DesiredState::Stopped {
+                    let stopped = self
+                        .m
+                        .statuses
+                        .get(&a.key)
+                        .is_some_and(|s| s.state == InstanceState::Stopped);
+                    if !stopped {
+                        let mut st = status(a, now, Health::None);
+                        st.state = InstanceState::Stopped;
+                        self.m.statuses.insert(a.key.clone(), st);
+                        changed = true;
+                    }
+                    continue;
+                }
                 let fresh = self.m.statuses.get(&a.key).is_none_or(|s| s.uid != a.uid);
                 if fresh {
                     self.m
@@ -938,6 +972,10 @@ mod tests {
         assert!(sim.step().changes.is_empty(), "not before the deadline");
         sim.now = wake;
         sim.step();
+        assert_eq!(sim.slots(), vec![1, 2], "stopping, still out of service");
+        assert!(sim.serving() == vec![(2, 2)]);
+        let _ = sim.healthy(); // the agent reports it stopped
+        sim.step();
         assert_eq!(sim.slots(), vec![2]);
     }
 
@@ -1041,8 +1079,9 @@ mod tests {
         assert!(
             p.changes
                 .iter()
-                .any(|c| matches!(c, Change::Delete { key, .. } if key.ends_with("000003"))),
-            "the failed instance is removed at once: {:?}",
+                .any(|c| matches!(c, Change::Put { key, assignment, .. }
+                if key.ends_with("000003") && assignment.desired == DesiredState::Stopped)),
+            "the failed instance is stopped at once, without a drain: {:?}",
             p.changes
         );
         let reports = sim.converge(2);

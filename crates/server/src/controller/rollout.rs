@@ -23,10 +23,12 @@
 //! ```
 //!
 //! *Retiring* (`Assignment::retire_at`) takes an instance out of the
-//! catalog, the router and DNS at once while it keeps running; the
-//! assignment is deleted, so the agent stops the instance, once the drain
-//! time has passed. Instances that serve no traffic (not routable) are
-//! deleted at once.
+//! catalog, the router and DNS at once while it keeps running; once the
+//! drain time has passed the assignment turns `desired: stopped` (the agent
+//! stops the instance gracefully), and once the instance is stopped the
+//! assignment is deleted. Keeping the retiring assignment until then means a
+//! status that still says "running" can never make the instance routable
+//! again. Instances that serve no traffic (not routable) skip the drain.
 
 use berth_model::{
     Assignment, DesiredState, Health, InstanceState, InstanceStatus, Millis, RolloutState,
@@ -156,9 +158,12 @@ impl Inst<'_> {
             } else {
                 String::new()
             };
+            // The agent's message often repeats the exit; keep it only when
+            // it says more.
             let msg = s
                 .message
                 .as_deref()
+                .filter(|m| !how.contains(m) && !m.contains(how.as_str()))
                 .map_or(String::new(), |m| format!(": {m}"));
             return Some(format!("{name} {how}{restarts}{msg}"));
         }
@@ -255,12 +260,26 @@ pub fn plan_service(inp: &ServiceInput<'_>, new_uid: &mut dyn FnMut() -> String)
     let mut retiring = 0usize;
     for i in &inp.instances {
         match i.a.retire_at {
-            Some(t) if t <= now => {
-                out.deletes.push((i.key.clone(), i.rev));
+            Some(t) if t > now => {
+                out.wake(t);
                 retiring += 1;
             }
-            Some(t) => {
-                out.wake(t);
+            // Drained: stop it, still retiring (so out of every table)…
+            Some(_) if i.a.desired == DesiredState::Running => {
+                let e = edit(&mut edits, *i);
+                edits[e].1.desired = DesiredState::Stopped;
+                retiring += 1;
+            }
+            // …and forget it once its process is gone.
+            Some(_) => {
+                if i.status.is_none_or(|s| {
+                    matches!(
+                        s.state,
+                        InstanceState::Stopped | InstanceState::Exited | InstanceState::Failed
+                    )
+                }) {
+                    out.deletes.push((i.key.clone(), i.rev));
+                }
                 retiring += 1;
             }
             None => live.push(*i),
@@ -449,27 +468,24 @@ fn edit<'a>(edits: &mut Vec<(Inst<'a>, Assignment)>, i: Inst<'a>) -> usize {
     edits.len() - 1
 }
 
-/// Take an instance out of service: drained first when it takes traffic.
+/// Take an instance out of service: out of every routing table at once,
+/// stopped after the drain when it takes traffic (at once otherwise), and
+/// deleted once stopped.
 fn retire<'a>(
     out: &mut ServiceOutput,
     edits: &mut Vec<(Inst<'a>, Assignment)>,
     i: Inst<'a>,
     now: Millis,
 ) {
+    let e = edit(edits, i);
+    let a = &mut edits[e].1;
     if i.ready() {
         let at = now + DRAIN_MS;
-        match edits.iter_mut().find(|(e, _)| e.key == i.key) {
-            Some((_, a)) => a.retire_at = Some(at),
-            None => {
-                let mut a = i.a.clone();
-                a.retire_at = Some(at);
-                edits.push((i, a));
-            }
-        }
+        a.retire_at = Some(at);
         out.wake(at);
     } else {
-        edits.retain(|(e, _)| e.key != i.key);
-        out.deletes.push((i.key.clone(), i.rev));
+        a.retire_at = Some(now);
+        a.desired = DesiredState::Stopped;
     }
 }
 
