@@ -9,6 +9,8 @@ fn main() -> ExitCode {
     let cli = berth_cli::args::Cli::parse();
     match berth_cli::run(cli) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our stdout went away (`| head`): it has what it wanted.
+        Err(err) if berth_cli::output::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             match err.downcast_ref::<berth_cli::exit::Failure>() {
                 Some(f) => eprintln!("error: {f}"),

@@ -4,6 +4,55 @@ use std::io::Write;
 
 use berth_model::api::Instance;
 use berth_model::{LogLine, LogStream};
+use serde::Serialize;
+
+/// Stdout was closed by its reader (`berth ps | head -1`). Not a failure:
+/// the reader has what it wanted, so `main` exits quietly with success.
+#[derive(Debug)]
+pub struct BrokenPipe;
+
+impl std::fmt::Display for BrokenPipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for BrokenPipe {}
+
+/// Whether `err` is (or wraps) a [`BrokenPipe`].
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.is::<BrokenPipe>()
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Write `text` to stdout as is. Every command writes its output through
+/// this (or [`print_line`] / [`print_json`]) so a closed pipe ends the
+/// command quietly instead of panicking in `println!`.
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                anyhow::Error::new(BrokenPipe)
+            } else {
+                anyhow::Error::new(e).context("cannot write to stdout")
+            }
+        })
+}
+
+/// [`print_out`] of `text` and a newline.
+pub fn print_line(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    print_out(&format!("{text}\n"))
+}
+
+/// [`print_line`] of `value` as pretty JSON.
+pub fn print_json<T: Serialize + ?Sized>(value: &T) -> anyhow::Result<()> {
+    print_line(serde_json::to_string_pretty(value)?)
+}
 
 /// ANSI colours cycled through by service, like Compose's.
 const PALETTE: &[&str] = &["36", "33", "32", "35", "34", "96", "93", "92", "95", "94"];
@@ -68,11 +117,9 @@ impl LogPrinter {
         }
     }
 
-    /// Print one line to stdout; `false` when stdout is gone (e.g. `| head`).
-    pub fn print(&mut self, line: &LogLine) -> bool {
-        let text = self.format(line);
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{text}").and_then(|()| out.flush()).is_ok()
+    /// Print one line to stdout; a closed stdout is a [`BrokenPipe`] error.
+    pub fn print(&mut self, line: &LogLine) -> anyhow::Result<()> {
+        print_line(self.format(line))
     }
 }
 

@@ -9,6 +9,7 @@ use berth_model::api::{RemoveStackResponse, ScaleRequest, ServicesRequest, Stack
 use crate::args::{DownArgs, ScaleArgs, ServicesArgs};
 use crate::cmd::wait_down;
 use crate::exit::{self, Failure};
+use crate::output::{print_json, print_line};
 use crate::resolve::{self, stack_path};
 use crate::settings::Settings;
 
@@ -85,7 +86,7 @@ fn print_change(
     services: &[String],
 ) -> anyhow::Result<()> {
     if settings.json {
-        println!("{}", serde_json::to_string_pretty(resp)?);
+        print_json(resp)?;
         return Ok(());
     }
     let names = if services.is_empty() {
@@ -99,7 +100,7 @@ fn print_change(
         "restart" => "restarting",
         other => other,
     };
-    println!("{}: {past} {}", resp.stack, names.join(", "));
+    print_line(format_args!("{}: {past} {}", resp.stack, names.join(", ")))?;
     Ok(())
 }
 
@@ -126,10 +127,10 @@ pub async fn scale(settings: &Settings, args: &ScaleArgs) -> anyhow::Result<u8> 
         )
         .await?;
     if settings.json {
-        println!("{}", serde_json::to_string_pretty(&resp)?);
+        print_json(&resp)?;
     } else {
         let parts: Vec<String> = replicas.iter().map(|(s, n)| format!("{s}={n}")).collect();
-        println!("{}: scaled {}", resp.stack, parts.join(" "));
+        print_line(format_args!("{}: scaled {}", resp.stack, parts.join(" ")))?;
     }
     Ok(exit::OK)
 }
@@ -172,11 +173,14 @@ pub async fn down(settings: &Settings, args: &DownArgs) -> anyhow::Result<u8> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if settings.json {
-        println!("{}", serde_json::to_string_pretty(&resp)?);
+        print_json(&resp)?;
     } else {
-        println!("{stack}: removed");
+        print_line(format_args!("{stack}: removed"))?;
         if !resp.volumes_removed.is_empty() {
-            println!("volumes removed: {}", resp.volumes_removed.join(", "));
+            print_line(format_args!(
+                "volumes removed: {}",
+                resp.volumes_removed.join(", ")
+            ))?;
         }
     }
     Ok(exit::OK)

@@ -2,6 +2,7 @@
 
 use crate::args::ConfigArgs;
 use crate::exit;
+use crate::output::{print_json, print_line, print_out};
 use crate::resolve;
 use crate::settings::Settings;
 
@@ -11,16 +12,16 @@ pub fn run(settings: &Settings, args: &ConfigArgs) -> anyhow::Result<u8> {
     if args.services {
         if settings.json {
             let names: Vec<&String> = loaded.stack.services.keys().collect();
-            println!("{}", serde_json::to_string_pretty(&names)?);
+            print_json(&names)?;
         } else {
             for name in loaded.stack.services.keys() {
-                println!("{name}");
+                print_line(name)?;
             }
         }
     } else if settings.json {
-        println!("{}", serde_json::to_string_pretty(&loaded.stack)?);
+        print_json(&loaded.stack)?;
     } else {
-        print!("{}", berth_spec::to_yaml(&loaded.stack));
+        print_out(&berth_spec::to_yaml(&loaded.stack))?;
     }
     Ok(exit::OK)
 }

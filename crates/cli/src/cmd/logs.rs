@@ -34,9 +34,7 @@ pub async fn run(settings: &Settings, args: &LogsArgs) -> anyhow::Result<u8> {
     let mut reader = LineReader::new(resp.into_body());
     let mut printer = LogPrinter::new(settings.color, !args.no_prefix, 0);
     while let Some(line) = reader.next().await? {
-        if !printer.print(&line) {
-            break;
-        }
+        printer.print(&line)?;
     }
     Ok(exit::OK)
 }

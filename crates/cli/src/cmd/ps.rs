@@ -5,7 +5,7 @@ use berth_model::api::Instance;
 use crate::args::PsArgs;
 use crate::client::enc;
 use crate::exit;
-use crate::output::instance_table;
+use crate::output::{instance_table, print_json, print_out};
 use crate::resolve;
 use crate::settings::Settings;
 
@@ -25,11 +25,11 @@ pub async fn run(settings: &Settings, args: &PsArgs) -> anyhow::Result<u8> {
     };
     let rows: Vec<Instance> = client.get(&path).await?;
     if settings.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        print_json(&rows)?;
     } else if rows.is_empty() {
         eprintln!("no instances");
     } else {
-        print!("{}", instance_table(&rows, settings.color));
+        print_out(&instance_table(&rows, settings.color))?;
     }
     Ok(exit::OK)
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_model::api::{Instance, StackDetail, SubmitStackRequest, SubmitStackResponse};
-use berth_model::{InstanceState, LogLine};
+use berth_model::{Health, InstanceState, LogLine};
 use berth_spec::types::RestartPolicy;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -51,7 +51,14 @@ pub async fn run(settings: &Settings, args: &UpArgs) -> anyhow::Result<u8> {
         resp.stack, resp.namespace, resp.release
     );
     if args.detach {
-        wait_ready(settings, &client, &resp.stack, args.wait_timeout).await
+        wait_ready(
+            settings,
+            &client,
+            &resp.stack,
+            resp.release,
+            args.wait_timeout,
+        )
+        .await
     } else {
         attached(settings, &client, &resp.stack, started, width).await
     }
@@ -75,7 +82,7 @@ async fn attached(
     loop {
         tokio::select! {
             line = reader.next() => match line? {
-                Some(line) => { printer.print(&line); }
+                Some(line) => printer.print(&line)?,
                 None => return Err(Failure::with_code(exit::NO_SERVER, "the berth server closed the log stream (did it stop?)")),
             },
             _ = interrupt.recv() => break,
@@ -93,7 +100,7 @@ async fn attached(
     loop {
         tokio::select! {
             line = reader.next(), if stream_open => match line {
-                Ok(Some(line)) => { printer.print(&line); }
+                Ok(Some(line)) => printer.print(&line)?,
                 // The stopped instances' last lines are best effort.
                 _ => stream_open = false,
             },
@@ -118,48 +125,106 @@ async fn attached(
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
     Ready,
-    Waiting,
+    /// Not ready yet, and why (what it is waiting for).
+    Waiting(String),
     Failed(String),
 }
 
-/// Judge one service from its desired replicas and instance rows.
-fn judge(replicas: u32, restart: RestartPolicy, rows: &[&Instance]) -> Verdict {
-    for i in rows {
-        let crash_loop = matches!(i.state, InstanceState::Backoff | InstanceState::Exited)
-            && i.restarts >= CRASH_LOOP_RESTARTS;
-        if i.current && (i.state == InstanceState::Failed || crash_loop) {
-            return Verdict::Failed(format!(
-                "{} is {} after {} restart{}",
-                i.instance,
-                i.state,
+/// Why an instance of the submitted release has failed for good, if it has:
+/// `up -d` says so at once instead of waiting for its timeout.
+fn failure(i: &Instance, restart: RestartPolicy) -> Option<String> {
+    let exit = i.last_exit.as_ref().map(|e| match (&e.code, &e.signal) {
+        (_, Some(sig)) => format!("killed by {sig}"),
+        (Some(code), None) => format!("exited with code {code}"),
+        (None, None) => "exited".to_owned(),
+    });
+    let failed_exit = i
+        .last_exit
+        .as_ref()
+        .is_some_and(|e| e.code != Some(0) || e.signal.is_some());
+    match i.state {
+        InstanceState::Failed => Some(
+            i.message
+                .clone()
+                .or(exit)
+                .unwrap_or_else(|| "failed".to_owned()),
+        ),
+        // Nothing restarts it: the exit is final.
+        InstanceState::Exited if failed_exit && restart == RestartPolicy::No => {
+            Some(exit.unwrap_or_else(|| "exited".to_owned()))
+        }
+        InstanceState::Backoff | InstanceState::Exited if i.restarts >= CRASH_LOOP_RESTARTS => {
+            Some(format!(
+                "crash-looping: {} after {} restart{}",
+                exit.unwrap_or_else(|| "exited".to_owned()),
                 i.restarts,
                 if i.restarts == 1 { "" } else { "s" }
-            ));
+            ))
+        }
+        InstanceState::Running if i.health == Health::Unhealthy => Some(format!(
+            "unhealthy: {}",
+            i.health_output.as_deref().map_or("", str::trim)
+        )),
+        _ => None,
+    }
+}
+
+/// What a not-yet-ready instance is waiting for.
+fn waiting_for(i: &Instance) -> String {
+    match (i.state, &i.message) {
+        // The API names the unmet dependency of a held-back service.
+        (InstanceState::Pending, Some(m)) => m.clone(),
+        (InstanceState::Running, _) if i.health == Health::Starting => {
+            format!("{}: health check still starting", i.instance)
+        }
+        (state, Some(m)) => format!("{} is {state} ({m})", i.instance),
+        (state, None) => format!("{} is {state}", i.instance),
+    }
+}
+
+/// Judge one service of release `release` from its desired replicas and
+/// instance rows. Rows of older releases (still running while the new ones
+/// start) count for nothing: `up -d` reports on what was submitted.
+fn judge(replicas: u32, restart: RestartPolicy, release: u64, rows: &[&Instance]) -> Verdict {
+    let new: Vec<&Instance> = rows
+        .iter()
+        .copied()
+        .filter(|i| i.current && i.release >= release)
+        .collect();
+    for i in &new {
+        if let Some(why) = failure(i, restart) {
+            return Verdict::Failed(format!("{}: {why}", i.instance));
         }
     }
     // A run-once service (restart: no / on-failure) that exited 0 is done.
     let done = |i: &Instance| {
-        i.current
-            && i.state == InstanceState::Exited
+        i.state == InstanceState::Exited
             && !matches!(
                 restart,
                 RestartPolicy::Always | RestartPolicy::UnlessStopped
             )
             && i.last_exit.as_ref().is_some_and(|e| e.code == Some(0))
     };
-    let ok = rows.iter().filter(|i| i.is_ready() || done(i)).count();
+    let ok = new.iter().filter(|i| i.is_ready() || done(i)).count();
     if ok as u32 >= replicas {
-        Verdict::Ready
-    } else {
-        Verdict::Waiting
+        return Verdict::Ready;
     }
+    let why = new
+        .iter()
+        .chain(rows.iter().filter(|i| i.state == InstanceState::Pending))
+        .find(|i| !(i.is_ready() || done(i)))
+        .map(|i| waiting_for(i))
+        .unwrap_or_else(|| format!("no instance of release v{release} started yet"));
+    Verdict::Waiting(why)
 }
 
-/// `up -d`: poll until every wanted instance is ready, or fail with reasons.
+/// `up -d`: poll until every wanted instance of release `release` is ready,
+/// or fail with reasons as soon as one has failed.
 async fn wait_ready(
     settings: &Settings,
     client: &Client,
     stack: &str,
+    release: u64,
     timeout: Duration,
 ) -> anyhow::Result<u8> {
     let ns = &settings.namespace;
@@ -167,7 +232,26 @@ async fn wait_ready(
     loop {
         let detail: StackDetail = stack_detail(client, ns, stack).await?;
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
-        let mut waiting: Vec<String> = Vec::new();
+        let mut waiting: BTreeMap<String, String> = BTreeMap::new();
+        if detail.record.release > release {
+            // Read loosely: servers that roll back automatically say why in
+            // the record's rollout; older ones do not have that field.
+            let raw: serde_json::Value = client.get(&stack_path(ns, stack)).await?;
+            let cause = &raw["record"]["rollout"]["rolled_back"];
+            let why = match (cause["from"].as_u64(), cause["reason"].as_str()) {
+                (Some(from), Some(reason)) if from == release => {
+                    format!("it was rolled back: {}", reason.trim())
+                }
+                _ => "see `berth ps`".to_owned(),
+            };
+            return Err(Failure::with_code(
+                exit::UP_FAILED,
+                format!(
+                    "stack {stack}: release v{release} was replaced by v{} before it was ready; {why}",
+                    detail.record.release
+                ),
+            ));
+        }
         for (name, desired) in &detail.record.services {
             if desired.stopped {
                 continue;
@@ -180,28 +264,39 @@ async fn wait_ready(
                 .iter()
                 .filter(|i| &i.service == name)
                 .collect();
-            match judge(desired.replicas, spec.restart, &rows) {
+            match judge(desired.replicas, spec.restart, release, &rows) {
                 Verdict::Ready => {}
-                Verdict::Waiting => waiting.push(name.clone()),
+                Verdict::Waiting(why) => {
+                    waiting.insert(name.clone(), why);
+                }
                 Verdict::Failed(why) => {
                     failed.insert(name.clone(), why);
                 }
             }
         }
         if failed.is_empty() && waiting.is_empty() {
+            let rows: Vec<&Instance> = detail
+                .instances
+                .iter()
+                .filter(|i| i.current && i.release >= release)
+                .collect();
             if settings.json {
-                println!("{}", serde_json::to_string_pretty(&detail.instances)?);
+                crate::output::print_json(&rows)?;
             } else {
-                print!("{}", instance_table(&detail.instances, settings.color));
+                let rows: Vec<Instance> = rows.into_iter().cloned().collect();
+                crate::output::print_out(&instance_table(&rows, settings.color))?;
             }
             return Ok(exit::OK);
         }
         let timed_out = Instant::now() >= deadline;
         if !failed.is_empty() || timed_out {
-            for name in &waiting {
-                failed.entry(name.clone()).or_insert_with(|| {
-                    format!("not running and healthy after {}s", timeout.as_secs())
-                });
+            if timed_out {
+                for (name, why) in waiting {
+                    failed.insert(
+                        name,
+                        format!("not ready after {}s: {why}", timeout.as_secs()),
+                    );
+                }
             }
             let report = failure_report(client, ns, stack, &detail, &failed, settings.color).await;
             eprint!("{report}");
@@ -315,23 +410,67 @@ mod tests {
         }
     }
 
+    fn waiting(v: Verdict) -> bool {
+        matches!(v, Verdict::Waiting(_))
+    }
+
     #[test]
     fn verdicts() {
         let ready = inst(InstanceState::Running, Health::Healthy, 0);
         let starting = inst(InstanceState::Running, Health::Starting, 0);
         let looping = inst(InstanceState::Backoff, Health::None, 3);
         let always = RestartPolicy::Always;
-        assert_eq!(judge(1, always, &[&ready]), Verdict::Ready);
-        assert_eq!(judge(2, always, &[&ready]), Verdict::Waiting);
-        assert_eq!(judge(1, always, &[&starting]), Verdict::Waiting);
-        assert!(matches!(judge(1, always, &[&looping]), Verdict::Failed(_)));
+        assert_eq!(judge(1, always, 1, &[&ready]), Verdict::Ready);
+        assert!(waiting(judge(2, always, 1, &[&ready])));
+        assert!(waiting(judge(1, always, 1, &[&starting])));
+        assert!(matches!(judge(1, always, 1, &[&looping]), Verdict::Failed(_)));
         let mut once = inst(InstanceState::Exited, Health::None, 0);
         once.last_exit = Some(ExitInfo {
             code: Some(0),
             signal: None,
             at: 1,
         });
-        assert_eq!(judge(1, RestartPolicy::No, &[&once]), Verdict::Ready);
-        assert_eq!(judge(1, always, &[&once]), Verdict::Waiting);
+        assert_eq!(judge(1, RestartPolicy::No, 1, &[&once]), Verdict::Ready);
+        assert!(waiting(judge(1, always, 1, &[&once])));
+    }
+
+    #[test]
+    fn up_d_ignores_ready_instances_of_an_older_release() {
+        let old = inst(InstanceState::Running, Health::Healthy, 0);
+        assert_eq!(
+            judge(1, RestartPolicy::Always, 2, &[&old]),
+            Verdict::Waiting("no instance of release v2 started yet".into())
+        );
+    }
+
+    #[test]
+    fn up_d_fails_fast_on_an_exit_with_restart_no_and_on_unhealthy() {
+        let mut exited = inst(InstanceState::Exited, Health::None, 0);
+        exited.last_exit = Some(ExitInfo {
+            code: Some(1),
+            signal: None,
+            at: 1,
+        });
+        assert_eq!(
+            judge(1, RestartPolicy::No, 1, &[&exited]),
+            Verdict::Failed("web.1: exited with code 1".into())
+        );
+        let mut sick = inst(InstanceState::Running, Health::Unhealthy, 0);
+        sick.health_output = Some("curl: connection refused\n".into());
+        assert_eq!(
+            judge(1, RestartPolicy::Always, 1, &[&sick]),
+            Verdict::Failed("web.1: unhealthy: curl: connection refused".into())
+        );
+    }
+
+    #[test]
+    fn up_d_names_the_dependency_a_held_back_service_waits_for() {
+        let mut held = inst(InstanceState::Pending, Health::None, 0);
+        held.current = false;
+        held.message = Some("waiting for db: service_healthy".into());
+        assert_eq!(
+            judge(1, RestartPolicy::Always, 1, &[&held]),
+            Verdict::Waiting("waiting for db: service_healthy".into())
+        );
     }
 }

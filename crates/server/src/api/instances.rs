@@ -5,6 +5,9 @@
 //! instance status its agent reports, by slot. Assigned but unreported slots
 //! show as `pending`; statuses whose assignment is gone show until the agent
 //! removes them, so a stopping instance never vanishes from `ps` early.
+//! A service the controller holds back because a `depends_on` condition is
+//! unmet has no assignment yet; it shows as `pending` rows that name the
+//! dependency it waits for, so `ps` and `up -d` can say why nothing runs.
 
 use std::collections::BTreeMap;
 
@@ -13,8 +16,9 @@ use axum::extract::State;
 use berth_model::api::Instance;
 use berth_model::{
     Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis, Node,
-    keys,
+    StackRecord, keys,
 };
+use berth_spec::types::DependencyCondition;
 use berth_store::{Store, decode};
 use serde::Deserialize;
 
@@ -93,10 +97,139 @@ pub async fn instances(
             slots.entry(key).or_default().1 = Some(s);
         }
     }
-    Ok(slots
+    let stack_prefix = match (&filter.namespace, &filter.stack) {
+        (Some(ns), Some(stack)) => keys::stack(ns, stack),
+        (Some(ns), None) => keys::stacks_in(ns),
+        _ => keys::STACKS.to_owned(),
+    };
+    let (stack_kvs, _) = store.range(&stack_prefix).await?;
+    let mut held: BTreeMap<InstanceKey, String> = BTreeMap::new();
+    for kv in &stack_kvs {
+        let record: StackRecord = decode(kv)?;
+        if filter.stack.as_ref().is_some_and(|s| *s != record.name) {
+            continue;
+        }
+        for (key, why) in held_back(&record, &slots) {
+            if filter.matches(&key) {
+                held.insert(key, why);
+            }
+        }
+    }
+    let mut rows: Vec<Instance> = slots
         .into_iter()
         .filter_map(|(key, (a, s))| row(key, a.as_ref(), s.as_ref(), now))
-        .collect())
+        .collect();
+    rows.extend(held.into_iter().map(|(key, why)| waiting_row(key, why)));
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.stack, &a.service, a.slot).cmp(&(
+            &b.namespace,
+            &b.stack,
+            &b.service,
+            b.slot,
+        ))
+    });
+    Ok(rows)
+}
+
+/// The unassigned slots of `record`'s services whose `depends_on` is unmet,
+/// with what each waits for ("waiting for db: service_healthy"). Judged like
+/// the controller judges it: a dependency holds when it has instances and
+/// every one satisfies the condition.
+fn held_back(
+    record: &StackRecord,
+    slots: &BTreeMap<InstanceKey, (Option<Assignment>, Option<InstanceStatus>)>,
+) -> Vec<(InstanceKey, String)> {
+    type Slots = BTreeMap<InstanceKey, (Option<Assignment>, Option<InstanceStatus>)>;
+    fn of<'a>(
+        slots: &'a Slots,
+        record: &'a StackRecord,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a (Option<Assignment>, Option<InstanceStatus>)> + 'a {
+        slots
+            .iter()
+            .filter(move |(k, _)| {
+                k.namespace == record.namespace && k.stack == record.name && k.service == service
+            })
+            .map(|(_, v)| v)
+    }
+    let mut out = Vec::new();
+    for (name, desired) in &record.services {
+        let Some(service) = record.spec.services.get(name) else {
+            continue;
+        };
+        if desired.stopped
+            || service.depends_on.is_empty()
+            || of(slots, record, name).next().is_some()
+        {
+            continue;
+        }
+        let unmet = service.depends_on.iter().find(|(dep, d)| {
+            if !record.spec.services.contains_key(*dep) {
+                return d.required;
+            }
+            let statuses: Vec<&InstanceStatus> = of(slots, record, dep)
+                .filter_map(|(_, s)| s.as_ref())
+                .collect();
+            statuses.is_empty()
+                || !statuses.iter().all(|s| match d.condition {
+                    DependencyCondition::ServiceStarted => s.state == InstanceState::Running,
+                    DependencyCondition::ServiceHealthy => {
+                        s.state == InstanceState::Running
+                            && matches!(s.health, Health::Healthy | Health::None)
+                    }
+                    DependencyCondition::ServiceCompletedSuccessfully => {
+                        s.state == InstanceState::Exited
+                            && s.last_exit.as_ref().is_some_and(|e| e.code == Some(0))
+                    }
+                })
+        });
+        let Some((dep, d)) = unmet else {
+            continue;
+        };
+        let condition = match d.condition {
+            DependencyCondition::ServiceStarted => "service_started",
+            DependencyCondition::ServiceHealthy => "service_healthy",
+            DependencyCondition::ServiceCompletedSuccessfully => "service_completed_successfully",
+        };
+        for slot in 1..=desired.replicas {
+            let key = InstanceKey {
+                namespace: record.namespace.clone(),
+                stack: record.name.clone(),
+                service: name.clone(),
+                slot,
+            };
+            out.push((key, format!("waiting for {dep}: {condition}")));
+        }
+    }
+    out
+}
+
+/// The row of a slot held back by an unmet dependency.
+fn waiting_row(key: InstanceKey, why: String) -> Instance {
+    Instance {
+        namespace: key.namespace.clone(),
+        stack: key.stack.clone(),
+        service: key.service.clone(),
+        instance: key.short(),
+        slot: key.slot,
+        uid: String::new(),
+        node: String::new(),
+        release: 0,
+        desired: Some(DesiredState::Running),
+        state: InstanceState::Pending,
+        health: Health::None,
+        current: false,
+        pid: None,
+        address: None,
+        port: None,
+        restarts: 0,
+        last_exit: None,
+        started_at: None,
+        uptime_s: None,
+        health_output: None,
+        limits_warning: None,
+        message: Some(why),
+    }
 }
 
 fn row(
@@ -166,7 +299,12 @@ fn row(
             Some(Instance {
                 uid: s.uid.clone(),
                 node: s.node.clone(),
-                release: s.release,
+                // A release that kept this service's spec keeps its instance:
+                // the assignment's release is what it now runs.
+                release: match a {
+                    Some(a) if same_incarnation => a.release.max(s.release),
+                    _ => s.release,
+                },
                 state: s.state,
                 health: s.health,
                 current: same_incarnation && desired == Some(DesiredState::Running),

@@ -1,0 +1,265 @@
+//! End-to-end regression tests for the review findings on the core (issue 2):
+//! the real `berth` binary, a real server, real processes and sockets. Each
+//! test is named after the bug it pins.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+struct Berth {
+    data: tempfile::TempDir,
+    env: BTreeMap<String, String>,
+}
+
+impl Berth {
+    fn new() -> Self {
+        Self {
+            data: tempfile::tempdir().unwrap(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    fn command(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
+        c.args(args)
+            .current_dir(dir)
+            .env("BERTH_DATA_DIR", self.data.path())
+            .env("NO_COLOR", "1")
+            .env_remove("BERTH_ADDR")
+            .envs(&self.env)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, dir: &Path, args: &[&str]) -> Output {
+        self.command(dir, args).output().unwrap()
+    }
+
+    fn ok(&self, dir: &Path, args: &[&str]) -> String {
+        let out = self.run(dir, args);
+        assert!(
+            out.status.success(),
+            "berth {args:?} failed ({}):\nstdout: {}\nstderr: {}\nserver log: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.server_log(),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run, expect exit `code`, return stderr.
+    fn fails(&self, dir: &Path, args: &[&str], code: i32) -> String {
+        let out = self.run(dir, args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "berth {args:?}:\nstdout: {}\nstderr: {stderr}\nserver log: {}",
+            String::from_utf8_lossy(&out.stdout),
+            self.server_log(),
+        );
+        stderr
+    }
+
+    fn ps(&self, dir: &Path, stack: &str) -> Vec<Value> {
+        let out = self.ok(dir, &["ps", "--json", "-p", stack]);
+        serde_json::from_str::<Vec<Value>>(&out).unwrap_or_else(|e| panic!("ps --json: {e}: {out}"))
+    }
+
+    fn server_pid(&self) -> Option<i32> {
+        let info = std::fs::read(self.data.path().join("server.json")).ok()?;
+        let v: Value = serde_json::from_slice(&info).ok()?;
+        v["pid"].as_i64().map(|p| p as i32)
+    }
+
+    fn server_log(&self) -> String {
+        let log = std::fs::read_to_string(self.data.path().join("server.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Berth {
+    fn drop(&mut self) {
+        if let Some(pid) = self.server_pid() {
+            signal(pid, "TERM");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            signal(pid, "KILL");
+        }
+    }
+}
+
+fn signal(pid: i32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .output();
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+#[allow(dead_code)]
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f() {
+            Ok(()) => return,
+            Err(why) if Instant::now() > deadline => panic!("timed out waiting for {what}: {why}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// A temp dir holding `compose.yaml` with `yaml`.
+fn stack_dir(yaml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("compose.yaml"), yaml).unwrap();
+    dir
+}
+
+fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[test]
+fn up_d_reported_the_old_release_as_healthy_after_a_broken_update() {
+    let berth = Berth::new();
+    let stack = unique("upd");
+    let dir = stack_dir("services:\n  web:\n    command: sleep 1000\n");
+    berth.ok(dir.path(), &["up", "-d", "-p", &stack]);
+    std::fs::write(
+        dir.path().join("compose.yaml"),
+        "services:\n  web:\n    command: sh -c 'echo broken update; exit 1'\n",
+    )
+    .unwrap();
+    let err = berth.fails(
+        dir.path(),
+        &["up", "-d", "-p", &stack, "--wait-timeout", "60s"],
+        5,
+    );
+    assert!(err.contains("exited with code 1"), "{err}");
+}
+
+#[test]
+fn up_d_waited_for_the_timeout_on_an_exit_and_named_the_wrong_reason() {
+    let berth = Berth::new();
+    let stack = unique("fast");
+    let dir = stack_dir(concat!(
+        "services:\n",
+        "  ok:\n    command: sleep 1000\n",
+        "  bad:\n    command: sh -c 'echo cannot open config; exit 1'\n",
+    ));
+    let began = Instant::now();
+    let err = berth.fails(
+        dir.path(),
+        &["up", "-d", "-p", &stack, "--wait-timeout", "60s"],
+        5,
+    );
+    assert!(began.elapsed() < Duration::from_secs(30), "{err}");
+    assert!(err.contains("service bad: bad.1: exited with code 1"), "{err}");
+    assert!(err.contains("cannot open config"), "last log lines: {err}");
+    assert!(!err.contains("service ok"), "ok is not failed: {err}");
+    assert!(!err.contains("not running and healthy after"), "{err}");
+}
+
+#[test]
+fn up_d_waited_for_the_timeout_on_an_unhealthy_service() {
+    let berth = Berth::new();
+    let stack = unique("sick");
+    let dir = stack_dir(concat!(
+        "services:\n",
+        "  web:\n",
+        "    command: sleep 1000\n",
+        "    healthcheck:\n",
+        "      test: [\"CMD-SHELL\", \"echo db is down; exit 1\"]\n",
+        "      interval: 200ms\n",
+        "      retries: 1\n",
+    ));
+    let began = Instant::now();
+    let err = berth.fails(
+        dir.path(),
+        &["up", "-d", "-p", &stack, "--wait-timeout", "60s"],
+        5,
+    );
+    assert!(began.elapsed() < Duration::from_secs(30), "{err}");
+    assert!(err.contains("web.1: unhealthy: db is down"), "{err}");
+}
+
+#[test]
+fn a_service_held_back_by_depends_on_had_no_row_and_a_wrong_timeout_reason() {
+    let berth = Berth::new();
+    let stack = unique("deps");
+    // db's check fails, but within its long start period that only keeps it
+    // `starting`: web waits for it for ever.
+    let dir = stack_dir(concat!(
+        "services:\n",
+        "  db:\n",
+        "    command: sleep 1000\n",
+        "    healthcheck:\n",
+        "      test: [\"CMD-SHELL\", \"exit 1\"]\n",
+        "      interval: 1h\n",
+        "      start_period: 1h\n",
+        "  web:\n",
+        "    command: sleep 1000\n",
+        "    depends_on:\n",
+        "      db: { condition: service_healthy }\n",
+    ));
+    let err = berth.fails(
+        dir.path(),
+        &["up", "-d", "-p", &stack, "--wait-timeout", "2s"],
+        5,
+    );
+    assert!(
+        err.contains("service web: not ready after 2s: waiting for db: service_healthy"),
+        "{err}"
+    );
+    let ps = berth.ps(dir.path(), &stack);
+    let web = ps.iter().find(|i| i["service"] == "web").expect("a web row");
+    assert_eq!(web["state"], "pending", "{web}");
+    assert_eq!(web["message"], "waiting for db: service_healthy", "{web}");
+    let table = berth.ok(dir.path(), &["ps", "-p", &stack]);
+    assert!(table.contains("waiting for db: service_healthy"), "{table}");
+}
+
+#[test]
+fn config_json_panicked_on_a_closed_pipe() {
+    let berth = Berth::new();
+    let dir = stack_dir("services:\n  web:\n    command: sleep 1000\n");
+    let mut child = berth
+        .command(dir.path(), &["config", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the read end before berth writes: its write gets EPIPE.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+}
