@@ -43,6 +43,10 @@ impl Settings {
                 data_dir: data_dir.clone(),
             },
         };
+        // The server would reject it on a write, but a read (`ps`, `logs`)
+        // would just find nothing: say what is wrong before either.
+        berth_server::desired::check_name("namespace", &g.namespace)
+            .map_err(|e| Failure::with_code(exit::BAD_INPUT, e.to_string()))?;
         let color = !g.no_color
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
             && std::io::stdout().is_terminal();

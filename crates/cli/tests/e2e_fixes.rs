@@ -181,7 +181,10 @@ fn up_d_waited_for_the_timeout_on_an_exit_and_named_the_wrong_reason() {
         5,
     );
     assert!(began.elapsed() < Duration::from_secs(30), "{err}");
-    assert!(err.contains("service bad: bad.1: exited with code 1"), "{err}");
+    assert!(
+        err.contains("service bad: bad.1: exited with code 1"),
+        "{err}"
+    );
     assert!(err.contains("cannot open config"), "last log lines: {err}");
     assert!(!err.contains("service ok"), "ok is not failed: {err}");
     assert!(!err.contains("not running and healthy after"), "{err}");
@@ -239,7 +242,10 @@ fn a_service_held_back_by_depends_on_had_no_row_and_a_wrong_timeout_reason() {
         "{err}"
     );
     let ps = berth.ps(dir.path(), &stack);
-    let web = ps.iter().find(|i| i["service"] == "web").expect("a web row");
+    let web = ps
+        .iter()
+        .find(|i| i["service"] == "web")
+        .expect("a web row");
     assert_eq!(web["state"], "pending", "{web}");
     assert_eq!(web["message"], "waiting for db: service_healthy", "{web}");
     let table = berth.ok(dir.path(), &["ps", "-p", &stack]);
@@ -262,4 +268,30 @@ fn config_json_panicked_on_a_closed_pipe() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{}: {stderr}", out.status);
+}
+
+#[test]
+fn wrong_names_exited_0_logs_nosuch_ps_nosuch_bad_namespace() {
+    let berth = Berth::new();
+    let stack = unique("names");
+    let dir = stack_dir(
+        "services:\n  web:\n    command: sleep 1000\n  worker:\n    command: sleep 1000\n",
+    );
+    berth.ok(dir.path(), &["up", "-d", "-p", &stack]);
+
+    let err = berth.fails(dir.path(), &["logs", "-p", &stack, "nosuch"], 4);
+    assert!(
+        err.contains("nosuch") && err.contains("web, worker"),
+        "{err}"
+    );
+
+    let err = berth.fails(dir.path(), &["ps", "-p", "nosuch"], 4);
+    assert!(
+        err.contains("no stack \"nosuch\"") && err.contains(&stack),
+        "{err}"
+    );
+
+    let err = berth.fails(dir.path(), &["ps", "-n", "Bad/NS"], 2);
+    assert!(err.contains("invalid namespace name"), "{err}");
+    assert!(err.contains("lower-case"), "{err}");
 }

@@ -4,7 +4,7 @@ use berth_model::api::Instance;
 
 use crate::args::PsArgs;
 use crate::client::enc;
-use crate::exit;
+use crate::exit::{self, Failure};
 use crate::output::{instance_table, print_json, print_out};
 use crate::resolve;
 use crate::settings::Settings;
@@ -21,6 +21,23 @@ pub async fn run(settings: &Settings, args: &PsArgs) -> anyhow::Result<u8> {
         format!("/v1/instances?namespace={}", enc(ns))
     } else {
         let stack = resolve::stack_name(settings, &client, &args.stack).await?;
+        // An unknown stack has no instances either: say it is unknown
+        // instead of printing an empty list.
+        let stacks = resolve::list_stacks(&client, ns).await?;
+        if !stacks.iter().any(|s| s.name == stack) {
+            let names: Vec<&str> = stacks.iter().map(|s| s.name.as_str()).collect();
+            return Err(Failure::with_code(
+                exit::NOT_FOUND,
+                format!(
+                    "no stack {stack:?} in namespace {ns:?}; {}",
+                    if names.is_empty() {
+                        "it has no stacks (start one with `berth up`)".to_owned()
+                    } else {
+                        format!("its stacks are: {}", names.join(", "))
+                    }
+                ),
+            ));
+        }
         format!("/v1/instances?namespace={}&stack={}", enc(ns), enc(&stack))
     };
     let rows: Vec<Instance> = client.get(&path).await?;

@@ -14,7 +14,8 @@ use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use berth_agent::logs::{LogQuery, LogStore};
-use berth_model::{InstanceKey, LogLine, LogStream, keys};
+use berth_model::{InstanceKey, LogLine, LogStream, StackRecord, keys};
+use berth_store::decode;
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
 use tokio::sync::broadcast;
@@ -44,10 +45,24 @@ pub(crate) async fn stream(
     let params = parse_params(raw_query.0.as_deref().unwrap_or(""))?;
     // Logs outlive instances but not the stack: an unknown stack is a 404 so
     // a typo does not look like a silent, empty log.
-    if ctx.store.get(&keys::stack(&ns, &stack)).await?.is_none() {
+    let Some(kv) = ctx.store.get(&keys::stack(&ns, &stack)).await? else {
         return Err(DesiredError::StackNotFound {
             namespace: ns,
             stack,
+        }
+        .into());
+    };
+    // Likewise a service name with a typo.
+    let record: StackRecord = decode(&kv)?;
+    if let Some(unknown) = params
+        .service
+        .iter()
+        .find(|s| !record.spec.services.contains_key(*s))
+    {
+        return Err(DesiredError::UnknownService {
+            stack,
+            service: unknown.clone(),
+            known: record.spec.services.keys().cloned().collect(),
         }
         .into());
     }
