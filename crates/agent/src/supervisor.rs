@@ -136,6 +136,10 @@ impl Drop for Supervisor {
     }
 }
 
+/// How long the log pumps may take to drain the pipes of a finished
+/// instance.
+const PUMP_DRAIN: Duration = Duration::from_millis(250);
+
 fn now_ms() -> Millis {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -412,14 +416,14 @@ impl Run {
         if let Outcome::Exited { exit, .. } = &outcome {
             self.log(&exit.to_string()).await;
         }
-        // The process group is dead, so the pipes close; a grandchild that
-        // escaped with setsid could hold them open, so do not wait forever.
+        // The instance's processes are dead (group and cgroup), so the pipes
+        // close and the pumps end as soon as they drained what was buffered.
+        // Without cgroups a grandchild that escaped with setsid could hold
+        // them open: waiting longer would not help, only delay every stop.
+        let deadline = tokio::time::Instant::now() + PUMP_DRAIN;
         for p in pumps {
             let abort = p.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(2), p)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, p).await.is_err() {
                 abort.abort();
             }
         }

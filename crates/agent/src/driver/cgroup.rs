@@ -136,7 +136,8 @@ impl Cgroups {
         }
     }
 
-    /// Make the cgroup of one instance and write its limits.
+    /// Make the cgroup of one instance and write its limits (none: a cgroup
+    /// that only tracks the instance's processes).
     pub fn create(&self, name: &str, limits: &ResourceSpec) -> Result<InstanceCgroup, CgroupError> {
         match &self.layout {
             Layout::None(reason) => Err(CgroupError::Unavailable(reason.clone())),
@@ -172,13 +173,12 @@ impl Cgroups {
         }
         let agent_dir = base.join(&self.agent_dir_name);
         let dir = agent_dir.join(name);
+        mkdir(&agent_dir)?;
         let enable: String = ctrls.iter().map(|c| format!("+{c} ")).collect();
         // Controllers must be enabled top-down; a base cgroup that also holds
-        // processes (the agent) refuses this, which is reported as is.
+        // processes (the agent) refuses this, which is reported as is. With
+        // no limits there is nothing to enable: the cgroup only tracks.
         for parent in [base, agent_dir.as_path()] {
-            if parent == agent_dir {
-                mkdir(parent)?;
-            }
             let current =
                 fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
             if ctrls
@@ -248,6 +248,16 @@ impl Cgroups {
         if let Some(p) = limits.pids {
             let dir = add(find("pids")?, &mut cg)?;
             write(&dir, "pids.max", &p.to_string())?;
+        }
+        if cg.dirs.is_empty() {
+            // No limits: one hierarchy is enough to track every process of
+            // the instance, so that a stop kills what left the group.
+            let (_, base) = bases
+                .iter()
+                .find(|(c, _)| *c == "pids")
+                .or_else(|| bases.first())
+                .ok_or_else(|| CgroupError::Unavailable("no cgroup v1 hierarchy".into()))?;
+            add(base.join(&self.agent_dir_name).join(name), &mut cg)?;
         }
         Ok(cg)
     }

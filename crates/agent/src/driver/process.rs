@@ -1,8 +1,8 @@
 //! The `process` driver: every instance is a plain child process in its own
 //! process group (so signals reach its whole tree), with stdin on
 //! `/dev/null`, stdout and stderr piped to the agent, a clean environment,
-//! and (when the service has limits and cgroups are writable) its own
-//! cgroup, joined before exec.
+//! and (when cgroups are writable) its own cgroup, joined before exec, which
+//! carries the service's limits if it has any.
 //!
 //! No process of an instance outlives it: when the main process exits, or
 //! after a stop, whatever is left in its process group and its cgroup is
@@ -120,13 +120,21 @@ impl Driver for ProcessDriver {
 
         let mut limits_warning = None;
         let mut cgroup = None;
-        if has_limits(spec) {
+        // Every instance gets a cgroup when they are writable, limits or
+        // not: it is what finds the grandchildren that `setsid` away from
+        // the process group when the instance stops.
+        if self.cgroups.available() || has_limits(spec) {
             match self.cgroups.create(&cgroup_name(spec), &spec.limits) {
                 Ok(cg) => {
                     join_cgroup_before_exec(&mut cmd, cg.procs_fds());
                     cgroup = Some(cg);
                 }
-                Err(e) => limits_warning = Some(format!("resource limits not applied: {e}")),
+                Err(e) if has_limits(spec) => {
+                    limits_warning = Some(format!("resource limits not applied: {e}"));
+                }
+                Err(e) => {
+                    tracing::debug!(instance = %spec.key, error = %e, "no cgroup; processes that leave the group may outlive a stop");
+                }
             }
         }
 

@@ -291,3 +291,58 @@ async fn limits_go_into_a_cgroup_that_is_removed_afterwards() {
     }
     sup.stop().await;
 }
+
+#[tokio::test]
+async fn setsid_grandchild_survived_stop_and_stop_waited_seconds_for_the_log_pumps() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs(dir.path());
+    let (ctx, mut rx) = context(dir.path(), logs);
+    let pidfile = dir.path().join("grandchild.pid");
+    let cmd = format!(
+        "setsid sleep 1000 & echo $! > {}; echo up; sleep 1000",
+        pidfile.display()
+    );
+    let svc = service("web", &cmd, json!({}));
+    let sup = Supervisor::spawn(ctx, assignment(key("web", 1), svc, "u1", "n1"));
+    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let pid = running.pid.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let grandchild: u32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no grandchild pid");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Whether this machine lets us make cgroups at all (limits or not).
+    let probe =
+        berth_agent::driver::cgroup::Cgroups::detect(&format!("probe-{}", std::process::id()));
+    let limits = berth_spec::types::ResourceSpec {
+        pids: Some(20),
+        ..Default::default()
+    };
+    let writable = probe.create("probe", &limits).map(|cg| cg.remove()).is_ok();
+    let _ = probe.remove_leftovers();
+
+    let began = Instant::now();
+    sup.stop().await;
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(1), "stop took {took:?}");
+    assert!(wait_gone(pid).await);
+    if writable {
+        assert!(
+            wait_gone(grandchild).await,
+            "the setsid grandchild {grandchild} outlived the stop"
+        );
+    } else {
+        // Without writable cgroups nothing can find it; do not leak it.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(grandchild as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        eprintln!("cgroups not writable here: only the stop time was checked");
+    }
+}
