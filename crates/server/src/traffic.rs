@@ -112,9 +112,16 @@ fn traefik_rule(rule: &str) -> Option<(String, String)> {
     };
     let host = arg(rule, "Host")?;
     let path = arg(rule, "PathPrefix").unwrap_or_else(|| "/".to_owned());
-    let known = rule
-        .split("&&")
-        .all(|p| p.trim().starts_with("Host(") || p.trim().starts_with("PathPrefix("));
+    // Only a conjunction of one Host and at most one PathPrefix is understood;
+    // anything else (`||`, `!`, Path, Headers…) would be routed wrongly.
+    let known = !rule.contains("||")
+        && !rule.contains('!')
+        && rule.split("&&").all(|p| {
+            let p = p.trim();
+            p.starts_with("Host(`") || p.starts_with("PathPrefix(`")
+        })
+        && rule.matches("Host(").count() == 1
+        && rule.matches("PathPrefix(").count() <= 1;
     known.then_some((host.to_lowercase(), path))
 }
 

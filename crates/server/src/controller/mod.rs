@@ -167,6 +167,7 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
                 instances,
                 orphans,
                 max_slot,
+                deps_met: dependencies_met(mirror, record, service),
                 now,
             };
             let svc = rollout::plan_service(&input, new_uid);
@@ -187,7 +188,7 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
             if failure.is_none() {
                 failure = svc.failure;
             }
-            if svc.create > 0 && dependencies_met(mirror, record, service) {
+            if svc.create > 0 && input.deps_met {
                 for slot in svc.first_slot..svc.first_slot + svc.create {
                     let key = InstanceKey {
                         namespace: record.namespace.clone(),
@@ -293,6 +294,16 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
 /// instance it has satisfies the condition; optional (`required: false`)
 /// dependencies that are not part of the stack are skipped.
 fn dependencies_met(mirror: &Mirror, record: &StackRecord, service: &Service) -> bool {
+    if service.depends_on.is_empty() {
+        return true;
+    }
+    // Only statuses of the current incarnation count: a status left from
+    // before a `stop` or a replacement says nothing about what runs now.
+    let current: std::collections::HashMap<&InstanceKey, &str> = mirror
+        .assignments
+        .values()
+        .map(|(a, _)| (&a.key, a.uid.as_str()))
+        .collect();
     service.depends_on.iter().all(|(dep, d)| {
         if !record.spec.services.contains_key(dep) {
             return !d.required;
@@ -304,6 +315,7 @@ fn dependencies_met(mirror: &Mirror, record: &StackRecord, service: &Service) ->
                 s.key.namespace == record.namespace
                     && s.key.stack == record.name
                     && s.key.service == *dep
+                    && current.get(&s.key) == Some(&s.uid.as_str())
             })
             .collect();
         !instances.is_empty()
@@ -604,6 +616,114 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Regression: `berth stop` then `berth start` used to start every
+    /// service at once, and a stale "healthy" status of a stopped
+    /// dependency let dependants through.
+    #[test]
+    fn start_after_stop_waits_for_healthy_dependencies() {
+        let yaml = "services:\n  db:\n    command: sleep 100\n  app:\n    command: sleep 100\n    depends_on:\n      db: { condition: service_healthy }\n";
+        let opts = berth_spec::LoadOptions {
+            working_dir: std::env::temp_dir(),
+            project_name: Some("shop".into()),
+            ..Default::default()
+        };
+        let spec = berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
+            .expect("test stack loads")
+            .stack;
+        let mut record = stack(1);
+        record.spec = spec;
+        record.services.clear();
+        let mut m = mirror_with(record);
+        let mut n = 0;
+        let mut uid = || {
+            n += 1;
+            format!("u{n}")
+        };
+        let mut rev = 10;
+        let services = |c: &[Change]| -> Vec<String> {
+            c.iter()
+                .filter_map(|c| match c {
+                    Change::Put { assignment, .. }
+                        if assignment.desired == DesiredState::Running =>
+                    {
+                        Some(assignment.key.service.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        // First `up`: only db, app waits.
+        let c = plan(&m, 1, &mut uid).changes;
+        assert_eq!(services(&c), vec!["db".to_owned()]);
+        apply(&mut m, &c, &mut rev);
+        let status = |m: &Mirror, service: &str, state, health| {
+            let (a, _) = m
+                .assignments
+                .values()
+                .find(|(a, _)| a.key.service == service)
+                .unwrap();
+            InstanceStatus {
+                key: a.key.clone(),
+                uid: a.uid.clone(),
+                node: "n1".into(),
+                release: 1,
+                state,
+                health,
+                pid: Some(1),
+                address: None,
+                port: None,
+                restarts: 0,
+                last_exit: None,
+                started_at: None,
+                health_output: None,
+                limits_warning: None,
+                message: None,
+                updated_at: 0,
+            }
+        };
+        let db = status(&m, "db", InstanceState::Running, Health::Healthy);
+        m.statuses.insert(db.key.clone(), db);
+        let c = plan(&m, 2, &mut uid).changes;
+        assert_eq!(services(&c), vec!["app".to_owned()]);
+        apply(&mut m, &c, &mut rev);
+
+        // `berth stop`: both stopped; the agent reports db stopped.
+        for (r, _) in m.stacks.values_mut() {
+            for name in ["db", "app"] {
+                r.services.insert(
+                    name.into(),
+                    ServiceDesired {
+                        replicas: 1,
+                        stopped: true,
+                        restart_generation: 0,
+                    },
+                );
+            }
+        }
+        let c = plan(&m, 3, &mut uid).changes;
+        apply(&mut m, &c, &mut rev);
+        let db = status(&m, "db", InstanceState::Stopped, Health::Healthy);
+        m.statuses.insert(db.key.clone(), db);
+
+        // `berth start`: db first; app only once db is healthy again.
+        for (r, _) in m.stacks.values_mut() {
+            r.services.values_mut().for_each(|d| d.stopped = false);
+        }
+        let c = plan(&m, 4, &mut uid).changes;
+        assert_eq!(services(&c), vec!["db".to_owned()]);
+        apply(&mut m, &c, &mut rev);
+        assert!(
+            services(&plan(&m, 5, &mut uid).changes).is_empty(),
+            "app waits for db"
+        );
+        let db = status(&m, "db", InstanceState::Running, Health::Healthy);
+        m.statuses.insert(db.key.clone(), db);
+        assert_eq!(
+            services(&plan(&m, 6, &mut uid).changes),
+            vec!["app".to_owned()]
+        );
     }
 
     #[test]

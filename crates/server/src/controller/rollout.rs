@@ -200,6 +200,9 @@ pub struct ServiceInput<'a> {
     pub orphans: Vec<&'a InstanceStatus>,
     /// Highest slot assigned or reported.
     pub max_slot: u32,
+    /// Whether its `depends_on` conditions hold: instances are only
+    /// (re)started when they do, so `berth start` keeps Compose's order.
+    pub deps_met: bool,
     /// The clock.
     pub now: Millis,
 }
@@ -306,7 +309,7 @@ pub fn plan_service(inp: &ServiceInput<'_>, new_uid: &mut dyn FnMut() -> String)
     // so they are restarted in place, on the new template if it changed.
     let mut restarted = false;
     for i in &live {
-        if i.a.desired == DesiredState::Stopped {
+        if i.a.desired == DesiredState::Stopped && inp.deps_met {
             let current = is_current(i);
             let e = edit(&mut edits, *i);
             let a = &mut edits[e].1;
