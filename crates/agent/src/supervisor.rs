@@ -261,7 +261,9 @@ impl Run {
             let Outcome::Exited { exit, ran_for } = outcome else {
                 return;
             };
+            // Nothing listens any more: `ps` must not offer an address.
             self.st.pid = None;
+            self.st.address = None;
             self.st.last_exit = Some(ExitInfo {
                 code: match exit {
                     Exit::Code(c) => Some(c),
@@ -499,5 +501,8 @@ pub async fn run(ctx: Arc<Context>, a: Assignment, stop: watch::Receiver<bool>) 
     run.st.state = InstanceState::Stopped;
     run.st.pid = None;
     run.st.port = None;
+    run.st.address = None;
+    // Whatever it said before ("restarting in 30000ms") is over.
+    run.st.message = None;
     run.emit();
 }

@@ -346,3 +346,29 @@ async fn setsid_grandchild_survived_stop_and_stop_waited_seconds_for_the_log_pum
         eprintln!("cgroups not writable here: only the stop time was checked");
     }
 }
+
+#[tokio::test]
+async fn stopped_instance_kept_its_restarting_note_and_exited_one_its_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
+    let svc = service("job", "exit 3", json!({"restart": {"policy": "no"}}));
+    let sup = Supervisor::spawn(ctx.clone(), assignment(key("job", 1), svc, "u1", "n1"));
+    let exited = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
+    assert_eq!(exited.address, None, "{exited:?}");
+    sup.stop().await;
+
+    let svc = service("loop", "exit 1", json!({"restart": {"policy": "always"}}));
+    let sup = Supervisor::spawn(ctx, assignment(key("loop", 1), svc, "u2", "n1"));
+    let backoff = until(&mut rx, 5, "backoff", |s| s.state == InstanceState::Backoff).await;
+    assert!(backoff.message.unwrap().contains("restarting in"));
+    assert_eq!(backoff.address, None);
+    sup.stop().await;
+    let mut last = None;
+    while let Ok(s) = rx.try_recv() {
+        last = Some(s);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.state, InstanceState::Stopped);
+    assert_eq!(last.message, None, "{last:?}");
+    assert_eq!(last.address, None, "{last:?}");
+}
