@@ -9,90 +9,15 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-struct Berth {
-    data: tempfile::TempDir,
-}
+mod common;
 
-impl Berth {
-    fn command(&self, dir: &Path, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
-        c.args(args)
-            .current_dir(dir)
-            .env("BERTH_DATA_DIR", self.data.path())
-            .env("NO_COLOR", "1")
-            .env("USER", "tester")
-            .env_remove("BERTH_ADDR")
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, dir: &Path, args: &[&str]) -> Output {
-        self.command(dir, args).output().unwrap()
-    }
-
-    fn ok(&self, dir: &Path, args: &[&str]) -> String {
-        let out = self.run(dir, args);
-        assert!(
-            out.status.success(),
-            "berth {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn ps(&self, dir: &Path, stack: &str) -> Vec<Value> {
-        let out = self.ok(dir, &["ps", "--json", "-p", stack]);
-        serde_json::from_str(&out).unwrap()
-    }
-}
-
-impl Drop for Berth {
-    fn drop(&mut self) {
-        let info = std::fs::read(self.data.path().join("server.json")).ok();
-        let pid = info
-            .and_then(|i| serde_json::from_slice::<Value>(&i).ok())
-            .and_then(|v| v["pid"].as_i64());
-        if let Some(pid) = pid {
-            let _ = Command::new("kill").arg(pid.to_string()).output();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .output();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<(), String>) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match f() {
-            Ok(()) => return,
-            Err(why) if Instant::now() > deadline => panic!("timed out waiting for {what}: {why}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
+use common::*;
 
 /// One request, no keep-alive: the body on a 200, an error otherwise.
 fn get(port: u16) -> Result<String, String> {
@@ -220,9 +145,8 @@ fn ready_web(ps: &[Value], n: usize) -> Result<(), String> {
 
 #[test]
 fn deploys_scale_and_a_failed_deploy_under_load_lose_no_request() {
-    let berth = Berth {
-        data: tempfile::tempdir().unwrap(),
-    };
+    let mut berth = Berth::new();
+    berth.env.insert("USER".into(), "tester".into());
     let stack = format!("zdt{}", std::process::id());
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
