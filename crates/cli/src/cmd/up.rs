@@ -423,7 +423,10 @@ mod tests {
         assert_eq!(judge(1, always, 1, &[&ready]), Verdict::Ready);
         assert!(waiting(judge(2, always, 1, &[&ready])));
         assert!(waiting(judge(1, always, 1, &[&starting])));
-        assert!(matches!(judge(1, always, 1, &[&looping]), Verdict::Failed(_)));
+        assert!(matches!(
+            judge(1, always, 1, &[&looping]),
+            Verdict::Failed(_)
+        ));
         let mut once = inst(InstanceState::Exited, Health::None, 0);
         once.last_exit = Some(ExitInfo {
             code: Some(0),
