@@ -426,20 +426,11 @@ pub fn parse_var(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// `90s`, `2m`, `1h`, `500ms`, or plain seconds.
+/// `90s`, `1m30s`, `2m`, `1h`, `500ms`: the stack file's duration syntax
+/// ([`berth_spec::units`]), so flags and files accept the same durations.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let bad = || format!("{s:?} is not a duration (e.g. 30s, 2m, 1h, 500ms)");
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let ms = match unit {
-        "" | "s" => n.checked_mul(1000),
-        "ms" => Some(n),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => None,
-    }
-    .ok_or_else(bad)?;
-    Ok(std::time::Duration::from_millis(ms))
+    berth_spec::units::parse_duration_ns(s)
+        .and_then(|ns| u64::try_from(ns).ok())
+        .map(std::time::Duration::from_nanos)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 30s, 1m30s, 2m, 1h, 500ms)"))
 }

@@ -117,7 +117,6 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-#[allow(dead_code)]
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + timeout;
     loop {
@@ -294,4 +293,31 @@ fn wrong_names_exited_0_logs_nosuch_ps_nosuch_bad_namespace() {
     let err = berth.fails(dir.path(), &["ps", "-n", "Bad/NS"], 2);
     assert!(err.contains("invalid namespace name"), "{err}");
     assert!(err.contains("lower-case"), "{err}");
+}
+
+#[test]
+fn durations_like_1m30s_were_rejected_by_the_cli_and_parsed_three_ways() {
+    let berth = Berth::new();
+    let stack = unique("dur");
+    let dir = stack_dir("services:\n  web:\n    command: sh -c 'echo hello; exec sleep 1000'\n");
+    berth.ok(
+        dir.path(),
+        &["up", "-d", "-p", &stack, "--wait-timeout", "1m30s"],
+    );
+    wait_until("the hello line", Duration::from_secs(10), || {
+        let logs = berth.ok(dir.path(), &["logs", "-p", &stack, "--since", "1m30s"]);
+        if logs.contains("hello") {
+            Ok(())
+        } else {
+            Err(logs)
+        }
+    });
+    let err = berth.fails(dir.path(), &["logs", "-p", &stack, "--since", "2x"], 2);
+    assert!(err.contains("1h30m"), "{err}");
+    let out = berth.run(
+        dir.path(),
+        &["up", "-d", "-p", &stack, "--wait-timeout", "soon"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1m30s"));
 }

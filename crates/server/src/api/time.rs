@@ -1,5 +1,7 @@
 //! Parsing of the `since` parameter of the logs API: an RFC 3339 time, a
-//! duration before now (`10m`, `1h30m`, `45s`, `2d`), or Unix seconds.
+//! duration before now (`10m`, `1h30m`, `45s`: Compose's duration syntax,
+//! parsed by [`berth_spec::units`] like every duration berth reads), or Unix
+//! seconds.
 //!
 //! Pure functions: the caller passes `now`.
 
@@ -33,38 +35,16 @@ pub fn parse_since(input: &str, now_us: u64) -> Result<u64, TimeError> {
         ));
     }
     let d = parse_duration_us(s).ok_or(err(
-        "expected a duration like 10m, 1h30m, 45s or 2d, an RFC 3339 time, or Unix seconds",
+        "expected a duration like 10m, 1h30m or 45s, an RFC 3339 time, or Unix seconds",
     ))?;
     Ok(now_us.saturating_sub(d))
 }
 
-/// `1h30m`, `10m`, `45s`, `500ms`, `2d` → microseconds.
+/// `1h30m`, `10m`, `45s`, `500ms` → microseconds: the stack file's duration
+/// syntax ([`berth_spec::units::parse_duration_ns`]), so the API, the CLI and
+/// stack files accept the same durations.
 pub fn parse_duration_us(s: &str) -> Option<u64> {
-    let mut total: u64 = 0;
-    let mut rest = s;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let n: u64 = rest[..digits].parse().ok()?;
-        rest = &rest[digits..];
-        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
-        let unit_us: u64 = match &rest[..unit_len] {
-            "ms" => 1_000,
-            "s" => 1_000_000,
-            "m" => 60_000_000,
-            "h" => 3_600_000_000,
-            "d" => 86_400_000_000,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total = total.checked_add(n.checked_mul(unit_us)?)?;
-    }
-    Some(total)
+    u64::try_from(berth_spec::units::parse_duration_ns(s)? / 1_000).ok()
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` → microseconds since the epoch.
@@ -144,6 +124,8 @@ mod tests {
         assert_eq!(parse_since("500ms", NOW), Ok(NOW - 500_000));
         assert!(parse_since("10x", NOW).is_err());
         assert!(parse_since("m", NOW).is_err());
+        assert_eq!(parse_since("1m30s", NOW), Ok(NOW - 90_000_000));
+        assert_eq!(parse_since("1.5h", NOW), Ok(NOW - 5_400_000_000));
     }
 
     #[test]
