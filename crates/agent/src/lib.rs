@@ -51,3 +51,11 @@ pub use control::{
     AssignmentEvent, AssignmentStream, ControlError, ControlPlane, StoreControlPlane,
 };
 pub use logs::{LogConfig, LogError, LogQuery, LogStore};
+
+/// Wall-clock milliseconds since the epoch: the agent's one clock, for the
+/// timestamps in the statuses it reports.
+pub(crate) fn now_ms() -> berth_model::Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as berth_model::Millis)
+}

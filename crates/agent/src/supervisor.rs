@@ -21,9 +21,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use berth_model::{Assignment, ExitInfo, Health, InstanceState, InstanceStatus, LogStream, Millis};
+use berth_model::{Assignment, ExitInfo, Health, InstanceState, InstanceStatus, LogStream};
 use berth_spec::types::{Driver as DriverKind, HealthTest, RestartPolicy};
 use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, watch};
@@ -33,6 +33,7 @@ use crate::driver::command::{LaunchContext, launch_spec};
 use crate::driver::{Driver, DriverError, Exit, LaunchSpec, Started, parse_signal};
 use crate::health::{self, HealthReport, ProbeTarget};
 use crate::logs::LogStore;
+use crate::now_ms;
 use crate::ports::{PortAllocator, PortLease};
 
 /// Where supervisors send their status updates.
@@ -139,12 +140,6 @@ impl Drop for Supervisor {
 /// How long the log pumps may take to drain the pipes of a finished
 /// instance.
 const PUMP_DRAIN: Duration = Duration::from_millis(250);
-
-fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Millis)
-}
 
 fn needs_port(a: &Assignment) -> bool {
     !a.service.ports.is_empty()

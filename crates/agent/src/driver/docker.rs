@@ -32,7 +32,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use berth_model::InstanceKey;
@@ -52,6 +52,7 @@ use tokio::task::JoinHandle;
 
 use super::{Capabilities, Driver, DriverError, Exit, Handle, LaunchSpec, Started};
 use crate::logs::LogStore;
+use crate::now_ms;
 
 mod image;
 mod probe;
@@ -134,12 +135,6 @@ fn is_status(e: &BollardError, code: u16) -> bool {
 
 pub(crate) fn engine_error(doing: &str, e: BollardError) -> DriverError {
     DriverError::Engine(format!("docker engine: {doing}: {e}"))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A lazily made, re-made-on-failure connection to the engine.

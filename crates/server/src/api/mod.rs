@@ -25,7 +25,6 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
@@ -34,7 +33,6 @@ use axum::http::{Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
-use berth_model::Millis;
 use berth_store::Store;
 
 pub mod consul;
@@ -227,12 +225,8 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON)
 }
 
-/// Wall-clock milliseconds since the epoch, for `updated_at` and uptimes.
-pub fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Millis)
-}
+/// The server's one clock, for `updated_at` and uptimes.
+pub use crate::now_ms;
 
 /// Serve the API on a Unix socket (mode 0600) until `shutdown` resolves.
 /// A stale socket file left by a killed server is removed first.
