@@ -643,6 +643,23 @@ pub fn string_or_list(node: &Node, field: &str, diags: &mut Diags) -> Vec<Node> 
 
 /// Interpolates every scalar value (not keys) in place.
 pub fn interpolate_tree(node: &mut Node, path: &str, vars: &Vars, diags: &mut Diags) {
+    interpolate_node(node, path, vars, diags, None);
+}
+
+/// Whether berth itself sets `var` when it starts an instance (`PORT`,
+/// `BERTH_*`, or the service's `x-berth.port_env`): such a variable is unset
+/// when the file is read and meant to be expanded by the process's shell.
+fn set_at_run_time(var: &str, port_env: Option<&str>) -> bool {
+    var == "PORT" || var.starts_with("BERTH_") || port_env == Some(var)
+}
+
+fn interpolate_node(
+    node: &mut Node,
+    path: &str,
+    vars: &Vars,
+    diags: &mut Diags,
+    port_env: Option<&str>,
+) {
     match &mut node.value {
         Value::Scalar { text, .. } => {
             let lookup = |name: &str| vars.get(name).cloned();
@@ -671,9 +688,14 @@ pub fn interpolate_tree(node: &mut Node, path: &str, vars: &Vars, diags: &mut Di
                     format!("variable `{var}` is not set; using an empty string"),
                 )
                 .field(path)
-                .hint(format!(
-                    "set `{var}`, or give a default with `${{{var}:-default}}`"
-                ));
+                .hint(if set_at_run_time(&var, port_env) {
+                    format!(
+                        "berth sets `{var}` when it starts the process: write `$${var}` so the \
+                         variable is expanded when the process starts, not when the file is read"
+                    )
+                } else {
+                    format!("set `{var}`, or give a default with `${{{var}:-default}}`")
+                });
                 if let Some(s) = service_of(path) {
                     d = d.service(s);
                 }
@@ -682,7 +704,7 @@ pub fn interpolate_tree(node: &mut Node, path: &str, vars: &Vars, diags: &mut Di
         }
         Value::Seq(items) => {
             for it in items {
-                interpolate_tree(it, path, vars, diags);
+                interpolate_node(it, path, vars, diags, port_env);
             }
         }
         Value::Map(entries) => {
@@ -693,7 +715,17 @@ pub fn interpolate_tree(node: &mut Node, path: &str, vars: &Vars, diags: &mut Di
                 } else {
                     format!("{path}.{key}")
                 };
-                interpolate_tree(v, &p, vars, diags);
+                // Entering a service: note its port variable's name first.
+                let own_port_env: Option<String> = if path == "services" {
+                    v.get("x-berth")
+                        .and_then(|b| b.get("port_env"))
+                        .and_then(|n| n.as_str())
+                        .map(str::to_owned)
+                } else {
+                    None
+                };
+                let port_env = own_port_env.as_deref().or(port_env);
+                interpolate_node(v, &p, vars, diags, port_env);
             }
         }
         Value::Null => {}

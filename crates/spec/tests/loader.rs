@@ -897,3 +897,39 @@ fn version_warns_and_no_stack_file_errors() {
     let e = load(&opts(dir.path())).unwrap_err();
     assert!(e.errors[0].message.contains("no stack file found"));
 }
+
+#[test]
+fn unset_port_hint_said_use_a_default_instead_of_dollar_dollar() {
+    let l = ok(concat!(
+        "services:\n",
+        "  web:\n",
+        "    command: python3 -m http.server $PORT\n",
+        "  api:\n",
+        "    command: serve --port ${API_LISTEN} --name $BERTH_INSTANCE --x $OTHER\n",
+        "    x-berth: { port_env: API_LISTEN }\n",
+        "  other:\n",
+        "    command: run $API_LISTEN\n",
+    ));
+    let w: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
+    let about = |var: &str, service: &str| {
+        w.iter()
+            .find(|x| {
+                x.contains(&format!("`{var}` is not set")) && x.contains(&format!("`{service}`"))
+            })
+            .unwrap_or_else(|| panic!("no warning about {var} in {service}: {w:?}"))
+            .clone()
+    };
+    let runtime = "so the variable is expanded when the process starts, not when the file is read";
+    let port = about("PORT", "web");
+    assert!(
+        port.contains("write `$$PORT`") && port.contains(runtime),
+        "{port}"
+    );
+    assert!(!port.contains(":-default"), "{port}");
+    assert!(about("API_LISTEN", "api").contains("write `$$API_LISTEN`"));
+    assert!(about("BERTH_INSTANCE", "api").contains("write `$$BERTH_INSTANCE`"));
+    // Not berth's: the usual advice.
+    assert!(about("OTHER", "api").contains("${OTHER:-default}"));
+    // Another service's port variable is not this service's.
+    assert!(about("API_LISTEN", "other").contains("${API_LISTEN:-default}"));
+}
