@@ -626,3 +626,27 @@ fn token_is_created_once_private_and_reused() {
     let other = tempfile::tempdir().unwrap();
     assert_ne!(api::load_or_create_token(other.path()).unwrap(), t1);
 }
+
+#[tokio::test]
+async fn lower_case_bearer_scheme_got_401() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(Some("s3cret")).await;
+    for (header, want) in [
+        ("Authorization: bearer s3cret", "200"),
+        ("Authorization: BEARER s3cret", "200"),
+        ("Authorization: Bearer s3cret", "200"),
+        ("Authorization: bearer wrong", "401"),
+        ("Authorization: Basic s3cret", "401"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let req =
+            format!("GET /v1/health HTTP/1.1\r\nHost: x\r\n{header}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {want} ")),
+            "{header}: {out}"
+        );
+    }
+}

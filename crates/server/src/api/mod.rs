@@ -189,12 +189,20 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     match presented {
         Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(req).await,
         _ => ApiError::Unauthorized.into_response(),
     }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` value. The scheme
+/// is case-insensitive (RFC 7235 §2.1), so `bearer` and `BEARER` work too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }
 
 /// Compares in time that depends only on the lengths, so a remote client
