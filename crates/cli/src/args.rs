@@ -391,6 +391,31 @@ pub struct ServerArgs {
         default_value = "embedded"
     )]
     pub store: String,
+    /// Size at which an instance's log file is rotated (e.g. 10M, 512k).
+    #[arg(
+        long,
+        value_name = "SIZE",
+        env = "BERTH_LOG_MAX_FILE_SIZE",
+        default_value = "10M",
+        value_parser = parse_size
+    )]
+    pub log_max_file_size: u64,
+    /// Log files kept per instance, the current one included.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "BERTH_LOG_MAX_FILES",
+        default_value = "5",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub log_max_files: u32,
+}
+
+/// `10M`, `512k`, `1g`, `4096` → bytes (the stack file's size syntax).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    berth_spec::units::parse_size(s)
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 10M, 512k, 1G)"))
 }
 
 /// `web=3` → (`web`, 3).

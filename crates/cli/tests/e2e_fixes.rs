@@ -321,3 +321,60 @@ fn durations_like_1m30s_were_rejected_by_the_cli_and_parsed_three_ways() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("1m30s"));
 }
+
+#[test]
+fn log_cap_was_not_configurable() {
+    let berth = Berth::new();
+    let stack = unique("logcap");
+    let log = std::fs::File::create(berth.data.path().join("server.log")).unwrap();
+    let mut server = berth
+        .command(berth.data.path(), &["server", "--log-max-file-size", "2k"])
+        .env("BERTH_LOG_MAX_FILES", "2")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_until("the server", Duration::from_secs(30), || {
+        let v = berth.ok(berth.data.path(), &["version", "--json"]);
+        if v.contains("\"pid\"") {
+            Ok(())
+        } else {
+            Err(format!("{v}\n{}", berth.server_log()))
+        }
+    });
+    let dir = stack_dir(concat!(
+        "services:\n",
+        "  chatty:\n",
+        "    command: sh -c 'while true; do echo 0123456789012345678901234567890123456789; sleep 0.001; done'\n",
+    ));
+    berth.ok(dir.path(), &["up", "-d", "-p", &stack]);
+    let logs = berth
+        .data
+        .path()
+        .join("logs/default")
+        .join(&stack)
+        .join("chatty.1");
+    wait_until("a rotation", Duration::from_secs(30), || {
+        if logs.join("1.log").exists() {
+            Ok(())
+        } else {
+            Err("not rotated yet".into())
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let files: Vec<(String, u64)> = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    assert!(files.len() <= 2, "{files:?}");
+    assert!(files.iter().all(|(_, n)| *n <= 2048), "{files:?}");
+    berth.ok(dir.path(), &["down", "-p", &stack]);
+    signal(server.id() as i32, "TERM");
+    let _ = server.wait();
+}

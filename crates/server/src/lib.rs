@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub dns: Option<SocketAddr>,
     /// Where state lives.
     pub store: StoreLocation,
+    /// Size cap and rotation of the captured instance logs.
+    pub logs: berth_agent::LogConfig,
 }
 
 impl ServerConfig {
@@ -70,6 +72,7 @@ impl ServerConfig {
             http: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             dns: Some(berth_net::dns::DEFAULT_ADDR),
             store: StoreLocation::Embedded,
+            logs: berth_agent::LogConfig::default(),
         }
     }
 }
@@ -159,7 +162,7 @@ pub async fn run(
         ),
     };
     let token = api::load_or_create_token(&cfg.data_dir).context("loading the API token")?;
-    let logs = berth_agent::logs::LogStore::open(cfg.data_dir.join("logs"), Default::default())
+    let logs = berth_agent::logs::LogStore::open(cfg.data_dir.join("logs"), cfg.logs.clone())
         .context("opening the log store")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -186,7 +189,7 @@ pub async fn run(
         node_id: cfg.node_id.clone(),
         data_dir: cfg.data_dir.clone(),
         address: "127.0.0.1".to_owned(),
-        logs: Default::default(),
+        logs: cfg.logs.clone(),
     };
     let control = Arc::new(berth_agent::StoreControlPlane::with_lease(
         store.clone(),

@@ -25,6 +25,11 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
     cfg.http = (!args.no_http).then_some(args.http);
     cfg.dns = (!args.no_dns).then_some(args.dns);
     cfg.store = berth_server::StoreLocation::parse(&args.store)?;
+    cfg.logs.max_file_bytes = args.log_max_file_size;
+    cfg.logs.max_files = args.log_max_files;
+    // A small cap splits long lines sooner rather than being refused.
+    let half = usize::try_from(args.log_max_file_size / 2).unwrap_or(usize::MAX);
+    cfg.logs.max_line_bytes = cfg.logs.max_line_bytes.min(half);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
