@@ -96,8 +96,14 @@ fn example_stack_up_heals_scales_and_goes_down_cleanly() {
             Err(format!("{left:?}"))
         }
     });
-    let ps = berth.ps(&dir, &stack);
-    assert!(ps.is_empty(), "{ps:?}");
+    // The stack is forgotten: asking for it is "not found" (exit 4).
+    let out = berth.run(&dir, &["ps", "--json", "-p", &stack]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     berth.servers.clear();
 }
 
@@ -139,7 +145,7 @@ fn server_killed_during_scale_converges_to_exactly_the_desired_count() {
     berth.start_server();
     wait_until("20 healthy web", Duration::from_secs(60), || {
         berth
-            .run(dir, &["ps"])
+            .run(dir, &["ps", "-p", &stack])
             .status
             .success()
             .then_some(())
