@@ -378,3 +378,14 @@ fn log_cap_was_not_configurable() {
     signal(server.id() as i32, "TERM");
     let _ = server.wait();
 }
+
+#[test]
+fn autostarted_server_wrote_colour_codes_into_server_log() {
+    let berth = Berth::new();
+    let stack = unique("ansi");
+    let dir = stack_dir("services:\n  web:\n    command: sleep 1000\n");
+    berth.ok(dir.path(), &["up", "-d", "-p", &stack]);
+    let log = std::fs::read_to_string(berth.data.path().join("server.log")).unwrap();
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\x1b'), "{log:?}");
+}

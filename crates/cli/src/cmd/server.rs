@@ -1,5 +1,7 @@
 //! `berth server`: the server in the foreground.
 
+use std::io::IsTerminal;
+
 use crate::args::ServerArgs;
 use crate::exit;
 use crate::settings::Settings;
@@ -11,6 +13,8 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // An autostarted server writes to server.log: no colour codes there.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
     let node_id = args
         .node_id
