@@ -154,6 +154,20 @@ impl Command {
     }
 }
 
+/// The most replicas one service may ask for: a typo (`scale web=100000`)
+/// must not fork a machine to death.
+pub const MAX_REPLICAS: u32 = 10_000;
+
+fn check_replicas(service: &str, replicas: u32) -> Result<(), DesiredError> {
+    if replicas > MAX_REPLICAS {
+        return Err(DesiredError::TooManyReplicas {
+            service: service.to_owned(),
+            replicas,
+        });
+    }
+    Ok(())
+}
+
 /// Why a command was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DesiredError {
@@ -190,6 +204,14 @@ pub enum DesiredError {
         service: String,
         /// The services the stack does have.
         known: Vec<String>,
+    },
+    /// More replicas than one stack's service may ask for.
+    #[error("service {service:?}: {replicas} replicas is more than berth allows ({MAX_REPLICAS})")]
+    TooManyReplicas {
+        /// The service.
+        service: String,
+        /// What was asked.
+        replicas: u32,
     },
     /// A `deploy.mode: global` service runs one instance per node.
     #[error("service {service:?} is global (one instance per node) and cannot be scaled")]
@@ -281,8 +303,9 @@ async fn attempt(
                     stack: stack.name.clone(),
                 });
             }
-            for service in stack.services.keys() {
-                check_name("service", service)?;
+            for (name, service) in &stack.services {
+                check_name("service", name)?;
+                check_replicas(name, service.deploy.replicas)?;
             }
             let old: Option<StackRecord> = current.as_ref().map(decode).transpose()?;
             let version = latest_release(store, namespace, &stack.name).await? + 1;
@@ -358,6 +381,7 @@ async fn attempt(
         } => {
             let mut record = existing(current.as_ref(), namespace, stack)?;
             for (service, &n) in replicas {
+                check_replicas(service, n)?;
                 let spec = record
                     .spec
                     .services

@@ -186,6 +186,24 @@ async fn submit_writes_stack_record_and_numbered_releases() {
     h.shutdown().await;
 }
 
+/// Regression: `scale web=4000000000` was accepted.
+#[tokio::test]
+async fn scale_beyond_the_replica_limit_is_refused() {
+    let h = Harness::start(None).await;
+    h.submit().await;
+    let (status, v) = h
+        .json(
+            Method::POST,
+            "/v1/stacks/default/shop/scale",
+            Some(json!({ "replicas": { "web": 4_000_000_000u32 } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("4000000000"), "{v}");
+    assert!(v["hint"].as_str().unwrap().contains("10000"), "{v}");
+    h.shutdown().await;
+}
+
 #[tokio::test]
 async fn scale_of_unknown_service_is_404_with_the_services_in_the_hint() {
     let h = Harness::start(None).await;

@@ -69,6 +69,13 @@ impl ApiError {
                 StatusCode::BAD_REQUEST,
                 Some("enable a profile with --profile, or add a service".into()),
             ),
+            Self::Desired(D::TooManyReplicas { .. }) => (
+                StatusCode::BAD_REQUEST,
+                Some(format!(
+                    "ask for at most {} replicas of one service",
+                    crate::desired::MAX_REPLICAS
+                )),
+            ),
             Self::Desired(D::GlobalService { .. }) => (
                 StatusCode::BAD_REQUEST,
                 Some("global services get one instance per eligible node".into()),
