@@ -177,6 +177,9 @@ fn waiting_for(i: &Instance) -> String {
         (InstanceState::Running, _) if i.health == Health::Starting => {
             format!("{}: health check still starting", i.instance)
         }
+        (InstanceState::Running, _) if i.health == Health::None => {
+            format!("{}: just started (no health check)", i.instance)
+        }
         (state, Some(m)) => format!("{} is {state} ({m})", i.instance),
         (state, None) => format!("{} is {state}", i.instance),
     }
@@ -205,14 +208,18 @@ fn judge(replicas: u32, restart: RestartPolicy, release: u64, rows: &[&Instance]
             )
             && i.last_exit.as_ref().is_some_and(|e| e.code == Some(0))
     };
-    let ok = new.iter().filter(|i| i.is_ready() || done(i)).count();
+    // Without a health check, "running" is only believable once the process
+    // has survived a moment: a command that exits at once is briefly running.
+    let settled = |i: &Instance| i.health != Health::None || i.uptime_s.unwrap_or(0) >= 1;
+    let ready = |i: &Instance| (i.is_ready() && settled(i)) || done(i);
+    let ok = new.iter().filter(|i| ready(i)).count();
     if ok as u32 >= replicas {
         return Verdict::Ready;
     }
     let why = new
         .iter()
         .chain(rows.iter().filter(|i| i.state == InstanceState::Pending))
-        .find(|i| !(i.is_ready() || done(i)))
+        .find(|i| !ready(i))
         .map(|i| waiting_for(i))
         .unwrap_or_else(|| format!("no instance of release v{release} started yet"));
     Verdict::Waiting(why)
