@@ -56,6 +56,20 @@ impl Berth {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Run, expect exit `code`, return stderr.
+    pub fn fails(&self, dir: &Path, args: &[&str], code: i32) -> String {
+        let out = self.run(dir, args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "berth {args:?}:\nstdout: {}\nstderr: {stderr}\nserver log: {}",
+            String::from_utf8_lossy(&out.stdout),
+            self.server_log(),
+        );
+        stderr
+    }
+
     pub fn ps(&self, dir: &Path, stack: &str) -> Vec<Value> {
         let out = self.ok(dir, &["ps", "--json", "-p", stack]);
         serde_json::from_str::<Vec<Value>>(&out).unwrap_or_else(|e| panic!("ps --json: {e}: {out}"))
