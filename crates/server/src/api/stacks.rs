@@ -160,7 +160,7 @@ pub(crate) async fn remove(
             .map_err(|e| ApiError::Internal(format!("removing the stack's logs: {e}")))?;
     }
     let volumes_removed = if q.volumes {
-        remove_volumes(&ctx, &ns, &stack)?
+        remove_volumes(&ns, &stack).await?
     } else {
         Vec::new()
     };
@@ -172,30 +172,23 @@ pub(crate) async fn remove(
     }))
 }
 
-/// Named volumes of process services live under
-/// `<data_dir>/volumes/<ns>/<stack>/<volume>`; delete that folder.
-fn remove_volumes(ctx: &ApiContext, ns: &str, stack: &str) -> Result<Vec<String>, ApiError> {
-    let dir = ctx.data_dir.join("volumes").join(ns).join(stack);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(ApiError::Internal(format!(
-                "reading {}: {e}",
-                dir.display()
-            )));
+/// Named volumes belong to the Docker driver (process services have none:
+/// the loader warns about `volumes:` on them). The engine call waits for the
+/// stack's containers to be gone first, since a volume in use cannot be
+/// removed. No engine means no volumes to remove.
+async fn remove_volumes(ns: &str, stack: &str) -> Result<Vec<String>, ApiError> {
+    use berth_agent::driver::DriverError;
+    let wait = std::time::Duration::from_secs(30);
+    match berth_agent::driver::docker::remove_stack_volumes(None, ns, stack, wait).await {
+        Ok(mut removed) => {
+            removed.sort();
+            Ok(removed)
         }
-    };
-    let mut removed = Vec::new();
-    for entry in entries {
-        let entry =
-            entry.map_err(|e| ApiError::Internal(format!("reading {}: {e}", dir.display())))?;
-        removed.push(entry.file_name().to_string_lossy().into_owned());
+        Err(DriverError::EngineUnavailable(_)) => Ok(Vec::new()),
+        Err(e) => Err(ApiError::Internal(format!(
+            "removing the stack's named volumes: {e}"
+        ))),
     }
-    std::fs::remove_dir_all(&dir)
-        .map_err(|e| ApiError::Internal(format!("removing {}: {e}", dir.display())))?;
-    removed.sort();
-    Ok(removed)
 }
 
 async fn change(ctx: &ApiContext, cmd: Command) -> Result<Json<StackChangeResponse>, ApiError> {
