@@ -228,14 +228,7 @@ pub(crate) async fn stop(
     Path((namespace, stack)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<StackChangeResponse>, ApiError> {
-    let services = services_of(&body)?;
-    let cmd = Command::SetStopped {
-        namespace,
-        stack,
-        services,
-        stopped: true,
-    };
-    change(&ctx, cmd).await
+    set_stopped(&ctx, namespace, stack, &body, true).await
 }
 
 pub(crate) async fn start(
@@ -243,14 +236,25 @@ pub(crate) async fn start(
     Path((namespace, stack)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<Json<StackChangeResponse>, ApiError> {
-    let services = services_of(&body)?;
+    set_stopped(&ctx, namespace, stack, &body, false).await
+}
+
+/// `stop` and `start` are one command with the flag flipped.
+async fn set_stopped(
+    ctx: &ApiContext,
+    namespace: String,
+    stack: String,
+    body: &Bytes,
+    stopped: bool,
+) -> Result<Json<StackChangeResponse>, ApiError> {
+    let services = services_of(body)?;
     let cmd = Command::SetStopped {
         namespace,
         stack,
         services,
-        stopped: false,
+        stopped,
     };
-    change(&ctx, cmd).await
+    change(ctx, cmd).await
 }
 
 pub(crate) async fn restart(
