@@ -68,15 +68,8 @@ pub fn parse(
         out.insert(
             name.to_string(),
             Service {
-                name: name.to_string(),
-                image: None,
-                build: None,
-                pull_policy: None,
-                entrypoint: None,
                 command: Some(Command::Shell(cmd.to_string())),
                 working_dir: Some(project_dir.to_path_buf()),
-                user: None,
-                environment: BTreeMap::new(),
                 ports: if web {
                     vec![Port {
                         target: 5000,
@@ -90,8 +83,6 @@ pub fn parse(
                 } else {
                     Vec::new()
                 },
-                depends_on: BTreeMap::new(),
-                links: Vec::new(),
                 healthcheck: web.then(|| Healthcheck {
                     test: HealthTest::Http {
                         port: None,
@@ -103,30 +94,9 @@ pub fn parse(
                     start_period_ms: 0,
                     start_interval_ms: 500,
                 }),
+                // Heroku restarts crashed dynos.
                 restart: RestartPolicy::OnFailure { max_attempts: None },
-                deploy: Deploy {
-                    mode: DeployMode::Replicated,
-                    replicas: 1,
-                    resources: Resources::default(),
-                    update_config: None,
-                    rollback_config: None,
-                    placement: Placement::default(),
-                    labels: BTreeMap::new(),
-                },
-                stop_signal: "SIGTERM".into(),
-                stop_grace_period_ms: 10_000,
-                labels: BTreeMap::new(),
-                profiles: Vec::new(),
-                volumes: Vec::new(),
-                tmpfs: Vec::new(),
-                networks: BTreeMap::new(),
-                extra_hosts: Vec::new(),
-                init: None,
-                read_only: false,
-                cap_add: Vec::new(),
-                cap_drop: Vec::new(),
-                berth: BerthExt::default(),
-                extensions: BTreeMap::new(),
+                ..Service::new(name)
             },
         );
     }

@@ -138,6 +138,51 @@ pub struct Service {
 }
 
 impl Service {
+    /// A service with Compose's defaults and nothing else: restart `no`,
+    /// 1 replica, SIGTERM with a 10 s grace period. The one place those
+    /// defaults live; both the Compose and the Procfile loader start here.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            image: None,
+            build: None,
+            pull_policy: None,
+            entrypoint: None,
+            command: None,
+            working_dir: None,
+            user: None,
+            environment: BTreeMap::new(),
+            ports: Vec::new(),
+            depends_on: BTreeMap::new(),
+            links: Vec::new(),
+            healthcheck: None,
+            restart: RestartPolicy::No,
+            deploy: Deploy {
+                mode: DeployMode::Replicated,
+                replicas: 1,
+                resources: Resources::default(),
+                update_config: None,
+                rollback_config: None,
+                placement: Placement::default(),
+                labels: BTreeMap::new(),
+            },
+            stop_signal: "SIGTERM".into(),
+            stop_grace_period_ms: 10_000,
+            labels: BTreeMap::new(),
+            profiles: Vec::new(),
+            volumes: Vec::new(),
+            tmpfs: Vec::new(),
+            networks: BTreeMap::new(),
+            extra_hosts: Vec::new(),
+            init: None,
+            read_only: false,
+            cap_add: Vec::new(),
+            cap_drop: Vec::new(),
+            berth: BerthExt::default(),
+            extensions: BTreeMap::new(),
+        }
+    }
+
     /// The driver this service runs on.
     pub fn driver(&self) -> Driver {
         if self.image.is_some() || self.build.is_some() {
