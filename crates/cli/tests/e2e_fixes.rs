@@ -152,6 +152,41 @@ fn config_json_panicked_on_a_closed_pipe() {
     assert!(out.status.success(), "{}: {stderr}", out.status);
 }
 
+/// Runs `args` with its stdout closed before berth writes; it must end
+/// quietly (no panic) and successfully.
+fn survives_closed_stdout(berth: &Berth, dir: &std::path::Path, args: &[&str]) {
+    let mut child = berth
+        .command(dir, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    assert!(out.status.success(), "{args:?}: {}: {stderr}", out.status);
+}
+
+#[test]
+fn deploy_releases_env_and_kv_panicked_on_a_closed_pipe() {
+    let berth = Berth::new();
+    let stack = unique("pipe");
+    let dir = stack_dir("services:\n  web:\n    command: sleep 1000\n");
+    berth.ok(dir.path(), &["up", "-d", "-p", &stack]);
+    berth.ok(dir.path(), &["kv", "put", "pipe/a", "1"]);
+    for args in [
+        &["deploy", "--dry-run", "-p", &stack][..],
+        &["releases", "-p", &stack],
+        &["releases", "-p", &stack, "--json"],
+        &["env", "-p", &stack],
+        &["kv", "ls", "pipe/"],
+        &["kv", "get", "pipe/a"],
+    ] {
+        survives_closed_stdout(&berth, dir.path(), args);
+    }
+}
+
 #[test]
 fn wrong_names_exited_0_logs_nosuch_ps_nosuch_bad_namespace() {
     let berth = Berth::new();

@@ -20,7 +20,7 @@ use crate::autostart;
 use crate::client::Client;
 use crate::cmd::stack_detail;
 use crate::exit::{self, Failure};
-use crate::output::{Table, paint};
+use crate::output::{self, Table, paint};
 use crate::resolve::{self, stack_path};
 use crate::settings::Settings;
 
@@ -45,14 +45,14 @@ pub async fn deploy(settings: &Settings, args: &DeployArgs) -> anyhow::Result<u8
     let plan: DeployPlan = client.post("/v1/stacks/plan", &req).await?;
     if args.dry_run {
         if settings.json {
-            println!("{}", serde_json::to_string_pretty(&plan)?);
+            output::print_json(&plan)?;
         } else {
-            print_plan(&plan, settings.color);
+            print_plan(&plan, settings.color)?;
         }
         return Ok(exit::OK);
     }
     if !settings.json {
-        print_plan(&plan, settings.color);
+        print_plan(&plan, settings.color)?;
     }
     let resp: SubmitStackResponse = client.post("/v1/stacks", &req).await?;
     eprintln!(
@@ -72,18 +72,18 @@ pub async fn deploy(settings: &Settings, args: &DeployArgs) -> anyhow::Result<u8
     .await
 }
 
-fn print_plan(plan: &DeployPlan, color: bool) {
+fn print_plan(plan: &DeployPlan, color: bool) -> anyhow::Result<()> {
     let from = if plan.current_release == 0 {
         "new stack".to_owned()
     } else {
         format!("v{}", plan.current_release)
     };
-    println!(
+    output::print_line(format_args!(
         "stack {} (namespace {}): {from} → v{}",
         plan.stack, plan.namespace, plan.next_release
-    );
+    ))?;
     if plan.is_noop() {
-        println!("  no changes");
+        output::print_line(format_args!("  no changes"))?;
     }
     for s in &plan.services {
         let (sign, code) = match s.action {
@@ -94,12 +94,12 @@ fn print_plan(plan: &DeployPlan, color: bool) {
             PlanAction::Unchanged => ("=", "2"),
         };
         let action = format!("{:?}", s.action).to_lowercase();
-        println!(
+        output::print_line(format_args!(
             "  {} {} ({action}): {}",
             paint(sign, code, color),
             s.service,
             s.reason
-        );
+        ))?;
         for c in &s.changes {
             let show = |v: &Option<serde_json::Value>| {
                 v.as_ref().map_or("(none)".to_owned(), |v| {
@@ -111,9 +111,15 @@ fn print_plan(plan: &DeployPlan, color: bool) {
                     }
                 })
             };
-            println!("      {}: {} → {}", c.field, show(&c.old), show(&c.new));
+            output::print_line(format_args!(
+                "      {}: {} → {}",
+                c.field,
+                show(&c.old),
+                show(&c.new)
+            ))?;
         }
     }
+    Ok(())
 }
 
 /// Follow the rollout of `release` until it settles; prints progress lines
@@ -142,7 +148,7 @@ async fn follow_rollout(
                     record.release, cause.reason
                 );
                 if settings.json {
-                    println!("{}", serde_json::to_string_pretty(record)?);
+                    output::print_json(record)?;
                 }
                 return Err(Failure::with_code(exit::UP_FAILED, msg));
             }
@@ -230,9 +236,9 @@ async fn print_release(
                 stack_path(&settings.namespace, stack)
             ))
             .await?;
-        println!("{}", serde_json::to_string_pretty(&resp)?);
+        output::print_json(&resp)?;
     } else {
-        println!("{stack}: v{release}");
+        output::print_line(format_args!("{stack}: v{release}"))?;
     }
     Ok(exit::OK)
 }
@@ -252,7 +258,7 @@ pub async fn releases(settings: &Settings, args: &ReleasesArgs) -> anyhow::Resul
             .retain(|r| r.services_changed.iter().any(|s| s == service));
     }
     if settings.json {
-        println!("{}", serde_json::to_string_pretty(&resp)?);
+        output::print_json(&resp)?;
         return Ok(exit::OK);
     }
     let now = SystemTime::now()
@@ -270,15 +276,18 @@ pub async fn releases(settings: &Settings, args: &ReleasesArgs) -> anyhow::Resul
             r.message.clone(),
         ]);
     }
-    print!("{}", table.render());
+    output::print_out(&table.render())?;
     if let Some(r) = &resp.rollout {
         let mut line = format!("rollout of v{}: {}", r.release, r.state);
         if !r.message.is_empty() {
             line.push_str(&format!(" ({})", r.message));
         }
-        println!("{line}");
+        output::print_line(format_args!("{line}"))?;
         if let Some(c) = &r.rolled_back {
-            println!("v{} was rolled back automatically: {}", c.from, c.reason);
+            output::print_line(format_args!(
+                "v{} was rolled back automatically: {}",
+                c.from, c.reason
+            ))?;
         }
     }
     Ok(exit::OK)
@@ -373,11 +382,11 @@ async fn list_env(
         .map(|(n, s)| (n, s.environment.iter().collect()))
         .collect();
     if settings.json {
-        println!("{}", serde_json::to_string_pretty(&envs)?);
+        output::print_json(&envs)?;
         return Ok(exit::OK);
     }
     for (name, vars) in envs {
-        println!("{name}:");
+        output::print_line(format_args!("{name}:"))?;
         for (k, v) in vars {
             let from_env = record.config.all.contains_key(k)
                 || record
@@ -387,8 +396,8 @@ async fn list_env(
                     .is_some_and(|c| c.contains_key(k));
             let mark = if from_env { "  (berth env)" } else { "" };
             match v {
-                Some(v) => println!("  {k}={v}{mark}"),
-                None => println!("  {k} (passed through, unset){mark}"),
+                Some(v) => output::print_line(format_args!("  {k}={v}{mark}"))?,
+                None => output::print_line(format_args!("  {k} (passed through, unset){mark}"))?,
             }
         }
     }

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::client::{Client, check, enc};
 use crate::exit::{self, Failure};
+use crate::output;
 use crate::settings::Settings;
 
 /// `berth kv`.
@@ -153,7 +154,7 @@ pub async fn run(settings: &Settings, args: &KvArgs) -> anyhow::Result<u8> {
             let written: bool = serde_json::from_slice(&body_of(check(resp).await?).await?)
                 .context("unexpected answer from the server")?;
             if settings.json {
-                println!("{}", serde_json::json!({ "written": written }));
+                output::print_line(serde_json::json!({ "written": written }))?;
             }
             if !written {
                 return Err(Failure::with_code(
@@ -180,7 +181,7 @@ pub async fn run(settings: &Settings, args: &KvArgs) -> anyhow::Result<u8> {
             let deleted: bool = serde_json::from_slice(&body_of(check(resp).await?).await?)
                 .context("unexpected answer from the server")?;
             if settings.json {
-                println!("{}", serde_json::json!({ "deleted": deleted }));
+                output::print_line(serde_json::json!({ "deleted": deleted }))?;
             }
             if !deleted {
                 return Err(Failure::with_code(
@@ -200,7 +201,7 @@ pub async fn run(settings: &Settings, args: &KvArgs) -> anyhow::Result<u8> {
                 .await?;
             if resp.status() == hyper::StatusCode::NOT_FOUND {
                 if settings.json {
-                    println!("[]");
+                    output::print_line(format_args!("[]"))?;
                 }
                 return Ok(exit::OK);
             }
@@ -214,10 +215,10 @@ pub async fn run(settings: &Settings, args: &KvArgs) -> anyhow::Result<u8> {
                     .into_iter()
                     .map(readable)
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&pairs)?);
+                output::print_json(&pairs)?;
             } else {
                 for k in v.as_array().into_iter().flatten().filter_map(Value::as_str) {
-                    println!("{k}");
+                    output::print_line(format_args!("{k}"))?;
                 }
             }
             Ok(exit::OK)
@@ -241,7 +242,7 @@ async fn get(settings: &Settings, client: &Client, key: &str) -> anyhow::Result<
         .context("unexpected answer from the server")?;
     let pair = v.get(0).cloned().unwrap_or(Value::Null);
     if settings.json {
-        println!("{}", serde_json::to_string_pretty(&readable(pair))?);
+        output::print_json(&readable(pair))?;
     } else {
         let value = pair
             .get("Value")
