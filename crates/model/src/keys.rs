@@ -26,6 +26,8 @@ pub const KV: &str = "/berth/kv/";
 pub const SESSIONS: &str = "/berth/sessions/";
 /// Prefix of services registered from outside (Consul's agent API).
 pub const EXTERNAL: &str = "/berth/external/";
+/// Prefix of the event ring (bounded; oldest events are deleted).
+pub const EVENTS: &str = "/berth/events/";
 
 /// `/berth/kv/<ns>/<key>`: a user key (any text after the namespace,
 /// `/`-separated levels included).
@@ -51,6 +53,11 @@ pub fn external(ns: &str, id: &str) -> String {
 /// `/berth/external/<ns>/`
 pub fn external_in(ns: &str) -> String {
     format!("{EXTERNAL}{ns}/")
+}
+
+/// `/berth/events/<id, zero-padded>` (so they sort by id).
+pub fn event(id: u64) -> String {
+    format!("{EVENTS}{id:020}")
 }
 
 /// `/berth/stacks/<ns>/<stack>`

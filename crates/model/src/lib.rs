@@ -23,9 +23,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub use berth_spec::types::{Service, Stack};
+pub use event::{Event, EventKind};
 use serde::{Deserialize, Serialize};
 
 pub mod api;
+pub mod event;
+pub mod history;
 pub mod keys;
 
 /// Milliseconds since the Unix epoch. The model has no clock: callers pass it.

@@ -10,6 +10,9 @@
 //! - [`kv`]: the user KV store, sessions and locks (Consul's semantics).
 //! - [`mirror`]: the watched in-memory copy of state those loops react to.
 //! - [`traffic`]: the HTTP router's table and the DNS zone, from the catalog.
+//! - [`metrics`], [`history`], [`events`]: `GET /metrics`, the in-memory
+//!   history of instance resource use, and the event log derived from state
+//!   changes (bundled as [`metrics::Telemetry`]).
 //! - [`run`]: opens the store, registers this node, starts the local agent,
 //!   the controller and the listeners, and stops them all on shutdown.
 //!
@@ -38,7 +41,11 @@ pub mod catalog;
 pub mod controller;
 pub mod desired;
 pub mod diff;
+pub mod events;
+pub mod history;
 pub mod kv;
+pub mod metrics;
+pub mod metrics_proc;
 pub mod mirror;
 pub mod traffic;
 
@@ -59,6 +66,8 @@ pub struct ServerConfig {
     pub store: StoreLocation,
     /// Size cap and rotation of the captured instance logs.
     pub logs: berth_agent::LogConfig,
+    /// Time between two samples of the built-in metrics history.
+    pub history_interval: Duration,
 }
 
 impl ServerConfig {
@@ -73,6 +82,7 @@ impl ServerConfig {
             dns: Some(berth_net::dns::DEFAULT_ADDR),
             store: StoreLocation::Embedded,
             logs: berth_agent::LogConfig::default(),
+            history_interval: history::INTERVAL,
         }
     }
 }
@@ -161,12 +171,37 @@ pub async fn run(
                 .context("connecting to etcd")?,
         ),
     };
+    let (store, store_metrics) = metrics::Telemetry::metered_store(store);
     let token = api::load_or_create_token(&cfg.data_dir).context("loading the API token")?;
     let logs = berth_agent::logs::LogStore::open(cfg.data_dir.join("logs"), cfg.logs.clone())
         .context("opening the log store")?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+
+    let container_stats = berth_agent::driver::docker::StatsMap::default();
+    let (live_tx, live_rx) = watch::channel(Arc::new(events::Live::default()));
+    let event_log = Arc::new(
+        events::EventLog::open(store.clone(), events::DEFAULT_CAPACITY)
+            .await
+            .context("opening the event log")?,
+    );
+    let telemetry = metrics::Telemetry::new(
+        cfg.node_id.clone(),
+        store.clone(),
+        store_metrics,
+        event_log.clone(),
+        live_rx,
+        container_stats.clone(),
+        cfg.history_interval,
+    );
+    {
+        let store = store.clone();
+        let stop = stop_rx.clone();
+        let mut observer = events::Observer::new(event_log, live_tx);
+        tasks.spawn(async move { mirror::follow(store, stop, &mut observer).await });
+    }
+    tasks.spawn(telemetry.clone().sample_history(stop_rx.clone()));
 
     // This node's registration lives on a lease: if the server dies, the
     // node record expires and (in a fleet) its work is rescheduled.
@@ -199,7 +234,11 @@ pub async fn run(
         let logs = logs.clone();
         let rx = stop_rx.clone();
         tasks.spawn(async move {
-            berth_agent::run(agent_cfg, control, logs, rx)
+            let options = berth_agent::AgentOptions {
+                container_stats,
+                ..Default::default()
+            };
+            berth_agent::run_with(agent_cfg, control, logs, rx, options)
                 .await
                 .context("agent failed")
         });
@@ -237,10 +276,10 @@ pub async fn run(
             mirror::follow(store, stop, &mut tables).await
         });
         if let Some(addr) = cfg.http {
-            start_router(&mut tasks, addr, routes_rx, stop_rx.clone()).await;
+            start_router(&mut tasks, addr, routes_rx, stop_rx.clone(), &telemetry).await;
         }
         if let Some(addr) = cfg.dns {
-            start_dns(&mut tasks, addr, zone_rx, stop_rx.clone()).await;
+            start_dns(&mut tasks, addr, zone_rx, stop_rx.clone(), &telemetry).await;
         }
     }
 
@@ -254,7 +293,7 @@ pub async fn run(
     };
     let socket = cfg.data_dir.join(SOCKET_NAME);
     {
-        let router = api::router(ctx(None));
+        let router = api::router(ctx(None)).layer(axum::Extension(telemetry.clone()));
         let socket = socket.clone();
         let rx = stop_rx.clone();
         tasks.spawn(async move {
@@ -274,7 +313,7 @@ pub async fn run(
         bound.push(local);
         // Only loopback listeners are open without the token.
         let need_token = (!addr.ip().is_loopback()).then(|| token.clone());
-        let router = api::router(ctx(need_token));
+        let router = api::router(ctx(need_token)).layer(axum::Extension(telemetry.clone()));
         let rx = stop_rx.clone();
         tasks.spawn(async move {
             api::serve_tcp(listener, router, stopped(rx))
@@ -321,6 +360,7 @@ async fn start_router(
     addr: SocketAddr,
     routes: watch::Receiver<berth_net::http::RouteTable>,
     stop: watch::Receiver<bool>,
+    telemetry: &metrics::Telemetry,
 ) {
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
@@ -330,6 +370,7 @@ async fn start_router(
         }
     };
     let router = berth_net::http::Router::new(routes, Default::default());
+    telemetry.set_router(router.clone());
     tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "HTTP router listening");
     tasks.spawn(async move {
         router
@@ -345,9 +386,11 @@ async fn start_dns(
     addr: SocketAddr,
     zone: watch::Receiver<Arc<berth_net::dns::Zone>>,
     stop: watch::Receiver<bool>,
+    telemetry: &metrics::Telemetry,
 ) {
     match berth_net::dns::DnsServer::bind(addr).await {
         Ok(server) => {
+            telemetry.set_dns(server.metrics());
             tracing::info!(%addr, "DNS listening");
             tasks.spawn(async move {
                 server.run(zone, stop).await;

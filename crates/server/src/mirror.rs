@@ -119,7 +119,14 @@ pub async fn follow<F: Follower + Send>(
         let mut events = store.watch(keys::ROOT, rev + 1).await?;
         let mut seen = rev;
         loop {
-            follower.changed(&mirror, seen).await?;
+            let started = std::time::Instant::now();
+            let pass = follower.changed(&mirror, seen).await;
+            crate::metrics::reconcile_pass(
+                std::any::type_name::<F>(),
+                started.elapsed(),
+                pass.is_ok(),
+            );
+            pass?;
             let timer = follower.wake_at().map(|at| {
                 let wait = at.saturating_sub(crate::now_ms());
                 // A few ms late so the deadline has surely passed.

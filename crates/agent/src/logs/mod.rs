@@ -27,7 +27,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 mod read;
 mod writer;
 
-pub use read::LogQuery;
+pub use read::{LineFilter, LogQuery};
 
 /// Limits of the log files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,10 +272,21 @@ impl LogStore {
 
     /// Past lines, merged across instances in time order.
     pub async fn read(&self, q: &LogQuery) -> Result<Vec<LogLine>, LogError> {
+        self.read_filtered(q, std::sync::Arc::new(|_: &LogLine| true))
+            .await
+    }
+
+    /// Past lines that `keep` accepts (a search, a page before a cursor),
+    /// merged in time order; `q.tail` counts only accepted lines.
+    pub async fn read_filtered(
+        &self,
+        q: &LogQuery,
+        keep: read::LineFilter,
+    ) -> Result<Vec<LogLine>, LogError> {
         self.flush().await?;
         let dir = self.inner.dir.clone();
         let q = q.clone();
-        tokio::task::spawn_blocking(move || read::read(&dir, &q))
+        tokio::task::spawn_blocking(move || read::read(&dir, &q, &keep))
             .await
             .map_err(|_| LogError::Closed)?
     }

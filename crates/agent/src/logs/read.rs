@@ -67,7 +67,16 @@ fn files_newest_first(dir: &Path) -> Result<Vec<PathBuf>, LogError> {
     Ok(out)
 }
 
-fn read_instance(dir: &Path, key: &InstanceKey, q: &LogQuery) -> Result<Vec<LogLine>, LogError> {
+/// Which lines a paged or searched read keeps (besides the query's own
+/// `since` and `tail`): applied before `tail` counts.
+pub type LineFilter = std::sync::Arc<dyn Fn(&LogLine) -> bool + Send + Sync>;
+
+fn read_instance(
+    dir: &Path,
+    key: &InstanceKey,
+    q: &LogQuery,
+    keep: &LineFilter,
+) -> Result<Vec<LogLine>, LogError> {
     let since = q.since_us.unwrap_or(0);
     // Files newest first; each file's lines are in order, so chunks are
     // prepended, and reading stops once enough (or old enough) lines are seen.
@@ -81,7 +90,10 @@ fn read_instance(dir: &Path, key: &InstanceKey, q: &LogQuery) -> Result<Vec<LogL
         };
         let lines: Vec<LogLine> = text.lines().filter_map(|l| parse_line(key, l)).collect();
         let reached_since = lines.first().is_some_and(|l| l.ts_us < since);
-        let kept: Vec<LogLine> = lines.into_iter().filter(|l| l.ts_us >= since).collect();
+        let kept: Vec<LogLine> = lines
+            .into_iter()
+            .filter(|l| l.ts_us >= since && keep(l))
+            .collect();
         count += kept.len();
         chunks.push(kept);
         if reached_since || q.tail.is_some_and(|t| count >= t) {
@@ -91,7 +103,11 @@ fn read_instance(dir: &Path, key: &InstanceKey, q: &LogQuery) -> Result<Vec<LogL
     Ok(chunks.into_iter().rev().flatten().collect())
 }
 
-pub(crate) fn read(root: &Path, q: &LogQuery) -> Result<Vec<LogLine>, LogError> {
+pub(crate) fn read(
+    root: &Path,
+    q: &LogQuery,
+    keep: &LineFilter,
+) -> Result<Vec<LogLine>, LogError> {
     let stack_dir = root.join(&q.namespace).join(&q.stack);
     let entries = match fs::read_dir(&stack_dir) {
         Ok(e) => e,
@@ -114,7 +130,7 @@ pub(crate) fn read(root: &Path, q: &LogQuery) -> Result<Vec<LogLine>, LogError> 
             service: service.to_owned(),
             slot,
         };
-        all.extend(read_instance(&e.path(), &key, q)?);
+        all.extend(read_instance(&e.path(), &key, q, keep)?);
     }
     all.sort_by(|a, b| a.ts_us.cmp(&b.ts_us).then_with(|| a.key.cmp(&b.key)));
     if let Some(t) = q.tail

@@ -6,6 +6,11 @@
 //! subscriber that falls behind the broadcast buffer is told how many lines
 //! it missed with a `system` line instead of losing them silently. Blank
 //! lines are keep-alives; clients skip them.
+//!
+//! Paging and search: `before=<ts_us>` keeps only older lines (with `tail`,
+//! the page before a cursor: the oldest `ts_us` a reader has), and
+//! `grep=<regex>` keeps only matching lines, past and live, before `tail`
+//! counts.
 
 use std::collections::HashMap;
 
@@ -13,7 +18,9 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use berth_agent::logs::{LogQuery, LogStore};
+use std::sync::Arc;
+
+use berth_agent::logs::{LineFilter, LogQuery};
 use berth_model::{InstanceKey, LogLine, LogStream, StackRecord, keys};
 use berth_store::decode;
 use bytes::Bytes;
@@ -35,6 +42,10 @@ pub struct LogsParams {
     pub since: Option<String>,
     /// Keep streaming live lines.
     pub follow: bool,
+    /// Only past lines strictly older than this (µs since the epoch).
+    pub before: Option<u64>,
+    /// Only lines whose text matches this regex.
+    pub grep: Option<regex::Regex>,
 }
 
 pub(crate) async fn stream(
@@ -79,9 +90,17 @@ pub(crate) async fn stream(
         since_us,
         tail: params.tail,
     };
-    let live = params.follow.then(|| ctx.logs.subscribe());
-    let past = read_past(&ctx.logs, &query).await?;
-    let body = Body::from_stream(lines(past, live, query).map(Ok::<_, std::convert::Infallible>));
+    // A page back in time has no live part.
+    let live = (params.follow && params.before.is_none()).then(|| ctx.logs.subscribe());
+    let keep = line_filter(params.before, params.grep.clone());
+    let past = ctx
+        .logs
+        .read_filtered(&query, keep)
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading logs: {e}")))?;
+    let body = Body::from_stream(
+        lines(past, live, query, params.grep).map(Ok::<_, std::convert::Infallible>),
+    );
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
@@ -98,6 +117,22 @@ fn parse_params(raw: &str) -> Result<LogsParams, ApiError> {
                 })?)
             }
             "since" => p.since = Some(v),
+            "before" => {
+                p.before = Some(v.parse().map_err(|_| {
+                    ApiError::bad_request(
+                        format!("before={v:?} is not a timestamp in µs"),
+                        "pass the ts_us of the oldest line you have, e.g. before=1714564800000000",
+                    )
+                })?)
+            }
+            "grep" => {
+                p.grep = Some(regex::Regex::new(&v).map_err(|e| {
+                    ApiError::bad_request(
+                        format!("grep={v:?} is not a valid regex: {e}"),
+                        "use Rust regex syntax, e.g. grep=ERROR|WARN or grep=(?i)timeout",
+                    )
+                })?)
+            }
             "follow" => {
                 p.follow = match v.as_str() {
                     "" | "true" | "1" => true,
@@ -113,7 +148,7 @@ fn parse_params(raw: &str) -> Result<LogsParams, ApiError> {
             other => {
                 return Err(ApiError::bad_request(
                     format!("unknown query parameter {other:?}"),
-                    "parameters: service (repeatable), tail, since, follow",
+                    "parameters: service (repeatable), tail, since, follow, before, grep",
                 ));
             }
         }
@@ -158,10 +193,10 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-async fn read_past(logs: &LogStore, query: &LogQuery) -> Result<Vec<LogLine>, ApiError> {
-    logs.read(query)
-        .await
-        .map_err(|e| ApiError::Internal(format!("reading logs: {e}")))
+fn line_filter(before: Option<u64>, grep: Option<regex::Regex>) -> LineFilter {
+    Arc::new(move |l: &LogLine| {
+        before.is_none_or(|b| l.ts_us < b) && grep.as_ref().is_none_or(|g| g.is_match(&l.line))
+    })
 }
 
 /// Silence after which a followed stream sends a keep-alive blank line.
@@ -177,6 +212,7 @@ struct LogsState {
     phase: Phase,
     live: Option<broadcast::Receiver<LogLine>>,
     query: LogQuery,
+    grep: Option<regex::Regex>,
     last_past: HashMap<InstanceKey, u64>,
 }
 
@@ -185,6 +221,7 @@ fn lines(
     past: Vec<LogLine>,
     live: Option<broadcast::Receiver<LogLine>>,
     query: LogQuery,
+    grep: Option<regex::Regex>,
 ) -> impl Stream<Item = Bytes> + Send + 'static {
     let mut last_past = HashMap::new();
     for line in &past {
@@ -195,6 +232,7 @@ fn lines(
         phase: Phase::Past(past.into_iter()),
         live,
         query,
+        grep,
         last_past,
     };
     stream::unfold(state, |mut st| async move {
@@ -220,7 +258,9 @@ fn lines(
                     };
                     match next {
                         Ok(line) => {
-                            if !wanted(&st.query, &line) {
+                            if !wanted(&st.query, &line)
+                                || st.grep.as_ref().is_some_and(|g| !g.is_match(&line.line))
+                            {
                                 continue;
                             }
                             if st

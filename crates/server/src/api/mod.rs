@@ -12,6 +12,8 @@
 //! - [`instances`]: the join of assignments (desired placement) with
 //!   instance statuses (actual state) that `berth ps` shows.
 //! - [`logs`]: past and followed logs as an NDJSON stream.
+//! - [`metrics`]: `GET /metrics` (Prometheus) and the built-in history;
+//!   [`events`]: the event log as JSON pages or SSE.
 //! - [`kv`] and [`consul`]: the KV store (`/v1/kv/*`) and the
 //!   Consul-compatible subset (catalog, health, sessions, agent, status).
 //! - [`error`]: the one place errors become HTTP statuses.
@@ -37,9 +39,11 @@ use berth_store::Store;
 
 pub mod consul;
 pub mod error;
+pub mod events;
 pub mod instances;
 pub mod kv;
 pub mod logs;
+pub mod metrics;
 pub mod releases;
 pub mod stacks;
 pub mod time;
@@ -158,6 +162,13 @@ fn build() -> Routes {
         .add(Method::POST, "/v1/stacks/{ns}/{stack}/env", releases::env)
         .add(Method::GET, "/v1/instances", instances::list)
         .add(Method::GET, "/v1/nodes", instances::nodes)
+        .add(Method::GET, "/metrics", metrics::scrape)
+        .add(Method::GET, "/v1/events", events::events)
+        .add(
+            Method::GET,
+            "/v1/stacks/{ns}/{stack}/history",
+            metrics::history,
+        )
         .then(consul::add_routes)
 }
 

@@ -1,0 +1,778 @@
+//! Metrics: what `GET /metrics` exports (Prometheus/OpenMetrics text, with
+//! the `prometheus-client` crate), and the [`Telemetry`] bundle the API
+//! reaches metrics, history and events through.
+//!
+//! # Sources
+//! - Store: every operation of the server's store is timed by
+//!   [`MeteredStore`], a decorator around the real store.
+//! - Loops: [`reconcile_pass`] is called by [`crate::mirror::follow`]
+//!   after every pass of every follower (controller, catalog, traffic,
+//!   event observer), with its duration and outcome.
+//! - Instances: the statuses the event observer publishes
+//!   ([`crate::events::Live`]) for state, health and restarts; CPU and
+//!   memory from `/proc` for processes ([`crate::metrics_proc`]) and from
+//!   the Docker driver's [`StatsMap`] for containers. Read at scrape time.
+//! - Router and DNS: their own counters ([`berth_net::http::Router::metrics`],
+//!   [`berth_net::dns::DnsMetrics`]), registered once they listen.
+//!
+//! Every instance series has the labels `namespace`, `stack`, `service`,
+//! `instance` (`web.2`) and `node`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use berth_agent::driver::docker::StatsMap;
+use berth_model::{EventKind, InstanceKey, InstanceState};
+use berth_store::{LeaseId, Revision, Store, StoreError, Txn, TxnResult, WatchStream};
+use bytes::Bytes;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::events::{EventLog, Live};
+use crate::history::{History, InstanceSample};
+use crate::metrics_proc;
+
+/// The content type of `GET /metrics`.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Resource use of one instance at one moment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Usage {
+    /// A process tree, from `/proc`.
+    Process {
+        /// CPU seconds used so far by the run.
+        cpu_seconds: f64,
+        /// Resident memory of the tree.
+        rss_bytes: u64,
+    },
+    /// A container, from the engine's stats stream.
+    Container {
+        /// CPU in percent of one core over the engine's last interval.
+        cpu_percent: f64,
+        /// Memory in use, page cache excluded.
+        memory_bytes: u64,
+    },
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoopLabels {
+    follower: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~3.3 s.
+    Histogram::new(exponential_buckets(0.000_05, 4.0, 9))
+}
+
+/// Process-wide counters of loops that have no handle to a [`Telemetry`].
+struct Global {
+    passes: HistogramFamily<LoopLabels>,
+    pass_errors: Family<LoopLabels, Counter>,
+    events: Family<KindLabels, Counter>,
+}
+
+static GLOBAL: LazyLock<Global> = LazyLock::new(|| Global {
+    passes: Family::new_with_constructor(latency_histogram),
+    pass_errors: Family::default(),
+    events: Family::default(),
+});
+
+/// Record one pass of a mirror follower (called by
+/// [`crate::mirror::follow`]); `follower` is its type name.
+pub fn reconcile_pass(follower: &'static str, took: Duration, ok: bool) {
+    let labels = LoopLabels {
+        follower: follower.rsplit("::").next().unwrap_or(follower),
+    };
+    GLOBAL
+        .passes
+        .get_or_create(&labels)
+        .observe(took.as_secs_f64());
+    if !ok {
+        GLOBAL.pass_errors.get_or_create(&labels).inc();
+    }
+}
+
+/// Count one recorded event.
+pub(crate) fn event_recorded(kind: EventKind) {
+    GLOBAL
+        .events
+        .get_or_create(&KindLabels {
+            kind: kind.as_str(),
+        })
+        .inc();
+}
+
+/// Timing of the operations of one store.
+#[derive(Clone)]
+struct StoreMetrics {
+    latency: HistogramFamily<OpLabels>,
+    errors: Family<OpLabels, Counter>,
+    watch_batches: Counter,
+}
+
+impl StoreMetrics {
+    fn new() -> Self {
+        Self {
+            latency: Family::new_with_constructor(latency_histogram),
+            errors: Family::default(),
+            watch_batches: Counter::default(),
+        }
+    }
+
+    fn observe<T>(&self, op: &'static str, started: Instant, res: &Result<T, StoreError>) {
+        let l = OpLabels { op };
+        self.latency
+            .get_or_create(&l)
+            .observe(started.elapsed().as_secs_f64());
+        if res.is_err() {
+            self.errors.get_or_create(&l).inc();
+        }
+    }
+}
+
+/// A [`Store`] that times every operation of the store it wraps.
+pub struct MeteredStore {
+    inner: Arc<dyn Store>,
+    metrics: StoreMetrics,
+}
+
+macro_rules! timed {
+    ($self:ident, $op:literal, $call:expr) => {{
+        let started = Instant::now();
+        let res = $call.await;
+        $self.metrics.observe($op, started, &res);
+        res
+    }};
+}
+
+#[async_trait]
+impl Store for MeteredStore {
+    async fn get(&self, key: &str) -> berth_store::Result<Option<berth_store::KeyValue>> {
+        timed!(self, "get", self.inner.get(key))
+    }
+    async fn range(
+        &self,
+        prefix: &str,
+    ) -> berth_store::Result<(Vec<berth_store::KeyValue>, Revision)> {
+        timed!(self, "range", self.inner.range(prefix))
+    }
+    async fn put(&self, key: &str, value: Bytes, lease: LeaseId) -> berth_store::Result<Revision> {
+        timed!(self, "put", self.inner.put(key, value, lease))
+    }
+    async fn delete(&self, key: &str) -> berth_store::Result<Revision> {
+        timed!(self, "delete", self.inner.delete(key))
+    }
+    async fn txn(&self, txn: Txn) -> berth_store::Result<TxnResult> {
+        timed!(self, "txn", self.inner.txn(txn))
+    }
+    async fn watch(&self, prefix: &str, from: Revision) -> berth_store::Result<WatchStream> {
+        use futures::StreamExt;
+        let stream = timed!(self, "watch", self.inner.watch(prefix, from))?;
+        let batches = self.metrics.watch_batches.clone();
+        Ok(stream
+            .inspect(move |_| {
+                batches.inc();
+            })
+            .boxed())
+    }
+    async fn revision(&self) -> berth_store::Result<Revision> {
+        timed!(self, "revision", self.inner.revision())
+    }
+    async fn lease_grant(&self, ttl: Duration) -> berth_store::Result<LeaseId> {
+        timed!(self, "lease_grant", self.inner.lease_grant(ttl))
+    }
+    async fn lease_keep_alive(&self, lease: LeaseId) -> berth_store::Result<()> {
+        timed!(self, "lease_keep_alive", self.inner.lease_keep_alive(lease))
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> berth_store::Result<()> {
+        timed!(self, "lease_revoke", self.inner.lease_revoke(lease))
+    }
+    async fn compact(&self, revision: Revision) -> berth_store::Result<()> {
+        timed!(self, "compact", self.inner.compact(revision))
+    }
+}
+
+/// What the instance, router and DNS collectors read at scrape time.
+struct Sources {
+    node: String,
+    live: watch::Receiver<Arc<Live>>,
+    containers: StatsMap,
+    router: OnceLock<berth_net::http::Router>,
+    dns: OnceLock<berth_net::dns::DnsMetrics>,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources")
+            .field("node", &self.node)
+            .field("router", &self.router.get().is_some())
+            .field("dns", &self.dns.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Metrics, history and events of one server. Cheap to clone.
+#[derive(Clone)]
+pub struct Telemetry(Arc<Inner>);
+
+struct Inner {
+    registry: Registry,
+    sources: Arc<Sources>,
+    history: Arc<History>,
+    events: Arc<EventLog>,
+    store: Arc<dyn Store>,
+}
+
+impl Telemetry {
+    /// Wrap `store` so its operations are timed; the returned store is the
+    /// one the server should use everywhere.
+    pub fn metered_store(store: Arc<dyn Store>) -> (Arc<dyn Store>, StoreMetricsHandle) {
+        let metrics = StoreMetrics::new();
+        let handle = StoreMetricsHandle(metrics.clone());
+        (Arc::new(MeteredStore { inner: store, metrics }), handle)
+    }
+
+    /// The bundle for one server.
+    pub fn new(
+        node: String,
+        store: Arc<dyn Store>,
+        store_metrics: StoreMetricsHandle,
+        events: Arc<EventLog>,
+        live: watch::Receiver<Arc<Live>>,
+        containers: StatsMap,
+        history_interval: Duration,
+    ) -> Self {
+        let sources = Arc::new(Sources {
+            node,
+            live,
+            containers,
+            router: OnceLock::new(),
+            dns: OnceLock::new(),
+        });
+        let mut registry = Registry::default();
+        let b = registry.sub_registry_with_prefix("berth");
+        let sm = store_metrics.0;
+        b.register(
+            "store_operation_seconds",
+            "Latency of store operations, by operation",
+            sm.latency,
+        );
+        b.register(
+            "store_operation_errors",
+            "Store operations that failed, by operation",
+            sm.errors,
+        );
+        b.register(
+            "store_watch_batches",
+            "Watch batches (one per store revision) delivered to the server's watches",
+            sm.watch_batches,
+        );
+        b.register(
+            "reconcile_pass_seconds",
+            "Duration of one pass of a state-following loop (controller, catalog, traffic, events), by loop",
+            GLOBAL.passes.clone(),
+        );
+        b.register(
+            "reconcile_pass_errors",
+            "Passes of a state-following loop that failed, by loop",
+            GLOBAL.pass_errors.clone(),
+        );
+        b.register(
+            "events",
+            "Events recorded in the event log, by kind",
+            GLOBAL.events.clone(),
+        );
+        registry.register_collector(Box::new(ScrapeCollector(sources.clone())));
+        Self(Arc::new(Inner {
+            registry,
+            sources,
+            history: Arc::new(History::new(history_interval)),
+            events,
+            store,
+        }))
+    }
+
+    /// Export the router's counters (once it listens).
+    pub fn set_router(&self, router: berth_net::http::Router) {
+        let _ = self.0.sources.router.set(router);
+    }
+
+    /// Export the DNS server's counters (once it listens).
+    pub fn set_dns(&self, dns: berth_net::dns::DnsMetrics) {
+        let _ = self.0.sources.dns.set(dns);
+    }
+
+    /// The metrics in OpenMetrics text.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.0.registry)?;
+        Ok(out)
+    }
+
+    /// The in-memory history.
+    pub fn history(&self) -> &History {
+        &self.0.history
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &EventLog {
+        &self.0.events
+    }
+
+    /// The (metered) store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.0.store
+    }
+
+    /// Sample every [`crate::history::INTERVAL`] into the history until
+    /// `stop` turns true.
+    pub async fn sample_history(self, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.0.history.interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stop = std::pin::pin!(crate::stopped(stop));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = &mut stop => return Ok(()),
+            }
+            let sources = self.0.sources.clone();
+            let live = sources.live.borrow().clone();
+            // /proc reads are blocking file I/O.
+            let usage = tokio::task::spawn_blocking({
+                let live = live.clone();
+                let sources = sources.clone();
+                move || usage(&live, &sources.containers)
+            })
+            .await
+            .unwrap_or_default();
+            let samples: Vec<InstanceSample<'_>> = live
+                .statuses
+                .values()
+                .filter(|s| s.node == sources.node)
+                .map(|s| InstanceSample {
+                    status: s,
+                    usage: usage.get(&s.key).copied(),
+                })
+                .collect();
+            let mut requests = HashMap::new();
+            if let Some(router) = sources.router.get() {
+                for s in router.metrics().services {
+                    let id = s.service.clone();
+                    requests.insert(
+                        (id.namespace, id.stack, id.service),
+                        (s.requests(), s.requests_by_class[4]),
+                    );
+                }
+            }
+            self.0.history.record(crate::now_ms(), &samples, &requests);
+        }
+    }
+}
+
+/// The store timing of a [`MeteredStore`], registered by [`Telemetry::new`].
+#[derive(Clone)]
+pub struct StoreMetricsHandle(StoreMetrics);
+
+/// CPU and memory of this node's running instances.
+fn usage(live: &Live, containers: &StatsMap) -> HashMap<InstanceKey, Usage> {
+    let mut out = HashMap::new();
+    let stats = containers.snapshot();
+    let mut pids = Vec::new();
+    for (key, s) in &live.statuses {
+        if !matches!(s.state, InstanceState::Running | InstanceState::Stopping) {
+            continue;
+        }
+        if let Some(c) = stats.get(key) {
+            out.insert(
+                key.clone(),
+                Usage::Container {
+                    cpu_percent: c.cpu_percent,
+                    memory_bytes: c.memory_bytes,
+                },
+            );
+        } else if let Some(pid) = s.pid {
+            pids.push((key, pid));
+        }
+    }
+    let roots: Vec<u32> = pids.iter().map(|(_, p)| *p).collect();
+    let trees = metrics_proc::sample_trees(&roots);
+    for (key, pid) in pids {
+        if let Some(t) = trees.get(&pid) {
+            out.insert(
+                key.clone(),
+                Usage::Process {
+                    cpu_seconds: t.cpu_seconds,
+                    rss_bytes: t.rss_bytes,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The metrics computed at scrape time: instances, router, DNS, and the
+/// server process itself.
+#[derive(Debug)]
+struct ScrapeCollector(Arc<Sources>);
+
+type Labels = Vec<(&'static str, String)>;
+
+fn instance_labels(key: &InstanceKey, node: &str) -> Labels {
+    vec![
+        ("namespace", key.namespace.clone()),
+        ("stack", key.stack.clone()),
+        ("service", key.service.clone()),
+        ("instance", key.short()),
+        ("node", node.to_owned()),
+    ]
+}
+
+fn service_labels(id: &berth_net::http::ServiceId) -> Labels {
+    vec![
+        ("namespace", id.namespace.clone()),
+        ("stack", id.stack.clone()),
+        ("service", id.service.clone()),
+    ]
+}
+
+/// One metric family of constant values.
+fn family<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in rows {
+        v.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+const STATES: [InstanceState; 8] = [
+    InstanceState::Pending,
+    InstanceState::Starting,
+    InstanceState::Running,
+    InstanceState::Exited,
+    InstanceState::Backoff,
+    InstanceState::Failed,
+    InstanceState::Stopping,
+    InstanceState::Stopped,
+];
+
+impl Collector for ScrapeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let src = &self.0;
+        let live = src.live.borrow().clone();
+        let usage = usage(&live, &src.containers);
+        let rows = || live.statuses.values().filter(|s| s.node == src.node);
+
+        family(
+            &mut enc,
+            "berth_instance_state",
+            "1 for the instance's current state (pending, starting, running, exited, backoff, failed, stopping, stopped)",
+            MetricType::Gauge,
+            rows().flat_map(|s| {
+                STATES.iter().map(move |st| {
+                    let mut l = instance_labels(&s.key, &s.node);
+                    l.push(("state", st.to_string()));
+                    (l, ConstGauge::new(i64::from(s.state == *st)))
+                })
+            }),
+        )?;
+        family(
+            &mut enc,
+            "berth_instance_healthy",
+            "1 when the instance's health check passes (or it has none and runs), else 0",
+            MetricType::Gauge,
+            rows().map(|s| {
+                let ok = match s.health {
+                    berth_model::Health::Healthy => true,
+                    berth_model::Health::None => s.state == InstanceState::Running,
+                    _ => false,
+                };
+                (instance_labels(&s.key, &s.node), ConstGauge::new(i64::from(ok)))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "berth_instance_restarts",
+            "Restarts of the instance slot",
+            MetricType::Counter,
+            rows().map(|s| {
+                (
+                    instance_labels(&s.key, &s.node),
+                    ConstCounter::new(u64::from(s.restarts)),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "berth_instance_cpu_seconds",
+            "CPU seconds used by the instance's current run (processes: the whole process tree, from /proc)",
+            MetricType::Counter,
+            rows().filter_map(|s| match usage.get(&s.key) {
+                Some(Usage::Process { cpu_seconds, .. }) => Some((
+                    instance_labels(&s.key, &s.node),
+                    ConstCounter::new(*cpu_seconds),
+                )),
+                _ => None,
+            }),
+        )?;
+        family(
+            &mut enc,
+            "berth_instance_cpu_percent",
+            "CPU use of a container over the engine's last stats interval, in percent of one core",
+            MetricType::Gauge,
+            rows().filter_map(|s| match usage.get(&s.key) {
+                Some(Usage::Container { cpu_percent, .. }) => Some((
+                    instance_labels(&s.key, &s.node),
+                    ConstGauge::new(*cpu_percent),
+                )),
+                _ => None,
+            }),
+        )?;
+        family(
+            &mut enc,
+            "berth_instance_memory_bytes",
+            "Resident memory (processes: RSS of the tree; containers: usage without page cache)",
+            MetricType::Gauge,
+            rows().filter_map(|s| {
+                let bytes = match usage.get(&s.key)? {
+                    Usage::Process { rss_bytes, .. } => *rss_bytes,
+                    Usage::Container { memory_bytes, .. } => *memory_bytes,
+                };
+                Some((
+                    instance_labels(&s.key, &s.node),
+                    ConstGauge::new(bytes as i64),
+                ))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "berth_instance_last_exit_code",
+            "Exit code of the instance slot's last exit (absent when it never exited or was killed by a signal)",
+            MetricType::Gauge,
+            rows().filter_map(|s| {
+                let code = s.last_exit.as_ref()?.code?;
+                Some((
+                    instance_labels(&s.key, &s.node),
+                    ConstGauge::new(i64::from(code)),
+                ))
+            }),
+        )?;
+
+        let me = metrics_proc::own_usage();
+        family(
+            &mut enc,
+            "process_cpu_seconds",
+            "CPU seconds used by the berth server process (agent included)",
+            MetricType::Counter,
+            [(Labels::new(), ConstCounter::new(me.cpu_seconds))],
+        )?;
+        family(
+            &mut enc,
+            "process_resident_memory_bytes",
+            "Resident memory of the berth server process",
+            MetricType::Gauge,
+            [(Labels::new(), ConstGauge::new(me.rss_bytes as i64))],
+        )?;
+
+        if let Some(router) = src.router.get() {
+            encode_router(&mut enc, &router.metrics())?;
+        }
+        if let Some(dns) = src.dns.get() {
+            encode_dns(&mut enc, &dns.snapshot())?;
+        }
+        Ok(())
+    }
+}
+
+fn encode_router(
+    enc: &mut DescriptorEncoder<'_>,
+    m: &berth_net::http::RouterMetrics,
+) -> Result<(), std::fmt::Error> {
+    const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    family(
+        enc,
+        "berth_router_requests",
+        "Responses of the HTTP router, by service and status class",
+        MetricType::Counter,
+        m.services.iter().flat_map(|s| {
+            CLASSES.iter().enumerate().map(move |(i, class)| {
+                let mut l = service_labels(&s.service);
+                l.push(("code", (*class).to_owned()));
+                (l, ConstCounter::new(s.requests_by_class[i]))
+            })
+        }),
+    )?;
+    {
+        let mut h = enc.encode_descriptor(
+            "berth_router_request_seconds",
+            "Latency of requests through the HTTP router, by service",
+            None,
+            MetricType::Histogram,
+        )?;
+        for s in &m.services {
+            let labels = service_labels(&s.service);
+            let mut buckets: Vec<(f64, u64)> = berth_net::http::metrics::LATENCY_BUCKETS_US
+                .iter()
+                .zip(&s.latency_buckets)
+                .map(|(us, n)| (*us as f64 / 1e6, *n))
+                .collect();
+            buckets.push((
+                f64::INFINITY,
+                s.latency_buckets.last().copied().unwrap_or(0),
+            ));
+            h.encode_family(&labels)?.encode_histogram::<Labels>(
+                s.latency_sum_us as f64 / 1e6,
+                s.requests(),
+                &buckets,
+                None,
+            )?;
+        }
+    }
+    family(
+        enc,
+        "berth_router_in_flight_requests",
+        "Requests being proxied now, by service",
+        MetricType::Gauge,
+        m.services
+            .iter()
+            .map(|s| (service_labels(&s.service), ConstGauge::new(s.in_flight as i64))),
+    )?;
+    family(
+        enc,
+        "berth_router_ejections",
+        "Times the circuit breaker ejected an instance of the service",
+        MetricType::Counter,
+        m.services
+            .iter()
+            .map(|s| (service_labels(&s.service), ConstCounter::new(s.ejections))),
+    )?;
+    family(
+        enc,
+        "berth_router_ejected_instances",
+        "Instances of the service ejected by the circuit breaker now",
+        MetricType::Gauge,
+        m.services.iter().map(|s| {
+            (
+                service_labels(&s.service),
+                ConstGauge::new(s.instances_ejected as i64),
+            )
+        }),
+    )?;
+    family(
+        enc,
+        "berth_router_retries",
+        "Requests re-sent to another instance after a connect failure",
+        MetricType::Counter,
+        m.services
+            .iter()
+            .map(|s| (service_labels(&s.service), ConstCounter::new(s.retries))),
+    )?;
+    family(
+        enc,
+        "berth_router_active_connections",
+        "Client connections open on the HTTP router",
+        MetricType::Gauge,
+        [(Labels::new(), ConstGauge::new(m.connections_active as i64))],
+    )?;
+    family(
+        enc,
+        "berth_router_connections",
+        "Client connections accepted by the HTTP router",
+        MetricType::Counter,
+        [(Labels::new(), ConstCounter::new(m.connections_accepted))],
+    )?;
+    family(
+        enc,
+        "berth_router_no_route",
+        "Requests answered 404 because no route matched",
+        MetricType::Counter,
+        [(Labels::new(), ConstCounter::new(m.no_route))],
+    )
+}
+
+fn encode_dns(
+    enc: &mut DescriptorEncoder<'_>,
+    d: &berth_net::dns::DnsMetricsSnapshot,
+) -> Result<(), std::fmt::Error> {
+    let t = &d.by_type;
+    let r = &d.by_rcode;
+    let row = |k: &'static str, v: &str, n: u64| (vec![(k, v.to_owned())], ConstCounter::new(n));
+    family(
+        enc,
+        "berth_dns_queries",
+        "DNS queries received, by transport",
+        MetricType::Counter,
+        [
+            row("transport", "udp", d.udp_queries),
+            row("transport", "tcp", d.tcp_queries),
+        ],
+    )?;
+    family(
+        enc,
+        "berth_dns_queries_by_type",
+        "DNS queries by question type",
+        MetricType::Counter,
+        [
+            row("type", "A", t.a),
+            row("type", "AAAA", t.aaaa),
+            row("type", "SRV", t.srv),
+            row("type", "SOA", t.soa),
+            row("type", "ANY", t.any),
+            row("type", "other", t.other),
+        ],
+    )?;
+    family(
+        enc,
+        "berth_dns_responses",
+        "DNS replies by response code",
+        MetricType::Counter,
+        [
+            row("rcode", "NOERROR", r.noerror),
+            row("rcode", "FORMERR", r.formerr),
+            row("rcode", "NXDOMAIN", r.nxdomain),
+            row("rcode", "NOTIMP", r.notimp),
+            row("rcode", "REFUSED", r.refused),
+            row("rcode", "BADVERS", r.badvers),
+        ],
+    )?;
+    family(
+        enc,
+        "berth_dns_truncated",
+        "UDP replies cut short with the TC bit",
+        MetricType::Counter,
+        [(Labels::new(), ConstCounter::new(d.truncated))],
+    )?;
+    family(
+        enc,
+        "berth_dns_dropped",
+        "DNS messages dropped unanswered",
+        MetricType::Counter,
+        [(Labels::new(), ConstCounter::new(d.dropped))],
+    )
+}
