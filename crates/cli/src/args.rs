@@ -90,6 +90,12 @@ pub enum Command {
         after_help = "Example:\n  berth ps\n  berth ps -a --json | jq '.[] | select(.health != \"healthy\")'"
     )]
     Ps(PsArgs),
+    /// Show the discovery catalog: each service's instances (healthy or not),
+    /// routes, DNS names and published ports.
+    #[command(
+        after_help = "Example:\n  berth services\n  berth services web --json | jq '.[0].instances[] | select(.healthy)'"
+    )]
+    Services(CatalogArgs),
     /// Show past and live logs of a stack's services, merged in time order.
     #[command(
         after_help = "Example:\n  berth logs -f                # all services, follow\n  berth logs --tail 50 web     # last 50 lines of web\n  berth logs --since 10m worker"
@@ -259,6 +265,20 @@ pub struct PsArgs {
     pub all: bool,
 }
 
+/// `berth services`.
+#[derive(Debug, Args)]
+pub struct CatalogArgs {
+    /// Which stack.
+    #[command(flatten)]
+    pub stack: StackArgs,
+    /// Every stack of the namespace.
+    #[arg(short = 'a', long = "all-stacks")]
+    pub all: bool,
+    /// Only this service.
+    #[arg(value_name = "SERVICE")]
+    pub service: Option<String>,
+}
+
 /// `berth logs`.
 #[derive(Debug, Args)]
 pub struct LogsArgs {
@@ -382,6 +402,12 @@ pub struct ServerArgs {
     /// No DNS server.
     #[arg(long)]
     pub no_dns: bool,
+    /// Also serve the Consul-compatible API (KV, catalog, health, sessions,
+    /// agent) on this address, e.g. 127.0.0.1:8500, where Consul clients and
+    /// Prometheus's consul_sd look by default. Off unless given; the same
+    /// routes are always on the API listeners.
+    #[arg(long, value_name = "ADDR", env = "BERTH_CONSUL_LISTEN")]
+    pub consul_listen: Option<SocketAddr>,
     /// Where state lives: `embedded` (a file in the data dir) or
     /// `etcd://host:2379,host2:2379[/prefix]?ca=..&cert=..&key=..&user=..&password-file=..`.
     #[arg(

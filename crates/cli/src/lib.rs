@@ -41,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         match &cli.command {
             Command::Up(a) => cmd::up::run(&settings, a).await,
             Command::Ps(a) => cmd::ps::run(&settings, a).await,
+            Command::Services(a) => cmd::services::run(&settings, a).await,
             Command::Logs(a) => cmd::logs::run(&settings, a).await,
             Command::Stop(a) => cmd::actions::services(&settings, a, Action::Stop).await,
             Command::Start(a) => cmd::actions::services(&settings, a, Action::Start).await,

@@ -339,3 +339,35 @@ pub struct EnvRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub author: Option<String>,
 }
+
+/// One service of `GET /v1/services`: where discovery sends its traffic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceCatalog {
+    /// Namespace.
+    pub namespace: String,
+    /// Stack.
+    pub stack: String,
+    /// Service name.
+    pub service: String,
+    /// Every instance that has an address, healthy or not (`healthy` says
+    /// which ones the router, DNS and the Consul API hand out).
+    pub instances: Vec<crate::CatalogEntry>,
+    /// Router routes, `host` followed by the path prefix (`web.shop.localhost/`).
+    pub routes: Vec<String>,
+    /// DNS names answering for the service's healthy instances (fully
+    /// qualified, with the trailing dot).
+    pub dns: Vec<String>,
+    /// Published TCP ports (`127.0.0.1:5432`) forwarding to healthy instances.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<String>,
+}
+
+/// One target group of `GET /v1/sd/prometheus` (Prometheus `http_sd_configs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrometheusTargetGroup {
+    /// `host:port` of each target.
+    pub targets: Vec<String>,
+    /// Labels of the group (`__meta_berth_*`, dropped after relabelling
+    /// unless kept, plus `berth_*` target labels).
+    pub labels: BTreeMap<String, String>,
+}

@@ -62,6 +62,10 @@ pub struct ServerConfig {
     pub http: Option<SocketAddr>,
     /// DNS server address (`None`: no DNS).
     pub dns: Option<SocketAddr>,
+    /// Extra listener serving only the Consul-compatible API (`None`: none;
+    /// the subset is on the API listeners anyway). Usually 127.0.0.1:8500,
+    /// where Consul clients look by default.
+    pub consul: Option<SocketAddr>,
     /// Where state lives.
     pub store: StoreLocation,
     /// Size cap and rotation of the captured instance logs.
@@ -80,6 +84,7 @@ impl ServerConfig {
             node_id,
             http: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
             dns: Some(berth_net::dns::DEFAULT_ADDR),
+            consul: None,
             store: StoreLocation::Embedded,
             logs: berth_agent::LogConfig::default(),
             history_interval: history::INTERVAL,
@@ -319,6 +324,22 @@ pub async fn run(
             api::serve_tcp(listener, router, stopped(rx))
                 .await
                 .context("API listener")
+        });
+    }
+    if let Some(addr) = cfg.consul {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "binding the Consul API to {addr} (is Consul running? pick another with --consul-listen)"
+            )
+        })?;
+        let need_token = (!addr.ip().is_loopback()).then(|| token.clone());
+        let router = api::consul_router(ctx(need_token));
+        tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "Consul API listening");
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            api::serve_tcp(listener, router, stopped(rx))
+                .await
+                .context("Consul API listener")
         });
     }
     let info = ServerInfo {

@@ -29,6 +29,9 @@ use tokio::sync::watch;
 use crate::catalog;
 use crate::mirror::{Follower, Mirror};
 
+/// How many other instances the router tries when connecting fails.
+pub const ROUTER_RETRIES: u32 = 2;
+
 /// The router table for the current mirror.
 pub fn route_table(mirror: &Mirror) -> RouteTable {
     let mut routes = Vec::new();
@@ -65,6 +68,10 @@ pub fn route_table(mirror: &Mirror) -> RouteTable {
                 id,
                 ServiceBackends {
                     backends,
+                    // A connection refused by an instance that just stopped
+                    // (its removal from the table is in flight) is retried on
+                    // another one: bodiless idempotent requests only.
+                    retries: ROUTER_RETRIES,
                     ..ServiceBackends::default()
                 },
             );
@@ -74,7 +81,11 @@ pub fn route_table(mirror: &Mirror) -> RouteTable {
 }
 
 /// `(host, path_prefix)` pairs a service is reachable under.
-fn service_routes(record: &StackRecord, name: &str, service: &Service) -> Vec<(String, String)> {
+pub(crate) fn service_routes(
+    record: &StackRecord,
+    name: &str,
+    service: &Service,
+) -> Vec<(String, String)> {
     let mut out = vec![(
         format!("{name}.{}.{}.localhost", record.name, record.namespace).to_lowercase(),
         "/".to_owned(),

@@ -813,3 +813,133 @@ async fn python_consul_client_works_against_berth() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Debian's Prometheus has HTTP service discovery (`http_sd_configs`), so
+/// berth serves that shape at `/v1/sd/prometheus`: the real Prometheus
+/// discovers and scrapes berth's healthy instances, with berth's labels,
+/// and drops an instance whose check fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_http_sd_discovers_berths_instances() {
+    let prometheus = which("prometheus").expect(
+        "the `prometheus` binary is needed (Debian package `prometheus`; scripts/deps installs it)",
+    );
+    let h = Harness::start().await;
+    let p1 = metrics_target().await;
+    let p2 = metrics_target().await;
+    h.status("web", 1, p1, Health::Healthy).await;
+    h.status("web", 2, p2, Health::Healthy).await;
+    h.status("web", 3, free_port(), Health::Unhealthy).await;
+
+    // The endpoint itself: healthy instances only, one group each.
+    let groups = h.get("/v1/sd/prometheus?namespace=default").await.json();
+    let targets: Vec<&str> = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["targets"][0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        targets,
+        [format!("127.0.0.1:{p1}"), format!("127.0.0.1:{p2}")]
+    );
+    assert_eq!(groups[0]["labels"]["berth_service"], "web");
+    assert_eq!(groups[0]["labels"]["__meta_berth_meta_release"], "1");
+    assert_eq!(
+        h.get("/v1/sd/prometheus?namespace=staging").await.json(),
+        json!([])
+    );
+
+    let web_port = free_port();
+    let config = h.dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 500ms\n\
+             scrape_configs:\n  - job_name: berth\n    http_sd_configs:\n      - url: http://127.0.0.1:{}/v1/sd/prometheus\n        refresh_interval: 1s\n\
+             \x20   relabel_configs:\n      - source_labels: [__meta_berth_meta_release]\n        target_label: release\n",
+            h.addr.port()
+        ),
+    )
+    .unwrap();
+    let log_path = h.dir.path().join("prometheus.log");
+    let _child = Child(
+        std::process::Command::new(prometheus)
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                h.dir.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    // Prometheus's own view: both healthy instances scraped ("up"), with
+    // berth's labels and the relabelled release; the unhealthy one absent.
+    let want = vec![
+        (format!("127.0.0.1:{p1}"), "web.1".to_owned()),
+        (format!("127.0.0.1:{p2}"), "web.2".to_owned()),
+    ];
+    let up_targets = |v: &Value| -> Vec<(String, String)> {
+        let mut got: Vec<(String, String)> = v["data"]["activeTargets"]
+            .as_array()
+            .unwrap_or(&vec![])
+            .iter()
+            .filter(|t| {
+                t["health"] == "up"
+                    && t["labels"]["berth_service"] == "web"
+                    && t["labels"]["berth_stack"] == "shop"
+                    && t["labels"]["release"] == "1"
+            })
+            .map(|t| {
+                (
+                    t["labels"]["instance"].as_str().unwrap_or("").to_owned(),
+                    t["labels"]["berth_instance"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_owned(),
+                )
+            })
+            .collect();
+        got.sort();
+        got
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Value::Null;
+    loop {
+        if let Ok(v) = prom_targets(web_port).await {
+            if up_targets(&v) == want {
+                break;
+            }
+            last = v;
+        }
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not discover {want:?}; targets: {last}\nlog:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // A change in berth reaches Prometheus: web.2 fails its check.
+    h.status("web", 2, p2, Health::Unhealthy).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = prom_targets(web_port).await.unwrap_or(Value::Null);
+        let instances: Vec<&str> = v["data"]["activeTargets"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t["labels"]["instance"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if instances == [format!("127.0.0.1:{p1}").as_str()] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "web.2 still a target: {v}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

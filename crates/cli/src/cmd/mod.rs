@@ -19,6 +19,7 @@ pub mod kv;
 pub mod logs;
 pub mod ps;
 pub mod server;
+pub mod services;
 pub mod up;
 pub mod version;
 

@@ -14,6 +14,8 @@
 //! - [`logs`]: past and followed logs as an NDJSON stream.
 //! - [`metrics`]: `GET /metrics` (Prometheus) and the built-in history;
 //!   [`events`]: the event log as JSON pages or SSE.
+//! - [`services`]: the catalog per service (`berth services`) and the
+//!   Prometheus HTTP service-discovery endpoint.
 //! - [`kv`] and [`consul`]: the KV store (`/v1/kv/*`) and the
 //!   Consul-compatible subset (catalog, health, sessions, agent, status).
 //! - [`error`]: the one place errors become HTTP statuses.
@@ -45,6 +47,7 @@ pub mod kv;
 pub mod logs;
 pub mod metrics;
 pub mod releases;
+pub mod services;
 pub mod stacks;
 pub mod time;
 
@@ -169,6 +172,8 @@ fn build() -> Routes {
             "/v1/stacks/{ns}/{stack}/history",
             metrics::history,
         )
+        .add(Method::GET, "/v1/services", services::list)
+        .add(Method::GET, "/v1/sd/prometheus", services::prometheus)
         .then(consul::add_routes)
 }
 
@@ -179,9 +184,25 @@ pub fn routes() -> Vec<(Method, &'static str)> {
 
 /// The API router. When `ctx.token` is set, every request needs the token.
 pub fn router(ctx: ApiContext) -> Router {
+    with_auth(build().router, ctx)
+}
+
+/// Only the Consul-compatible subset (KV, catalog, health, sessions, agent,
+/// status), for the optional listener on Consul's own port
+/// (`berth server --consul-listen`), where Consul clients look by default.
+/// When `ctx.token` is set, requests need it as a bearer token or as
+/// `X-Consul-Token`, the header Consul clients send.
+pub fn consul_router(ctx: ApiContext) -> Router {
+    let r = Routes {
+        router: Router::new(),
+        table: Vec::new(),
+    };
+    with_auth(consul::add_routes(r).router, ctx)
+}
+
+fn with_auth(router: Router<ApiContext>, ctx: ApiContext) -> Router {
     let token = ctx.token.clone();
-    let router = build()
-        .router
+    let router = router
         .fallback(|| async {
             ApiError::NotFound("no such API route (see GET /v1/openapi.json)".into())
         })
@@ -200,7 +221,12 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token);
+        .and_then(bearer_token)
+        .or_else(|| {
+            req.headers()
+                .get("x-consul-token")
+                .and_then(|v| v.to_str().ok())
+        });
     match presented {
         Some(p) if constant_time_eq(p.as_bytes(), token.as_bytes()) => next.run(req).await,
         _ => ApiError::Unauthorized.into_response(),
