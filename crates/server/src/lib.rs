@@ -9,6 +9,7 @@
 //! - [`catalog`]: healthy instances, and the published-port table.
 //! - [`kv`]: the user KV store, sessions and locks (Consul's semantics).
 //! - [`mirror`]: the watched in-memory copy of state those loops react to.
+//! - [`join`]: the join token, node credentials, registrations and drain.
 //! - [`traffic`]: the HTTP router's table and the DNS zone, from the catalog.
 //! - [`run`]: opens the store, registers this node, starts the local agent,
 //!   the controller and the listeners, and stops them all on shutdown.
@@ -38,6 +39,7 @@ pub mod catalog;
 pub mod controller;
 pub mod desired;
 pub mod diff;
+pub mod join;
 pub mod kv;
 pub mod mirror;
 pub mod traffic;
@@ -59,6 +61,9 @@ pub struct ServerConfig {
     pub store: StoreLocation,
     /// Size cap and rotation of the captured instance logs.
     pub logs: berth_agent::LogConfig,
+    /// Run a local agent (this server is also a node that runs work);
+    /// `berth server --no-agent` turns it off.
+    pub run_agent: bool,
 }
 
 impl ServerConfig {
@@ -73,6 +78,7 @@ impl ServerConfig {
             dns: Some(berth_net::dns::DEFAULT_ADDR),
             store: StoreLocation::Embedded,
             logs: berth_agent::LogConfig::default(),
+            run_agent: true,
         }
     }
 }
@@ -168,42 +174,20 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
 
-    // This node's registration lives on a lease: if the server dies, the
-    // node record expires and (in a fleet) its work is rescheduled.
-    let lease = store.lease_grant(Duration::from_secs(10)).await?;
-    let node = Node {
-        id: cfg.node_id.clone(),
-        address: "127.0.0.1".to_owned(),
-        labels: Default::default(),
-        facts: local_facts(),
-        draining: false,
-        updated_at: now_ms(),
-    };
-    let node_key = keys::node(&cfg.node_id);
-    store
-        .put(&node_key, encode(&node_key, &node)?, lease)
-        .await?;
-    tasks.spawn(keep_lease_alive(store.clone(), lease, stop_rx.clone()));
+    // Agents on other machines join with this token (`berth token`).
+    let join_token = join::ensure_join_token(store.as_ref())
+        .await
+        .context("creating the join token")?;
+    write_private(&cfg.data_dir.join("join-token"), &join_token)?;
+    tracing::info!(
+        path = %cfg.data_dir.join("join-token").display(),
+        "join token for `berth agent --join URL --token T` (also: `berth token`)"
+    );
 
-    let agent_cfg = berth_agent::AgentConfig {
-        node_id: cfg.node_id.clone(),
-        data_dir: cfg.data_dir.clone(),
-        address: "127.0.0.1".to_owned(),
-        logs: cfg.logs.clone(),
-    };
-    let control = Arc::new(berth_agent::StoreControlPlane::with_lease(
-        store.clone(),
-        lease,
-    ));
-    {
-        let logs = logs.clone();
-        let rx = stop_rx.clone();
-        tasks.spawn(async move {
-            berth_agent::run(agent_cfg, control, logs, rx)
-                .await
-                .context("agent failed")
-        });
+    if cfg.run_agent {
+        start_local_agent(&cfg, &store, &logs, &mut tasks, &stop_rx).await?;
     }
+
     tasks.spawn(controller::run(
         store.clone(),
         stop_rx.clone(),
@@ -309,9 +293,69 @@ pub async fn run(
             }
         }
     }
-    let _ = store.lease_revoke(lease).await;
+    if cfg.run_agent
+        && let Ok(Some(kv)) = store.get(&keys::node(&cfg.node_id)).await
+        && kv.lease != 0
+    {
+        let _ = store.lease_revoke(kv.lease).await;
+    }
     let _ = fs::remove_file(cfg.data_dir.join("server.json"));
     result
+}
+
+/// Register this server's own node (on a lease: if the server dies, the
+/// node record expires and, in a fleet, its work is rescheduled) and run
+/// its agent straight on the store.
+async fn start_local_agent(
+    cfg: &ServerConfig,
+    store: &Arc<dyn Store>,
+    logs: &berth_agent::LogStore,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let lease = store.lease_grant(join::NODE_TTL).await?;
+    let node = Node {
+        id: cfg.node_id.clone(),
+        address: "127.0.0.1".to_owned(),
+        labels: Default::default(),
+        facts: berth_agent::facts::collect(&cfg.data_dir),
+        // `berth node drain` survives a server restart.
+        draining: store.get(&keys::node_drain(&cfg.node_id)).await?.is_some(),
+        updated_at: now_ms(),
+    };
+    let node_key = keys::node(&cfg.node_id);
+    store
+        .put(&node_key, encode(&node_key, &node)?, lease)
+        .await?;
+    tasks.spawn(keep_lease_alive(store.clone(), lease, stop_rx.clone()));
+
+    let agent_cfg = berth_agent::AgentConfig {
+        node_id: cfg.node_id.clone(),
+        data_dir: cfg.data_dir.clone(),
+        address: "127.0.0.1".to_owned(),
+        logs: cfg.logs.clone(),
+    };
+    let control = Arc::new(berth_agent::StoreControlPlane::with_lease(
+        store.clone(),
+        lease,
+    ));
+    let logs = logs.clone();
+    let rx = stop_rx.clone();
+    tasks.spawn(async move {
+        berth_agent::run(agent_cfg, control, logs, rx)
+            .await
+            .context("agent failed")
+    });
+    Ok(())
+}
+
+/// Write a secret file readable only by its owner.
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, format!("{content}\n"))
+        .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)))
+        .and_then(|()| fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The router is a convenience on one machine: if its port is taken (another
@@ -408,14 +452,4 @@ fn write_info(dir: &Path, info: &ServerInfo) -> anyhow::Result<()> {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
     fs::rename(&tmp, &path)?;
     Ok(())
-}
-
-fn local_facts() -> std::collections::BTreeMap<String, serde_json::Value> {
-    let mut facts = std::collections::BTreeMap::new();
-    facts.insert("arch".to_owned(), std::env::consts::ARCH.into());
-    facts.insert("os".to_owned(), std::env::consts::OS.into());
-    if let Ok(n) = std::thread::available_parallelism() {
-        facts.insert("cpus".to_owned(), n.get().into());
-    }
-    facts
 }

@@ -14,6 +14,9 @@
 //! - [`logs`]: past and followed logs as an NDJSON stream.
 //! - [`kv`] and [`consul`]: the KV store (`/v1/kv/*`) and the
 //!   Consul-compatible subset (catalog, health, sessions, agent, status).
+//! - [`nodes`]: `berth nodes`, drain / activate / remove, the join token.
+//! - [`agent`]: the agents' routes (`/v1/agent/…`), which take the join
+//!   token or a node's own credential instead of the admin token.
 //! - [`error`]: the one place errors become HTTP statuses.
 //! - [`serve_unix`], [`serve_tcp`]: listeners with graceful shutdown;
 //!   [`load_or_create_token`] and the bearer-token check for listeners that
@@ -35,11 +38,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use berth_store::Store;
 
+pub mod agent;
 pub mod consul;
 pub mod error;
 pub mod instances;
 pub mod kv;
 pub mod logs;
+pub mod nodes;
 pub mod releases;
 pub mod stacks;
 pub mod time;
@@ -157,31 +162,76 @@ fn build() -> Routes {
         )
         .add(Method::POST, "/v1/stacks/{ns}/{stack}/env", releases::env)
         .add(Method::GET, "/v1/instances", instances::list)
-        .add(Method::GET, "/v1/nodes", instances::nodes)
+        .add(Method::GET, "/v1/nodes", nodes::list)
+        .add(Method::POST, "/v1/nodes/{node}/drain", nodes::drain)
+        .add(Method::POST, "/v1/nodes/{node}/activate", nodes::activate)
+        .add(Method::DELETE, "/v1/nodes/{node}", nodes::remove)
+        .add(Method::GET, "/v1/join-token", nodes::join_token)
+        .add(
+            Method::POST,
+            "/v1/join-token/rotate",
+            nodes::rotate_join_token,
+        )
         .then(consul::add_routes)
+}
+
+/// The agents' routes: never behind the admin token (they check the join
+/// token or the node's credential themselves, on every listener).
+fn build_agent() -> Routes {
+    let r = Routes {
+        router: Router::new(),
+        table: Vec::new(),
+    };
+    r.add(Method::POST, "/v1/agent/join", agent::join_cluster)
+        .add(Method::PUT, "/v1/agent/nodes/{node}", agent::register)
+        .add(
+            Method::POST,
+            "/v1/agent/nodes/{node}/heartbeat",
+            agent::heartbeat,
+        )
+        .add(
+            Method::GET,
+            "/v1/agent/nodes/{node}/assignments",
+            agent::assignments,
+        )
+        .add(
+            Method::GET,
+            "/v1/agent/nodes/{node}/assignments/watch",
+            agent::watch,
+        )
+        .add(
+            Method::POST,
+            "/v1/agent/nodes/{node}/statuses",
+            agent::statuses,
+        )
+        .add(Method::POST, "/v1/agent/nodes/{node}/forget", agent::forget)
 }
 
 /// Every (method, path) the router serves, in axum's path syntax.
 pub fn routes() -> Vec<(Method, &'static str)> {
-    build().table
+    let mut table = build().table;
+    table.extend(build_agent().table);
+    table
 }
 
 /// The API router. When `ctx.token` is set, every request needs the token.
 pub fn router(ctx: ApiContext) -> Router {
     let token = ctx.token.clone();
+    let agent_routes = build_agent().router.with_state(ctx.clone());
     let router = build()
         .router
         .fallback(|| async {
             ApiError::NotFound("no such API route (see GET /v1/openapi.json)".into())
         })
         .with_state(ctx);
-    match token {
+    let admin = match token {
         Some(token) => router.layer(middleware::from_fn_with_state(
             Arc::new(token),
             require_token,
         )),
         None => router,
-    }
+    };
+    agent_routes.merge(admin)
 }
 
 async fn require_token(State(token): State<Arc<String>>, req: Request, next: Next) -> Response {
