@@ -17,6 +17,9 @@
 //! - [`logs`]: [`LogStore`], rotating per-instance log files and a live stream.
 //! - [`ports`]: free-port allocation for instances.
 //! - [`orphans`]: the agent id, and killing what a killed agent left behind.
+//! - [`facts`]: what the scheduler reads about a node (`node.facts.<name>`).
+//! - [`remote`]: `berth agent --join`: [`remote::ApiControlPlane`] over the
+//!   servers' HTTP API, joining, registration and heartbeats.
 //!
 //! ```no_run
 //! # async fn demo(store: std::sync::Arc<dyn berth_store::Store>) -> Result<(), Box<dyn std::error::Error>> {
@@ -40,10 +43,12 @@
 pub mod agent;
 pub mod control;
 pub mod driver;
+pub mod facts;
 pub mod health;
 pub mod logs;
 pub mod orphans;
 pub mod ports;
+pub mod remote;
 pub mod supervisor;
 
 pub use agent::{AgentConfig, AgentError, AgentOptions, run, run_with};

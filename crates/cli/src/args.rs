@@ -151,6 +151,24 @@ pub enum Command {
         after_help = "Example:\n  berth kv put app/config/db_url postgres://db/shop\n  berth kv get app/config/db_url\n  berth kv ls app/\n  berth kv watch app/ --prefix\n  berth kv del app/ --recurse"
     )]
     Kv(crate::cmd::kv::KvArgs),
+    /// Run an agent on this machine that joins a berth server (a fleet node).
+    #[command(
+        after_help = "Example:\n  berth agent --join http://10.0.0.1:7777 --token $(ssh server berth token) --label zone=east\n  berth agent --join http://10.0.0.1:7777 --node-id web-2 --data /var/lib/berth-agent\n\nThe token is needed once: the node's own credential is kept in the data dir."
+    )]
+    Agent(crate::cmd::agent::AgentArgs),
+    /// List the cluster's nodes with their state, labels and facts.
+    #[command(
+        after_help = "Example:\n  berth nodes\n  berth nodes --json | jq '.[] | {id, load: .facts.load_1m}'\n  berth nodes --format ansible > inventory.ini"
+    )]
+    Nodes(crate::cmd::nodes::NodesArgs),
+    /// Drain, activate or remove a node.
+    #[command(
+        after_help = "Example:\n  berth node drain web-2      # move its instances elsewhere, place nothing new\n  berth node activate web-2\n  berth node rm web-2         # revoke its credential, move its instances"
+    )]
+    Node(crate::cmd::node::NodeArgs),
+    /// Print the join token agents need (`berth agent --join URL --token T`).
+    #[command(after_help = "Example:\n  berth token\n  berth token --rotate")]
+    Token(crate::cmd::node::TokenArgs),
     /// Print the CLI's version (and the server's, when one answers).
     #[command(after_help = "Example:\n  berth version\n  berth version --json")]
     Version,
@@ -376,6 +394,10 @@ pub struct ServerArgs {
     /// Only the Unix socket, no TCP listener.
     #[arg(long, conflicts_with = "listen")]
     pub no_tcp: bool,
+    /// Do not run instances on this machine (a server of a fleet whose
+    /// work runs on joined agents).
+    #[arg(long)]
+    pub no_agent: bool,
     /// This node's id (default: the host name).
     #[arg(long, value_name = "ID")]
     pub node_id: Option<String>,

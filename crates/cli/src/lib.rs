@@ -54,6 +54,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Command::Rollback(a) => cmd::deploy::rollback(&settings, a).await,
             Command::Env(a) => cmd::deploy::env(&settings, a).await,
             Command::Server(a) => cmd::server::run(&settings, a).await,
+            Command::Agent(a) => cmd::agent::run(&settings, a).await,
+            Command::Nodes(a) => cmd::nodes::run(&settings, a).await,
+            Command::Node(a) => cmd::node::run(&settings, a).await,
+            Command::Token(a) => cmd::node::token(&settings, a).await,
             Command::Version => cmd::version::run(&settings).await,
             Command::Config(a) => cmd::config::run(&settings, a),
         }

@@ -371,3 +371,123 @@ pub struct PrometheusTargetGroup {
     /// unless kept, plus `berth_*` target labels).
     pub labels: BTreeMap<String, String>,
 }
+
+/// Whether a node is usable, as `berth nodes` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Its registration is alive and it takes new instances.
+    Up,
+    /// Alive, but `berth node drain` moves its instances off.
+    Draining,
+    /// Joined, but its registration expired (agent dead or unreachable).
+    Down,
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Up => "up",
+            Self::Draining => "draining",
+            Self::Down => "down",
+        })
+    }
+}
+
+/// One row of `GET /v1/nodes`: the node record (live, or the last one
+/// known for a node that is down) and its state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node as it registered (labels, facts, address).
+    #[serde(flatten)]
+    pub node: crate::Node,
+    /// Up, draining or down.
+    pub state: NodeState,
+    /// Instances assigned to it.
+    #[serde(default)]
+    pub instances: usize,
+    /// Whether it joined with a credential (false for a server's own node).
+    #[serde(default)]
+    pub joined: bool,
+}
+
+/// `GET /v1/join-token`, `POST /v1/join-token/rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenResponse {
+    /// The token agents pass to `berth agent --join URL --token T`.
+    pub token: String,
+}
+
+/// `POST /v1/nodes/{node}/drain|activate`, `DELETE /v1/nodes/{node}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeChangeResponse {
+    /// The node.
+    pub node: String,
+    /// What was done (`draining`, `active`, `removed`).
+    pub result: String,
+    /// Assignments removed (`rm`) or instances that will move (`drain`).
+    #[serde(default)]
+    pub instances: usize,
+}
+
+/// `POST /v1/agent/join`: exchange the join token for a node credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The node id to join as.
+    pub node: String,
+    /// The cluster's join token.
+    pub token: String,
+}
+
+/// Answer to [`JoinRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinResponse {
+    /// The node id.
+    pub node: String,
+    /// The node's secret: sent as `Authorization: Bearer <secret>` on
+    /// `/v1/agent/nodes/{node}/…`. The server keeps only its hash.
+    pub secret: String,
+}
+
+/// `PUT /v1/agent/nodes/{node}`: answer to a registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    /// Time to live of the node's registration without a heartbeat.
+    pub ttl_ms: u64,
+    /// Whether the node is draining (set by `berth node drain`).
+    pub draining: bool,
+}
+
+/// `GET /v1/agent/nodes/{node}/assignments`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssignmentList {
+    /// The node's assignments.
+    pub assignments: Vec<crate::Assignment>,
+    /// The store revision the listing is at (watch from the next one).
+    pub revision: i64,
+}
+
+/// One line of the NDJSON stream of
+/// `GET /v1/agent/nodes/{node}/assignments/watch?from=REV`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchLine {
+    /// An assignment was created or changed at `revision`.
+    Upsert {
+        /// Revision of the change.
+        revision: i64,
+        /// The assignment.
+        assignment: Box<crate::Assignment>,
+    },
+    /// An assignment was removed at `revision`.
+    Removed {
+        /// Revision of the change.
+        revision: i64,
+        /// The instance.
+        key: crate::InstanceKey,
+    },
+    /// History from the asked revision was compacted: list again.
+    Resync,
+    /// Nothing happened; sent periodically so a dead connection is noticed.
+    Progress,
+}

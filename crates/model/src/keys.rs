@@ -28,6 +28,24 @@ pub const SESSIONS: &str = "/berth/sessions/";
 pub const EXTERNAL: &str = "/berth/external/";
 /// Prefix of the event ring (bounded; oldest events are deleted).
 pub const EVENTS: &str = "/berth/events/";
+/// The cluster's join token (`berth agent --join URL --token T`).
+pub const JOIN_TOKEN: &str = "/berth/cluster/join-token";
+/// Prefix of joined nodes' credentials (hashed secrets; no lease: they
+/// outlive the node's registration until `berth node rm`).
+pub const NODE_CREDS: &str = "/berth/node-creds/";
+/// Prefix of drain marks (`berth node drain`; no lease, so a drained node
+/// stays drained across agent restarts).
+pub const NODE_DRAIN: &str = "/berth/drain/";
+
+/// `/berth/node-creds/<id>`
+pub fn node_cred(id: &str) -> String {
+    format!("{NODE_CREDS}{id}")
+}
+
+/// `/berth/drain/<id>`
+pub fn node_drain(id: &str) -> String {
+    format!("{NODE_DRAIN}{id}")
+}
 
 /// `/berth/kv/<ns>/<key>`: a user key (any text after the namespace,
 /// `/`-separated levels included).

@@ -9,6 +9,7 @@
 //! - [`catalog`]: healthy instances, and the published-port table.
 //! - [`kv`]: the user KV store, sessions and locks (Consul's semantics).
 //! - [`mirror`]: the watched in-memory copy of state those loops react to.
+//! - [`join`]: the join token, node credentials, registrations and drain.
 //! - [`traffic`]: the HTTP router's table and the DNS zone, from the catalog.
 //! - [`metrics`], [`history`], [`events`]: `GET /metrics`, the in-memory
 //!   history of instance resource use, and the event log derived from state
@@ -43,6 +44,7 @@ pub mod desired;
 pub mod diff;
 pub mod events;
 pub mod history;
+pub mod join;
 pub mod kv;
 pub mod metrics;
 pub mod metrics_proc;
@@ -72,6 +74,9 @@ pub struct ServerConfig {
     pub logs: berth_agent::LogConfig,
     /// Time between two samples of the built-in metrics history.
     pub history_interval: Duration,
+    /// Run a local agent (this server is also a node that runs work);
+    /// `berth server --no-agent` turns it off.
+    pub run_agent: bool,
 }
 
 impl ServerConfig {
@@ -88,6 +93,7 @@ impl ServerConfig {
             store: StoreLocation::Embedded,
             logs: berth_agent::LogConfig::default(),
             history_interval: history::INTERVAL,
+            run_agent: true,
         }
     }
 }
@@ -208,46 +214,20 @@ pub async fn run(
     }
     tasks.spawn(telemetry.clone().sample_history(stop_rx.clone()));
 
-    // This node's registration lives on a lease: if the server dies, the
-    // node record expires and (in a fleet) its work is rescheduled.
-    let lease = store.lease_grant(Duration::from_secs(10)).await?;
-    let node = Node {
-        id: cfg.node_id.clone(),
-        address: "127.0.0.1".to_owned(),
-        labels: Default::default(),
-        facts: local_facts(),
-        draining: false,
-        updated_at: now_ms(),
-    };
-    let node_key = keys::node(&cfg.node_id);
-    store
-        .put(&node_key, encode(&node_key, &node)?, lease)
-        .await?;
-    tasks.spawn(keep_lease_alive(store.clone(), lease, stop_rx.clone()));
+    // Agents on other machines join with this token (`berth token`).
+    let join_token = join::ensure_join_token(store.as_ref())
+        .await
+        .context("creating the join token")?;
+    write_private(&cfg.data_dir.join("join-token"), &join_token)?;
+    tracing::info!(
+        path = %cfg.data_dir.join("join-token").display(),
+        "join token for `berth agent --join URL --token T` (also: `berth token`)"
+    );
 
-    let agent_cfg = berth_agent::AgentConfig {
-        node_id: cfg.node_id.clone(),
-        data_dir: cfg.data_dir.clone(),
-        address: "127.0.0.1".to_owned(),
-        logs: cfg.logs.clone(),
-    };
-    let control = Arc::new(berth_agent::StoreControlPlane::with_lease(
-        store.clone(),
-        lease,
-    ));
-    {
-        let logs = logs.clone();
-        let rx = stop_rx.clone();
-        tasks.spawn(async move {
-            let options = berth_agent::AgentOptions {
-                container_stats,
-                ..Default::default()
-            };
-            berth_agent::run_with(agent_cfg, control, logs, rx, options)
-                .await
-                .context("agent failed")
-        });
+    if cfg.run_agent {
+        start_local_agent(&cfg, &store, &logs, &mut tasks, &stop_rx, container_stats).await?;
     }
+
     tasks.spawn(controller::run(
         store.clone(),
         stop_rx.clone(),
@@ -369,9 +349,74 @@ pub async fn run(
             }
         }
     }
-    let _ = store.lease_revoke(lease).await;
+    if cfg.run_agent
+        && let Ok(Some(kv)) = store.get(&keys::node(&cfg.node_id)).await
+        && kv.lease != 0
+    {
+        let _ = store.lease_revoke(kv.lease).await;
+    }
     let _ = fs::remove_file(cfg.data_dir.join("server.json"));
     result
+}
+
+/// Register this server's own node (on a lease: if the server dies, the
+/// node record expires and, in a fleet, its work is rescheduled) and run
+/// its agent straight on the store.
+async fn start_local_agent(
+    cfg: &ServerConfig,
+    store: &Arc<dyn Store>,
+    logs: &berth_agent::LogStore,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    stop_rx: &watch::Receiver<bool>,
+    container_stats: berth_agent::driver::docker::StatsMap,
+) -> anyhow::Result<()> {
+    let lease = store.lease_grant(join::NODE_TTL).await?;
+    let node = Node {
+        id: cfg.node_id.clone(),
+        address: "127.0.0.1".to_owned(),
+        labels: Default::default(),
+        facts: berth_agent::facts::collect(&cfg.data_dir),
+        // `berth node drain` survives a server restart.
+        draining: store.get(&keys::node_drain(&cfg.node_id)).await?.is_some(),
+        updated_at: now_ms(),
+    };
+    let node_key = keys::node(&cfg.node_id);
+    store
+        .put(&node_key, encode(&node_key, &node)?, lease)
+        .await?;
+    tasks.spawn(keep_lease_alive(store.clone(), lease, stop_rx.clone()));
+
+    let agent_cfg = berth_agent::AgentConfig {
+        node_id: cfg.node_id.clone(),
+        data_dir: cfg.data_dir.clone(),
+        address: "127.0.0.1".to_owned(),
+        logs: cfg.logs.clone(),
+    };
+    let control = Arc::new(berth_agent::StoreControlPlane::with_lease(
+        store.clone(),
+        lease,
+    ));
+    let logs = logs.clone();
+    let rx = stop_rx.clone();
+    tasks.spawn(async move {
+        let options = berth_agent::AgentOptions {
+            container_stats,
+            ..Default::default()
+        };
+        berth_agent::run_with(agent_cfg, control, logs, rx, options)
+            .await
+            .context("agent failed")
+    });
+    Ok(())
+}
+
+/// Write a secret file readable only by its owner.
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, format!("{content}\n"))
+        .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)))
+        .and_then(|()| fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The router is a convenience on one machine: if its port is taken (another
@@ -472,14 +517,4 @@ fn write_info(dir: &Path, info: &ServerInfo) -> anyhow::Result<()> {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
     fs::rename(&tmp, &path)?;
     Ok(())
-}
-
-fn local_facts() -> std::collections::BTreeMap<String, serde_json::Value> {
-    let mut facts = std::collections::BTreeMap::new();
-    facts.insert("arch".to_owned(), std::env::consts::ARCH.into());
-    facts.insert("os".to_owned(), std::env::consts::OS.into());
-    if let Ok(n) = std::thread::available_parallelism() {
-        facts.insert("cpus".to_owned(), n.get().into());
-    }
-    facts
 }

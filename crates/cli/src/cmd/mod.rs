@@ -13,10 +13,13 @@ use crate::exit::{self, Failure};
 use crate::resolve::stack_path;
 
 pub mod actions;
+pub mod agent;
 pub mod config;
 pub mod deploy;
 pub mod kv;
 pub mod logs;
+pub mod node;
+pub mod nodes;
 pub mod ps;
 pub mod server;
 pub mod services;

@@ -30,6 +30,7 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
     cfg.dns = (!args.no_dns).then_some(args.dns);
     cfg.consul = args.consul_listen;
     cfg.store = berth_server::StoreLocation::parse(&args.store)?;
+    cfg.run_agent = !args.no_agent;
     cfg.logs.max_file_bytes = args.log_max_file_size;
     cfg.logs.max_files = args.log_max_files;
     // A small cap splits long lines sooner rather than being refused.

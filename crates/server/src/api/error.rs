@@ -46,6 +46,9 @@ pub enum ApiError {
     /// The server could not do its own work (file system, …).
     #[error("{0}")]
     Internal(String),
+    /// A node's join, credential or registration was refused.
+    #[error(transparent)]
+    Node(#[from] crate::join::NodeAuthError),
 }
 
 impl ApiError {
@@ -133,6 +136,7 @@ impl ApiError {
             Self::Kv(KvError::Store(_)) => (StatusCode::INTERNAL_SERVER_ERROR, None),
             Self::BadRequest { hint, .. } => (StatusCode::BAD_REQUEST, hint.clone()),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
+            Self::Node(e) => e.classify(),
             Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 Some(

@@ -15,7 +15,7 @@ use axum::Json;
 use axum::extract::State;
 use berth_model::api::Instance;
 use berth_model::{
-    Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis, Node,
+    Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis,
     StackRecord, keys,
 };
 use berth_spec::types::DependencyCondition;
@@ -48,12 +48,6 @@ pub(crate) async fn list(
     ApiQuery(filter): ApiQuery<InstanceFilter>,
 ) -> Result<Json<Vec<Instance>>, ApiError> {
     Ok(Json(instances(&*ctx.store, &filter, now_ms()).await?))
-}
-
-pub(crate) async fn nodes(State(ctx): State<ApiContext>) -> Result<Json<Vec<Node>>, ApiError> {
-    let (kvs, _) = ctx.store.range(keys::NODES).await?;
-    let nodes = kvs.iter().map(decode).collect::<Result<Vec<Node>, _>>()?;
-    Ok(Json(nodes))
 }
 
 /// The instance rows matching `filter`, sorted by namespace, stack, service

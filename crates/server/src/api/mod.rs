@@ -18,6 +18,9 @@
 //!   Prometheus HTTP service-discovery endpoint.
 //! - [`kv`] and [`consul`]: the KV store (`/v1/kv/*`) and the
 //!   Consul-compatible subset (catalog, health, sessions, agent, status).
+//! - [`nodes`]: `berth nodes`, drain / activate / remove, the join token.
+//! - [`agent`]: the agents' routes (`/v1/agent/…`), which take the join
+//!   token or a node's own credential instead of the admin token.
 //! - [`error`]: the one place errors become HTTP statuses.
 //! - [`serve_unix`], [`serve_tcp`]: listeners with graceful shutdown;
 //!   [`load_or_create_token`] and the bearer-token check for listeners that
@@ -39,6 +42,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use berth_store::Store;
 
+pub mod agent;
 pub mod consul;
 pub mod error;
 pub mod events;
@@ -46,6 +50,7 @@ pub mod instances;
 pub mod kv;
 pub mod logs;
 pub mod metrics;
+pub mod nodes;
 pub mod releases;
 pub mod services;
 pub mod stacks;
@@ -164,7 +169,6 @@ fn build() -> Routes {
         )
         .add(Method::POST, "/v1/stacks/{ns}/{stack}/env", releases::env)
         .add(Method::GET, "/v1/instances", instances::list)
-        .add(Method::GET, "/v1/nodes", instances::nodes)
         .add(Method::GET, "/metrics", metrics::scrape)
         .add(Method::GET, "/v1/events", events::events)
         .add(
@@ -174,17 +178,64 @@ fn build() -> Routes {
         )
         .add(Method::GET, "/v1/services", services::list)
         .add(Method::GET, "/v1/sd/prometheus", services::prometheus)
+        .add(Method::GET, "/v1/nodes", nodes::list)
+        .add(Method::POST, "/v1/nodes/{node}/drain", nodes::drain)
+        .add(Method::POST, "/v1/nodes/{node}/activate", nodes::activate)
+        .add(Method::DELETE, "/v1/nodes/{node}", nodes::remove)
+        .add(Method::GET, "/v1/join-token", nodes::join_token)
+        .add(
+            Method::POST,
+            "/v1/join-token/rotate",
+            nodes::rotate_join_token,
+        )
         .then(consul::add_routes)
+}
+
+/// The agents' routes: never behind the admin token (they check the join
+/// token or the node's credential themselves, on every listener).
+fn build_agent() -> Routes {
+    let r = Routes {
+        router: Router::new(),
+        table: Vec::new(),
+    };
+    r.add(Method::POST, "/v1/agent/join", agent::join_cluster)
+        .add(Method::PUT, "/v1/agent/nodes/{node}", agent::register)
+        .add(
+            Method::POST,
+            "/v1/agent/nodes/{node}/heartbeat",
+            agent::heartbeat,
+        )
+        .add(
+            Method::GET,
+            "/v1/agent/nodes/{node}/assignments",
+            agent::assignments,
+        )
+        .add(
+            Method::GET,
+            "/v1/agent/nodes/{node}/assignments/watch",
+            agent::watch,
+        )
+        .add(
+            Method::POST,
+            "/v1/agent/nodes/{node}/statuses",
+            agent::statuses,
+        )
+        .add(Method::POST, "/v1/agent/nodes/{node}/forget", agent::forget)
 }
 
 /// Every (method, path) the router serves, in axum's path syntax.
 pub fn routes() -> Vec<(Method, &'static str)> {
-    build().table
+    let mut table = build().table;
+    table.extend(build_agent().table);
+    table
 }
 
 /// The API router. When `ctx.token` is set, every request needs the token.
 pub fn router(ctx: ApiContext) -> Router {
-    with_auth(build().router, ctx)
+    // Agents' routes take the join token or a node credential, not the
+    // admin token, so they sit outside the admin auth layer.
+    let agent_routes = build_agent().router.with_state(ctx.clone());
+    agent_routes.merge(with_auth(build().router, ctx))
 }
 
 /// Only the Consul-compatible subset (KV, catalog, health, sessions, agent,

@@ -123,6 +123,12 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
     let assigned: BTreeSet<&InstanceKey> =
         mirror.assignments.values().map(|(a, _)| &a.key).collect();
     let mut wanted_services: BTreeSet<(&str, &str, &str)> = BTreeSet::new();
+    let draining: BTreeSet<&str> = mirror
+        .nodes
+        .values()
+        .filter(|n| n.draining)
+        .map(|n| n.id.as_str())
+        .collect();
     let mut asks: Vec<(InstanceKey, &Service, &StackRecord)> = Vec::new();
 
     for (record, _) in mirror.stacks.values() {
@@ -169,6 +175,7 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
                 max_slot,
                 deps_met: dependencies_met(mirror, record, service),
                 now,
+                draining: &draining,
             };
             let svc = rollout::plan_service(&input, new_uid);
             for (key, assignment, expect) in svc.puts {

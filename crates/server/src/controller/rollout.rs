@@ -30,6 +30,8 @@
 //! status that still says "running" can never make the instance routable
 //! again. Instances that serve no traffic (not routable) skip the drain.
 
+use std::collections::BTreeSet;
+
 use berth_model::{
     Assignment, DesiredState, Health, InstanceState, InstanceStatus, Millis, RolloutState,
     StackRecord,
@@ -205,6 +207,10 @@ pub struct ServiceInput<'a> {
     pub deps_met: bool,
     /// The clock.
     pub now: Millis,
+    /// Nodes being drained (`berth node drain`): their instances count as
+    /// outdated, so they are replaced elsewhere the way a rolling update
+    /// replaces them (update order, parallelism, health).
+    pub draining: &'a BTreeSet<&'a str>,
 }
 
 /// A failed new instance.
@@ -303,7 +309,9 @@ pub fn plan_service(inp: &ServiceInput<'_>, new_uid: &mut dyn FnMut() -> String)
     }
 
     let is_current = |i: &Inst<'_>| {
-        i.a.restart_generation == inp.generation && same_template(&i.a.service, inp.spec)
+        i.a.restart_generation == inp.generation
+            && same_template(&i.a.service, inp.spec)
+            && !inp.draining.contains(i.a.node.as_str())
     };
     // Instances stopped by `berth stop`, now wanted again: nothing serves,
     // so they are restarted in place, on the new template if it changed.

@@ -1,0 +1,880 @@
+//! An agent on another machine: it talks to the servers' HTTP API only,
+//! never to the store.
+//!
+//! - [`ApiControlPlane`] implements [`ControlPlane`] over
+//!   `/v1/agent/nodes/{node}/…`: list assignments, follow them with an
+//!   NDJSON watch that resumes from the last revision seen after a broken
+//!   connection, and report or forget statuses.
+//! - [`run_remote`] is `berth agent --join`: it exchanges the join token for
+//!   a per-node secret (kept in the data dir, mode 0600), registers the node
+//!   (address, labels, [`crate::facts`]), keeps the registration alive with
+//!   heartbeats (the server holds a store lease per node, so a dead agent's
+//!   node and statuses expire), refreshes facts, and runs [`crate::run`]
+//!   with an [`ApiControlPlane`]. When the server says the credential is no
+//!   longer valid (`berth node rm`), every instance is stopped and the agent
+//!   exits: a removed node must not keep serving work that was moved away.
+//!
+//! Plain `http://` only: put a TLS-terminating proxy in front of the API
+//! when agents cross an untrusted network.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_model::api::{
+    AssignmentList, ErrorBody, JoinRequest, JoinResponse, RegisterResponse, WatchLine,
+};
+use berth_model::{Assignment, InstanceKey, InstanceStatus, Node};
+use berth_store::Revision;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::control::{AssignmentEvent, AssignmentStream, ControlError, ControlPlane};
+use crate::logs::{LogConfig, LogStore};
+use crate::{AgentConfig, AgentError};
+
+/// Errors of a remote agent.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// `--join` is not an `http://host:port` URL.
+    #[error("--join {url:?}: {reason} (expected http://HOST:PORT of a berth server's API)")]
+    BadUrl {
+        /// What was given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The server cannot be reached.
+    #[error("cannot reach the berth server at {authority}: {message}")]
+    Unreachable {
+        /// `host:port`.
+        authority: String,
+        /// The I/O or HTTP error.
+        message: String,
+    },
+    /// The server refused a request.
+    #[error("the server refused {what} ({status}): {message}")]
+    Refused {
+        /// What was asked.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// The server's error (and hint).
+        message: String,
+    },
+    /// No credential in the data dir and no join token to get one.
+    #[error(
+        "no credential for node {node} in {dir} and no join token: pass --token (shown by `berth token` on a server)"
+    )]
+    NoCredential {
+        /// Node id.
+        node: String,
+        /// The data dir.
+        dir: PathBuf,
+    },
+    /// The node's credential was revoked (`berth node rm`).
+    #[error(
+        "node {node} was removed from the cluster (its credential is no longer accepted); its instances were stopped. Join again with --token to come back"
+    )]
+    Revoked {
+        /// Node id.
+        node: String,
+    },
+    /// The credential file cannot be read or written.
+    #[error("credential file {path}: {source}")]
+    Credential {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Another agent already uses this data dir.
+    #[error("another berth agent is running with data dir {0} (use another --data)")]
+    Locked(PathBuf),
+    /// The log store cannot be opened.
+    #[error(transparent)]
+    Logs(#[from] crate::logs::LogError),
+    /// The agent itself failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The agent's task panicked.
+    #[error("agent task failed: {0}")]
+    AgentTask(String),
+}
+
+/// An HTTP client of one server, authenticated as one node.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    authority: String,
+    node: String,
+    secret: Option<String>,
+}
+
+/// A non-2xx answer, or a transport failure (`status` 0).
+#[derive(Debug, Clone)]
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+}
+
+fn error_text(body: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => match b.hint {
+            Some(h) => format!("{} (hint: {h})", b.error),
+            None => b.error,
+        },
+        Err(_) => String::from_utf8_lossy(body).trim().to_owned(),
+    }
+}
+
+/// `http://host:port[/]` → `host:port`.
+pub fn parse_join_url(url: &str) -> Result<String, RemoteError> {
+    let bad = |reason: &str| RemoteError::BadUrl {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    if url.starts_with("https://") {
+        return Err(bad(
+            "https is not supported by the agent; use http:// (behind a TLS tunnel or on a private network)",
+        ));
+    }
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| bad("it must start with http://"))?;
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(bad("give only the scheme, host and port"));
+    }
+    if !authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        return Err(bad("the port is missing (e.g. http://10.0.0.1:7777)"));
+    }
+    Ok(authority.to_owned())
+}
+
+/// Path segment encoding for node ids (which berth keeps to `[A-Za-z0-9._-]`).
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl ApiClient {
+    /// A client of the server at `authority` (`host:port`) acting as `node`.
+    pub fn new(authority: String, node: String, secret: Option<String>) -> Self {
+        Self {
+            authority,
+            node,
+            secret,
+        }
+    }
+
+    fn node_path(&self, rest: &str) -> String {
+        format!("/v1/agent/nodes/{}{rest}", seg(&self.node))
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Response<Incoming>, String> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, self.authority.as_str());
+        if let Some(s) = &self.secret {
+            builder = builder.header(header::AUTHORIZATION, format!("Bearer {s}"));
+        }
+        let req = match body {
+            Some(b) => builder
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(b))),
+            None => builder.body(Full::new(Bytes::new())),
+        }
+        .map_err(|e| e.to_string())?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(self.authority.as_str()),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        sender.send_request(req).await.map_err(|e| e.to_string())
+    }
+
+    /// One request with a JSON body; the whole answer, within 30 s.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, String> {
+        let fut = async {
+            let resp = self.send(method, path, body).await?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok(Answer { status, body })
+        };
+        tokio::time::timeout(Duration::from_secs(30), fut)
+            .await
+            .map_err(|_| "the server did not answer within 30s".to_owned())?
+    }
+
+    async fn call_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T, RemoteError> {
+        let a =
+            self.call(method, path, body)
+                .await
+                .map_err(|message| RemoteError::Unreachable {
+                    authority: self.authority.clone(),
+                    message,
+                })?;
+        if !a.status.is_success() {
+            if a.status == StatusCode::UNAUTHORIZED && self.secret.is_some() {
+                return Err(RemoteError::Revoked {
+                    node: self.node.clone(),
+                });
+            }
+            return Err(RemoteError::Refused {
+                what: what.to_owned(),
+                status: a.status.as_u16(),
+                message: error_text(&a.body),
+            });
+        }
+        serde_json::from_slice(&a.body).map_err(|e| RemoteError::Refused {
+            what: what.to_owned(),
+            status: a.status.as_u16(),
+            message: format!("unexpected answer (version mismatch?): {e}"),
+        })
+    }
+
+    /// Exchange the join token for this node's secret.
+    pub async fn join(&self, token: &str) -> Result<JoinResponse, RemoteError> {
+        let body = serde_json::to_vec(&JoinRequest {
+            node: self.node.clone(),
+            token: token.to_owned(),
+        })
+        .map_err(|e| RemoteError::Refused {
+            what: "join".into(),
+            status: 0,
+            message: e.to_string(),
+        })?;
+        let anonymous = Self::new(self.authority.clone(), self.node.clone(), None);
+        anonymous
+            .call_json("the join token", Method::POST, "/v1/agent/join", Some(body))
+            .await
+    }
+
+    /// Register (or refresh) the node record.
+    pub async fn register(&self, node: &Node) -> Result<RegisterResponse, RemoteError> {
+        let body = serde_json::to_vec(node).map_err(|e| RemoteError::Refused {
+            what: "registration".into(),
+            status: 0,
+            message: e.to_string(),
+        })?;
+        self.call_json(
+            "the node registration",
+            Method::PUT,
+            &self.node_path(""),
+            Some(body),
+        )
+        .await
+    }
+
+    /// Keep the registration alive. `Ok(false)`: the server no longer has
+    /// it (expired): register again.
+    pub async fn heartbeat(&self) -> Result<bool, RemoteError> {
+        let a = self
+            .call(Method::POST, &self.node_path("/heartbeat"), None)
+            .await
+            .map_err(|message| RemoteError::Unreachable {
+                authority: self.authority.clone(),
+                message,
+            })?;
+        match a.status {
+            s if s.is_success() => Ok(true),
+            StatusCode::CONFLICT => Ok(false),
+            StatusCode::UNAUTHORIZED => Err(RemoteError::Revoked {
+                node: self.node.clone(),
+            }),
+            s => Err(RemoteError::Refused {
+                what: "the heartbeat".into(),
+                status: s.as_u16(),
+                message: error_text(&a.body),
+            }),
+        }
+    }
+}
+
+/// [`ControlPlane`] over the servers' HTTP API.
+#[derive(Debug, Clone)]
+pub struct ApiControlPlane {
+    client: ApiClient,
+}
+
+impl ApiControlPlane {
+    /// Use this authenticated client.
+    pub fn new(client: ApiClient) -> Self {
+        Self { client }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Unavailable(e.to_string())
+}
+
+async fn expect_ok(a: Result<Answer, String>) -> Result<Answer, ControlError> {
+    let a = a.map_err(unavailable)?;
+    if a.status.is_success() {
+        Ok(a)
+    } else {
+        Err(ControlError::Unavailable(format!(
+            "{}: {}",
+            a.status,
+            error_text(&a.body)
+        )))
+    }
+}
+
+/// How long a watch may stay silent: the server sends a progress line every
+/// few seconds, so silence means the connection is dead.
+const WATCH_SILENCE: Duration = Duration::from_secs(20);
+/// How long a broken watch keeps reconnecting before the agent is told
+/// (it then re-lists, which is also what it does after a compaction).
+const WATCH_RECONNECT_FOR: Duration = Duration::from_secs(15);
+
+/// A watch connection and what it has delivered.
+struct WatchState {
+    client: ApiClient,
+    /// Revision to resume from: the last one delivered (its events are
+    /// sent again after a reconnect — the agent applies them idempotently —
+    /// so a connection that broke in the middle of one transaction's events
+    /// loses none of them).
+    from: Revision,
+    body: Option<Incoming>,
+    buf: Vec<u8>,
+    broken_since: Option<tokio::time::Instant>,
+    ended: bool,
+}
+
+enum Next {
+    Line(WatchLine),
+    Broken(String),
+}
+
+impl WatchState {
+    async fn connect(&mut self) -> Result<(), String> {
+        let path = self
+            .client
+            .node_path(&format!("/assignments/watch?from={}", self.from));
+        let resp = self.client.send(Method::GET, &path, None).await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(format!("{status}: {}", error_text(&body)));
+        }
+        self.body = Some(resp.into_body());
+        self.buf.clear();
+        Ok(())
+    }
+
+    async fn next_line(&mut self) -> Next {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return match serde_json::from_slice::<WatchLine>(&line) {
+                    Ok(l) => Next::Line(l),
+                    Err(e) => Next::Broken(format!("bad watch line from the server: {e}")),
+                };
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Next::Broken("not connected".into());
+            };
+            match tokio::time::timeout(WATCH_SILENCE, body.frame()).await {
+                Err(_) => return Next::Broken("the watch went silent".into()),
+                Ok(None) => return Next::Broken("the server ended the watch".into()),
+                Ok(Some(Err(e))) => return Next::Broken(e.to_string()),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next event, reconnecting from `self.from` while the server is
+    /// briefly unreachable.
+    async fn next_event(&mut self) -> Option<Result<AssignmentEvent, ControlError>> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            if self.body.is_none() {
+                match self.connect().await {
+                    Ok(()) => self.broken_since = None,
+                    Err(e) => {
+                        let since = *self
+                            .broken_since
+                            .get_or_insert_with(tokio::time::Instant::now);
+                        if since.elapsed() > WATCH_RECONNECT_FOR {
+                            self.ended = true;
+                            return Some(Err(ControlError::Unavailable(format!(
+                                "assignment watch: {e}"
+                            ))));
+                        }
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+            }
+            match self.next_line().await {
+                Next::Line(WatchLine::Upsert {
+                    revision,
+                    assignment,
+                }) => {
+                    self.from = revision;
+                    return Some(Ok(AssignmentEvent::Upsert(assignment)));
+                }
+                Next::Line(WatchLine::Removed { revision, key }) => {
+                    self.from = revision;
+                    return Some(Ok(AssignmentEvent::Removed(key)));
+                }
+                Next::Line(WatchLine::Resync) => {
+                    self.ended = true;
+                    return Some(Ok(AssignmentEvent::Resync));
+                }
+                Next::Line(WatchLine::Progress) => {}
+                Next::Broken(e) => {
+                    tracing::info!(error = %e, from = self.from, "assignment watch broke; resuming");
+                    self.body = None;
+                    self.broken_since
+                        .get_or_insert_with(tokio::time::Instant::now);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ControlPlane for ApiControlPlane {
+    async fn list_assignments(
+        &self,
+        node: &str,
+    ) -> Result<(Vec<Assignment>, Revision), ControlError> {
+        if node != self.client.node {
+            return Err(unavailable(format!(
+                "this agent is node {}, not {node}",
+                self.client.node
+            )));
+        }
+        let a = expect_ok(
+            self.client
+                .call(Method::GET, &self.client.node_path("/assignments"), None)
+                .await,
+        )
+        .await?;
+        let list: AssignmentList = serde_json::from_slice(&a.body).map_err(unavailable)?;
+        Ok((list.assignments, list.revision))
+    }
+
+    async fn watch_assignments(
+        &self,
+        node: &str,
+        from: Revision,
+    ) -> Result<AssignmentStream, ControlError> {
+        if node != self.client.node {
+            return Err(unavailable(format!(
+                "this agent is node {}, not {node}",
+                self.client.node
+            )));
+        }
+        let mut state = WatchState {
+            client: self.client.clone(),
+            from,
+            body: None,
+            buf: Vec::new(),
+            broken_since: None,
+            ended: false,
+        };
+        // The first connection is made here so a refused watch is an error
+        // of this call, as with the store.
+        state.connect().await.map_err(unavailable)?;
+        let stream = futures::stream::unfold(state, |mut st| async move {
+            st.next_event().await.map(|ev| (ev, st))
+        });
+        Ok(stream.boxed())
+    }
+
+    async fn report(&self, status: &InstanceStatus) -> Result<(), ControlError> {
+        self.report_many(std::slice::from_ref(status)).await
+    }
+
+    async fn report_many(&self, statuses: &[InstanceStatus]) -> Result<(), ControlError> {
+        if statuses.is_empty() {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(statuses).map_err(unavailable)?;
+        expect_ok(
+            self.client
+                .call(
+                    Method::POST,
+                    &self.client.node_path("/statuses"),
+                    Some(body),
+                )
+                .await,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn forget(&self, key: &InstanceKey) -> Result<(), ControlError> {
+        let body = serde_json::to_vec(key).map_err(unavailable)?;
+        expect_ok(
+            self.client
+                .call(Method::POST, &self.client.node_path("/forget"), Some(body))
+                .await,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// What the agent keeps in its data dir after joining (`credential.json`,
+/// mode 0600).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credential {
+    /// The server it joined (`host:port`).
+    pub server: String,
+    /// The node id it joined as.
+    pub node: String,
+    /// The node's secret.
+    pub secret: String,
+}
+
+/// Name of the credential file in the agent's data dir.
+pub const CREDENTIAL_FILE: &str = "credential.json";
+
+fn load_credential(dir: &Path, node: &str) -> Result<Option<Credential>, RemoteError> {
+    let path = dir.join(CREDENTIAL_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<Credential>(&bytes) {
+            Ok(c) if c.node == node => Ok(Some(c)),
+            // Another node id, or a damaged file: join afresh.
+            _ => Ok(None),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(RemoteError::Credential { path, source }),
+    }
+}
+
+fn save_credential(dir: &Path, c: &Credential) -> Result<(), RemoteError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(CREDENTIAL_FILE);
+    let tmp = dir.join("credential.json.tmp");
+    let err = |source| RemoteError::Credential {
+        path: path.clone(),
+        source,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    let bytes = serde_json::to_vec_pretty(c).map_err(|e| err(std::io::Error::other(e)))?;
+    f.write_all(&bytes).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)
+}
+
+/// How `berth agent --join` runs.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// `http://host:port` of a server.
+    pub join: String,
+    /// The join token (needed the first time, or after `berth node rm`).
+    pub token: Option<String>,
+    /// Node id.
+    pub node_id: String,
+    /// Static labels.
+    pub labels: BTreeMap<String, String>,
+    /// Address other nodes reach this node's instances on; `None`: the
+    /// local address of the route to the server.
+    pub advertise: Option<String>,
+    /// Data dir (credential, logs, working files).
+    pub data_dir: PathBuf,
+    /// Log file limits.
+    pub logs: LogConfig,
+    /// How often facts are refreshed.
+    pub facts_every: Duration,
+}
+
+/// The local address packets to `authority` leave from: what other nodes
+/// most likely reach this one on. No packet is sent (UDP connect only).
+pub async fn route_address(authority: &str) -> Option<String> {
+    let target = tokio::net::lookup_host(authority).await.ok()?.next()?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let sock = std::net::UdpSocket::bind(bind).ok()?;
+    sock.connect(target).ok()?;
+    Some(sock.local_addr().ok()?.ip().to_string())
+}
+
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, RemoteError> {
+    let path = dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| RemoteError::Credential {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| RemoteError::Locked(dir.to_path_buf()))
+}
+
+/// The credential for this node: the stored one, or a new one from the
+/// join token.
+async fn credential(cfg: &RemoteConfig, authority: &str) -> Result<Credential, RemoteError> {
+    if let Some(c) = load_credential(&cfg.data_dir, &cfg.node_id)? {
+        return Ok(c);
+    }
+    let Some(token) = &cfg.token else {
+        return Err(RemoteError::NoCredential {
+            node: cfg.node_id.clone(),
+            dir: cfg.data_dir.clone(),
+        });
+    };
+    let joined = ApiClient::new(authority.to_owned(), cfg.node_id.clone(), None)
+        .join(token)
+        .await?;
+    let c = Credential {
+        server: authority.to_owned(),
+        node: joined.node,
+        secret: joined.secret,
+    };
+    save_credential(&cfg.data_dir, &c)?;
+    tracing::info!(node = %c.node, server = %authority, "joined the cluster");
+    Ok(c)
+}
+
+/// Run a remote agent until `shutdown` turns true, or its node is removed.
+pub async fn run_remote(
+    cfg: RemoteConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RemoteError> {
+    let authority = parse_join_url(&cfg.join)?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| {
+        RemoteError::Agent(AgentError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })
+    })?;
+    let _lock = lock_dir(&cfg.data_dir)?;
+    let address = match &cfg.advertise {
+        Some(a) => a.clone(),
+        None => route_address(&authority)
+            .await
+            .unwrap_or_else(|| "127.0.0.1".to_owned()),
+    };
+
+    // Join (or reuse the stored credential), then register; a stored
+    // credential the server refuses is replaced once if a token was given.
+    let mut cred = credential(&cfg, &authority).await?;
+    let node_record = |facts| Node {
+        id: cfg.node_id.clone(),
+        address: address.clone(),
+        labels: cfg.labels.clone(),
+        facts,
+        draining: false,
+        updated_at: crate::now_ms(),
+    };
+    let mut client = ApiClient::new(
+        authority.clone(),
+        cred.node.clone(),
+        Some(cred.secret.clone()),
+    );
+    let mut rejoined = false;
+    let registered = loop {
+        match client
+            .register(&node_record(crate::facts::collect(&cfg.data_dir)))
+            .await
+        {
+            Ok(r) => break r,
+            Err(RemoteError::Revoked { .. }) if cfg.token.is_some() && !rejoined => {
+                let _ = std::fs::remove_file(cfg.data_dir.join(CREDENTIAL_FILE));
+                cred = credential(&cfg, &authority).await?;
+                rejoined = true;
+                client = ApiClient::new(
+                    authority.clone(),
+                    cred.node.clone(),
+                    Some(cred.secret.clone()),
+                );
+            }
+            Err(e @ RemoteError::Unreachable { .. }) => {
+                tracing::warn!(error = %e, "cannot register; retrying");
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return Ok(()),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    tracing::info!(node = %cfg.node_id, %address, server = %authority, "node registered");
+
+    let logs = LogStore::open(cfg.data_dir.join("logs"), cfg.logs.clone())?;
+    let (agent_stop, agent_rx) = watch::channel(false);
+    let agent_cfg = AgentConfig {
+        node_id: cfg.node_id.clone(),
+        data_dir: cfg.data_dir.clone(),
+        address: address.clone(),
+        logs: cfg.logs.clone(),
+    };
+    let control = Arc::new(ApiControlPlane::new(client.clone()));
+    let mut agent = tokio::spawn(crate::run(agent_cfg, control, logs, agent_rx));
+
+    let beat_every = Duration::from_millis((registered.ttl_ms / 4).clamp(500, 5_000));
+    let mut beat = tokio::time::interval(beat_every);
+    let mut facts = tokio::time::interval(cfg.facts_every);
+    facts.tick().await;
+    let mut outcome: Result<(), RemoteError> = Ok(());
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => break,
+            res = &mut agent => {
+                // The agent only returns on shutdown or a fatal error.
+                return match res {
+                    Ok(r) => r.map_err(RemoteError::from),
+                    Err(e) => Err(RemoteError::AgentTask(e.to_string())),
+                };
+            }
+            _ = beat.tick() => match client.heartbeat().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("registration expired on the server; registering again");
+                    if let Err(e) = client.register(&node_record(crate::facts::collect(&cfg.data_dir))).await {
+                        tracing::warn!(error = %e, "cannot register again; retrying");
+                        if matches!(e, RemoteError::Revoked { .. }) {
+                            outcome = Err(e);
+                            break;
+                        }
+                    }
+                }
+                Err(e @ RemoteError::Revoked { .. }) => {
+                    outcome = Err(e);
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
+            },
+            _ = facts.tick() => {
+                let dir = cfg.data_dir.clone();
+                let f = tokio::task::spawn_blocking(move || crate::facts::collect(&dir)).await.unwrap_or_default();
+                match client.register(&node_record(f)).await {
+                    Ok(_) => {}
+                    Err(e @ RemoteError::Revoked { .. }) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot refresh facts; retrying"),
+                }
+            }
+        }
+    }
+    if let Err(RemoteError::Revoked { .. }) = &outcome {
+        // The credential is worthless now: the next start must join again.
+        let _ = std::fs::remove_file(cfg.data_dir.join(CREDENTIAL_FILE));
+        tracing::error!(node = %cfg.node_id, "node removed from the cluster: stopping its instances");
+    }
+    agent_stop.send_replace(true);
+    match agent.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "agent failed while stopping"),
+        Err(e) => tracing::error!(error = %e, "agent task failed while stopping"),
+        Ok(Ok(())) => {}
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_urls() {
+        assert_eq!(
+            parse_join_url("http://10.0.0.1:7777").unwrap(),
+            "10.0.0.1:7777"
+        );
+        assert_eq!(parse_join_url("http://h:1/").unwrap(), "h:1");
+        assert!(parse_join_url("https://h:1").is_err());
+        assert!(parse_join_url("h:1").is_err());
+        assert!(parse_join_url("http://h").is_err());
+        assert!(parse_join_url("http://h:1/v1").is_err());
+    }
+
+    #[test]
+    fn watch_lines_round_trip() {
+        let l = WatchLine::Removed {
+            revision: 7,
+            key: InstanceKey {
+                namespace: "default".into(),
+                stack: "s".into(),
+                service: "web".into(),
+                slot: 2,
+            },
+        };
+        let text = serde_json::to_string(&l).unwrap();
+        assert!(text.contains("\"type\":\"removed\""), "{text}");
+        assert_eq!(serde_json::from_str::<WatchLine>(&text).unwrap(), l);
+    }
+}

@@ -1,0 +1,141 @@
+//! `berth agent --join URL`: this machine becomes a node of a fleet.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::exit::{self, Failure};
+use crate::settings::Settings;
+
+/// `berth agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// API of a berth server (`http://HOST:PORT`, as given to `berth server --listen`).
+    #[arg(long, value_name = "URL", env = "BERTH_JOIN")]
+    pub join: String,
+    /// The join token (`berth token` on a server). Needed the first time
+    /// only: the node's own credential is then kept in the data dir.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "BERTH_JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// A node label for placement constraints (`node.labels.K == V`); repeatable.
+    #[arg(long = "label", value_name = "K=V", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Where this agent keeps its credential, logs and working files
+    /// (default: `<data-dir>/agent-<node-id>`).
+    #[arg(long = "data", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// This node's id (default: the host name).
+    #[arg(long, value_name = "ID")]
+    pub node_id: Option<String>,
+    /// The IP other nodes reach this node's instances on (default: the local
+    /// address of the route to the server).
+    #[arg(long, value_name = "IP")]
+    pub advertise: Option<std::net::IpAddr>,
+    /// How often facts (load, memory, disk…) are refreshed.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = crate::args::parse_duration)]
+    pub facts_every: Duration,
+}
+
+/// `zone=east` → (`zone`, `east`).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE (e.g. zone=east)"))?;
+    let ok = |x: &str| {
+        !x.is_empty()
+            && x.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/'))
+    };
+    if !ok(k) || !(v.is_empty() || ok(v)) {
+        return Err(format!(
+            "{s:?}: label keys and values may hold letters, digits, '.', '_', '-' and '/' (e.g. zone=east)"
+        ));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// Run until SIGINT or SIGTERM (then stop every instance), or until the
+/// node is removed from the cluster.
+pub async fn run(settings: &Settings, args: &AgentArgs) -> anyhow::Result<u8> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(berth_server::default_node_id);
+    if !berth_server::join::valid_node_id(&node_id) {
+        return Err(Failure::with_code(
+            exit::BAD_INPUT,
+            format!(
+                "--node-id {node_id:?}: node ids are 1–63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            ),
+        ));
+    }
+    berth_agent::remote::parse_join_url(&args.join)
+        .map_err(|e| Failure::with_code(exit::BAD_INPUT, e.to_string()))?;
+    let data_dir = args
+        .data
+        .clone()
+        .unwrap_or_else(|| settings.data_dir.join(format!("agent-{node_id}")));
+    let data_dir = std::path::absolute(&data_dir).unwrap_or(data_dir);
+    let cfg = berth_agent::remote::RemoteConfig {
+        join: args.join.clone(),
+        token: args.token.clone(),
+        node_id,
+        labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+        advertise: args.advertise.map(|a| a.to_string()),
+        data_dir,
+        logs: berth_agent::LogConfig::default(),
+        facts_every: args.facts_every,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down: stopping instances");
+        stop_tx.send_replace(true);
+    });
+    match berth_agent::remote::run_remote(cfg, stop_rx).await {
+        Ok(()) => Ok(exit::OK),
+        Err(e @ berth_agent::remote::RemoteError::BadUrl { .. }) => {
+            Err(Failure::with_code(exit::BAD_INPUT, e.to_string()))
+        }
+        Err(e @ berth_agent::remote::RemoteError::Unreachable { .. }) => {
+            Err(Failure::with_code(exit::NO_SERVER, e.to_string()))
+        }
+        Err(e) => Err(Failure::with_code(exit::GENERIC, e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels() {
+        assert_eq!(
+            parse_label("zone=east").unwrap(),
+            ("zone".into(), "east".into())
+        );
+        assert_eq!(parse_label("gpu=").unwrap(), ("gpu".into(), String::new()));
+        assert!(parse_label("zone").is_err());
+        assert!(parse_label("=east").is_err());
+        assert!(parse_label("zone=a b").is_err());
+    }
+}

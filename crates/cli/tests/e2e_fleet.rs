@@ -1,0 +1,355 @@
+//! A fleet on one machine: a `berth server --no-agent` and two
+//! `berth agent --join` processes (own node ids and data dirs), all real.
+//!
+//! Covers: joining with the token, placement spread over the agents,
+//! health and routing to agents' instances, `berth nodes` with facts and
+//! as an Ansible inventory, drain / activate, a `kill -9`ed agent going
+//! down after the lease TTL, and credentials: none, another node's, a
+//! removed node's.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+struct Agent {
+    node: String,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id() as i32, "TERM");
+            for _ in 0..200 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Agent {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn secret(&self) -> String {
+        let c: Value = serde_json::from_slice(
+            &std::fs::read(self.dir.path().join("state/credential.json")).unwrap(),
+        )
+        .unwrap();
+        c["secret"].as_str().unwrap().to_owned()
+    }
+}
+
+fn start_agent(berth: &Berth, api: &str, token: &str, node: &str, label: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let state = dir.path().join("state");
+    let child = berth
+        .command(
+            dir.path(),
+            &[
+                "agent",
+                "--join",
+                &format!("http://{api}"),
+                "--token",
+                token,
+                "--node-id",
+                node,
+                "--data",
+                state.to_str().unwrap(),
+                "--label",
+                label,
+                "--facts-every",
+                "2s",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Agent {
+        node: node.to_owned(),
+        dir,
+        child,
+    }
+}
+
+/// One raw HTTP/1.1 request to the API; (status, body).
+fn api_request(api: &str, method: &str, path: &str, secret: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = secret.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {api}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+fn nodes(berth: &Berth, dir: &Path) -> Vec<Value> {
+    serde_json::from_str(&berth.ok(dir, &["nodes", "--json"])).unwrap()
+}
+
+fn node_state(nodes: &[Value], id: &str) -> String {
+    nodes
+        .iter()
+        .find(|n| n["id"] == id)
+        .map_or("absent".into(), |n| n["state"].as_str().unwrap().to_owned())
+}
+
+/// Healthy running instances of `web`, by node.
+fn placement(ps: &[Value]) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for i in instances(ps, "web") {
+        if i["state"] == "running" && i["health"] == "healthy" {
+            *m.entry(i["node"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+    }
+    m
+}
+
+#[test]
+fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
+    let mut berth = Berth::new();
+    let http = free_port();
+    let log = std::fs::File::create(berth.data.path().join("server.log")).unwrap();
+    let server = berth
+        .command(
+            berth.data.path(),
+            &[
+                "server",
+                "--no-agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--http",
+                &format!("127.0.0.1:{http}"),
+                "--no-dns",
+            ],
+        )
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    berth.servers.push(server);
+    let mut api = String::new();
+    wait_until("the server", Duration::from_secs(30), || {
+        let info: Value = serde_json::from_slice(
+            &std::fs::read(berth.data.path().join("server.json")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        api = info["tcp"][0].as_str().ok_or("no tcp")?.to_owned();
+        Ok(())
+    });
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+
+    // The token is in the data dir and `berth token` prints it.
+    let token = berth.ok(dir, &["token"]).trim().to_owned();
+    assert!(token.starts_with("berth-join-"), "{token}");
+    let file = std::fs::read_to_string(berth.data.path().join("join-token")).unwrap();
+    assert_eq!(file.trim(), token);
+
+    // Without the join token nothing is handed out.
+    let (status, _) = api_request(&api, "POST", "/v1/agent/join", None);
+    assert!(
+        status == 400 || status == 401,
+        "join without a body: {status}"
+    );
+
+    let a1 = start_agent(&berth, &api, &token, "n1", "zone=east");
+    let a2 = start_agent(&berth, &api, &token, "n2", "zone=west");
+    wait_until("both agents registered", Duration::from_secs(30), || {
+        let n = nodes(&berth, dir);
+        match (node_state(&n, "n1").as_str(), node_state(&n, "n2").as_str()) {
+            ("up", "up") => Ok(()),
+            other => Err(format!(
+                "{other:?}\nagent n1: {}\nagent n2: {}",
+                a1.log(),
+                a2.log()
+            )),
+        }
+    });
+    // The server itself runs no work: only the two agents are nodes.
+    let listed = nodes(&berth, dir);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    for n in &listed {
+        let f = &n["facts"];
+        assert!(f["cpus"].as_u64().unwrap() >= 1, "{n}");
+        assert!(f["memory_total"].as_u64().unwrap() > 0, "{n}");
+        assert!(f["load_1m"].as_f64().is_some(), "{n}");
+        assert!(f["disk_free"].as_u64().is_some(), "{n}");
+        assert!(f["kernel"].is_string() && f["docker"].is_boolean(), "{n}");
+        assert_eq!(n["address"], "127.0.0.1");
+        assert_eq!(n["joined"], true);
+    }
+    let inventory = berth.ok(dir, &["nodes", "--format", "ansible"]);
+    assert!(
+        inventory.contains("n1 ansible_host=127.0.0.1"),
+        "{inventory}"
+    );
+    assert!(inventory.contains("\n[zone_east]\nn1\n"), "{inventory}");
+    assert!(inventory.contains("\n[zone_west]\nn2\n"), "{inventory}");
+    let table = berth.ok(dir, &["nodes"]);
+    assert!(
+        table.starts_with("NODE") && table.contains("zone=east"),
+        "{table}"
+    );
+
+    // Four replicas, spread two and two, healthy, reachable through the router.
+    std::fs::write(dir.join("index.html"), "ok").unwrap();
+    std::fs::write(
+        dir.join("compose.yaml"),
+        concat!(
+            "services:\n",
+            "  web:\n",
+            "    command: [\"sh\", \"-c\", \"exec busybox httpd -f -p 127.0.0.1:$$PORT\"]\n",
+            "    ports: [\"8080\"]\n",
+            "    deploy: { replicas: 4 }\n",
+            "    x-berth:\n",
+            "      healthcheck: { http: /, interval: 1s, start_interval: 100ms }\n",
+        ),
+    )
+    .unwrap();
+    berth.ok(dir, &["up", "-d", "-p", "fleet"]);
+    wait_until(
+        "4 healthy instances, 2 per agent",
+        Duration::from_secs(60),
+        || {
+            let p = placement(&berth.ps(dir, "fleet"));
+            let want: std::collections::BTreeMap<String, usize> =
+                [("n1".to_owned(), 2), ("n2".to_owned(), 2)].into();
+            if p == want {
+                Ok(())
+            } else {
+                Err(format!("{p:?}"))
+            }
+        },
+    );
+    wait_until(
+        "the router serves the agents' instances",
+        Duration::from_secs(20),
+        || http_get_host(http, "web.fleet.localhost", "/").map(|_| ()),
+    );
+
+    // Credentials: none, another node's, and the node's own.
+    let (status, _) = api_request(&api, "GET", "/v1/agent/nodes/n2/assignments", None);
+    assert_eq!(status, 401);
+    let (status, _) = api_request(
+        &api,
+        "GET",
+        "/v1/agent/nodes/n2/assignments",
+        Some(&a1.secret()),
+    );
+    assert_eq!(status, 401, "n1's secret must not open n2's assignments");
+    let (status, body) = api_request(
+        &api,
+        "GET",
+        "/v1/agent/nodes/n2/assignments",
+        Some(&a2.secret()),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"node\":\"n2\"") && !body.contains("\"node\":\"n1\""),
+        "{body}"
+    );
+
+    // Drain n1: its instances are replaced on n2, then n1 takes work again.
+    let out = berth.ok(dir, &["node", "drain", "n1"]);
+    assert!(out.contains("draining"), "{out}");
+    wait_until("everything moved to n2", Duration::from_secs(60), || {
+        let ps = berth.ps(dir, "fleet");
+        let p = placement(&ps);
+        let on_n1 = instances(&ps, "web")
+            .iter()
+            .filter(|i| i["node"] == "n1")
+            .count();
+        if p.get("n2") == Some(&4) && on_n1 == 0 {
+            Ok(())
+        } else {
+            Err(format!("{p:?}, {on_n1} listed on n1"))
+        }
+    });
+    assert_eq!(node_state(&nodes(&berth, dir), "n1"), "draining");
+    berth.ok(dir, &["node", "activate", "n1"]);
+    assert_eq!(node_state(&nodes(&berth, dir), "n1"), "up");
+
+    // kill -9 the agent running everything, and its instances: its node
+    // goes down once the lease runs out, and its statuses with it.
+    let doomed: Vec<i32> = instances(&berth.ps(dir, "fleet"), "web")
+        .iter()
+        .filter(|i| i["node"] == "n2")
+        .filter_map(|i| i["pid"].as_i64().map(|p| p as i32))
+        .collect();
+    assert_eq!(doomed.len(), 4);
+    let mut a2 = a2;
+    signal(a2.child.id() as i32, "KILL");
+    for pid in &doomed {
+        signal(*pid, "KILL");
+    }
+    let _ = a2.child.wait();
+    wait_until(
+        "n2 down after its lease TTL",
+        Duration::from_secs(30),
+        || match node_state(&nodes(&berth, dir), "n2").as_str() {
+            "down" => Ok(()),
+            s => Err(s.to_owned()),
+        },
+    );
+
+    // Removing a node revokes its credential: its agent stops and exits,
+    // and the old secret opens nothing.
+    let secret1 = a1.secret();
+    let mut a1 = a1;
+    let out = berth.ok(dir, &["node", "rm", "n1"]);
+    assert!(out.contains("removed"), "{out}");
+    let (status, _) = api_request(
+        &api,
+        "GET",
+        "/v1/agent/nodes/n1/assignments",
+        Some(&secret1),
+    );
+    assert_eq!(status, 401);
+    let (status, _) = api_request(&api, "POST", "/v1/agent/nodes/n1/heartbeat", Some(&secret1));
+    assert_eq!(status, 401);
+    wait_until(
+        "the removed agent exits",
+        Duration::from_secs(30),
+        || match a1.child.try_wait().unwrap() {
+            Some(st) if !st.success() => Ok(()),
+            Some(st) => Err(format!("exited with {st}")),
+            None => Err("still running".into()),
+        },
+    );
+    assert!(
+        a1.log().contains("removed from the cluster"),
+        "{}",
+        a1.log()
+    );
+    assert_eq!(node_state(&nodes(&berth, dir), "n1"), "absent");
+    let _ = (&a1.node, &a2.node);
+}

@@ -1,0 +1,285 @@
+//! The agents' API (`/v1/agent/…`): joining, registration and heartbeats,
+//! the node's own assignments (listed and watched) and its statuses.
+//!
+//! These routes never take the admin token: `POST /v1/agent/join` takes
+//! the join token, and every `/v1/agent/nodes/{node}/…` route takes that
+//! node's own secret (see [`crate::join`]). A node can read only its own
+//! assignments and write only statuses of instances assigned to it (or
+//! that it reported before, while it stops them), whichever listener the
+//! request came through, loopback included.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use berth_model::api::{AssignmentList, JoinRequest, JoinResponse, RegisterResponse, WatchLine};
+use berth_model::{Assignment, InstanceKey, InstanceStatus, Node, keys};
+use berth_store::{Compare, Op, Revision, StoreError, Txn, WatchEvent, decode, encode};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+
+use super::{ApiContext, ApiError, ApiJson, ApiQuery, bearer_token, now_ms};
+use crate::join::{self, NodeAuthError, NodeCredential};
+
+/// How often an idle watch sends a progress line.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+fn secret(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer_token)
+}
+
+async fn auth(
+    ctx: &ApiContext,
+    node: &str,
+    headers: &HeaderMap,
+) -> Result<NodeCredential, ApiError> {
+    Ok(join::authenticate(ctx.store.as_ref(), node, secret(headers)).await?)
+}
+
+/// `POST /v1/agent/join`.
+pub(crate) async fn join_cluster(
+    State(ctx): State<ApiContext>,
+    ApiJson(req): ApiJson<JoinRequest>,
+) -> Result<axum::Json<JoinResponse>, ApiError> {
+    Ok(axum::Json(
+        join::join(ctx.store.as_ref(), &req.node, &req.token, now_ms()).await?,
+    ))
+}
+
+/// `PUT /v1/agent/nodes/{node}`: register or refresh the node record.
+pub(crate) async fn register(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    ApiJson(record): ApiJson<Node>,
+) -> Result<axum::Json<RegisterResponse>, ApiError> {
+    let cred = auth(&ctx, &node, &headers).await?;
+    if record.id != node {
+        return Err(NodeAuthError::Forbidden {
+            node,
+            what: format!("register as node {}", record.id),
+        }
+        .into());
+    }
+    if record.address.parse::<std::net::IpAddr>().is_err() {
+        return Err(ApiError::bad_request(
+            format!("node address {:?} is not an IP address", record.address),
+            "pass --advertise IP to `berth agent`",
+        ));
+    }
+    Ok(axum::Json(
+        join::register(ctx.store.as_ref(), Some(&cred), record, now_ms()).await?,
+    ))
+}
+
+/// `POST /v1/agent/nodes/{node}/heartbeat`: 409 when the registration expired.
+pub(crate) async fn heartbeat(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    auth(&ctx, &node, &headers).await?;
+    join::heartbeat(ctx.store.as_ref(), &node).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn decode_assignment(kv: &berth_store::KeyValue) -> Option<Assignment> {
+    decode::<Assignment>(kv)
+        .inspect_err(
+            |e| tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable assignment"),
+        )
+        .ok()
+}
+
+/// `GET /v1/agent/nodes/{node}/assignments`.
+pub(crate) async fn assignments(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+) -> Result<axum::Json<AssignmentList>, ApiError> {
+    auth(&ctx, &node, &headers).await?;
+    let (kvs, revision) = ctx.store.range(&keys::assignments_of(&node)).await?;
+    Ok(axum::Json(AssignmentList {
+        assignments: kvs.iter().filter_map(decode_assignment).collect(),
+        revision,
+    }))
+}
+
+/// Query of the watch route.
+#[derive(Debug, Deserialize)]
+pub struct WatchParams {
+    /// First revision to send (inclusive).
+    pub from: Revision,
+}
+
+fn line(l: &WatchLine) -> Bytes {
+    let mut v = serde_json::to_vec(l).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+fn lines_of(batch: Vec<WatchEvent>) -> Vec<Bytes> {
+    batch
+        .into_iter()
+        .filter_map(|ev| match ev {
+            WatchEvent::Put(kv) => decode_assignment(&kv).map(|a| {
+                line(&WatchLine::Upsert {
+                    revision: kv.mod_revision,
+                    assignment: Box::new(a),
+                })
+            }),
+            WatchEvent::Delete { key, mod_revision } => keys::parse_instance(&key).map(|k| {
+                line(&WatchLine::Removed {
+                    revision: mod_revision,
+                    key: k,
+                })
+            }),
+        })
+        .collect()
+}
+
+/// `GET /v1/agent/nodes/{node}/assignments/watch?from=REV`: NDJSON
+/// [`WatchLine`]s, a progress line every few seconds when idle; a
+/// `resync` line (then the end) when `from` was compacted away.
+pub(crate) async fn watch(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(params): ApiQuery<WatchParams>,
+) -> Result<Response, ApiError> {
+    auth(&ctx, &node, &headers).await?;
+    let prefix = keys::assignments_of(&node);
+    let events = match ctx.store.watch(&prefix, params.from.max(1)).await {
+        Ok(w) => w,
+        Err(StoreError::Compacted { .. }) => {
+            let body = Body::from(line(&WatchLine::Resync));
+            return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    struct St {
+        events: berth_store::WatchStream,
+        done: bool,
+    }
+    let stream = futures::stream::unfold(
+        St {
+            events,
+            done: false,
+        },
+        |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let out: Vec<Bytes> = tokio::select! {
+                next = st.events.next() => match next {
+                    Some(Ok(batch)) => lines_of(batch),
+                    Some(Err(StoreError::Compacted { .. })) => {
+                        st.done = true;
+                        vec![line(&WatchLine::Resync)]
+                    }
+                    Some(Err(e)) => {
+                        // The agent reconnects from its last revision.
+                        tracing::warn!(error = %e, "assignment watch failed");
+                        return None;
+                    }
+                    None => return None,
+                },
+                () = tokio::time::sleep(PROGRESS_EVERY) => vec![line(&WatchLine::Progress)],
+            };
+            Some((
+                Ok::<_, std::convert::Infallible>(Bytes::from(out.concat())),
+                st,
+            ))
+        },
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `POST /v1/agent/nodes/{node}/statuses`: a batch of statuses, written on
+/// the node's lease.
+pub(crate) async fn statuses(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    ApiJson(batch): ApiJson<Vec<InstanceStatus>>,
+) -> Result<StatusCode, ApiError> {
+    auth(&ctx, &node, &headers).await?;
+    if batch.is_empty() {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    let lease = join::node_lease(ctx.store.as_ref(), &node).await?;
+    let (assigned, _) = ctx.store.range(&keys::assignments_of(&node)).await?;
+    let mine: std::collections::HashSet<String> = assigned.into_iter().map(|kv| kv.key).collect();
+    let mut txn = Txn::default();
+    for s in &batch {
+        let key = keys::status(&s.key);
+        let allowed = s.node == node
+            && (mine.contains(&keys::assignment(&node, &s.key))
+                || owned_status(&ctx, &key, &node).await?.is_some());
+        if !allowed {
+            return Err(NodeAuthError::Forbidden {
+                node,
+                what: format!("report on instance {} (not assigned to it)", s.key),
+            }
+            .into());
+        }
+        txn.success.push(Op::Put {
+            value: encode(&key, s)?,
+            key,
+            lease,
+        });
+    }
+    ctx.store.txn(txn).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The status at `key` if `node` wrote it (its mod revision).
+async fn owned_status(
+    ctx: &ApiContext,
+    key: &str,
+    node: &str,
+) -> Result<Option<Revision>, ApiError> {
+    Ok(match ctx.store.get(key).await? {
+        Some(kv) => decode::<InstanceStatus>(&kv)
+            .ok()
+            .filter(|s| s.node == node)
+            .map(|_| kv.mod_revision),
+        None => None,
+    })
+}
+
+/// `POST /v1/agent/nodes/{node}/forget`: remove the status of an instance
+/// the node stopped (no-op when absent; refused when another node's).
+pub(crate) async fn forget(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    ApiJson(instance): ApiJson<InstanceKey>,
+) -> Result<StatusCode, ApiError> {
+    auth(&ctx, &node, &headers).await?;
+    let key = keys::status(&instance);
+    // Absent, or another node's status for the same slot (the instance
+    // moved): nothing of this node's is left to forget.
+    let Some(rev) = owned_status(&ctx, &key, &node).await? else {
+        return Ok(StatusCode::NO_CONTENT);
+    };
+    // Only if it is still the one this node wrote.
+    ctx.store
+        .txn(Txn {
+            compare: vec![Compare::ModRevision(key.clone(), rev)],
+            success: vec![Op::Delete(key)],
+            failure: vec![],
+        })
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
