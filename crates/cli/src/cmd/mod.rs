@@ -15,10 +15,12 @@ use crate::resolve::stack_path;
 pub mod actions;
 pub mod config;
 pub mod deploy;
+pub mod events;
 pub mod kv;
 pub mod logs;
 pub mod ps;
 pub mod server;
+pub mod top;
 pub mod up;
 pub mod version;
 
