@@ -29,7 +29,7 @@ pub struct EventsArgs {
     #[arg(long, value_name = "KINDS")]
     pub kind: Option<String>,
     /// How many past events to show first.
-    #[arg(short = 'n', long, default_value_t = 50, value_name = "N")]
+    #[arg(long, default_value_t = 50, value_name = "N")]
     pub tail: usize,
     /// Only events after this id (a previous `--json` line's `id`).
     #[arg(long, value_name = "ID")]
