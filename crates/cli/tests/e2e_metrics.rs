@@ -86,7 +86,10 @@ fn start_prometheus(dir: &Path, target: &str) -> (Prometheus, u16) {
     let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("tsdb").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -126,14 +129,18 @@ fn prometheus_scrapes_per_instance_series_with_their_labels() {
         .to_owned();
 
     let sel = format!("{{stack=\"{stack}\"}}");
-    wait_until("Prometheus has the instance series", Duration::from_secs(30), || {
-        let mem = query(port, &format!("berth_instance_memory_bytes{sel}"))?;
-        if mem.len() == 3 {
-            Ok(())
-        } else {
-            Err(format!("{} memory series: {mem:?}", mem.len()))
-        }
-    });
+    wait_until(
+        "Prometheus has the instance series",
+        Duration::from_secs(30),
+        || {
+            let mem = query(port, &format!("berth_instance_memory_bytes{sel}"))?;
+            if mem.len() == 3 {
+                Ok(())
+            } else {
+                Err(format!("{} memory series: {mem:?}", mem.len()))
+            }
+        },
+    );
     let mem = query(port, &format!("berth_instance_memory_bytes{sel}")).unwrap();
     let mut instances: Vec<String> = mem
         .iter()
@@ -146,19 +153,31 @@ fn prometheus_scrapes_per_instance_series_with_their_labels() {
             // A real process tree has some memory.
             let v: f64 = r["value"][1].as_str().unwrap().parse().unwrap();
             assert!(v > 0.0, "{r}");
-            format!("{}/{}", m["service"].as_str().unwrap(), m["instance"].as_str().unwrap())
+            format!(
+                "{}/{}",
+                m["service"].as_str().unwrap(),
+                m["instance"].as_str().unwrap()
+            )
         })
         .collect();
     instances.sort();
     assert_eq!(instances, ["web/web.1", "web/web.2", "worker/worker.1"]);
 
-    let running = query(port, &format!("berth_instance_state{{stack=\"{stack}\",state=\"running\"}} == 1")).unwrap();
+    let running = query(
+        port,
+        &format!("berth_instance_state{{stack=\"{stack}\",state=\"running\"}} == 1"),
+    )
+    .unwrap();
     assert_eq!(running.len(), 3, "{running:?}");
     let cpu = query(port, &format!("berth_instance_cpu_seconds_total{sel}")).unwrap();
     assert_eq!(cpu.len(), 3, "{cpu:?}");
     let restarts = query(port, &format!("berth_instance_restarts_total{sel}")).unwrap();
     assert_eq!(restarts.len(), 3, "{restarts:?}");
-    let healthy = query(port, &format!("berth_instance_healthy{{stack=\"{stack}\",service=\"web\"}} == 1")).unwrap();
+    let healthy = query(
+        port,
+        &format!("berth_instance_healthy{{stack=\"{stack}\",service=\"web\"}} == 1"),
+    )
+    .unwrap();
     assert_eq!(healthy.len(), 2, "{healthy:?}");
     // The router's counters for the requests made above.
     let ok = query(
@@ -170,14 +189,32 @@ fn prometheus_scrapes_per_instance_series_with_their_labels() {
     let n: f64 = ok[0]["value"][1].as_str().unwrap().parse().unwrap();
     assert!(n >= 6.0, "{ok:?}");
     // Server health: store latency and reconcile passes are there.
-    assert!(!query(port, "berth_store_operation_seconds_count{op=\"txn\"}").unwrap().is_empty());
-    assert!(!query(port, "berth_reconcile_pass_seconds_count{follower=\"Controller\"}").unwrap().is_empty());
+    assert!(
+        !query(port, "berth_store_operation_seconds_count{op=\"txn\"}")
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        !query(
+            port,
+            "berth_reconcile_pass_seconds_count{follower=\"Controller\"}"
+        )
+        .unwrap()
+        .is_empty()
+    );
 }
 
 /// Lines of `berth events -f --json`, read on a thread.
-fn follow_events(berth: &Berth, dir: &Path, stack: &str) -> (std::process::Child, mpsc::Receiver<Value>) {
+fn follow_events(
+    berth: &Berth,
+    dir: &Path,
+    stack: &str,
+) -> (std::process::Child, mpsc::Receiver<Value>) {
     let mut child = berth
-        .command(dir, &["events", "-f", "--json", "-p", stack, "--tail", "1000"])
+        .command(
+            dir,
+            &["events", "-f", "--json", "-p", stack, "--tail", "1000"],
+        )
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -186,7 +223,10 @@ fn follow_events(berth: &Berth, dir: &Path, stack: &str) -> (std::process::Child
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { return };
-            if tx.send(serde_json::from_str::<Value>(&line).unwrap()).is_err() {
+            if tx
+                .send(serde_json::from_str::<Value>(&line).unwrap())
+                .is_err()
+            {
                 return;
             }
         }
@@ -229,8 +269,13 @@ fn events_top_and_log_search_follow_what_happens() {
     berth.ok(dir, &["scale", "-p", &stack, "web=3"]);
     let scaled = wait_for_event(&rx, |e| e["kind"] == "scaled");
     assert_eq!(scaled["service"], "web");
-    assert!(scaled["message"].as_str().unwrap().contains("from 2 to 3"), "{scaled}");
-    wait_for_event(&rx, |e| e["kind"] == "instance_started" && e["instance"] == "web.3");
+    assert!(
+        scaled["message"].as_str().unwrap().contains("from 2 to 3"),
+        "{scaled}"
+    );
+    wait_for_event(&rx, |e| {
+        e["kind"] == "instance_started" && e["instance"] == "web.3"
+    });
     let worker = berth
         .ps(dir, &stack)
         .into_iter()
@@ -240,7 +285,9 @@ fn events_top_and_log_search_follow_what_happens() {
     let exited = wait_for_event(&rx, |e| e["kind"] == "instance_exited");
     assert_eq!(exited["instance"], "worker.1");
     assert_eq!(exited["signal"], "SIGKILL", "{exited}");
-    wait_for_event(&rx, |e| e["kind"] == "instance_started" && e["instance"] == "worker.1");
+    wait_for_event(&rx, |e| {
+        e["kind"] == "instance_started" && e["instance"] == "worker.1"
+    });
     let _ = follower.kill();
     let _ = follower.wait();
 
@@ -253,30 +300,58 @@ fn events_top_and_log_search_follow_what_happens() {
     assert!(err.contains("not an event kind"), "{err}");
 
     // top: every current instance with memory and restarts, from the history.
-    wait_until("top shows 4 instances with CPU and memory", Duration::from_secs(15), || {
-        let rows: Vec<Value> =
-            serde_json::from_str(&berth.ok(dir, &["top", "--once", "--json", "-p", &stack]))
-                .map_err(|e| e.to_string())?;
-        let ok = rows.len() == 4
-            && rows.iter().all(|r| {
-                r["state"] == "running"
-                    && r["memory_bytes"].as_u64().is_some_and(|m| m > 0)
-                    && r["cpu_percent"].is_number()
-            });
-        if ok { Ok(()) } else { Err(format!("{rows:?}")) }
-    });
+    wait_until(
+        "top shows 4 instances with CPU and memory",
+        Duration::from_secs(15),
+        || {
+            let rows: Vec<Value> =
+                serde_json::from_str(&berth.ok(dir, &["top", "--once", "--json", "-p", &stack]))
+                    .map_err(|e| e.to_string())?;
+            let ok = rows.len() == 4
+                && rows.iter().all(|r| {
+                    r["state"] == "running"
+                        && r["memory_bytes"].as_u64().is_some_and(|m| m > 0)
+                        && r["cpu_percent"].is_number()
+                });
+            if ok { Ok(()) } else { Err(format!("{rows:?}")) }
+        },
+    );
     let rows: Vec<Value> =
         serde_json::from_str(&berth.ok(dir, &["top", "--once", "--json", "-p", &stack])).unwrap();
     let worker = rows.iter().find(|r| r["instance"] == "worker.1").unwrap();
     assert_eq!(worker["restarts"], 1, "{worker}");
     let table = berth.ok(dir, &["top", "--once", "-p", &stack]);
-    assert!(table.contains("INSTANCE") && table.contains("web.3"), "{table}");
+    assert!(
+        table.contains("INSTANCE") && table.contains("web.3"),
+        "{table}"
+    );
 
     // logs --grep --json: only matching lines, as JSON.
-    let out = berth.ok(dir, &["logs", "--grep", "^tick [0-9]+$", "--json", "--tail", "20", "-p", &stack, "worker"]);
-    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = berth.ok(
+        dir,
+        &[
+            "logs",
+            "--grep",
+            "^tick [0-9]+$",
+            "--json",
+            "--tail",
+            "20",
+            "-p",
+            &stack,
+            "worker",
+        ],
+    );
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 20, "{out}");
-    assert!(lines.iter().all(|l| l["line"].as_str().unwrap().starts_with("tick ")), "{out}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["line"].as_str().unwrap().starts_with("tick ")),
+        "{out}"
+    );
     let err = berth.fails(dir, &["logs", "--grep", "(", "-p", &stack], 2);
     assert!(err.contains("not a valid regex"), "{err}");
 

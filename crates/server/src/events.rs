@@ -475,7 +475,12 @@ fn stack_diff(
     }
 }
 
-fn instance_diff(old: Option<&InstanceStatus>, new: &InstanceStatus, at: u64, out: &mut Vec<Event>) {
+fn instance_diff(
+    old: Option<&InstanceStatus>,
+    new: &InstanceStatus,
+    at: u64,
+    out: &mut Vec<Event>,
+) {
     let short = new.key.short();
     let same_run = old.is_some_and(|o| o.uid == new.uid && o.started_at == new.started_at);
     let old_state = old.filter(|_| same_run).map(|o| o.state);
@@ -619,7 +624,10 @@ mod tests {
         assert_eq!(kinds(&exit), [EventKind::InstanceExited]);
         assert_eq!(exit[0].exit_code, Some(3));
         assert_eq!(exit[0].instance.as_deref(), Some("web.1"));
-        assert_eq!(kinds(&diff(&d, &Seen::default(), 0)), [EventKind::InstanceRemoved]);
+        assert_eq!(
+            kinds(&diff(&d, &Seen::default(), 0)),
+            [EventKind::InstanceRemoved]
+        );
     }
 
     #[test]
@@ -642,7 +650,13 @@ mod tests {
             ..Default::default()
         };
         assert!(f.matches(&e));
-        assert!(!EventFilter { since: 10, ..f.clone() }.matches(&e));
+        assert!(
+            !EventFilter {
+                since: 10,
+                ..f.clone()
+            }
+            .matches(&e)
+        );
         assert!(
             !EventFilter {
                 stack: Some("blog".into()),

@@ -212,8 +212,16 @@ impl History {
     /// Series and samples held (for the memory bound's test).
     pub fn size(&self) -> (usize, usize) {
         let inner = self.lock();
-        let points = inner.instances.values().map(|s| s.points.len()).sum::<usize>()
-            + inner.services.values().map(|s| s.points.len()).sum::<usize>();
+        let points = inner
+            .instances
+            .values()
+            .map(|s| s.points.len())
+            .sum::<usize>()
+            + inner
+                .services
+                .values()
+                .map(|s| s.points.len())
+                .sum::<usize>();
         (inner.instances.len() + inner.services.len(), points)
     }
 }
@@ -261,12 +269,29 @@ mod tests {
         let h = History::new(INTERVAL);
         let s = status(1, "a");
         let no_requests = HashMap::new();
-        h.record(10_000, &[InstanceSample { status: &s, usage: proc_usage(1.0) }], &no_requests);
-        h.record(20_000, &[InstanceSample { status: &s, usage: proc_usage(6.0) }], &no_requests);
+        h.record(
+            10_000,
+            &[InstanceSample {
+                status: &s,
+                usage: proc_usage(1.0),
+            }],
+            &no_requests,
+        );
+        h.record(
+            20_000,
+            &[InstanceSample {
+                status: &s,
+                usage: proc_usage(6.0),
+            }],
+            &no_requests,
+        );
         let other_run = status(1, "b");
         h.record(
             30_000,
-            &[InstanceSample { status: &other_run, usage: proc_usage(0.5) }],
+            &[InstanceSample {
+                status: &other_run,
+                usage: proc_usage(0.5),
+            }],
             &no_requests,
         );
         let got = h.stack("default", "shop", 0);
@@ -278,11 +303,21 @@ mod tests {
         // A new run starts over.
         assert_eq!(p[2].cpu_percent, None);
         assert_eq!(p[2].restarts, 2);
-        assert_eq!(h.stack("default", "shop", 20_000).instances[0].points.len(), 1);
+        assert_eq!(
+            h.stack("default", "shop", 20_000).instances[0].points.len(),
+            1
+        );
         assert!(h.stack("default", "blog", 0).instances.is_empty());
 
         for i in 0..(POINTS as u64 + 50) {
-            h.record(40_000 + i * 10_000, &[InstanceSample { status: &s, usage: None }], &no_requests);
+            h.record(
+                40_000 + i * 10_000,
+                &[InstanceSample {
+                    status: &s,
+                    usage: None,
+                }],
+                &no_requests,
+            );
         }
         assert_eq!(h.size(), (1, POINTS));
         // Gone for longer than the retention: forgotten.

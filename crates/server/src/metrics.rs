@@ -250,7 +250,13 @@ impl Telemetry {
     pub fn metered_store(store: Arc<dyn Store>) -> (Arc<dyn Store>, StoreMetricsHandle) {
         let metrics = StoreMetrics::new();
         let handle = StoreMetricsHandle(metrics.clone());
-        (Arc::new(MeteredStore { inner: store, metrics }), handle)
+        (
+            Arc::new(MeteredStore {
+                inner: store,
+                metrics,
+            }),
+            handle,
+        )
     }
 
     /// The bundle for one server.
@@ -513,7 +519,10 @@ impl Collector for ScrapeCollector {
                     berth_model::Health::None => s.state == InstanceState::Running,
                     _ => false,
                 };
-                (instance_labels(&s.key, &s.node), ConstGauge::new(i64::from(ok)))
+                (
+                    instance_labels(&s.key, &s.node),
+                    ConstGauge::new(i64::from(ok)),
+                )
             }),
         )?;
         family(
@@ -659,9 +668,12 @@ fn encode_router(
         "berth_router_in_flight_requests",
         "Requests being proxied now, by service",
         MetricType::Gauge,
-        m.services
-            .iter()
-            .map(|s| (service_labels(&s.service), ConstGauge::new(s.in_flight as i64))),
+        m.services.iter().map(|s| {
+            (
+                service_labels(&s.service),
+                ConstGauge::new(s.in_flight as i64),
+            )
+        }),
     )?;
     family(
         enc,

@@ -103,11 +103,7 @@ fn read_instance(
     Ok(chunks.into_iter().rev().flatten().collect())
 }
 
-pub(crate) fn read(
-    root: &Path,
-    q: &LogQuery,
-    keep: &LineFilter,
-) -> Result<Vec<LogLine>, LogError> {
+pub(crate) fn read(root: &Path, q: &LogQuery, keep: &LineFilter) -> Result<Vec<LogLine>, LogError> {
     let stack_dir = root.join(&q.namespace).join(&q.stack);
     let entries = match fs::read_dir(&stack_dir) {
         Ok(e) => e,

@@ -66,7 +66,11 @@ pub async fn run(settings: &Settings, args: &EventsArgs) -> anyhow::Result<u8> {
     query.push("follow=true".into());
     let resp = check(
         client
-            .send(Method::GET, &format!("/v1/events?{}", query.join("&")), None)
+            .send(
+                Method::GET,
+                &format!("/v1/events?{}", query.join("&")),
+                None,
+            )
             .await?,
     )
     .await?;
@@ -94,11 +98,7 @@ fn print_event(e: &Event, json: bool, color: bool) -> anyhow::Result<()> {
     } else {
         paint(&kind, "2", color)
     };
-    print_line(format!(
-        "{}  {kind} {scope:<12} {}",
-        utc(e.at),
-        e.message
-    ))
+    print_line(format!("{}  {kind} {scope:<12} {}", utc(e.at), e.message))
 }
 
 /// `2026-11-23T15:42:01Z` (UTC, so output does not depend on a time zone

@@ -107,7 +107,8 @@ fn render(stack: &str, h: &StackHistory, rows: &[TopRow]) -> String {
             r.state.clone(),
             r.cpu_percent.map_or_else(dash, |c| format!("{c:.1}")),
             r.memory_bytes.map_or_else(dash, human_bytes),
-            r.requests_per_second.map_or_else(dash, |q| format!("{q:.1}")),
+            r.requests_per_second
+                .map_or_else(dash, |q| format!("{q:.1}")),
             r.restarts.to_string(),
         ]);
     }
@@ -120,7 +121,9 @@ fn render(stack: &str, h: &StackHistory, rows: &[TopRow]) -> String {
         h.interval_ms / 1000
     );
     if rows.is_empty() {
-        out.push_str("no samples yet (the first comes within one interval of the server's start)\n");
+        out.push_str(
+            "no samples yet (the first comes within one interval of the server's start)\n",
+        );
     } else {
         out.push_str(&t.render());
     }
@@ -182,7 +185,11 @@ mod tests {
         let h = StackHistory {
             interval_ms: 10_000,
             retention_ms: 3_600_000,
-            instances: vec![inst("web.1", "web", 20), inst("old.1", "old", 10), inst("db.1", "db", 20)],
+            instances: vec![
+                inst("web.1", "web", 20),
+                inst("old.1", "old", 10),
+                inst("db.1", "db", 20),
+            ],
             services: vec![ServiceHistory {
                 service: "web".into(),
                 points: vec![ServicePoint {
@@ -198,7 +205,10 @@ mod tests {
         assert_eq!(r[0].requests_per_second, Some(4.0));
         assert_eq!(r[1].requests_per_second, None);
         let text = render("shop", &h, &r);
-        assert!(text.contains("web.1") && text.contains("3.0M") && text.contains("4.0"), "{text}");
+        assert!(
+            text.contains("web.1") && text.contains("3.0M") && text.contains("4.0"),
+            "{text}"
+        );
     }
 
     #[test]

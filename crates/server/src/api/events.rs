@@ -102,7 +102,12 @@ pub(crate) async fn events(
         namespace: q.namespace,
         stack: q.stack,
         service: q.service,
-        kinds: q.kind.as_deref().map(parse_kinds).transpose()?.unwrap_or_default(),
+        kinds: q
+            .kind
+            .as_deref()
+            .map(parse_kinds)
+            .transpose()?
+            .unwrap_or_default(),
     };
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let sse = q.follow
@@ -170,7 +175,9 @@ async fn forward(
                     for ev in batch {
                         let WatchEvent::Put(kv) = ev else { continue };
                         rev = rev.max(kv.mod_revision);
-                        let Ok(e) = decode::<Event>(&kv) else { continue };
+                        let Ok(e) = decode::<Event>(&kv) else {
+                            continue;
+                        };
                         if !filter.matches(&e) {
                             continue;
                         }

@@ -20,9 +20,7 @@ use crate::metrics::{CONTENT_TYPE, Telemetry};
 /// The telemetry of this server, or an error saying it is not there.
 pub(crate) fn telemetry(ext: Option<Extension<Telemetry>>) -> Result<Telemetry, ApiError> {
     ext.map(|Extension(t)| t).ok_or_else(|| {
-        ApiError::Internal(
-            "metrics, history and events are not enabled on this API router".into(),
-        )
+        ApiError::Internal("metrics, history and events are not enabled on this API router".into())
     })
 }
 
