@@ -98,7 +98,7 @@ pub enum Command {
     Services(CatalogArgs),
     /// Show past and live logs of a stack's services, merged in time order.
     #[command(
-        after_help = "Example:\n  berth logs -f                # all services, follow\n  berth logs --tail 50 web     # last 50 lines of web\n  berth logs --since 10m worker"
+        after_help = "Example:\n  berth logs -f                # all services, follow\n  berth logs --tail 50 web     # last 50 lines of web\n  berth logs --since 10m worker\n  berth logs --grep 'ERROR|WARN' --json | jq .line"
     )]
     Logs(LogsArgs),
     /// Stop services (all when none are named); they stay defined.
@@ -169,6 +169,16 @@ pub enum Command {
     /// Print the join token agents need (`berth agent --join URL --token T`).
     #[command(after_help = "Example:\n  berth token\n  berth token --rotate")]
     Token(crate::cmd::node::TokenArgs),
+    /// Show what happened: deploys, rollbacks, scaling, instance starts, health changes, exits.
+    #[command(
+        after_help = "Example:\n  berth events                 # the last 50 events\n  berth events -f              # and keep following\n  berth events -p shop --kind instance_exited,rolled_back --json"
+    )]
+    Events(crate::cmd::events::EventsArgs),
+    /// A live view of a stack's instances: state, CPU, memory, requests/s, restarts.
+    #[command(
+        after_help = "Example:\n  berth top            # refreshes every 2 s; Ctrl-C to quit\n  berth top --once     # print once (for scripts)"
+    )]
+    Top(crate::cmd::top::TopArgs),
     /// Print the CLI's version (and the server's, when one answers).
     #[command(after_help = "Example:\n  berth version\n  berth version --json")]
     Version,
@@ -321,6 +331,9 @@ pub struct LogsArgs {
     /// Print lines without the `service.N |` prefix.
     #[arg(long)]
     pub no_prefix: bool,
+    /// Only lines matching this regex (e.g. 'ERROR|WARN', '(?i)timeout').
+    #[arg(long, value_name = "PATTERN")]
+    pub grep: Option<String>,
     /// Services to show (all when none).
     #[arg(value_name = "SERVICE")]
     pub services: Vec<String>,
@@ -457,6 +470,16 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub log_max_files: u32,
+    /// Time between two samples of the built-in metrics history (`berth
+    /// top`, the dashboard's charts); 360 samples are kept.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "BERTH_HISTORY_INTERVAL",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub history_interval: std::time::Duration,
 }
 
 /// `10M`, `512k`, `1g`, `4096` → bytes (the stack file's size syntax).

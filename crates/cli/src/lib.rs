@@ -49,6 +49,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Command::Down(a) => cmd::actions::down(&settings, a).await,
             Command::Scale(a) => cmd::actions::scale(&settings, a).await,
             Command::Kv(a) => cmd::kv::run(&settings, a).await,
+            Command::Events(a) => cmd::events::run(&settings, a).await,
+            Command::Top(a) => cmd::top::run(&settings, a).await,
             Command::Deploy(a) => cmd::deploy::deploy(&settings, a).await,
             Command::Releases(a) => cmd::deploy::releases(&settings, a).await,
             Command::Rollback(a) => cmd::deploy::rollback(&settings, a).await,

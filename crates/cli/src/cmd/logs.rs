@@ -1,10 +1,12 @@
-//! `berth logs`.
+//! `berth logs`: past and live lines, optionally searched (`--grep`, done
+//! by the server so only matches cross the wire) or printed as NDJSON
+//! (`--json`).
 
 use crate::args::LogsArgs;
 use crate::client::{check, enc};
 use crate::cmd::LineReader;
 use crate::exit;
-use crate::output::LogPrinter;
+use crate::output::{LogPrinter, print_line};
 use crate::resolve::{self, stack_path};
 use crate::settings::Settings;
 
@@ -25,6 +27,9 @@ pub async fn run(settings: &Settings, args: &LogsArgs) -> anyhow::Result<u8> {
     if args.follow {
         query.push("follow=true".into());
     }
+    if let Some(g) = &args.grep {
+        query.push(format!("grep={}", enc(g)));
+    }
     let path = format!(
         "{}/logs?{}",
         stack_path(&settings.namespace, &stack),
@@ -34,7 +39,11 @@ pub async fn run(settings: &Settings, args: &LogsArgs) -> anyhow::Result<u8> {
     let mut reader = LineReader::new(resp.into_body());
     let mut printer = LogPrinter::new(settings.color, !args.no_prefix, 0);
     while let Some(line) = reader.next().await? {
-        printer.print(&line)?;
+        if settings.json {
+            print_line(serde_json::to_string(&line)?)?;
+        } else {
+            printer.print(&line)?;
+        }
     }
     Ok(exit::OK)
 }

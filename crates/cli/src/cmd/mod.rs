@@ -16,6 +16,7 @@ pub mod actions;
 pub mod agent;
 pub mod config;
 pub mod deploy;
+pub mod events;
 pub mod kv;
 pub mod logs;
 pub mod node;
@@ -23,6 +24,7 @@ pub mod nodes;
 pub mod ps;
 pub mod server;
 pub mod services;
+pub mod top;
 pub mod up;
 pub mod version;
 
