@@ -2,15 +2,25 @@
 # Router benchmark: berth's HTTP router against nginx and HAProxy as reverse
 # proxies, in one run, with the same backend and the same wrk settings.
 #
-#   bench/router.sh            # 10 s per target, 2 wrk threads, 64 connections
-#   DURATION=5s CONNS=32 bench/router.sh
+#   bench/router.sh            # 3 rounds × 10 s per target, 2 wrk threads, 64 connections
+#   ROUNDS=5 DURATION=5s CONNS=32 bench/router.sh
 #
 # The backend is nginx answering a small fixed body (one worker). Each proxy
 # gets 2 workers/threads and keeps connections to the backend alive. All
 # traffic stays on 127.0.0.1; every wrk run is bounded by DURATION.
+#
+# The machine is shared and noisy, so one run per target is not enough: two
+# single runs once disagreed by 2× (0.74× and 1.63× nginx). Each round runs
+# every target once, in an order rotated from round to round, so a burst of
+# outside load hits different targets in different rounds; the table reports
+# each target's median over the rounds (and the spread of its req/s).
+# berth's router is measured twice: as the bench example runs it (one
+# single-threaded runtime per thread, SO_REUSEPORT) and as `berth server`
+# runs it (one listener on Tokio's work-stealing runtime).
 # Prints a Markdown table: requests/s, p50, p99, and ratios against nginx.
 set -euo pipefail
 
+ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-2s}
 THREADS=${THREADS:-2}
@@ -60,6 +70,7 @@ BACKEND=$(free_port)
 NGINX_PROXY=$(free_port)
 HAPROXY_PORT=$(free_port)
 BERTH=$(free_port)
+BERTH_WS=$(free_port)
 
 nginx_conf() { # name workers server-block
     mkdir -p "$WORK/$1"
@@ -114,7 +125,9 @@ PIDS+=($!)
 PIDS+=($!)
 "$ROUTER" --listen "127.0.0.1:$BERTH" --backend "127.0.0.1:$BACKEND" --threads 2 2>"$WORK/router.err" &
 PIDS+=($!)
-for p in "$BACKEND" "$NGINX_PROXY" "$HAPROXY_PORT" "$BERTH"; do wait_port "$p"; done
+"$ROUTER" --listen "127.0.0.1:$BERTH_WS" --backend "127.0.0.1:$BACKEND" --threads 2 --work-stealing 2>"$WORK/router-ws.err" &
+PIDS+=($!)
+for p in "$BACKEND" "$NGINX_PROXY" "$HAPROXY_PORT" "$BERTH" "$BERTH_WS"; do wait_port "$p"; done
 
 # wrk latency "123.45us" / "1.23ms" / "1.02s" → milliseconds
 to_ms() {
@@ -125,33 +138,60 @@ to_ms() {
         else { print v } }'
 }
 
-declare -A RPS P50 P99
-run() { # name port
+declare -A RPS P50 P99 PORT
+NAMES=("backend (direct)" "berth router (threads)" "berth router (as in berth server)" "nginx" "HAProxy")
+PORT["backend (direct)"]=$BACKEND
+PORT["berth router (threads)"]=$BERTH
+PORT["berth router (as in berth server)"]=$BERTH_WS
+PORT["nginx"]=$NGINX_PROXY
+PORT["HAProxy"]=$HAPROXY_PORT
+
+run() { # name port round
     wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "http://127.0.0.1:$2/" >/dev/null
     local out
     out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/")
-    echo "$out" >"$WORK/$1.wrk"
+    echo "$out" >"$WORK/$1.$3.wrk"
     if grep -q "Non-2xx\|Socket errors" <<<"$out"; then
         echo "warning: $1: $(grep "Non-2xx\|Socket errors" <<<"$out")" >&2
     fi
-    RPS[$1]=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-    P50[$1]=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
-    P99[$1]=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
-    echo "$1: ${RPS[$1]} req/s, p50 ${P50[$1]} ms, p99 ${P99[$1]} ms" >&2
+    local rps p50 p99
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+    p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+    RPS[$1]+="$rps "
+    P50[$1]+="$p50 "
+    P99[$1]+="$p99 "
+    echo "round $3: $1: $rps req/s, p50 $p50 ms, p99 $p99 ms (load $(cut -d' ' -f1 /proc/loadavg))" >&2
 }
 
-run "backend (direct)" "$BACKEND"
-run "berth router" "$BERTH"
-run "nginx" "$NGINX_PROXY"
-run "HAProxy" "$HAPROXY_PORT"
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+spread() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk 'NR==1 {lo=$1} {hi=$1} END {printf "%.0f–%.0f", lo, hi}'; }
+
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+n=${#NAMES[@]}
+for ((r = 0; r < ROUNDS; r++)); do
+    for ((i = 0; i < n; i++)); do
+        name=${NAMES[$(((i + r) % n))]}
+        run "$name" "${PORT[$name]}" "$r"
+    done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+declare -A MRPS MP50 MP99
+for name in "${NAMES[@]}"; do
+    MRPS[$name]=$(median "${RPS[$name]}")
+    MP50[$name]=$(median "${P50[$name]}")
+    MP99[$name]=$(median "${P99[$name]}")
+done
 
 echo
 echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency, keep-alive, 13-byte body; $(nproc) cores shared by wrk, proxy and backend"
+echo "median of $ROUNDS interleaved rounds; load average before: $LOAD_BEFORE, after: $LOAD_AFTER"
 echo
-echo "| target | req/s | p50 ms | p99 ms | req/s vs nginx | p99 vs nginx |"
-echo "|---|---:|---:|---:|---:|---:|"
-for name in "backend (direct)" "berth router" "nginx" "HAProxy"; do
-    awk -v n="$name" -v r="${RPS[$name]}" -v p50="${P50[$name]}" -v p99="${P99[$name]}" \
-        -v nr="${RPS[nginx]}" -v np="${P99[nginx]}" \
-        'BEGIN { printf "| %s | %.0f | %.3f | %.3f | %.2f× | %.2f× |\n", n, r, p50, p99, r / nr, p99 / np }'
+echo "| target | req/s (median) | req/s range | p50 ms | p99 ms | req/s vs nginx | p99 vs nginx |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for name in "${NAMES[@]}"; do
+    awk -v n="$name" -v r="${MRPS[$name]}" -v range="$(spread "${RPS[$name]}")" -v p50="${MP50[$name]}" -v p99="${MP99[$name]}" \
+        -v nr="${MRPS[nginx]}" -v np="${MP99[nginx]}" \
+        'BEGIN { printf "| %s | %.0f | %s | %.3f | %.3f | %.2f× | %.2f× |\n", n, r, range, p50, p99, r / nr, p99 / np }'
 done
