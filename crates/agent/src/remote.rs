@@ -153,9 +153,9 @@ pub fn parse_join_url(url: &str) -> Result<String, RemoteError> {
     if authority.is_empty() || authority.contains('/') {
         return Err(bad("give only the scheme, host and port"));
     }
-    if !authority
+    if authority
         .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
     {
         return Err(bad("the port is missing (e.g. http://10.0.0.1:7777)"));
     }

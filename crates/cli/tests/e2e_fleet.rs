@@ -181,6 +181,7 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
         "join without a body: {status}"
     );
 
+    let t = std::time::Instant::now();
     let a1 = start_agent(&berth, &api, &token, "n1", "zone=east");
     let a2 = start_agent(&berth, &api, &token, "n2", "zone=west");
     wait_until("both agents registered", Duration::from_secs(30), || {
@@ -194,6 +195,7 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
             )),
         }
     });
+    eprintln!("both agents joined and registered in {:?}", t.elapsed());
     // The server itself runs no work: only the two agents are nodes.
     let listed = nodes(&berth, dir);
     assert_eq!(listed.len(), 2, "{listed:?}");
@@ -235,6 +237,7 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
         ),
     )
     .unwrap();
+    let t = std::time::Instant::now();
     berth.ok(dir, &["up", "-d", "-p", "fleet"]);
     wait_until(
         "4 healthy instances, 2 per agent",
@@ -250,6 +253,7 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
             }
         },
     );
+    eprintln!("4 replicas healthy on 2 agents in {:?}", t.elapsed());
     wait_until(
         "the router serves the agents' instances",
         Duration::from_secs(20),
@@ -279,6 +283,7 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
     );
 
     // Drain n1: its instances are replaced on n2, then n1 takes work again.
+    let t = std::time::Instant::now();
     let out = berth.ok(dir, &["node", "drain", "n1"]);
     assert!(out.contains("draining"), "{out}");
     wait_until("everything moved to n2", Duration::from_secs(60), || {
@@ -294,6 +299,10 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
             Err(format!("{p:?}, {on_n1} listed on n1"))
         }
     });
+    eprintln!(
+        "drain of n1 done (2 instances replaced on n2) in {:?}",
+        t.elapsed()
+    );
     assert_eq!(node_state(&nodes(&berth, dir), "n1"), "draining");
     berth.ok(dir, &["node", "activate", "n1"]);
     assert_eq!(node_state(&nodes(&berth, dir), "n1"), "up");
@@ -312,6 +321,7 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
         signal(*pid, "KILL");
     }
     let _ = a2.child.wait();
+    let t = std::time::Instant::now();
     wait_until(
         "n2 down after its lease TTL",
         Duration::from_secs(30),
@@ -321,10 +331,12 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
         },
     );
 
+    eprintln!("n2 down {:?} after kill -9", t.elapsed());
     // Removing a node revokes its credential: its agent stops and exits,
     // and the old secret opens nothing.
     let secret1 = a1.secret();
     let mut a1 = a1;
+    let t = std::time::Instant::now();
     let out = berth.ok(dir, &["node", "rm", "n1"]);
     assert!(out.contains("removed"), "{out}");
     let (status, _) = api_request(
@@ -344,6 +356,10 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
             Some(st) => Err(format!("exited with {st}")),
             None => Err("still running".into()),
         },
+    );
+    eprintln!(
+        "removed agent exited {:?} after `berth node rm`",
+        t.elapsed()
     );
     assert!(
         a1.log().contains("removed from the cluster"),
