@@ -27,8 +27,8 @@ use berth_model::{
     Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis, Node,
     RollbackCause, RolloutState, StackRecord, keys,
 };
-use berth_scheduler::{Ask, Snapshot};
-use berth_spec::types::{DependencyCondition, Service};
+use berth_scheduler::{Ask, Placed, Reservation, Snapshot};
+use berth_spec::types::{DependencyCondition, DeployMode, Service};
 use berth_store::{Compare, Op, Revision, Store, Txn, encode};
 use tokio::sync::watch;
 
@@ -130,6 +130,7 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
         .map(|n| n.id.as_str())
         .collect();
     let mut asks: Vec<(InstanceKey, &Service, &StackRecord)> = Vec::new();
+    let snapshot = snapshot(mirror);
 
     for (record, _) in mirror.stacks.values() {
         let mut all_settled = true;
@@ -167,7 +168,11 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
             let input = ServiceInput {
                 record,
                 spec: service,
-                replicas: desired.map_or(service.deploy.replicas, |d| d.replicas),
+                replicas: if service.deploy.mode == DeployMode::Global {
+                    global_replicas(&snapshot, record, service)
+                } else {
+                    desired.map_or(service.deploy.replicas, |d| d.replicas)
+                },
                 stopped: desired.is_some_and(|d| d.stopped),
                 generation: desired.map_or(0, |d| d.restart_generation),
                 instances,
@@ -245,19 +250,9 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
     }
 
     if !asks.is_empty() {
-        let nodes: Vec<&Node> = mirror.nodes.values().collect();
-        let placed: Vec<(&InstanceKey, &str)> = mirror
-            .assignments
-            .values()
-            .map(|(a, _)| (&a.key, a.node.as_str()))
-            .collect();
-        let snapshot = Snapshot { nodes, placed };
         let scheduler_asks: Vec<Ask<'_>> = asks
             .iter()
-            .map(|(key, service, _)| Ask {
-                key,
-                placement: &service.deploy.placement,
-            })
+            .map(|(key, service, _)| Ask { key, service })
             .collect();
         let result = berth_scheduler::place(&snapshot, &scheduler_asks);
         let by_key: BTreeMap<&InstanceKey, (&Service, &StackRecord)> =
@@ -293,6 +288,34 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
         }
     }
     out
+}
+
+/// What the scheduler sees: the nodes that are up and every assignment.
+fn snapshot(mirror: &Mirror) -> Snapshot<'_> {
+    Snapshot {
+        nodes: mirror.nodes.values().collect(),
+        placed: mirror
+            .assignments
+            .values()
+            .map(|(a, _)| Placed {
+                key: &a.key,
+                node: a.node.as_str(),
+                reservation: Reservation::of(&a.service),
+            })
+            .collect(),
+    }
+}
+
+/// A `global` service wants one instance per eligible node.
+fn global_replicas(snapshot: &Snapshot<'_>, record: &StackRecord, service: &Service) -> u32 {
+    let key = InstanceKey {
+        namespace: record.namespace.clone(),
+        stack: record.name.clone(),
+        service: service.name.clone(),
+        slot: 0,
+    };
+    let n = berth_scheduler::eligible_nodes(snapshot, &key, service).len();
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Whether every `depends_on` of `service` holds, judged from statuses.
