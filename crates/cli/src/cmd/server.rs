@@ -33,6 +33,7 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
     cfg.run_agent = !args.no_agent;
     cfg.logs.max_file_bytes = args.log_max_file_size;
     cfg.logs.max_files = args.log_max_files;
+    cfg.reschedule_after = args.reschedule_after;
     // A small cap splits long lines sooner rather than being refused.
     let half = usize::try_from(args.log_max_file_size / 2).unwrap_or(usize::MAX);
     cfg.logs.max_line_bytes = cfg.logs.max_line_bytes.min(half);
