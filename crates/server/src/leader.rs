@@ -266,3 +266,30 @@ where
         tracing::info!("controller stopped: no longer the leader");
     }
 }
+
+/// `GET /v1/leader`: who leads, as this server sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderStatus {
+    /// The leader's record; `null` while there is none (an election is
+    /// under way, or the leader died less than a TTL ago).
+    pub leader: Option<LeaderRecord>,
+    /// The node id of the server that answered.
+    pub this_node: String,
+    /// Whether the answering server is the leader.
+    pub is_leader: bool,
+}
+
+/// The `GET /v1/leader` handler.
+pub async fn status(
+    axum::extract::State(ctx): axum::extract::State<crate::api::ApiContext>,
+) -> Result<axum::Json<LeaderStatus>, crate::api::error::ApiError> {
+    let leader = match ctx.store.get(KEY).await? {
+        Some(kv) => Some(decode::<LeaderRecord>(&kv)?),
+        None => None,
+    };
+    Ok(axum::Json(LeaderStatus {
+        is_leader: leader.as_ref().is_some_and(|l| l.node == ctx.node_id),
+        leader,
+        this_node: ctx.node_id.clone(),
+    }))
+}

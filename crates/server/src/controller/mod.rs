@@ -37,6 +37,9 @@ use crate::mirror::{self, Follower, Mirror};
 
 pub mod rollout;
 
+#[cfg(test)]
+mod node_loss_tests;
+
 pub use rollout::{Failure, FailureAction};
 use rollout::{Inst, ServiceInput};
 
@@ -711,7 +714,7 @@ async fn commit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_model::ServiceDesired;
+    use berth_model::{Node, ServiceDesired};
 
     fn stack(replicas: u32) -> StackRecord {
         let yaml = "services:\n  web:\n    command: sleep 100\n  db:\n    command: sleep 100\n";
