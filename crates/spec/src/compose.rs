@@ -984,7 +984,7 @@ fn berth_ext(conv: &mut Conv<'_, '_>, node: &Node, svc: &mut Service, meta: &mut
                 k,
                 &format!("x-berth.{key}"),
                 format!("unknown key `{key}`"),
-                "x-berth accepts routes, port_env, healthcheck",
+                "x-berth accepts routes, port_env, healthcheck, placement",
             );
         }
     }
