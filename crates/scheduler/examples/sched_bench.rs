@@ -28,10 +28,10 @@ fn nodes(n: usize) -> Vec<Node> {
             facts.insert("arch".to_owned(), arch.into());
             facts.insert("os".to_owned(), "linux".into());
             facts.insert("cpus".to_owned(), 16.into());
-            facts.insert("mem_total".to_owned(), (64u64 << 30).into());
+            facts.insert("memory_total".to_owned(), (64u64 << 30).into());
             #[allow(clippy::cast_precision_loss)]
             facts.insert(
-                "load_10m".to_owned(),
+                "load_15m".to_owned(),
                 ((i * 37 % 100) as f64 / 100.0).into(),
             );
             Node {
@@ -63,7 +63,7 @@ fn services(n: usize) -> Vec<Service> {
                 0 => p
                     .constraints
                     .push(format!("node.labels.zone != z{}", i % ZONES)),
-                1 => p.constraints.push("node.facts.load_10m < 0.8".into()),
+                1 => p.constraints.push("node.facts.load_15m < 0.8".into()),
                 2 => p.constraints.push("node.labels.tier == app".into()),
                 _ => {}
             }

@@ -37,7 +37,7 @@
 //! caller asks for [`eligible_nodes`]`.len()` instances, which places exactly
 //! one on every eligible node.
 //!
-//! Resources: a node's capacity is its `cpus` fact (cores) and `mem_total`
+//! Resources: a node's capacity is its `cpus` fact (cores) and `memory_total`
 //! fact (bytes); what is already placed there (by reservation) is subtracted.
 //! A node that does not report a capacity is not limited on it.
 
@@ -147,7 +147,7 @@ impl<'a> State<'a> {
                 (
                     constraint::fact_number(n, "cpus").map(millis),
                     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-                    constraint::fact_number(n, "mem_total").map(|m| m.max(0.0) as u64),
+                    constraint::fact_number(n, "memory_total").map(|m| m.max(0.0) as u64),
                 )
             })
             .collect();

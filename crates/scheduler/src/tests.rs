@@ -21,7 +21,7 @@ fn node(id: &str, labels: &[(&str, &str)]) -> Node {
 
 fn with_capacity(mut n: Node, cpus: u32, mem: u64) -> Node {
     n.facts.insert("cpus".into(), cpus.into());
-    n.facts.insert("mem_total".into(), mem.into());
+    n.facts.insert("memory_total".into(), mem.into());
     n
 }
 
@@ -373,7 +373,7 @@ fn build(nodes: &[NodeGen], svcs: &[SvcGen]) -> (Vec<Node>, Vec<Service>) {
                 n.facts.insert("cpus".into(), c.into());
             }
             if let Some(m) = g.mem_gb {
-                n.facts.insert("mem_total".into(), (m * G).into());
+                n.facts.insert("memory_total".into(), (m * G).into());
             }
             n.facts.insert(
                 "load_10m".into(),
@@ -467,7 +467,7 @@ proptest! {
             if let Some(c) = constraint::fact_number(node, "cpus") {
                 prop_assert!(cpu as f64 <= c * 1000.0);
             }
-            if let Some(m) = constraint::fact_number(node, "mem_total") {
+            if let Some(m) = constraint::fact_number(node, "memory_total") {
                 prop_assert!(mem as f64 <= m);
             }
         }

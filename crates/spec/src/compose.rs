@@ -1254,7 +1254,7 @@ fn deploy(conv: &mut Conv<'_, '_>, node: &Node, svc: &mut Service) {
                         it,
                         "deploy.placement.constraints",
                         format!("invalid constraint {expr:?}: {e}"),
-                        "write e.g. `node.labels.zone == east`, `node.facts.load_10m < 0.25` or `node.facts.kernel ~= ^6\\.`",
+                        "write e.g. `node.labels.zone == east`, `node.facts.load_15m < 0.25` or `node.facts.kernel ~= ^6\\.`",
                     );
                 }
             }

@@ -200,7 +200,16 @@ impl Constraint {
             Op::Match | Op::NotMatch => Operand::Pattern(regex::Regex::new(raw).map_err(|e| {
                 ConstraintError::BadPattern {
                     pattern: raw.to_owned(),
-                    reason: e.to_string(),
+                    // The engine's message spans lines (the pattern with
+                    // a caret); its last line says what is wrong.
+                    reason: e
+                        .to_string()
+                        .lines()
+                        .last()
+                        .unwrap_or_default()
+                        .trim()
+                        .trim_start_matches("error: ")
+                        .to_owned(),
                 }
             })?),
         };
