@@ -480,6 +480,17 @@ pub struct ServerArgs {
         value_parser = parse_duration
     )]
     pub history_interval: std::time::Duration,
+    /// How long a node may be down (its lease expired) before its instances
+    /// are started on other nodes. Longer rides out short outages without
+    /// moving work; shorter recovers sooner.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "BERTH_RESCHEDULE_AFTER",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub reschedule_after: std::time::Duration,
 }
 
 /// `10M`, `512k`, `1g`, `4096` → bytes (the stack file's size syntax).

@@ -1,85 +1,76 @@
-//! Swarm-syntax placement constraints: `node.labels.zone == east`,
-//! `node.hostname != web-3`, `node.platform.arch == x86_64`.
+//! Evaluating parsed constraints ([`berth_spec::constraint`]) against nodes:
+//! where each attribute comes from on a [`Node`] record, and the node
+//! capacity the resource check uses.
 //!
-//! Attributes: `node.id`, `node.hostname` (the node id), `node.labels.<k>`,
-//! `node.platform.arch`, `node.platform.os` and `node.facts.<k>` (facts are
-//! compared as strings here; numeric comparisons come with the cluster work).
+//! Facts are stored as JSON values (numbers or strings, as the agent reports
+//! them); comparisons read them as text, numeric ones parse that text.
+
+use std::borrow::Cow;
 
 use berth_model::Node;
+use berth_spec::constraint::{Attribute, Constraint};
 
-/// A parsed constraint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Constraint {
-    attribute: String,
-    equal: bool,
-    value: String,
-}
-
-/// Why a constraint could not be parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError(String);
-
-impl std::error::Error for ParseError {}
-
-impl std::fmt::Display for ParseError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+/// The attribute's value on `node`, `None` when the node lacks it.
+pub fn lookup<'n>(node: &'n Node, attribute: &Attribute) -> Option<Cow<'n, str>> {
+    match attribute {
+        Attribute::Id => Some(Cow::Borrowed(node.id.as_str())),
+        Attribute::Hostname => fact(node, "hostname").or(Some(Cow::Borrowed(node.id.as_str()))),
+        Attribute::Role => fact(node, "role"),
+        Attribute::Arch => fact(node, "arch"),
+        Attribute::Os => fact(node, "os"),
+        Attribute::Label(k) => node.labels.get(k).map(|v| Cow::Borrowed(v.as_str())),
+        Attribute::Fact(k) => fact(node, k),
     }
 }
 
-impl Constraint {
-    /// Parse `ATTRIBUTE == VALUE` or `ATTRIBUTE != VALUE`.
-    pub fn parse(expr: &str) -> Result<Self, ParseError> {
-        let (attr, value, equal) = if let Some((a, v)) = expr.split_once("==") {
-            (a, v, true)
-        } else if let Some((a, v)) = expr.split_once("!=") {
-            (a, v, false)
-        } else {
-            return Err(ParseError(
-                "expected `ATTRIBUTE == VALUE` or `ATTRIBUTE != VALUE`".into(),
-            ));
-        };
-        let attribute = attr.trim().to_owned();
-        if !attribute.starts_with("node.") {
-            return Err(ParseError(format!(
-                "unknown attribute {attribute:?} (attributes start with `node.`)"
-            )));
-        }
-        Ok(Self {
-            attribute,
-            equal,
-            value: value.trim().to_owned(),
-        })
-    }
-
-    /// Whether the node satisfies it. A missing attribute never equals.
-    pub fn holds(&self, node: &Node) -> bool {
-        let actual = self.lookup(node);
-        (actual.as_deref() == Some(self.value.as_str())) == self.equal
-    }
-
-    fn lookup(&self, node: &Node) -> Option<String> {
-        let a = self.attribute.as_str();
-        match a {
-            "node.id" | "node.hostname" => Some(node.id.clone()),
-            "node.platform.arch" => fact(node, "arch"),
-            "node.platform.os" => fact(node, "os"),
-            _ => {
-                if let Some(k) = a.strip_prefix("node.labels.") {
-                    node.labels.get(k).cloned()
-                } else if let Some(k) = a.strip_prefix("node.facts.") {
-                    fact(node, k)
-                } else {
-                    None
-                }
-            }
-        }
-    }
+/// Whether `node` satisfies `constraint`.
+pub fn holds(constraint: &Constraint, node: &Node) -> bool {
+    constraint.holds(lookup(node, &constraint.attribute).as_deref())
 }
 
-fn fact(node: &Node, key: &str) -> Option<String> {
-    node.facts.get(key).map(|v| match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
+/// A fact as text (numbers in their JSON form, `true`/`false` for booleans).
+pub fn fact<'n>(node: &'n Node, key: &str) -> Option<Cow<'n, str>> {
+    node.facts.get(key).and_then(|v| match v {
+        serde_json::Value::String(s) => Some(Cow::Borrowed(s.as_str())),
+        serde_json::Value::Null => None,
+        other => Some(Cow::Owned(other.to_string())),
     })
+}
+
+/// A numeric fact (`None` when missing or not a number).
+pub fn fact_number(node: &Node, key: &str) -> Option<f64> {
+    fact(node, key).and_then(|s| berth_spec::constraint::parse_number(&s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn attributes_come_from_id_labels_and_facts() {
+        let mut facts = BTreeMap::new();
+        facts.insert("arch".to_owned(), serde_json::json!("x86_64"));
+        facts.insert("load_10m".to_owned(), serde_json::json!(0.12));
+        facts.insert("kernel".to_owned(), serde_json::json!("6.1.0-13-amd64"));
+        let node = Node {
+            id: "n1".into(),
+            address: "10.0.0.1".into(),
+            labels: [("zone".to_owned(), "east".to_owned())].into(),
+            facts,
+            draining: false,
+            updated_at: 0,
+        };
+        let ok = |e: &str| holds(&Constraint::parse(e).unwrap(), &node);
+        assert!(ok("node.hostname == n1"));
+        assert!(ok("node.id != n2"));
+        assert!(ok("node.labels.zone == east"));
+        assert!(ok("node.platform.arch == x86_64"));
+        assert!(!ok("node.platform.os == linux"));
+        assert!(ok("node.facts.load_10m < 0.25"));
+        assert!(!ok("node.facts.load_10m > 0.25"));
+        assert!(ok(r"node.facts.kernel ~= ^6\."));
+        assert!(!ok("node.role == server"));
+        assert_eq!(fact_number(&node, "load_10m"), Some(0.12));
+    }
 }

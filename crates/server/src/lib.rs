@@ -46,6 +46,7 @@ pub mod events;
 pub mod history;
 pub mod join;
 pub mod kv;
+pub mod leader;
 pub mod metrics;
 pub mod metrics_proc;
 pub mod mirror;
@@ -77,6 +78,8 @@ pub struct ServerConfig {
     /// Run a local agent (this server is also a node that runs work);
     /// `berth server --no-agent` turns it off.
     pub run_agent: bool,
+    /// How long a node may be down before its instances are rescheduled.
+    pub reschedule_after: Duration,
 }
 
 impl ServerConfig {
@@ -94,6 +97,9 @@ impl ServerConfig {
             logs: berth_agent::LogConfig::default(),
             history_interval: history::INTERVAL,
             run_agent: true,
+            reschedule_after: Duration::from_millis(
+                controller::Liveness::DEFAULT_RESCHEDULE_AFTER_MS,
+            ),
         }
     }
 }
@@ -228,11 +234,6 @@ pub async fn run(
         start_local_agent(&cfg, &store, &logs, &mut tasks, &stop_rx, container_stats).await?;
     }
 
-    tasks.spawn(controller::run(
-        store.clone(),
-        stop_rx.clone(),
-        Some(logs.clone()),
-    ));
     // Releases the KV locks of sessions whose TTL ran out.
     tasks.spawn(kv::reap_sessions(store.clone(), stop_rx.clone()));
     {
@@ -328,6 +329,42 @@ pub async fn run(
         tcp: bound.clone(),
         node: cfg.node_id.clone(),
     };
+    // Only the elected leader runs the controller (and the scheduler).
+    {
+        let (leader_tx, leader_rx) = watch::channel(None);
+        let me = leader::LeaderRecord {
+            node: cfg.node_id.clone(),
+            api: bound.clone(),
+            pid: std::process::id(),
+            since: 0,
+        };
+        tasks.spawn(leader::campaign(
+            store.clone(),
+            me,
+            leader::TTL,
+            leader_tx,
+            stop_rx.clone(),
+        ));
+        let store = store.clone();
+        let logs = logs.clone();
+        let reschedule_after_ms =
+            u64::try_from(cfg.reschedule_after.as_millis()).unwrap_or(u64::MAX);
+        tasks.spawn(leader::while_leader(
+            leader_rx,
+            stop_rx.clone(),
+            move |token, stop| {
+                controller::run(
+                    store.clone(),
+                    stop,
+                    Some(logs.clone()),
+                    controller::Settings {
+                        fence: Some(token),
+                        reschedule_after_ms,
+                    },
+                )
+            },
+        ));
+    }
     write_info(&cfg.data_dir, &info)?;
     tracing::info!(data_dir = %cfg.data_dir.display(), api = ?bound, "berth server ready");
 

@@ -508,14 +508,40 @@ async fn catalog_and_health_list_berths_instances_and_registered_services() {
 
     let me = h.get("/v1/agent/self").await.json();
     assert_eq!(me["Config"]["Datacenter"], "berth");
+    // No election yet: no leader, as Consul says it.
+    assert_eq!(h.get("/v1/status/leader").await.json(), json!(""));
+    assert_eq!(h.get("/v1/status/peers").await.json(), json!([]));
+    let (tx, mut rx) = tokio::sync::watch::channel(None);
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let me = berth_server::leader::LeaderRecord {
+        node: "n1".into(),
+        api: vec![h.addr],
+        pid: std::process::id(),
+        since: 0,
+    };
+    let campaign = tokio::spawn(berth_server::leader::campaign(
+        h.store.clone(),
+        me,
+        berth_server::leader::TTL,
+        tx,
+        stop_rx,
+    ));
+    rx.wait_for(Option::is_some).await.unwrap();
     assert_eq!(
         h.get("/v1/status/leader").await.json(),
-        json!("127.0.0.1:8300")
+        json!(h.addr.to_string())
     );
     assert_eq!(
         h.get("/v1/status/peers").await.json(),
-        json!(["127.0.0.1:8300"])
+        json!([h.addr.to_string()])
     );
+    let status = h.get("/v1/leader").await.json();
+    assert_eq!(status["leader"]["node"], "n1");
+    assert_eq!(status["is_leader"], true);
+    // A clean stop hands over at once: the key goes with the lease.
+    stop.send(true).unwrap();
+    campaign.await.unwrap().unwrap();
+    assert_eq!(h.get("/v1/leader").await.json()["leader"], Value::Null);
 }
 
 /// A tiny HTTP server answering `/metrics` with a counter, as a scrape

@@ -30,6 +30,9 @@ pub struct ServiceMeta {
     pub compose_healthcheck: Option<Pos>,
     /// Position of an `x-berth.healthcheck`, if any.
     pub berth_healthcheck: Option<Pos>,
+    /// Services named by `x-berth.placement.affinity`/`anti_affinity`, with
+    /// the field and position of each entry.
+    pub placement_refs: Vec<(String, &'static str, Pos)>,
 }
 
 /// Converts nodes, reporting problems with the service and field.
@@ -241,6 +244,7 @@ pub fn service(
         networks: Vec::new(),
         compose_healthcheck: None,
         berth_healthcheck: None,
+        placement_refs: Vec::new(),
     };
     let entries: Vec<(Node, Node)> = match &node.value {
         Value::Map(m) => m.clone(),
@@ -980,7 +984,7 @@ fn berth_ext(conv: &mut Conv<'_, '_>, node: &Node, svc: &mut Service, meta: &mut
                 k,
                 &format!("x-berth.{key}"),
                 format!("unknown key `{key}`"),
-                "x-berth accepts routes, port_env, healthcheck",
+                "x-berth accepts routes, port_env, healthcheck, placement",
             );
         }
     }
@@ -989,6 +993,9 @@ fn berth_ext(conv: &mut Conv<'_, '_>, node: &Node, svc: &mut Service, meta: &mut
     }
     if let Some(p) = node.get("port_env") {
         svc.berth.port_env = conv.string(p, "x-berth.port_env");
+    }
+    if let Some(p) = node.get("placement") {
+        berth_placement(conv, p, svc, meta);
     }
     let Some(h) = node.get("healthcheck") else {
         return;
@@ -1040,6 +1047,49 @@ fn berth_ext(conv: &mut Conv<'_, '_>, node: &Node, svc: &mut Service, meta: &mut
     };
     timings(conv, h, f, &mut hc);
     svc.healthcheck = Some(hc);
+}
+
+fn berth_placement(conv: &mut Conv<'_, '_>, p: &Node, svc: &mut Service, meta: &mut ServiceMeta) {
+    let f = "x-berth.placement";
+    if conv.map(p, f).is_none() {
+        return;
+    }
+    conv.keys(p, f, schema::BERTH_PLACEMENT, schema::BERTH_PLACEMENT);
+    if let Some(s) = p.get("strategy")
+        && let Some(text) = conv.string(s, "x-berth.placement.strategy")
+    {
+        match text.as_str() {
+            "spread" => svc.berth.placement.strategy = Strategy::Spread,
+            "binpack" => svc.berth.placement.strategy = Strategy::Binpack,
+            other => conv.error_hint(
+                s,
+                "x-berth.placement.strategy",
+                format!("unknown placement strategy {other:?}"),
+                "use `spread` (the default) or `binpack`",
+            ),
+        }
+    }
+    for (key, field) in [
+        ("affinity", "x-berth.placement.affinity"),
+        ("anti_affinity", "x-berth.placement.anti_affinity"),
+    ] {
+        let Some(list) = p.get(key) else { continue };
+        let Some(items) = list.as_seq() else {
+            conv.expect(list, field, "a list of service names");
+            continue;
+        };
+        for it in items {
+            if let Some(name) = conv.string(it, field) {
+                meta.placement_refs
+                    .push((name.clone(), field, it.pos.clone()));
+                if key == "affinity" {
+                    svc.berth.placement.affinity.push(name);
+                } else {
+                    svc.berth.placement.anti_affinity.push(name);
+                }
+            }
+        }
+    }
 }
 
 fn deploy(conv: &mut Conv<'_, '_>, node: &Node, svc: &mut Service) {
@@ -1196,13 +1246,33 @@ fn deploy(conv: &mut Conv<'_, '_>, node: &Node, svc: &mut Service) {
         conv.keys(p, "deploy.placement", schema::PLACEMENT, schema::PLACEMENT);
         if let Some(c) = p.get("constraints") {
             d.placement.constraints = conv.strings(c, "deploy.placement.constraints");
+            for it in c.as_seq().unwrap_or_default() {
+                if let Some(expr) = it.as_str()
+                    && let Err(e) = crate::constraint::Constraint::parse(expr)
+                {
+                    conv.error_hint(
+                        it,
+                        "deploy.placement.constraints",
+                        format!("invalid constraint {expr:?}: {e}"),
+                        "write e.g. `node.labels.zone == east`, `node.facts.load_15m < 0.25` or `node.facts.kernel ~= ^6\\.`",
+                    );
+                }
+            }
         }
         if let Some(prefs) = p.get("preferences") {
             match prefs.as_seq() {
                 Some(items) => {
                     for it in items {
                         match it.get("spread").and_then(Node::as_str) {
-                            Some(s) => d.placement.preferences.push(s.to_string()),
+                            Some(s) if crate::constraint::parse_spread(s).is_err() => {
+                                conv.error_hint(
+                                    it,
+                                    "deploy.placement.preferences",
+                                    format!("cannot spread over {s:?}"),
+                                    "spread over a node attribute, e.g. `- spread: node.labels.zone`",
+                                );
+                            }
+                            Some(s) => d.placement.preferences.push(s.trim().to_string()),
                             None => conv.error_hint(
                                 it,
                                 "deploy.placement.preferences",

@@ -27,6 +27,7 @@
 // on error paths that end a parse: boxing it would buy nothing measurable.
 #![allow(clippy::result_large_err)]
 
+pub mod constraint;
 pub mod diagnostics;
 pub mod interpolate;
 pub mod types;

@@ -284,7 +284,9 @@ pub const SERVICE_NETWORK_SUPPORTED: &[&str] = &["aliases"];
 /// Top-level volume keys berth acts on.
 pub const VOLUME_SUPPORTED: &[&str] = &["name", "external"];
 /// `x-berth` keys.
-pub const BERTH: &[&str] = &["routes", "port_env", "healthcheck"];
+pub const BERTH: &[&str] = &["routes", "port_env", "healthcheck", "placement"];
+/// `x-berth.placement` keys.
+pub const BERTH_PLACEMENT: &[&str] = &["strategy", "affinity", "anti_affinity"];
 /// `x-berth.healthcheck` keys.
 pub const BERTH_HEALTHCHECK: &[&str] = &[
     "http",

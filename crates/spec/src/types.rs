@@ -494,4 +494,50 @@ pub struct BerthExt {
     /// Name of the env var carrying the instance's port. Default `PORT`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_env: Option<String>,
+    /// `x-berth.placement`: what `deploy.placement` cannot say.
+    #[serde(default, skip_serializing_if = "BerthPlacement::is_default")]
+    pub placement: BerthPlacement,
+}
+
+/// `x-berth.placement`: scheduling strategy and service (anti-)affinity.
+///
+/// ```yaml
+/// x-berth:
+///   placement:
+///     strategy: binpack         # or spread (the default)
+///     affinity: [cache]         # only on nodes running an instance of `cache`
+///     anti_affinity: [db]       # never on a node running an instance of `db`
+/// ```
+///
+/// Services are named as in the same stack file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BerthPlacement {
+    /// How a node is chosen among the feasible ones.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Services of the same stack an instance must share a node with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub affinity: Vec<String>,
+    /// Services of the same stack an instance must not share a node with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub anti_affinity: Vec<String>,
+}
+
+impl BerthPlacement {
+    /// Nothing set (for `skip_serializing_if`).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Placement strategy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Fewest instances of the service, then fewest overall (Swarm's).
+    #[default]
+    Spread,
+    /// The fullest node that still fits (by reserved cpus and memory, then
+    /// instance count): keeps whole nodes free for big instances.
+    Binpack,
 }

@@ -193,6 +193,22 @@ pub fn check_references(
                 );
             }
         }
+        for (other, field, pos) in &meta.placement_refs {
+            if !names.contains(other) {
+                let known: Vec<&str> = names.iter().map(String::as_str).collect();
+                let mut d = Diagnostic::at(
+                    pos,
+                    format!("{field} names undefined or disabled service `{other}`"),
+                )
+                .service(name.clone())
+                .field(format!("services.{name}.{field}"));
+                d.hint = Some(match crate::schema::did_you_mean(other, &known) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!("defined services: {}", known.join(", ")),
+                });
+                diags.error(d);
+            }
+        }
         if let (Some(_), Some(b)) = (&meta.compose_healthcheck, &meta.berth_healthcheck) {
             diags.error(
                 Diagnostic::at(b, "both `healthcheck` and `x-berth.healthcheck` are set")

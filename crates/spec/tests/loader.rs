@@ -933,3 +933,54 @@ fn unset_port_hint_said_use_a_default_instead_of_dollar_dollar() {
     // Another service's port variable is not this service's.
     assert!(about("API_LISTEN", "other").contains("${API_LISTEN:-default}"));
 }
+
+#[test]
+fn placement_constraints_are_checked_with_their_position() {
+    let e = err(
+        "services:\n  web:\n    command: x\n    deploy:\n      placement:\n        constraints:\n          - node.labels.zone == east\n          - node.facts.load_10m < low\n          - zone == east\n          - node.facts.kernel ~= ([\n",
+    );
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(lines.len(), 3, "{e}");
+    assert!(
+        lines[0].starts_with("compose.yaml:8:13: service `web`, field `deploy.placement.constraints`: invalid constraint \"node.facts.load_10m < low\": \"low\" is not a number"),
+        "{e}"
+    );
+    assert!(
+        lines[1].starts_with("compose.yaml:9:13:")
+            && lines[1].contains("unknown attribute \"zone\""),
+        "{e}"
+    );
+    assert!(
+        lines[2].contains("invalid regular expression \"([\": unclosed"),
+        "{e}"
+    );
+    let e = err(
+        "services:\n  web:\n    command: x\n    deploy:\n      placement:\n        preferences:\n          - spread: zone\n",
+    );
+    assert!(e.contains("cannot spread over \"zone\""), "{e}");
+}
+
+#[test]
+fn x_berth_placement_strategy_and_affinity() {
+    let l = ok(
+        "services:\n  cache:\n    command: x\n  web:\n    command: x\n    x-berth:\n      placement:\n        strategy: binpack\n        affinity: [cache]\n        anti_affinity: [web]\n",
+    );
+    let p = &l.stack.services["web"].berth.placement;
+    assert_eq!(p.strategy, berth_spec::types::Strategy::Binpack);
+    assert_eq!(p.affinity, ["cache"]);
+    assert_eq!(p.anti_affinity, ["web"]);
+    let e = err(
+        "services:\n  web:\n    command: x\n    x-berth:\n      placement:\n        strategy: random\n        affinity: [cahce]\n",
+    );
+    assert!(
+        e.contains(
+            "unknown placement strategy \"random\" (hint: use `spread` (the default) or `binpack`)"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains("compose.yaml:7:20:")
+            && e.contains("x-berth.placement.affinity names undefined or disabled service `cahce`"),
+        "{e}"
+    );
+}

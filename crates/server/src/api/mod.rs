@@ -142,6 +142,7 @@ fn build() -> Routes {
         table: Vec::new(),
     };
     r.add(Method::GET, "/v1/health", health)
+        .add(Method::GET, "/v1/leader", crate::leader::status)
         .add(Method::GET, "/v1/openapi.json", openapi)
         .add(Method::GET, "/v1/stacks", stacks::list)
         .add(Method::POST, "/v1/stacks", stacks::submit)

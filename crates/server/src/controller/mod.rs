@@ -24,11 +24,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use berth_model::{
-    Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis, Node,
+    Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis,
     RollbackCause, RolloutState, StackRecord, keys,
 };
-use berth_scheduler::{Ask, Snapshot};
-use berth_spec::types::{DependencyCondition, Service};
+use berth_scheduler::{Ask, Placed, Reservation, Snapshot};
+use berth_spec::types::{DependencyCondition, DeployMode, Service};
 use berth_store::{Compare, Op, Revision, Store, Txn, encode};
 use tokio::sync::watch;
 
@@ -36,6 +36,9 @@ use crate::desired::{self, Command, DesiredError};
 use crate::mirror::{self, Follower, Mirror};
 
 pub mod rollout;
+
+#[cfg(test)]
+mod node_loss_tests;
 
 pub use rollout::{Failure, FailureAction};
 use rollout::{Inst, ServiceInput};
@@ -102,13 +105,121 @@ pub struct Plan {
     pub wake_at: Option<Millis>,
 }
 
-/// Compute the writes that move placement toward desired state.
+/// What the controller knows about nodes that went away.
+#[derive(Debug, Clone, Default)]
+pub struct Liveness {
+    /// Nodes that still have assignments but no node record (their lease
+    /// expired), with when the controller first saw them missing.
+    pub down_since: BTreeMap<String, Millis>,
+    /// How long a node may be missing before its instances are placed
+    /// elsewhere (`--reschedule-after`).
+    pub reschedule_after_ms: Millis,
+}
+
+impl Liveness {
+    /// Default grace period before rescheduling a lost node's instances.
+    pub const DEFAULT_RESCHEDULE_AFTER_MS: Millis = 10_000;
+
+    /// Note which nodes with assignments are missing from `mirror` now.
+    pub fn observe(&mut self, mirror: &Mirror, now: Millis) {
+        let missing: BTreeSet<&str> = mirror
+            .assignments
+            .values()
+            .map(|(a, _)| a.node.as_str())
+            .filter(|n| !mirror.nodes.contains_key(*n))
+            .collect();
+        self.down_since.retain(|n, _| missing.contains(n.as_str()));
+        for n in missing {
+            self.down_since.entry(n.to_owned()).or_insert_with(|| {
+                tracing::warn!(node = n, "node is down (its record expired)");
+                now
+            });
+        }
+    }
+
+    /// Whether instances on `node` are to be placed elsewhere at `now`.
+    fn lost(&self, node: &str, now: Millis) -> bool {
+        self.down_since
+            .get(node)
+            .is_some_and(|since| now >= since.saturating_add(self.reschedule_after_ms))
+    }
+}
+
+/// Compute the writes that move placement toward desired state, with no
+/// node down (see [`plan_with`]).
 ///
 /// `new_uid` gives a fresh incarnation id each call.
 pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -> Plan {
+    plan_with(mirror, now, &Liveness::default(), new_uid)
+}
+
+/// Compute the writes that move placement toward desired state.
+///
+/// Instances on a node down for longer than the grace period, and
+/// instances of a `global` service on a node that is no longer eligible,
+/// are evicted: their assignments are deleted and, the service being short
+/// of replicas, new ones are placed on live nodes in the same plan.
+pub fn plan_with(
+    mirror: &Mirror,
+    now: Millis,
+    liveness: &Liveness,
+    new_uid: &mut dyn FnMut() -> String,
+) -> Plan {
     let mut out = Plan::default();
+    let snapshot = snapshot(mirror);
     let mut by_service: BTreeMap<(&str, &str, &str), Vec<Inst<'_>>> = BTreeMap::new();
+    let mut global_eligible: BTreeMap<(&str, &str, &str), BTreeSet<String>> = BTreeMap::new();
+    for (record, _) in mirror.stacks.values() {
+        for (name, service) in &record.spec.services {
+            if service.deploy.mode == DeployMode::Global {
+                let id = (
+                    record.namespace.as_str(),
+                    record.name.as_str(),
+                    name.as_str(),
+                );
+                let key = InstanceKey {
+                    namespace: record.namespace.clone(),
+                    stack: record.name.clone(),
+                    service: name.clone(),
+                    slot: 0,
+                };
+                let nodes = berth_scheduler::eligible_nodes(&snapshot, &key, service);
+                global_eligible.insert(id, nodes.into_iter().collect());
+            }
+        }
+    }
     for (k, (a, rev)) in &mirror.assignments {
+        let id = (
+            a.key.namespace.as_str(),
+            a.key.stack.as_str(),
+            a.key.service.as_str(),
+        );
+        let node_up = mirror.nodes.contains_key(&a.node);
+        if let Some(since) = liveness.down_since.get(&a.node)
+            && !liveness.lost(&a.node, now)
+        {
+            let at = since.saturating_add(liveness.reschedule_after_ms);
+            out.wake_at = Some(out.wake_at.map_or(at, |w| w.min(at)));
+        }
+        let evict = if liveness.lost(&a.node, now) {
+            Some("its node is down")
+        } else if node_up
+            && global_eligible
+                .get(&id)
+                .is_some_and(|nodes| !nodes.contains(&a.node))
+        {
+            Some("its node is no longer eligible for this global service")
+        } else {
+            None
+        };
+        if let Some(why) = evict {
+            tracing::info!(instance = %a.key, node = %a.node, "rescheduling: {why}");
+            out.changes.push(Change::Delete {
+                key: k.clone(),
+                expect: *rev,
+            });
+            continue;
+        }
         let status = mirror.statuses.get(&a.key).filter(|s| s.uid == a.uid);
         by_service
             .entry((&a.key.namespace, &a.key.stack, &a.key.service))
@@ -167,7 +278,18 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
             let input = ServiceInput {
                 record,
                 spec: service,
-                replicas: desired.map_or(service.deploy.replicas, |d| d.replicas),
+                replicas: if service.deploy.mode == DeployMode::Global {
+                    // Eligible live nodes, plus down nodes whose instance
+                    // is still within its grace period.
+                    let eligible = global_eligible.get(&id).map_or(0, BTreeSet::len);
+                    let waiting = instances
+                        .iter()
+                        .filter(|i| !mirror.nodes.contains_key(&i.a.node))
+                        .count();
+                    u32::try_from(eligible + waiting).unwrap_or(u32::MAX)
+                } else {
+                    desired.map_or(service.deploy.replicas, |d| d.replicas)
+                },
                 stopped: desired.is_some_and(|d| d.stopped),
                 generation: desired.map_or(0, |d| d.restart_generation),
                 instances,
@@ -245,19 +367,9 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
     }
 
     if !asks.is_empty() {
-        let nodes: Vec<&Node> = mirror.nodes.values().collect();
-        let placed: Vec<(&InstanceKey, &str)> = mirror
-            .assignments
-            .values()
-            .map(|(a, _)| (&a.key, a.node.as_str()))
-            .collect();
-        let snapshot = Snapshot { nodes, placed };
         let scheduler_asks: Vec<Ask<'_>> = asks
             .iter()
-            .map(|(key, service, _)| Ask {
-                key,
-                placement: &service.deploy.placement,
-            })
+            .map(|(key, service, _)| Ask { key, service })
             .collect();
         let result = berth_scheduler::place(&snapshot, &scheduler_asks);
         let by_key: BTreeMap<&InstanceKey, (&Service, &StackRecord)> =
@@ -293,6 +405,22 @@ pub fn plan(mirror: &Mirror, now: Millis, new_uid: &mut dyn FnMut() -> String) -
         }
     }
     out
+}
+
+/// What the scheduler sees: the nodes that are up and every assignment.
+fn snapshot(mirror: &Mirror) -> Snapshot<'_> {
+    Snapshot {
+        nodes: mirror.nodes.values().collect(),
+        placed: mirror
+            .assignments
+            .values()
+            .map(|(a, _)| Placed {
+                key: &a.key,
+                node: a.node.as_str(),
+                reservation: Reservation::of(&a.service),
+            })
+            .collect(),
+    }
 }
 
 /// Whether every `depends_on` of `service` holds, judged from statuses.
@@ -354,12 +482,24 @@ pub fn uid_source() -> impl FnMut() -> String {
     }
 }
 
+/// How a controller runs.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// The leader key's revision when this server won the election: every
+    /// commit requires it unchanged, so a deposed leader cannot write.
+    /// `None` runs unfenced (tests, a single server).
+    pub fence: Option<Revision>,
+    /// Grace period before a lost node's instances are rescheduled.
+    pub reschedule_after_ms: Millis,
+}
+
 /// Run the controller until `shutdown` turns true. `logs` (this node's log
 /// store) lets an automatic rollback quote the failing instance's last lines.
 pub async fn run(
     store: Arc<dyn Store>,
     shutdown: watch::Receiver<bool>,
     logs: Option<berth_agent::logs::LogStore>,
+    settings: Settings,
 ) -> anyhow::Result<()> {
     let mut controller = Controller {
         store: store.clone(),
@@ -368,6 +508,11 @@ pub async fn run(
         wake_at: None,
         reported: BTreeSet::new(),
         logs,
+        fence: settings.fence,
+        liveness: Liveness {
+            down_since: BTreeMap::new(),
+            reschedule_after_ms: settings.reschedule_after_ms,
+        },
     };
     mirror::follow(store, shutdown, &mut controller).await
 }
@@ -387,6 +532,8 @@ struct Controller {
     /// even while the watch has not shown the command's effect yet.
     reported: BTreeSet<(String, String, u64, u64)>,
     logs: Option<berth_agent::logs::LogStore>,
+    fence: Option<Revision>,
+    liveness: Liveness,
 }
 
 impl Follower for Controller {
@@ -396,10 +543,12 @@ impl Follower for Controller {
             self.wake_at = None;
             return Ok(());
         }
-        let plan = plan(mirror, crate::now_ms(), &mut self.uids);
+        let now = crate::now_ms();
+        self.liveness.observe(mirror, now);
+        let plan = plan_with(mirror, now, &self.liveness, &mut self.uids);
         self.wake_at = plan.wake_at;
         if !plan.changes.is_empty() {
-            match commit(self.store.as_ref(), &plan.changes).await? {
+            match commit(self.store.as_ref(), &plan.changes, self.fence).await? {
                 Some(rev) => self.wait_for = rev,
                 None => tracing::debug!("plan was stale; waiting for the watch to catch up"),
             }
@@ -531,8 +680,16 @@ impl Controller {
 }
 
 /// Commit the changes atomically; `None` when a compare failed.
-async fn commit(store: &dyn Store, changes: &[Change]) -> anyhow::Result<Option<Revision>> {
+async fn commit(
+    store: &dyn Store,
+    changes: &[Change],
+    fence: Option<Revision>,
+) -> anyhow::Result<Option<Revision>> {
     let mut txn = Txn::default();
+    if let Some(token) = fence {
+        txn.compare
+            .push(Compare::ModRevision(crate::leader::KEY.to_owned(), token));
+    }
     for c in changes {
         match c {
             Change::Put {
@@ -557,7 +714,7 @@ async fn commit(store: &dyn Store, changes: &[Change]) -> anyhow::Result<Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_model::ServiceDesired;
+    use berth_model::{Node, ServiceDesired};
 
     fn stack(replicas: u32) -> StackRecord {
         let yaml = "services:\n  web:\n    command: sleep 100\n  db:\n    command: sleep 100\n";

@@ -17,9 +17,16 @@ use super::{DATACENTER, Params, json, namespace};
 use crate::api::ApiContext;
 use crate::api::error::{ApiError, ConsulError};
 
-/// The address berth gives as the Raft leader and only peer.
-fn leader_addr() -> &'static str {
-    "127.0.0.1:8300"
+/// The elected berth server's API address, as Consul gives its Raft
+/// leader's (`""` while there is none, as Consul does).
+async fn leader_addr(ctx: &ApiContext) -> Result<String, ConsulError> {
+    let leader = match ctx.store.get(crate::leader::KEY).await? {
+        Some(kv) => Some(berth_store::decode::<crate::leader::LeaderRecord>(&kv)?),
+        None => None,
+    };
+    Ok(leader
+        .and_then(|l| l.api.first().map(ToString::to_string))
+        .unwrap_or_default())
 }
 
 /// `GET /v1/agent/self`: the minimum Consul clients read (Prometheus
@@ -49,14 +56,18 @@ pub async fn self_(State(ctx): State<ApiContext>) -> Result<Response, ConsulErro
     )
 }
 
-/// `GET /v1/status/leader`: `"127.0.0.1:8300"`.
+/// `GET /v1/status/leader`: the leading server's API address.
 pub async fn leader(State(ctx): State<ApiContext>) -> Result<Response, ConsulError> {
-    json(ctx.store.revision().await?, &leader_addr())
+    let addr = leader_addr(&ctx).await?;
+    json(ctx.store.revision().await?, &addr)
 }
 
-/// `GET /v1/status/peers`: the leader alone.
+/// `GET /v1/status/peers`: the leader (berth's servers are peers through
+/// etcd, which has its own membership).
 pub async fn peers(State(ctx): State<ApiContext>) -> Result<Response, ConsulError> {
-    json(ctx.store.revision().await?, &[leader_addr()])
+    let addr = leader_addr(&ctx).await?;
+    let peers: Vec<String> = std::iter::once(addr).filter(|a| !a.is_empty()).collect();
+    json(ctx.store.revision().await?, &peers)
 }
 
 /// A field of a JSON object, matched without regard to case (Go's

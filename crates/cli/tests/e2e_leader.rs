@@ -1,0 +1,170 @@
+//! Leader election across servers sharing one real etcd: only the elected
+//! server runs the controller; `kill -9` of the leader hands over within
+//! seconds (the leader key's lease TTL), and a deploy submitted to the
+//! survivor runs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// One etcd member on free loopback ports, killed on drop.
+struct Etcd {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, peer) = (free_port(), free_port());
+        let client = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .args(["--name", "leader-test"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("leader-test={peer_url}")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("etcd is not installed: run scripts/deps");
+        let etcd = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        wait_until("etcd answers", Duration::from_secs(30), || {
+            http_get(port, "/health").map(|_| ())
+        });
+        etcd
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `berth server` with its own data dir and node id on the shared etcd.
+fn server(etcd: &Etcd, node: &str) -> Berth {
+    let mut b = Berth::new();
+    let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
+    let store = format!("etcd://127.0.0.1:{}/{}", etcd.port, std::process::id());
+    let child = b
+        .command(
+            b.data.path(),
+            &[
+                "server",
+                "--store",
+                &store,
+                "--node-id",
+                node,
+                "--no-http",
+                "--no-dns",
+            ],
+        )
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    b.servers.push(child);
+    wait_until("server is up", Duration::from_secs(30), || {
+        b.server_pid().map(|_| ()).ok_or_else(|| b.server_log())
+    });
+    b
+}
+
+fn api_port(b: &Berth) -> u16 {
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(b.data.path().join("server.json")).unwrap()).unwrap();
+    let addr = info["tcp"][0].as_str().unwrap();
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+fn leader_of(b: &Berth) -> Result<Value, String> {
+    let out = http_get(api_port(b), "/v1/leader")?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).map_err(|e| format!("{e}: {out}"))
+}
+
+#[test]
+fn the_survivor_takes_over_and_runs_a_deploy() {
+    let etcd = Etcd::start();
+    let s1 = server(&etcd, "s1");
+    let s2 = server(&etcd, "s2");
+    let mut leader = String::new();
+    wait_until("a leader is elected", Duration::from_secs(20), || {
+        let (a, b) = (leader_of(&s1)?, leader_of(&s2)?);
+        if a["leader"].is_null() || a["leader"] != b["leader"] {
+            return Err(format!("s1 sees {a}, s2 sees {b}"));
+        }
+        leader = a["leader"]["node"].as_str().unwrap().to_owned();
+        Ok(())
+    });
+    // Exactly one leads, and both agree on it.
+    let firsts = [leader_of(&s1).unwrap(), leader_of(&s2).unwrap()];
+    assert_eq!(
+        firsts.iter().filter(|s| s["is_leader"] == true).count(),
+        1,
+        "{firsts:?}"
+    );
+    // The Consul endpoint reports the same server.
+    let (dead, survivor, survivor_id) = if leader == "s1" {
+        (s1, s2, "s2")
+    } else {
+        (s2, s1, "s1")
+    };
+    let consul = http_get(api_port(&survivor), "/v1/status/leader").unwrap();
+    assert!(
+        consul.contains(&format!("127.0.0.1:{}", api_port(&dead))),
+        "{consul}"
+    );
+
+    let pid = dead.server_pid().unwrap();
+    signal(pid, "KILL");
+    let killed = Instant::now();
+    wait_until("the survivor leads", Duration::from_secs(15), || {
+        let s = leader_of(&survivor)?;
+        if s["is_leader"] == true {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        }
+    });
+    let takeover = killed.elapsed();
+    eprintln!("takeover after kill -9: {takeover:?}");
+    assert!(takeover < Duration::from_secs(15));
+
+    // A deploy submitted to the survivor is placed (on its own node: the
+    // dead one's record is still alive for up to its lease) and runs.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("compose.yaml"),
+        format!(
+            "services:\n  tick:\n    command: sleep 300\n    deploy:\n      replicas: 2\n      placement:\n        constraints: [\"node.hostname == {survivor_id}\"]\n"
+        ),
+    )
+    .unwrap();
+    let stack = format!("lead{}", std::process::id());
+    survivor.ok(dir.path(), &["up", "-d", "-p", &stack]);
+    wait_until("the deploy runs", Duration::from_secs(30), || {
+        all_ready(&survivor.ps(dir.path(), &stack), "tick", 2)
+    });
+    survivor.ok(dir.path(), &["down", "-p", &stack]);
+    drop(dead);
+}
