@@ -265,7 +265,10 @@ fn build_image(tag: &str, dockerfile: &str) {
 #[test]
 fn example_voting_app_explains_what_cannot_run_then_runs_with_local_images() {
     test_image();
-    let corpus = repo().join("../shared/compose-corpus/example-voting-app");
+    let corpus = repo()
+        .join("../shared/compose-corpus/example-voting-app")
+        .canonicalize()
+        .expect("the compose corpus (../shared)");
     let file = corpus.join("docker-compose.yml");
     let original = std::fs::read_to_string(&file).expect("the compose corpus (../shared)");
     let pulled = ["redis:alpine", "postgres:15-alpine"];
@@ -296,7 +299,10 @@ fn example_voting_app_explains_what_cannot_run_then_runs_with_local_images() {
         for (service, image) in [("redis", "redis:alpine"), ("db", "postgres:15-alpine")] {
             let line = stderr
                 .lines()
-                .find(|l| l.starts_with(&format!("service `{service}`: cannot run here")))
+                .find(|l| {
+                    l.trim_start()
+                        .starts_with(&format!("service `{service}`: cannot run here"))
+                })
                 .unwrap_or_else(|| panic!("no line for {service}: {stderr}"));
             for part in [
                 format!("image `{image}` is not on this machine and cannot be pulled"),
@@ -310,7 +316,10 @@ fn example_voting_app_explains_what_cannot_run_then_runs_with_local_images() {
         for service in ["vote", "result", "worker"] {
             let line = stderr
                 .lines()
-                .find(|l| l.starts_with(&format!("service `{service}`: cannot run here")))
+                .find(|l| {
+                    l.trim_start()
+                        .starts_with(&format!("service `{service}`: cannot run here"))
+                })
                 .unwrap_or_else(|| panic!("no line for {service}: {stderr}"));
             let dir = corpus.join(service);
             assert!(
