@@ -55,6 +55,7 @@ use crate::logs::LogStore;
 use crate::now_ms;
 
 mod image;
+pub mod preflight;
 mod probe;
 pub mod spec;
 

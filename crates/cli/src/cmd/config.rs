@@ -1,4 +1,8 @@
-//! `berth config`: the resolved stack, local only (no server).
+//! `berth config`: the resolved stack, local only (no server), and what of
+//! it cannot run on this machine (container services whose image or build
+//! context is missing: see [`berth_agent::driver::docker::preflight`]).
+
+use berth_agent::driver::docker::preflight::{self, Finding};
 
 use crate::args::ConfigArgs;
 use crate::exit;
@@ -23,5 +27,26 @@ pub fn run(settings: &Settings, args: &ConfigArgs) -> anyhow::Result<u8> {
     } else {
         print_out(&berth_spec::to_yaml(&loaded.stack))?;
     }
+    if !args.services {
+        for finding in container_findings(&loaded.stack)? {
+            eprintln!("{finding}");
+        }
+    }
     Ok(exit::OK)
+}
+
+/// What of the stack's container services cannot run here. Asks the
+/// engine only when there are container services.
+pub fn container_findings(stack: &berth_spec::types::Stack) -> anyhow::Result<Vec<Finding>> {
+    if !stack
+        .services
+        .values()
+        .any(|s| s.driver() == berth_spec::types::Driver::Docker)
+    {
+        return Ok(Vec::new());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(preflight::check_stack(None, stack)))
 }

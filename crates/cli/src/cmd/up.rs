@@ -28,6 +28,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 pub async fn run(settings: &Settings, args: &UpArgs) -> anyhow::Result<u8> {
     let loaded = resolve::load(&args.stack)?;
     let stack = loaded.stack;
+    preflight(settings, &stack).await?;
     let client = autostart::ensure_server(settings).await?;
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -62,6 +63,43 @@ pub async fn run(settings: &Settings, args: &UpArgs) -> anyhow::Result<u8> {
     } else {
         attached(settings, &client, &resp.stack, started, width).await
     }
+}
+
+/// Refuse to submit a stack whose container services cannot run on this
+/// machine (missing image, no registry, missing build context), naming
+/// each, when the server is the local one (its engine is ours); warnings
+/// are printed and the stack goes ahead.
+async fn preflight(settings: &Settings, stack: &berth_spec::types::Stack) -> anyhow::Result<()> {
+    if !matches!(settings.endpoint, crate::client::Endpoint::Unix { .. })
+        || !stack
+            .services
+            .values()
+            .any(|s| s.driver() == berth_spec::types::Driver::Docker)
+    {
+        return Ok(());
+    }
+    let findings = berth_agent::driver::docker::preflight::check_stack(None, stack).await;
+    let mut errors = Vec::new();
+    for f in findings {
+        if f.severity == berth_agent::driver::docker::preflight::Severity::Error {
+            errors.push(format!("  {f}"));
+        } else {
+            eprintln!("{f}");
+        }
+    }
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(Failure::with_code(
+        exit::UP_FAILED,
+        format!(
+            "stack {}: {} problem{} with its container services; nothing was started:\n{}",
+            stack.name,
+            errors.len(),
+            if errors.len() == 1 { "" } else { "s" },
+            errors.join("\n")
+        ),
+    ))
 }
 
 /// Follow the logs; on Ctrl-C stop the stack and wait until it is down.

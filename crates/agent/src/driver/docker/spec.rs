@@ -71,9 +71,14 @@ pub fn volume_name(stack: &str, name: &str) -> String {
 /// `build:` without one (Compose's default tag), lower-cased as image
 /// names must be.
 pub fn image_name(key: &InstanceKey, service: &Service) -> String {
+    service_image(&key.stack, service)
+}
+
+/// [`image_name`] from the stack's name alone.
+pub fn service_image(stack: &str, service: &Service) -> String {
     match &service.image {
         Some(i) => i.clone(),
-        None => clean(&format!("{}-{}", key.stack, key.service)).to_ascii_lowercase(),
+        None => clean(&format!("{stack}-{}", service.name)).to_ascii_lowercase(),
     }
 }
 
