@@ -182,6 +182,17 @@ pub enum Command {
     /// Print the CLI's version (and the server's, when one answers).
     #[command(after_help = "Example:\n  berth version\n  berth version --json")]
     Version,
+    /// Print the web dashboard's URL and open it when there is a display.
+    #[command(after_help = "Example:\n  berth dashboard\n  berth dashboard --no-open")]
+    Dashboard(DashboardArgs),
+}
+
+/// `berth dashboard`.
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    /// Only print the URL, even when a display is available.
+    #[arg(long)]
+    pub no_open: bool,
 }
 
 /// `berth up`.
@@ -491,6 +502,10 @@ pub struct ServerArgs {
         value_parser = parse_duration
     )]
     pub reschedule_after: std::time::Duration,
+    /// Serve the dashboard to browsers without the token. Only allowed when
+    /// every --listen address is loopback; other local users can then use it.
+    #[arg(long)]
+    pub dashboard_no_auth: bool,
 }
 
 /// `10M`, `512k`, `1g`, `4096` → bytes (the stack file's size syntax).

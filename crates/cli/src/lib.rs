@@ -61,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Command::Node(a) => cmd::node::run(&settings, a).await,
             Command::Token(a) => cmd::node::token(&settings, a).await,
             Command::Version => cmd::version::run(&settings).await,
+            Command::Dashboard(a) => cmd::dashboard::run(&settings, a).await,
             Command::Config(a) => cmd::config::run(&settings, a),
         }
     })

@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod metrics_proc;
 pub mod mirror;
 pub mod traffic;
+pub mod ui;
 
 /// How the server is started.
 #[derive(Debug, Clone)]
@@ -80,6 +81,8 @@ pub struct ServerConfig {
     pub run_agent: bool,
     /// How long a node may be down before its instances are rescheduled.
     pub reschedule_after: Duration,
+    /// Whether browsers need the token on loopback listeners (see [`ui`]).
+    pub dashboard_auth: ui::DashboardAuth,
 }
 
 impl ServerConfig {
@@ -100,6 +103,7 @@ impl ServerConfig {
             reschedule_after: Duration::from_millis(
                 controller::Liveness::DEFAULT_RESCHEDULE_AFTER_MS,
             ),
+            dashboard_auth: ui::DashboardAuth::Required,
         }
     }
 }
@@ -176,6 +180,14 @@ pub async fn run(
         .create(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let _lock = lock_data_dir(&cfg.data_dir)?;
+    if cfg.dashboard_auth == ui::DashboardAuth::Off
+        && let Some(remote) = cfg.listen.iter().find(|a| !a.ip().is_loopback())
+    {
+        anyhow::bail!(
+            "the dashboard's auth can be off only when every API listener is loopback, \
+             but --listen {remote} is reachable from other machines (drop --dashboard-no-auth)"
+        );
+    }
 
     let store: Arc<dyn Store> = match &cfg.store {
         StoreLocation::Embedded => Arc::new(
@@ -299,7 +311,15 @@ pub async fn run(
         bound.push(local);
         // Only loopback listeners are open without the token.
         let need_token = (!addr.ip().is_loopback()).then(|| token.clone());
-        let router = api::router(ctx(need_token)).layer(axum::Extension(telemetry.clone()));
+        let guard = ui::Guard {
+            token: token.clone(),
+            loopback: addr.ip().is_loopback(),
+            auth: cfg.dashboard_auth,
+        };
+        let router = ui::with_dashboard(
+            api::router(ctx(need_token)).layer(axum::Extension(telemetry.clone())),
+            guard,
+        );
         let rx = stop_rx.clone();
         tasks.spawn(async move {
             api::serve_tcp(listener, router, stopped(rx))

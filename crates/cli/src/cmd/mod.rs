@@ -15,6 +15,7 @@ use crate::resolve::stack_path;
 pub mod actions;
 pub mod agent;
 pub mod config;
+pub mod dashboard;
 pub mod deploy;
 pub mod events;
 pub mod kv;

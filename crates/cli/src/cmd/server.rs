@@ -37,6 +37,9 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
         .history_interval
         .max(std::time::Duration::from_millis(100));
     cfg.reschedule_after = args.reschedule_after;
+    if args.dashboard_no_auth {
+        cfg.dashboard_auth = berth_server::ui::DashboardAuth::Off;
+    }
     // A small cap splits long lines sooner rather than being refused.
     let half = usize::try_from(args.log_max_file_size / 2).unwrap_or(usize::MAX);
     cfg.logs.max_line_bytes = cfg.logs.max_line_bytes.min(half);

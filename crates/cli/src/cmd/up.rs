@@ -51,6 +51,13 @@ pub async fn run(settings: &Settings, args: &UpArgs) -> anyhow::Result<u8> {
         "stack {} (namespace {}): release v{}",
         resp.stack, resp.namespace, resp.release
     );
+    if let Some(url) = crate::cmd::dashboard::url(settings, client.endpoint()) {
+        eprintln!(
+            "dashboard: {url}#/stack/{}/{}",
+            enc(&resp.namespace),
+            enc(&resp.stack)
+        );
+    }
     if args.detach {
         wait_ready(
             settings,

@@ -16,6 +16,8 @@
 //!   [`events`]: the event log as JSON pages or SSE.
 //! - [`services`]: the catalog per service (`berth services`) and the
 //!   Prometheus HTTP service-discovery endpoint.
+//! - [`watch`]: a stack's state as Server-Sent Events (the dashboard's live
+//!   views); the dashboard's other read routes are in [`crate::ui::api`].
 //! - [`kv`] and [`consul`]: the KV store (`/v1/kv/*`) and the
 //!   Consul-compatible subset (catalog, health, sessions, agent, status).
 //! - [`nodes`]: `berth nodes`, drain / activate / remove, the join token.
@@ -55,6 +57,7 @@ pub mod releases;
 pub mod services;
 pub mod stacks;
 pub mod time;
+pub mod watch;
 
 pub use error::ApiError;
 
@@ -189,6 +192,13 @@ fn build() -> Routes {
             "/v1/join-token/rotate",
             nodes::rotate_join_token,
         )
+        .add(Method::GET, "/v1/stacks/{ns}/{stack}/watch", watch::stack)
+        .add(
+            Method::GET,
+            "/v1/stacks/{ns}/{stack}/releases/{version}",
+            crate::ui::api::release,
+        )
+        .add(Method::GET, "/v1/network", crate::ui::api::network)
         .then(consul::add_routes)
 }
 
