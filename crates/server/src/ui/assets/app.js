@@ -403,7 +403,8 @@ function instanceTable(instances, withService) {
         h('td', { class: 'mono' }, i.instance, i.current === false ? h('span', { class: 'muted' }, ' (outdated)') : ''),
         h('td', {}, pill(label, cls), i.message ? h('div', { class: 'muted' }, i.message) : ''),
         h('td', {}, i.health_output ? h('pre', {}, i.health_output.slice(-400)) : h('span', { class: 'muted' }, i.health === 'none' ? 'no check' : i.health)),
-        h('td', { class: 'mono hide-sm' }, i.address ? `${i.address}${i.port ? ':' + i.port : ''}` : ''),
+        // The row's address is already `ip:port` when the instance has a port.
+        h('td', { class: 'mono hide-sm' }, i.address || ''),
         h('td', { class: 'mono hide-sm' }, i.pid || ''),
         h('td', {}, String(i.restarts), h('span', { class: 'muted' }, exit)),
         h('td', { class: 'hide-sm' }, `v${i.release}`),
@@ -421,12 +422,13 @@ async function stackPage(main, ns, stack) {
   const instances = h('div');
   const releases = h('div');
   const rollbackBtn = h('button', { type: 'button', class: 'danger', id: 'rollback' }, 'Roll back…');
+  const rolloutBox = h('p', { id: 'rollout', 'aria-live': 'polite' });
   fill(main, 
     crumbs(h('a', { href: '#/' }, 'Overview'), `${ns}`),
     h('h1', {}, `Stack ${stack}`),
     h('h2', {}, 'Services'), services,
     h('h2', {}, 'Instances'), instances,
-    h('h2', {}, 'Releases'), h('div', { class: 'controls' }, rollbackBtn), releases,
+    h('h2', {}, 'Releases'), h('div', { class: 'controls' }, rollbackBtn), rolloutBox, releases,
     h('h2', {}, 'Events'), Events.render((e) => e.stack === stack && (!e.namespace || e.namespace === ns)));
   let current = null;
   const drawReleases = async () => {
@@ -447,7 +449,6 @@ async function stackPage(main, ns, stack) {
           h('td', {}, `v${x.version}`, x.current ? [' ', pill('current', 'ok')] : ''),
           h('td', {}, fmtTime(x.created_at)), h('td', { class: 'hide-sm' }, x.author), h('td', {}, x.message),
           h('td', {}, x.services_changed.join(', '))))))),
-      r.rollout ? h('p', {}, 'Rollout: ', h('code', {}, JSON.stringify(r.rollout))) : '',
       list.length > 1 ? h('div', { class: 'controls' }, h('label', { for: 'diff-from' }, 'Diff'), from, h('label', { for: 'diff-to' }, 'against'), to,
         h('button', { type: 'button', class: 'secondary', onclick: () => showDiff().catch((e) => toast(e.message, true)) }, 'Show diff')) : '',
       out);
@@ -456,7 +457,7 @@ async function stackPage(main, ns, stack) {
   rollbackBtn.addEventListener('click', async () => {
     if (!await confirmAction(`Roll back ${stack}?`, `This makes the release before v${current ? current.record.release : '?'} current again and replaces instances whose spec changes.`, 'Roll back')) return;
     try {
-      const r = await api('POST', `/v1/stacks/${enc(ns)}/${enc(stack)}/rollback`, {});
+      const r = await api('POST', `/v1/stacks/${enc(ns)}/${enc(stack)}/rollback`, { author: 'dashboard' });
       toast(`Rolled back: ${stack} is now at release v${r.release}.`);
       Events.push({ at: Date.now(), namespace: ns, stack, kind: 'rolled_back', text: `rolled back (now v${r.release})` });
       await drawReleases();
@@ -473,6 +474,10 @@ async function stackPage(main, ns, stack) {
         h('td', {}, h('a', { href: `#/service/${enc(ns)}/${enc(stack)}/${enc(name)}` }, name)),
         h('td', {}, s.replicas), h('td', {}, s.running), h('td', {}, s.healthy), h('td', {}, serviceHealth(s))))))));
     fill(instances, instanceTable(d.instances, true));
+    const ro = d.record.rollout;
+    fill(rolloutBox, ro ? [`Rollout of v${ro.release}: `,
+      pill(ro.state.replace(/_/g, ' '), ro.state === 'complete' ? 'ok' : ro.state === 'in_progress' ? 'warn' : 'bad'),
+      ro.message ? ` ${ro.message}` : ''] : []);
     if (lastRelease !== null && lastRelease !== d.record.release) drawReleases().catch(() => {});
     lastRelease = d.record.release;
   });
