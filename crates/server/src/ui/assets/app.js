@@ -725,7 +725,11 @@ async function nodesPage(main) {
   fill(main, h('h1', {}, 'Nodes'), h('div', { class: 'grid' }, nodes.map((n) => {
     const mine = instances.filter((i) => i.node === n.id);
     return h('article', { class: 'card', 'data-node': n.id },
-      h('h3', {}, n.id, ' ', n.draining ? pill('draining', 'warn') : pill('ready', 'ok')),
+      h('h3', {}, n.id, ' ', (() => {
+        // `state` (up, draining, down) where the server reports it.
+        const st = n.state || (n.draining ? 'draining' : 'up');
+        return pill(st, st === 'up' ? 'ok' : st === 'draining' ? 'warn' : 'bad');
+      })(), n.joined ? h('span', { class: 'muted' }, ' joined agent') : ''),
       h('p', { class: 'mono' }, n.address),
       h('h4', {}, 'Facts'), h('ul', {}, Object.entries(n.facts || {}).map(([k, v]) => h('li', {}, h('span', { class: 'muted' }, `${k}: `), typeof v === 'object' ? JSON.stringify(v) : String(v)))),
       h('h4', {}, 'Labels'), Object.keys(n.labels || {}).length ? h('ul', {}, Object.entries(n.labels).map(([k, v]) => h('li', { class: 'mono' }, `${k}=${v}`))) : h('p', { class: 'muted' }, 'none'),
