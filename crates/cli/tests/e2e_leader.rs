@@ -156,7 +156,7 @@ fn the_survivor_takes_over_and_runs_a_deploy() {
     std::fs::write(
         dir.path().join("compose.yaml"),
         format!(
-            "services:\n  tick:\n    command: sleep 300\n    deploy:\n      replicas: 2\n      placement:\n        constraints: [\"node.hostname == {survivor_id}\"]\n"
+            "services:\n  tick:\n    command: sleep 300\n    deploy:\n      replicas: 2\n      placement:\n        constraints: [\"node.id == {survivor_id}\"]\n"
         ),
     )
     .unwrap();
