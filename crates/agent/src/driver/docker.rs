@@ -68,6 +68,11 @@ pub use spec::{
 const DRAIN: Duration = Duration::from_secs(2);
 /// How long connecting to the engine may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Container creates and starts in flight at once: the engine serialises
+/// much of this work internally (names, network endpoints), so a burst of
+/// 50 unbounded requests only queues there while health probes and log
+/// streams of the containers already started wait behind them.
+const START_CONCURRENCY: usize = 8;
 /// Where the engine is when neither the agent nor `DOCKER_HOST` says.
 const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 
@@ -214,6 +219,8 @@ struct Inner {
     network_create: tokio::sync::Mutex<()>,
     networks: Mutex<HashSet<String>>,
     builds: image::Builds,
+    /// Bounds concurrent creates and starts ([`START_CONCURRENCY`]).
+    starts: tokio::sync::Semaphore,
 }
 
 /// Runs instances as Docker containers. Cheap to clone.
@@ -250,6 +257,7 @@ impl DockerDriver {
                 network_create: tokio::sync::Mutex::new(()),
                 networks: Mutex::new(HashSet::new()),
                 builds: image::Builds::default(),
+                starts: tokio::sync::Semaphore::new(START_CONCURRENCY),
             }),
         }
     }
@@ -495,6 +503,11 @@ impl Inner {
         let network = network_name(&spec.key.namespace, &spec.key.stack);
         let name = container_name(&spec.key, &spec.uid);
         let body = spec::container_body(spec, image, &self.agent_id, &network);
+        let _slot = self
+            .starts
+            .acquire()
+            .await
+            .map_err(|e| DriverError::Engine(format!("creating container {name}: {e}")))?;
         let _shared = self.network_lock.read().await;
         self.ensure_network(docker, &spec.key, &network).await?;
         self.ensure_volumes(docker, spec).await?;
