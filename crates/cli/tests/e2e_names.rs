@@ -206,12 +206,14 @@ fn processes_call_each_other_by_name_through_stable_addresses() {
 
     // `down` frees the addresses: nothing listens on the VIP any more.
     berth.ok(dir, &["down", "-p", &stack]);
-    wait_until("the VIP is closed", Duration::from_secs(10), || {
-        match std::net::TcpStream::connect(format!("{host}:8000")) {
+    wait_until(
+        "the VIP is closed",
+        Duration::from_secs(10),
+        || match std::net::TcpStream::connect(format!("{host}:8000")) {
             Ok(_) => Err("still listening".into()),
             Err(_) => Ok(()),
-        }
-    });
+        },
+    );
 }
 
 /// An HTTP GET to `addr` (ip:port).

@@ -505,8 +505,7 @@ mod tests {
             rollout: None,
         };
         let mut m = Mirror::default();
-        m.stacks
-            .insert(keys::stack("default", "shop"), (record, 1));
+        m.stacks.insert(keys::stack("default", "shop"), (record, 1));
         m
     }
 
@@ -592,7 +591,11 @@ services:
         assert!(!env.contains_key("DB_HOST"));
         assert_eq!(env["DB_URL"], format!("tcp://{db}:5432"));
         assert!(env[HOSTS_VAR].split(' ').any(|h| h == format!("api={api}")));
-        assert!(env[HOSTS_VAR].split(' ').any(|h| h == format!("api.shop={api}")));
+        assert!(
+            env[HOSTS_VAR]
+                .split(' ')
+                .any(|h| h == format!("api.shop={api}"))
+        );
         // No variables for services it does not depend on.
         assert!(!env.contains_key("CACHE_HOST"));
 
@@ -612,8 +615,8 @@ services:
     fn proxy_table_maps_vip_ports_to_healthy_instances() {
         let mut m = mirror(STACK);
         allocate(&mut m);
-        let status = |service: &str, slot: u32, addr: &str, port: u16, health: Health| {
-            InstanceStatus {
+        let status =
+            |service: &str, slot: u32, addr: &str, port: u16, health: Health| InstanceStatus {
                 key: InstanceKey {
                     namespace: "default".into(),
                     stack: "shop".into(),
@@ -635,8 +638,7 @@ services:
                 limits_warning: None,
                 message: None,
                 updated_at: 0,
-            }
-        };
+            };
         for s in [
             status("api", 1, "127.0.0.1", 41001, Health::Healthy),
             status("api", 2, "127.0.0.1", 41002, Health::Unhealthy),

@@ -53,10 +53,13 @@ pub struct HostsMount {
 impl HostsFiles {
     /// Hosts files under `dir`. Disabled from the start when not root.
     pub fn new(dir: PathBuf) -> Self {
-        let disabled = (!nix::unistd::geteuid().is_root())
-            .then(|| "berth is not running as root (a mount namespace needs CAP_SYS_ADMIN)".to_owned());
+        let disabled = (!nix::unistd::geteuid().is_root()).then(|| {
+            "berth is not running as root (a mount namespace needs CAP_SYS_ADMIN)".to_owned()
+        });
         if let Some(why) = &disabled {
-            tracing::info!("service names are not host names for processes: {why}; processes find services through their <NAME>_HOST/_URL variables");
+            tracing::info!(
+                "service names are not host names for processes: {why}; processes find services through their <NAME>_HOST/_URL variables"
+            );
         }
         Self {
             dir,
@@ -76,7 +79,9 @@ impl HostsFiles {
         if let Ok(mut d) = self.disabled.lock()
             && d.is_none()
         {
-            tracing::warn!("service names are not host names for processes: {why}; processes find services through their <NAME>_HOST/_URL variables");
+            tracing::warn!(
+                "service names are not host names for processes: {why}; processes find services through their <NAME>_HOST/_URL variables"
+            );
             *d = Some(why);
         }
     }

@@ -536,7 +536,8 @@ struct Controller {
     fence: Option<Revision>,
     liveness: Liveness,
     /// Chooses free service addresses (random, see `vip.rs`).
-    vip_picker: Box<dyn FnMut(&BTreeSet<std::net::Ipv4Addr>) -> Option<std::net::Ipv4Addr> + Send + Sync>,
+    vip_picker:
+        Box<dyn FnMut(&BTreeSet<std::net::Ipv4Addr>) -> Option<std::net::Ipv4Addr> + Send + Sync>,
 }
 
 impl Follower for Controller {
