@@ -47,6 +47,9 @@ const NON_HTTP_PORTS: &[u16] = &[
     11211, 27017,
 ];
 
+/// Chooses a free address given the ones in use (`None`: none left).
+pub type Picker = Box<dyn FnMut(&BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> + Send + Sync>;
+
 /// One write of the allocation step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VipChange {

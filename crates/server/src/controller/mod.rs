@@ -536,8 +536,7 @@ struct Controller {
     fence: Option<Revision>,
     liveness: Liveness,
     /// Chooses free service addresses (random, see `vip.rs`).
-    vip_picker:
-        Box<dyn FnMut(&BTreeSet<std::net::Ipv4Addr>) -> Option<std::net::Ipv4Addr> + Send + Sync>,
+    vip_picker: crate::vip::Picker,
 }
 
 impl Follower for Controller {
