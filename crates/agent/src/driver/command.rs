@@ -218,6 +218,45 @@ mod tests {
     }
 
     #[test]
+    fn containers_get_the_stack_names_as_extra_hosts_unless_mapped() {
+        let mut service = berth_spec::types::Service::new("box");
+        service.image = Some("busybox".into());
+        service.extra_hosts = vec!["db=10.0.0.9".into()];
+        let a = Assignment {
+            key: berth_model::InstanceKey {
+                namespace: "default".into(),
+                stack: "shop".into(),
+                service: "box".into(),
+                slot: 1,
+            },
+            uid: "u".into(),
+            node: "n".into(),
+            release: 1,
+            restart_generation: 0,
+            service,
+            env: BTreeMap::from([(
+                HOSTS_VAR.to_owned(),
+                "api=198.19.0.7 api.shop=198.19.0.7 db=198.19.0.8".to_owned(),
+            )]),
+            desired: berth_model::DesiredState::Running,
+            created_at: 0,
+            retire_at: None,
+        };
+        let inherited = BTreeMap::new();
+        let ctx = LaunchContext {
+            agent_id: "agent",
+            fallback_dir: Path::new("/"),
+            inherited: &inherited,
+        };
+        let spec = launch_spec(&a, None, &ctx).unwrap();
+        assert_eq!(
+            spec.service.extra_hosts,
+            ["db=10.0.0.9", "api:198.19.0.7", "api.shop:198.19.0.7"]
+        );
+        assert_eq!(spec.env[HOSTS_VAR], a.env[HOSTS_VAR]);
+    }
+
+    #[test]
     fn nothing_to_run_is_an_error() {
         assert!(argv(None, None).is_err());
         assert!(argv(None, Some(&exec(&[]))).is_err());
