@@ -983,7 +983,9 @@ fn x_berth_placement_strategy_and_affinity() {
             && e.contains("x-berth.placement.affinity names undefined or disabled service `cahce`"),
         "{e}"
     );
+}
 
+#[test]
 fn expose_declares_unpublished_ports_after_ports() {
     let l = ok(
         "services:\n  db:\n    command: x\n    expose: [\"5433\", 5432, \"9000-9001/tcp\"]\n    ports: [\"5432\"]\n",
