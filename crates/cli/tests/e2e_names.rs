@@ -121,7 +121,7 @@ fn processes_call_each_other_by_name_through_stable_addresses() {
             "    expose: [\"9000\"]\n",
             "    restart: always\n",
             "    x-berth:\n",
-            "      healthcheck: { http: /, interval: 300ms, timeout: 1s, retries: 2, start_interval: 50ms }\n",
+            "      healthcheck: { http: /, interval: 300ms, timeout: 1s, retries: 2, start_period: 30s, start_interval: 50ms }\n",
             "  caller:\n",
             "    command: [\"python3\", \"-u\", \"caller.py\"]\n",
             "    environment:\n",
