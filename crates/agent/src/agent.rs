@@ -403,7 +403,9 @@ pub async fn run_with(
     }
     let ctx = Arc::new(Context {
         driver: Arc::new(ByKind {
-            process: Arc::new(ProcessDriver::new(cgroups)),
+            process: Arc::new(
+                ProcessDriver::new(cgroups).with_hosts_dir(cfg.data_dir.join("hosts")),
+            ),
             docker: docker.clone(),
         }),
         logs,

@@ -47,6 +47,22 @@ pub fn node_drain(id: &str) -> String {
     format!("{NODE_DRAIN}{id}")
 }
 
+/// Prefix of the stable per-service addresses ([`crate::vip::ServiceVip`]).
+pub const VIPS: &str = "/berth/vips/";
+/// Prefix of the reverse index address → service, whose create-only writes
+/// make two services never get one address.
+pub const VIP_ADDRS: &str = "/berth/vip-addrs/";
+
+/// `/berth/vips/<ns>/<stack>/<service>`
+pub fn vip(ns: &str, stack: &str, service: &str) -> String {
+    format!("{VIPS}{ns}/{stack}/{service}")
+}
+
+/// `/berth/vip-addrs/<address>`
+pub fn vip_addr(address: std::net::Ipv4Addr) -> String {
+    format!("{VIP_ADDRS}{address}")
+}
+
 /// `/berth/kv/<ns>/<key>`: a user key (any text after the namespace,
 /// `/`-separated levels included).
 pub fn kv(ns: &str, key: &str) -> String {

@@ -30,6 +30,7 @@ pub mod api;
 pub mod event;
 pub mod history;
 pub mod keys;
+pub mod vip;
 
 /// Milliseconds since the Unix epoch. The model has no clock: callers pass it.
 pub type Millis = u64;

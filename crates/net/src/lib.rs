@@ -12,6 +12,9 @@
 //!   listens on the host port — even though berth's process instances each
 //!   listen on their own allocated port: the proxy accepts on the published
 //!   port and forwards each connection to a healthy instance, round-robin.
+//!   The same proxy serves every service's stable address (`VIP:port`, like
+//!   a Kubernetes ClusterIP), so clients are given addresses that never
+//!   change while instances move.
 //!
 //! This crate sees only tables ([`Backends`], [`http::RouteTable`]) handed
 //! to it through a `tokio::sync::watch` channel; it never reads the store,
@@ -28,5 +31,6 @@ pub mod tcp;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-/// Published listener address → the healthy instance addresses behind it.
+/// Listener address (a published port, or a service's stable address and
+/// declared port) → the healthy instance addresses behind it.
 pub type Backends = BTreeMap<SocketAddr, Vec<SocketAddr>>;

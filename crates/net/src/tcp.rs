@@ -1,10 +1,15 @@
-//! The published-port TCP proxy.
+//! The TCP proxy: published ports and service addresses.
 //!
-//! One listener per published address, opened and closed as the backends
-//! table changes (a published port exists while its service exists, even
-//! with no healthy instance: connections then get closed at once, which a
-//! client sees as a refused request rather than a hang). Connections already
-//! proxied are never cut by a table change.
+//! One listener per address in the table it follows, keyed by (ip, port):
+//! a published Compose port (`127.0.0.1:8000`), or a service's stable
+//! address and declared port (`127.77.3.9:5432`, like a Kubernetes
+//! ClusterIP). Listeners are opened and closed as the table changes (an
+//! address exists while its service exists, even with no healthy instance:
+//! connections then get closed at once, which a client sees as a refused
+//! request rather than a hang). Connections already proxied are never cut
+//! by a table change. A listener that cannot be opened (the port is taken,
+//! the address is not on an interface yet) is retried every
+//! [`BIND_RETRY`] and on every table change.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,8 +26,10 @@ use crate::Backends;
 
 /// How long to try one backend before moving to the next.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often listeners that could not be opened are tried again.
+pub const BIND_RETRY: Duration = Duration::from_secs(1);
 
-/// Runs listeners for every published address in the table it watches.
+/// Runs listeners for every address in the table it watches.
 pub struct PortProxy {
     table: watch::Receiver<Backends>,
 }
@@ -38,12 +45,14 @@ impl PortProxy {
         Self { table }
     }
 
-    /// Serve until `stop` turns true. Bind failures are logged per port and
-    /// retried on the next table change (another program may hold the port).
+    /// Serve until `stop` turns true. Bind failures are logged once per
+    /// address and retried (another program may hold the port for a while).
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut listeners: BTreeMap<SocketAddr, Listener> = BTreeMap::new();
+        let mut failing: std::collections::BTreeSet<SocketAddr> = Default::default();
         loop {
             let table = self.table.borrow_and_update().clone();
+            failing.retain(|a| table.contains_key(a));
             listeners.retain(|addr, l| {
                 let keep = table.contains_key(addr);
                 if !keep {
@@ -61,17 +70,29 @@ impl PortProxy {
                     TcpListener::from_std(l)
                 }) {
                     Ok(listener) => {
-                        tracing::info!(%addr, "published port listening");
+                        tracing::info!(%addr, "proxy listening");
+                        failing.remove(&addr);
                         let (tx, rx) = watch::channel(backends);
                         let task = tokio::spawn(accept_loop(listener, rx));
                         listeners.insert(addr, Listener { task, backends: tx });
                     }
-                    Err(e) => tracing::warn!(%addr, error = %e, "cannot listen on published port"),
+                    Err(e) => {
+                        if failing.insert(addr) {
+                            tracing::warn!(%addr, error = %e, "proxy cannot listen (retrying)");
+                        }
+                    }
                 }
             }
+            let retry = async {
+                if failing.is_empty() {
+                    std::future::pending::<()>().await;
+                }
+                tokio::time::sleep(BIND_RETRY).await;
+            };
             tokio::select! {
                 changed = self.table.changed() => if changed.is_err() { break },
                 _ = stop.wait_for(|s| *s) => break,
+                () = retry => {}
             }
         }
         for l in listeners.into_values() {
@@ -185,6 +206,21 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(ask(published).await, Some(b'b'));
         }
+        // A listener whose port is taken opens once the port is free.
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = holder.local_addr().unwrap();
+        tx.send_replace(Backends::from([(published, vec![b]), (taken, vec![a])]));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(holder);
+        let mut got = None;
+        for _ in 0..60 {
+            got = ask(taken).await;
+            if got.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(got, Some(b'a'), "retried bind after the port was freed");
         // No backends: connection closed, not hung.
         tx.send_replace(Backends::from([(published, vec![])]));
         tokio::time::sleep(Duration::from_millis(20)).await;

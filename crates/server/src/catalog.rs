@@ -1,6 +1,7 @@
 //! The catalog: which instances are healthy, derived from actual state and
 //! never edited by hand, and the published-port table built from it for the
-//! TCP proxy ([`berth_net::tcp::PortProxy`]).
+//! TCP proxy ([`berth_net::tcp::PortProxy`]; `vip.rs` adds the services'
+//! stable addresses to that table and keeps it current).
 //!
 //! An instance is routable when it is `running` and its health is `healthy`
 //! (or it has no check). Port mapping for process instances: the first
@@ -13,9 +14,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use berth_model::{CatalogEntry, Health, InstanceState, InstanceStatus};
 use berth_net::Backends;
 use berth_store::Revision;
-use tokio::sync::watch;
 
-use crate::mirror::{Follower, Mirror};
+use crate::mirror::Mirror;
 
 /// Whether the router and proxies may send traffic to this instance.
 pub fn routable(s: &InstanceStatus) -> bool {
@@ -124,22 +124,4 @@ pub fn published_ports(mirror: &Mirror) -> Backends {
         }
     }
     table
-}
-
-/// Keeps the published-port table current.
-pub struct PortTable {
-    /// Where the table is published.
-    pub tx: watch::Sender<Backends>,
-}
-
-impl Follower for PortTable {
-    async fn changed(&mut self, mirror: &Mirror, _: Revision) -> anyhow::Result<()> {
-        let table = published_ports(mirror);
-        self.tx.send_if_modified(|current| {
-            let changed = *current != table;
-            *current = table;
-            changed
-        });
-        Ok(())
-    }
 }

@@ -14,6 +14,7 @@
 //! - [`metrics`], [`history`], [`events`]: `GET /metrics`, the in-memory
 //!   history of instance resource use, and the event log derived from state
 //!   changes (bundled as [`metrics::Telemetry`]).
+//! - [`vip`]: stable per-service addresses, discovery env and the service proxy's table.
 //! - [`run`]: opens the store, registers this node, starts the local agent,
 //!   the controller and the listeners, and stops them all on shutdown.
 //!
@@ -52,6 +53,7 @@ pub mod metrics_proc;
 pub mod mirror;
 pub mod traffic;
 pub mod ui;
+pub mod vip;
 
 /// How the server is started.
 #[derive(Debug, Clone)]
@@ -252,9 +254,15 @@ pub async fn run(
         let (tx, rx) = watch::channel(berth_net::Backends::new());
         let store = store.clone();
         let stop = stop_rx.clone();
-        tasks.spawn(
-            async move { mirror::follow(store, stop, &mut catalog::PortTable { tx }).await },
-        );
+        tasks.spawn(async move {
+            let mut proxy = vip::ServiceProxy {
+                tx,
+                lo: vip::LoAddresses::default(),
+            };
+            let res = mirror::follow(store, stop, &mut proxy).await;
+            proxy.release().await;
+            res
+        });
         let stop = stop_rx.clone();
         tasks.spawn(async move {
             berth_net::tcp::PortProxy::new(rx).run(stop).await;

@@ -23,6 +23,9 @@ pub struct Mirror {
     pub statuses: BTreeMap<InstanceKey, InstanceStatus>,
     /// Nodes by id.
     pub nodes: BTreeMap<String, Node>,
+    /// Stable service addresses by store key (see `vip.rs`), with their mod
+    /// revision.
+    pub vips: BTreeMap<String, (berth_model::vip::ServiceVip, Revision)>,
 }
 
 impl Mirror {
@@ -46,6 +49,10 @@ impl Mirror {
                     if let Some(v) = decode_logged::<InstanceStatus>(kv) {
                         self.statuses.insert(v.key.clone(), v);
                     }
+                } else if key.starts_with(keys::VIPS) {
+                    if let Some(v) = decode_logged(kv) {
+                        self.vips.insert(kv.key.clone(), (v, rev));
+                    }
                 } else if let Some(id) = key.strip_prefix(keys::NODES)
                     && let Some(v) = decode_logged(kv)
                 {
@@ -55,6 +62,7 @@ impl Mirror {
             WatchEvent::Delete { key, .. } => {
                 self.stacks.remove(key);
                 self.assignments.remove(key);
+                self.vips.remove(key);
                 if key.starts_with(keys::STATUS)
                     && let Some(k) = keys::parse_instance(key)
                 {

@@ -268,6 +268,7 @@ pub fn service(
     }
     let mut scale: Option<(u32, Node)> = None;
     let mut restart_given = false;
+    let mut exposed: Vec<Port> = Vec::new();
     for (k, v) in &entries {
         let key = k.as_str().unwrap_or_default();
         match key {
@@ -290,6 +291,31 @@ pub fn service(
                 Value::Seq(items) => {
                     for it in items {
                         ports(conv, it, &mut svc.ports);
+                    }
+                }
+                _ => conv.expect(v, key, "a list of ports"),
+            },
+            // Declared like an unpublished `ports` entry (which is what
+            // `expose` means to berth: the service listens there, nothing is
+            // published), added after `ports` so the first port stays first.
+            "expose" => match &v.value {
+                Value::Seq(items) => {
+                    for it in items {
+                        let Some(s) = conv.string(it, key) else {
+                            continue;
+                        };
+                        match parse_port_spec(&s) {
+                            Ok(ps) if ps.iter().all(|p| p.published.is_none()) => {
+                                exposed.extend(ps);
+                            }
+                            Ok(_) => conv.error_hint(
+                                it,
+                                key,
+                                format!("`expose` takes container ports only, got {s:?}"),
+                                "publish a port under `ports:` instead",
+                            ),
+                            Err(e) => conv.error(it, key, format!("invalid port {s:?}: {e}")),
+                        }
                     }
                 }
                 _ => conv.expect(v, key, "a list of ports"),
@@ -385,6 +411,15 @@ pub fn service(
                 svc.extensions.insert(k2.to_string(), v.to_json());
             }
             _ => {}
+        }
+    }
+    for p in exposed {
+        if !svc
+            .ports
+            .iter()
+            .any(|q| q.target == p.target && q.protocol == p.protocol)
+        {
+            svc.ports.push(p);
         }
     }
     if let Some((n, at)) = scale {

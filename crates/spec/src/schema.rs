@@ -166,6 +166,7 @@ pub const SERVICE_SUPPORTED: &[&str] = &[
     "entrypoint",
     "env_file",
     "environment",
+    "expose",
     "extends",
     "extra_hosts",
     "healthcheck",

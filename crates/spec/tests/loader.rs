@@ -984,3 +984,23 @@ fn x_berth_placement_strategy_and_affinity() {
         "{e}"
     );
 }
+
+#[test]
+fn expose_declares_unpublished_ports_after_ports() {
+    let l = ok(
+        "services:\n  db:\n    command: x\n    expose: [\"5433\", 5432, \"9000-9001/tcp\"]\n    ports: [\"5432\"]\n",
+    );
+    assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+    let ports: Vec<(u16, Option<u16>)> = l.stack.services["db"]
+        .ports
+        .iter()
+        .map(|p| (p.target, p.published))
+        .collect();
+    // `ports` first (the instance's $PORT is the first port), no duplicate.
+    assert_eq!(
+        ports,
+        [(5432, None), (5433, None), (9000, None), (9001, None)]
+    );
+    let e = err("services:\n  db:\n    command: x\n    expose: [\"8000:5432\"]\n");
+    assert!(e.contains("`expose` takes container ports only"), "{e}");
+}

@@ -2,6 +2,7 @@
 const http = require("http");
 
 const port = Number(process.env.PORT);
+// Injected by berth (web depends_on api): http://<api's stable address>:8000.
 const api = process.env.API_URL;
 const instance = process.env.BERTH_INSTANCE || "web";
 

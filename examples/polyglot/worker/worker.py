@@ -4,6 +4,8 @@ import os
 import time
 import urllib.request
 
+# Injected by berth because the worker depends_on web: the front end's
+# stable address, which stays valid however its replicas move.
 url = os.environ["WEB_URL"]
 every = float(os.environ.get("EVERY_SECONDS", "2"))
 while True:

@@ -25,6 +25,25 @@ pub const PROJECT_DIR_VAR: &str = "BERTH_PROJECT_DIR";
 /// orphans after the agent was killed.
 pub const AGENT_ID_VAR: &str = "BERTH_AGENT_ID";
 
+/// Assignment env key through which the controller passes the stack's
+/// service names and the addresses this instance reaches them on
+/// (`name=address`, space-separated). Processes get them as their
+/// `/etc/hosts` (see [`super::hosts`]), containers as `extra_hosts`.
+pub const HOSTS_VAR: &str = "BERTH_HOSTS";
+
+/// The `(name, address)` pairs of a `BERTH_HOSTS` value; malformed entries
+/// (no `=`, an address that is not an IP) are skipped.
+pub fn parse_hosts(value: &str) -> Vec<(String, std::net::IpAddr)> {
+    value
+        .split_whitespace()
+        .filter_map(|pair| {
+            let (name, addr) = pair.split_once('=')?;
+            let addr = addr.parse().ok()?;
+            (!name.is_empty()).then(|| (name.to_owned(), addr))
+        })
+        .collect()
+}
+
 /// What the agent adds to every launch.
 #[derive(Debug, Clone)]
 pub struct LaunchContext<'a> {
@@ -66,8 +85,10 @@ pub fn argv(
 /// Build the launch spec of one instance.
 ///
 /// Environment, later layers winning: inherited basics, the service's
-/// `environment` (a `None` value unsets), the assignment's `env`, then the
-/// port variable and the `BERTH_*` variables.
+/// `environment` (a `None` value unsets), the assignment's `env` (the
+/// controller leaves out discovery variables the service sets itself), then
+/// the port variable and the `BERTH_*` variables. A container also gets the
+/// `BERTH_HOSTS` names as `extra_hosts`.
 ///
 /// Containers differ: the image supplies `PATH` and the rest, so nothing is
 /// inherited from the agent; `entrypoint`/`command` may both be absent (the
@@ -129,6 +150,21 @@ pub fn launch_spec(
         .or_else(|| a.env.get(PROJECT_DIR_VAR).map(PathBuf::from))
         .unwrap_or_else(|| ctx.fallback_dir.to_path_buf());
 
+    let mut service = svc.clone();
+    if container && let Some(hosts) = env.get(HOSTS_VAR) {
+        // Names the stack network's DNS cannot answer (process services),
+        // unless the stack file maps the name itself.
+        for (name, addr) in parse_hosts(hosts) {
+            let taken = service
+                .extra_hosts
+                .iter()
+                .any(|h| h.split([':', '=']).next() == Some(name.as_str()));
+            if !taken {
+                service.extra_hosts.push(format!("{name}:{addr}"));
+            }
+        }
+    }
+
     Ok(LaunchSpec {
         key: a.key.clone(),
         uid: a.uid.clone(),
@@ -136,7 +172,7 @@ pub fn launch_spec(
         env,
         working_dir,
         limits: svc.deploy.resources.limits.clone(),
-        service: svc.clone(),
+        service,
         release: a.release,
         restarts: 0,
     })
@@ -179,6 +215,45 @@ mod tests {
             argv(Some(&sh("exec \"$0\" \"$@\"")), Some(&exec(&["app"]))).unwrap(),
             ["sh", "-c", "exec \"$0\" \"$@\"", "app"]
         );
+    }
+
+    #[test]
+    fn containers_get_the_stack_names_as_extra_hosts_unless_mapped() {
+        let mut service = berth_spec::types::Service::new("box");
+        service.image = Some("busybox".into());
+        service.extra_hosts = vec!["db=10.0.0.9".into()];
+        let a = Assignment {
+            key: berth_model::InstanceKey {
+                namespace: "default".into(),
+                stack: "shop".into(),
+                service: "box".into(),
+                slot: 1,
+            },
+            uid: "u".into(),
+            node: "n".into(),
+            release: 1,
+            restart_generation: 0,
+            service,
+            env: BTreeMap::from([(
+                HOSTS_VAR.to_owned(),
+                "api=198.19.0.7 api.shop=198.19.0.7 db=198.19.0.8".to_owned(),
+            )]),
+            desired: berth_model::DesiredState::Running,
+            created_at: 0,
+            retire_at: None,
+        };
+        let inherited = BTreeMap::new();
+        let ctx = LaunchContext {
+            agent_id: "agent",
+            fallback_dir: Path::new("/"),
+            inherited: &inherited,
+        };
+        let spec = launch_spec(&a, None, &ctx).unwrap();
+        assert_eq!(
+            spec.service.extra_hosts,
+            ["db=10.0.0.9", "api:198.19.0.7", "api.shop:198.19.0.7"]
+        );
+        assert_eq!(spec.env[HOSTS_VAR], a.env[HOSTS_VAR]);
     }
 
     #[test]

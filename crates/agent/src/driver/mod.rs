@@ -23,6 +23,7 @@ use crate::health::Prober;
 pub mod cgroup;
 pub mod command;
 pub mod docker;
+pub mod hosts;
 pub mod process;
 
 /// Everything a driver needs to start one instance.

@@ -8,6 +8,12 @@
 //! after a stop, whatever is left in its process group and its cgroup is
 //! SIGKILLed. (A grandchild that `setsid`s away escapes the group; only the
 //! cgroup catches it, so that guarantee needs cgroups.)
+//!
+//! An instance of a stack whose services have stable addresses starts in its
+//! own mount namespace with the stack's hosts file as `/etc/hosts`
+//! ([`super::hosts`]), so service names resolve; when the kernel refuses
+//! that, the instance is started again without it and name injection is
+//! turned off for this agent (said once in the log).
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
@@ -21,6 +27,7 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use super::cgroup::{Cgroups, InstanceCgroup};
+use super::hosts::{HostsFiles, HostsMount, enter_before_exec};
 use super::{Capabilities, Driver, DriverError, Exit, Handle, LaunchSpec, Started};
 
 /// How long to wait for a killed process group to disappear.
@@ -30,13 +37,38 @@ const REAP_WAIT: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct ProcessDriver {
     cgroups: Arc<Cgroups>,
+    hosts: Option<Arc<HostsFiles>>,
 }
 
 impl ProcessDriver {
     /// A driver using this machine's cgroups (when an instance has limits).
     pub fn new(cgroups: Arc<Cgroups>) -> Self {
-        Self { cgroups }
+        Self {
+            cgroups,
+            hosts: None,
+        }
     }
+
+    /// Map service names to their addresses in each instance's
+    /// `/etc/hosts`, with the per-stack hosts files kept under `dir`.
+    pub fn with_hosts_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.hosts = Some(Arc::new(HostsFiles::new(dir)));
+        self
+    }
+}
+
+/// The child's command, without its cgroup and namespace set-up.
+fn command(program: &str, args: &[String], spec: &LaunchSpec) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(&spec.env)
+        .current_dir(&spec.working_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    cmd
 }
 
 fn cgroup_name(spec: &LaunchSpec) -> String {
@@ -108,16 +140,6 @@ impl Driver for ProcessDriver {
                 spec.working_dir.display()
             )));
         }
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env_clear()
-            .envs(&spec.env)
-            .current_dir(&spec.working_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-
         let mut limits_warning = None;
         let mut cgroup = None;
         // Every instance gets a cgroup when they are writable, limits or
@@ -125,10 +147,7 @@ impl Driver for ProcessDriver {
         // the process group when the instance stops.
         if self.cgroups.available() || has_limits(spec) {
             match self.cgroups.create(&cgroup_name(spec), &spec.limits) {
-                Ok(cg) => {
-                    join_cgroup_before_exec(&mut cmd, cg.procs_fds());
-                    cgroup = Some(cg);
-                }
+                Ok(cg) => cgroup = Some(cg),
                 Err(e) if has_limits(spec) => {
                     limits_warning = Some(format!("resource limits not applied: {e}"));
                 }
@@ -138,7 +157,33 @@ impl Driver for ProcessDriver {
             }
         }
 
-        let mut child = match cmd.spawn() {
+        let build = |mount: Option<HostsMount>| {
+            let mut cmd = command(program, args, spec);
+            if let Some(cg) = &cgroup {
+                join_cgroup_before_exec(&mut cmd, cg.procs_fds());
+            }
+            if let Some(m) = mount {
+                enter_before_exec(&mut cmd, m);
+            }
+            cmd
+        };
+        let mount = self.hosts.as_ref().and_then(|h| h.prepare(spec));
+        let with_names = mount.is_some();
+        let mut spawned = build(mount).spawn();
+        if with_names && let Err(e) = &spawned {
+            // Either the namespace or the program failed: if the program
+            // starts without the namespace, it was the namespace.
+            let first = e.to_string();
+            spawned = build(None).spawn();
+            if spawned.is_ok()
+                && let Some(h) = &self.hosts
+            {
+                h.disable(format!(
+                    "the kernel refused a private mount namespace with the stack's /etc/hosts ({first})"
+                ));
+            }
+        }
+        let mut child = match spawned {
             Ok(c) => c,
             Err(source) => {
                 if let Some(cg) = cgroup {

@@ -388,7 +388,7 @@ pub fn plan_with(
                 release: record.release,
                 restart_generation: generation,
                 service: (*service).clone(),
-                env: BTreeMap::new(),
+                env: crate::vip::instance_env(mirror, record, service),
                 desired: DesiredState::Running,
                 created_at: now,
                 key: key.clone(),
@@ -513,6 +513,7 @@ pub async fn run(
             down_since: BTreeMap::new(),
             reschedule_after_ms: settings.reschedule_after_ms,
         },
+        vip_picker: Box::new(crate::vip::random_picker()),
     };
     mirror::follow(store, shutdown, &mut controller).await
 }
@@ -534,12 +535,25 @@ struct Controller {
     logs: Option<berth_agent::logs::LogStore>,
     fence: Option<Revision>,
     liveness: Liveness,
+    /// Chooses free service addresses (random, see `vip.rs`).
+    vip_picker: crate::vip::Picker,
 }
 
 impl Follower for Controller {
     async fn changed(&mut self, mirror: &Mirror, seen: Revision) -> anyhow::Result<()> {
         if seen < self.wait_for {
             // Our own commit will come back through the watch and wake us.
+            self.wake_at = None;
+            return Ok(());
+        }
+        // Services get their stable addresses before their instances (and
+        // their dependents') are created, so the discovery environment is
+        // complete from the first start.
+        let vips = crate::vip::changes(mirror, &mut self.vip_picker);
+        if !vips.is_empty()
+            && let Some(rev) = crate::vip::commit(self.store.as_ref(), &vips, self.fence).await?
+        {
+            self.wait_for = rev;
             self.wake_at = None;
             return Ok(());
         }
