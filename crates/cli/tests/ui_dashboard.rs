@@ -4,7 +4,11 @@
 //! The browser signs in with the token, sees every service healthy, scales
 //! a service to 3 from the UI (through the confirmation dialog) and sees the
 //! 3 instances appear without a reload, sees in the live logs a line this
-//! test caused, and rolls the stack back. Screenshots of the main pages go
+//! test caused, and rolls the stack back. It pages the logs back ("Load
+//! older" finds a line from before the first page), searches past lines on
+//! the server (`grep=`), and sees a non-zero request rate for a service on
+//! the network page and a requests/s chart while the test sends traffic
+//! through the router. Screenshots of the main pages go
 //! to `target/screenshots/` for people to look at.
 //!
 //! The WebDriver client is the handful of W3C WebDriver calls below, JSON
@@ -24,6 +28,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -303,6 +309,22 @@ fn screenshot_dir() -> PathBuf {
         .join("screenshots")
 }
 
+/// One HTTP/1.0 request through berth's router to `host`; the status line.
+fn router_get(http: u16, host: &str, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", http)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    let status = reply.lines().next().unwrap_or_default().to_owned();
+    if status.starts_with("HTTP/1.0 404") || status.starts_with("HTTP/1.0 200") {
+        Ok(status)
+    } else {
+        Err(format!("reply {status:?}"))
+    }
+}
+
 fn stack_file(port: u16, greeting: &str) -> String {
     format!(
         concat!(
@@ -314,7 +336,7 @@ fn stack_file(port: u16, greeting: &str) -> String {
             "      GREETING: \"{greeting}\"\n",
             "    ports: [\"{port}:8000\"]\n",
             "    x-berth:\n",
-            "      healthcheck: {{ http: /, interval: 500ms, start_interval: 100ms, retries: 2 }}\n",
+            "      healthcheck: {{ http: /, interval: 500ms, start_interval: 100ms, start_period: 20s, retries: 2 }}\n",
             "  worker:\n",
             "    command: [\"sh\", \"-c\", \"while true; do echo tick; sleep 2; done\"]\n",
         ),
@@ -333,6 +355,10 @@ fn dashboard_shows_scales_follows_logs_and_rolls_back_in_chromium() {
     berth
         .env
         .insert("BERTH_DNS".into(), format!("127.0.0.1:{dns}"));
+    // Samples every second, so request rates show up within the test.
+    berth
+        .env
+        .insert("BERTH_HISTORY_INTERVAL".into(), "1s".into());
     let stack = format!("ui{}", std::process::id());
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
@@ -347,6 +373,17 @@ fn dashboard_shows_scales_follows_logs_and_rolls_back_in_chromium() {
         all_ready(&ps, "web", 1)?;
         all_ready(&ps, "worker", 1)
     });
+
+    // More log lines than the first page (200) holds after this one, so only
+    // paging back finds it: http.server logs each request through the router.
+    let host = format!("web.{stack}.localhost");
+    let old_marker = format!("ui-old-{}", std::process::id());
+    wait_until("the router serves web", UI_TIMEOUT, || {
+        router_get(http, &host, &format!("/{old_marker}")).map(drop)
+    });
+    for i in 0..260 {
+        router_get(http, &host, &format!("/filler-{i}")).unwrap();
+    }
 
     let url = berth.ok(dir, &["dashboard", "--no-open"]).trim().to_owned();
     assert!(
@@ -387,6 +424,33 @@ fn dashboard_shows_scales_follows_logs_and_rolls_back_in_chromium() {
         "one healthy web instance",
         "document.querySelectorAll('tr[data-instance][data-health=\"healthy\"]').length === 1",
     );
+    // Logs page back with the API's cursor: the old line is not in the first
+    // page, "Load older" brings it.
+    b.wait_for(
+        "the first page of logs",
+        "document.querySelectorAll('#logs > div').length >= 200",
+    );
+    let has_old = format!("document.querySelector('#logs').innerText.includes('{old_marker}')");
+    assert_eq!(
+        b.js(&format!("return {has_old};")),
+        Value::Bool(false),
+        "the old line is already in the first page"
+    );
+    for _ in 0..3 {
+        if b.js(&format!("return {has_old};")) == Value::Bool(true) {
+            break;
+        }
+        let before = b.js("return document.querySelectorAll('#logs > div').length;");
+        b.click("#log-older");
+        b.wait_for(
+            "older lines loaded",
+            &format!(
+                "document.querySelectorAll('#logs > div').length > {before} || document.querySelector('#log-status').innerText.includes('No older')"
+            ),
+        );
+    }
+    b.wait_for("the old line after Load older", &has_old);
+    b.screenshot("service-older");
     // Anything the page keeps across live updates proves there was no reload.
     b.js("window.__noReload = 'still here'; return null;");
     b.type_into("#replicas", "3");
@@ -470,13 +534,54 @@ fn dashboard_shows_scales_follows_logs_and_rolls_back_in_chromium() {
     );
     b.screenshot("stack-rolled-back");
 
-    // The other pages render for this stack.
+    // The network page: a live request rate while traffic flows through the
+    // router.
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = {
+        let (stop, host) = (stop.clone(), host.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = router_get(http, &host, "/traffic");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
     b.goto(&format!("{url}#/network"));
     b.wait_for(
         "the network view",
         &format!("document.querySelector('#network') && document.querySelector('#network').innerText.includes('web.{stack}.default.berth')"),
     );
+    b.wait_for(
+        "a non-zero request rate for web",
+        &format!(
+            "(() => {{ const td = document.querySelector('td[data-rate=\"default/{stack}/web\"] .rate'); return td && parseFloat(td.innerText) > 0; }})()"
+        ),
+    );
     b.screenshot("network");
+
+    // Search reaches past lines on the server (`grep=`): a fresh service page
+    // holds only the last 200 lines, the old one is not among them.
+    b.goto(&format!("{url}#/service/default/{stack}/web"));
+    b.wait_for(
+        "the first page of logs",
+        "document.querySelectorAll('#logs > div').length >= 200",
+    );
+    b.type_into("#log-search", &old_marker);
+    b.wait_for(
+        "the old line found by the server's search",
+        &format!(
+            "{has_old} && document.querySelector('#log-status').innerText.includes('past matching')"
+        ),
+    );
+    b.wait_for(
+        "the requests/s chart",
+        "document.querySelector('#charts').innerText.includes('Requests/s')",
+    );
+    b.screenshot("service-search");
+    stop.store(true, Ordering::Relaxed);
+    traffic.join().unwrap();
+
+    // The other pages render for this stack.
     b.goto(&format!("{url}#/kv"));
     b.type_into("#kv-key", "ui/greeting");
     b.type_into("#kv-value", "hello");

@@ -521,6 +521,8 @@ async function servicePage(main, ns, stack, svc) {
   const logBox = h('div', { class: 'logs', id: 'logs', role: 'log', 'aria-live': 'off', tabindex: 0, 'aria-label': 'Live logs' });
   const search = h('input', { id: 'log-search', type: 'search', placeholder: 'filter lines', autocomplete: 'off' });
   const follow = h('input', { id: 'log-follow', type: 'checkbox', checked: true });
+  const older = h('button', { id: 'log-older', type: 'button', class: 'secondary' }, 'Load older');
+  const logStatus = h('p', { id: 'log-status', class: 'muted', 'aria-live': 'polite' });
   fill(main, 
     crumbs(h('a', { href: '#/' }, 'Overview'), h('a', { href: `#/stack/${enc(ns)}/${enc(stack)}` }, stack)),
     h('h1', {}, `Service ${svc}`),
@@ -530,8 +532,8 @@ async function servicePage(main, ns, stack, svc) {
     h('h2', {}, 'Resources'), charts,
     h('h2', {}, 'Logs'),
     h('div', { class: 'controls' }, h('label', { for: 'log-search' }, 'Search'), search,
-      h('label', {}, follow, ' follow')),
-    logBox,
+      h('label', {}, follow, ' follow'), older),
+    logStatus, logBox,
     h('h2', {}, 'Events'), Events.render((e) => e.stack === stack && (!e.service || e.service === svc)));
   let desired = null;
   async function scale() {
@@ -564,10 +566,10 @@ async function servicePage(main, ns, stack, svc) {
     fill(instances, instanceTable(d.instances.filter((i) => i.service === svc), false));
   });
   historyCharts(charts, ns, stack, svc);
-  followLogs(logBox, search, follow, ns, stack, svc);
+  followLogs(logBox, search, follow, older, logStatus, ns, stack, svc);
 }
 
-// CPU and memory from the server's built-in history, when it has one.
+// Requests/s, CPU and memory from the server's built-in history, when it has one.
 async function historyCharts(box, ns, stack, svc) {
   const draw = async () => {
     let hist;
@@ -591,7 +593,10 @@ async function historyCharts(box, ns, stack, svc) {
       }
       return h('div', { class: 'card' }, h('h3', {}, title, ' ', h('span', { class: 'muted' }, pts.length ? fmt(pts[pts.length - 1][1]) : 'no data yet')), s);
     };
-    fill(box, 
+    // Request rates exist only for services the HTTP router serves.
+    const routed = (hist.services || []).find((s) => s.service === svc);
+    fill(box,
+      routed && chart('Requests/s', routed.points.map((p) => [p.t, p.requests_per_second]), (v) => `${v.toFixed(2)} req/s`),
       chart('CPU (% of a core)', series((p) => p.cpu_percent), (v) => `${v.toFixed(1)}%`),
       chart('Memory', series((p) => p.memory_bytes), fmtBytes));
     return true;
@@ -601,38 +606,107 @@ async function historyCharts(box, ns, stack, svc) {
   page.signal.addEventListener('abort', () => clearInterval(every));
 }
 
-// Live logs: the NDJSON follow stream, filtered here by the search box.
-async function followLogs(box, search, follow, ns, stack, svc) {
-  const MAX = 2000;
-  const lines = [];
+// Logs: the NDJSON follow stream for what happens now, and the log API's
+// cursors for the past: "Load older" asks for the 200 lines before the
+// oldest one shown (`before=<ts_us>`), and a search asks the server for
+// past matching lines (`grep=`), so it finds lines this page never held.
+// Live lines are filtered here as they arrive.
+async function followLogs(box, search, follow, older, status, ns, stack, svc) {
+  const PAGE = 200;
+  const base = `/v1/stacks/${enc(ns)}/${enc(stack)}/logs?service=${enc(svc)}`;
+  const idOf = (l) => `${l.ts_us} ${l.key.service}.${l.key.slot} ${l.stream} ${l.line}`;
+  const byTime = (a, b) => a.ts_us - b.ts_us;
+  let lines = []; // the unfiltered view: live tail plus pages loaded back
+  let limit = 500; // lines kept and shown; grows with each older page
+  let matches = []; // past lines the server matched for the current search
+  let matchedFor = '';
   let pending = false;
+  let jumpTop = false;
+  const query = () => search.value.trim();
+  const view = () => {
+    const q = query().toLowerCase();
+    if (!q) return lines.slice(-limit);
+    const seen = new Set();
+    const out = [];
+    for (const l of matches.concat(lines.filter((x) => x.line.toLowerCase().includes(q)))) {
+      const id = idOf(l);
+      if (!seen.has(id)) { seen.add(id); out.push(l); }
+    }
+    return out.sort(byTime).slice(-limit);
+  };
   const render = () => {
     pending = false;
-    const q = search.value.trim().toLowerCase();
-    const shown = q ? lines.filter((l) => l.line.toLowerCase().includes(q)) : lines;
-    fill(box, ...shown.slice(-500).map((l) => {
+    const q = query().toLowerCase();
+    fill(box, ...view().map((l) => {
       const cls = l.stream === 'stderr' ? 'err' : l.stream === 'system' ? 'sys' : '';
       let text = [l.line];
-      if (q) {
-        const at = l.line.toLowerCase().indexOf(q);
-        text = [l.line.slice(0, at), h('mark', {}, l.line.slice(at, at + q.length)), l.line.slice(at + q.length)];
-      }
+      const at = q ? l.line.toLowerCase().indexOf(q) : -1;
+      if (at >= 0) text = [l.line.slice(0, at), h('mark', {}, l.line.slice(at, at + q.length)), l.line.slice(at + q.length)];
       return h('div', { class: cls }, h('span', { class: 'src' }, `${l.key.service}.${l.key.slot} `), text);
     }));
-    if (follow.checked) box.scrollTop = box.scrollHeight;
+    if (jumpTop) { box.scrollTop = 0; jumpTop = false; } else if (follow.checked) box.scrollTop = box.scrollHeight;
   };
   const schedule = () => { if (!pending) { pending = true; requestAnimationFrame(render); } };
-  search.addEventListener('input', schedule);
+  // One finished (not followed) request for past lines.
+  const past = async (params) => {
+    const r = await openStream(`${base}&${params}`, 'application/x-ndjson', page.signal);
+    const got = [];
+    await readLines(r, (raw) => { if (raw.trim()) { try { got.push(JSON.parse(raw)); } catch { /* partial line */ } } });
+    return got;
+  };
+  // `grep=` takes a Rust regex; the box searches for text, case-insensitively.
+  const grepOf = (q) => enc('(?i)' + q.replace(/[\\^$.*+?()[\]{}|#&~-]/g, '\\$&'));
+  const merge = (into, got) => {
+    const have = new Set(into.map(idOf));
+    const fresh = got.filter((l) => !have.has(idOf(l)));
+    return [fresh.length, into.concat(fresh).sort(byTime)];
+  };
+  older.addEventListener('click', async () => {
+    const q = query();
+    const shown = view();
+    const oldest = shown.length ? shown[0].ts_us : Date.now() * 1000;
+    older.disabled = true;
+    try {
+      const got = await past(`tail=${PAGE}&before=${oldest}` + (q ? `&grep=${grepOf(q)}` : ''));
+      let n;
+      if (q) [n, matches] = merge(matches, got); else [n, lines] = merge(lines, got);
+      limit += n;
+      status.textContent = n ? `${n} older ${q ? 'matching ' : ''}lines loaded.` : `No older ${q ? 'matching ' : ''}lines.`;
+      if (n) { follow.checked = false; jumpTop = true; }
+      schedule();
+    } catch (e) {
+      if (e.status !== 401) status.textContent = `Could not load older lines: ${e.message}`;
+    } finally { older.disabled = false; }
+  });
+  let searchTimer = null;
+  search.addEventListener('input', () => {
+    schedule();
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(async () => {
+      const q = query();
+      if (!q) { matches = []; matchedFor = ''; status.textContent = ''; schedule(); return; }
+      if (q === matchedFor) return;
+      try {
+        const got = await past(`tail=${PAGE}&grep=${grepOf(q)}`);
+        if (query() !== q) return; // the user typed on
+        matches = got; matchedFor = q;
+        status.textContent = `${got.length}${got.length === PAGE ? '+' : ''} past matching line${got.length === 1 ? '' : 's'} from the server; new ones appear as they come.`;
+        schedule();
+      } catch (e) {
+        if (e.status !== 401) status.textContent = `Search failed: ${e.message}`;
+      }
+    }, 300);
+  });
   follow.addEventListener('change', schedule);
   let delay = 500;
   let since = null;
   while (!page.signal.aborted) {
     // On a reconnect, ask from the last line's second and drop what was
     // already shown.
-    const q = since ? `since=${Math.floor(since / 1e6)}` : 'tail=200';
+    const q = since ? `since=${Math.floor(since / 1e6)}` : `tail=${PAGE}`;
     const seen = since;
     try {
-      const r = await openStream(`/v1/stacks/${enc(ns)}/${enc(stack)}/logs?service=${enc(svc)}&${q}&follow=true`, 'application/x-ndjson', page.signal);
+      const r = await openStream(`${base}&${q}&follow=true`, 'application/x-ndjson', page.signal);
       delay = 500;
       await readLines(r, (raw) => {
         if (!raw.trim()) return;
@@ -641,7 +715,7 @@ async function followLogs(box, search, follow, ns, stack, svc) {
           if (seen && l.ts_us <= seen) return;
           lines.push(l);
           since = l.ts_us;
-          if (lines.length > MAX) lines.splice(0, lines.length - MAX);
+          if (lines.length > limit + PAGE) lines.splice(0, lines.length - limit);
           schedule();
         } catch { /* partial or foreign line */ }
       });
@@ -653,20 +727,64 @@ async function followLogs(box, search, follow, ns, stack, svc) {
   }
 }
 
+// Request rates per routed service from the built-in history. Polled every
+// 5 s with `since=<newest sample seen>`, so each poll returns only the
+// samples taken since (usually none or one per service): the history has
+// a new sample every 10 s, so a held-open stream would carry nothing more
+// often, and a poll of a few hundred bytes costs the server less than one
+// more long-lived connection per tab.
+function requestRates(stacks, onRate) {
+  const last = new Map(); // ns/stack -> newest t seen
+  let stop = false;
+  const poll = async () => {
+    for (const s of stacks) {
+      const id = `${s.namespace}/${s.name}`;
+      let hist;
+      try {
+        hist = await api('GET', `/v1/stacks/${enc(s.namespace)}/${enc(s.name)}/history?since=${last.get(id) || 0}`);
+      } catch (e) {
+        if (e.message.includes('not enabled')) stop = true; // this server keeps no history
+        continue;
+      }
+      for (const sv of hist.services || []) {
+        const p = sv.points[sv.points.length - 1];
+        if (!p) continue;
+        last.set(id, Math.max(last.get(id) || 0, p.t));
+        onRate(`${s.namespace}/${s.name}/${sv.service}`, p);
+      }
+    }
+  };
+  poll();
+  const every = setInterval(() => { if (stop) clearInterval(every); else poll(); }, 5000);
+  page.signal.addEventListener('abort', () => clearInterval(every));
+}
+function fmtRate(p) {
+  if (!p) return h('span', { class: 'muted' }, 'no traffic seen');
+  const r = p.requests_per_second;
+  return [h('span', { class: 'rate' }, `${r < 10 ? r.toFixed(2) : r.toFixed(1)} req/s`),
+    p.errors_per_second > 0 ? h('div', { class: 'bad' }, `${p.errors_per_second.toFixed(2)} 5xx/s`) : '',
+    h('div', { class: 'muted' }, `at ${fmtClock(p.t)}`)];
+}
+
 async function networkPage(main) {
   const body = h('div');
   fill(main, h('h1', {}, 'Network'),
-    h('p', { class: 'muted' }, 'Router rules → services → instances. Only healthy instances receive traffic and appear in DNS.'), body);
+    h('p', { class: 'muted' }, 'Router rules → services → instances. Only healthy instances receive traffic and appear in DNS. Request rates are what the HTTP router served per service (all its rules), from the built-in history (one sample every 10 s by default).'), body);
+  const rates = new Map(); // ns/stack/service -> latest history point
   const draw = async () => {
     const net = await api('GET', '/v1/network');
     fill(body, h('div', { class: 'table-wrap' }, h('table', { id: 'network' },
-      h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'router rules'), h('th', { scope: 'col' }, 'service'), h('th', { scope: 'col' }, 'instances'), h('th', { scope: 'col' }, 'DNS'))),
-      h('tbody', {}, net.map((s) => h('tr', { 'data-service': `${s.stack}/${s.service}` },
-        h('td', { class: 'mono' }, s.routes.map((r) => h('div', {}, `${r.host}${r.path === '/' ? '' : r.path}`)),
-          s.published.map((p) => h('div', { class: 'muted' }, `host port ${p}`))),
-        h('td', {}, h('a', { href: `#/service/${enc(s.namespace)}/${enc(s.stack)}/${enc(s.service)}` }, `${s.service}`), h('div', { class: 'muted' }, `${s.namespace}/${s.stack}`)),
-        h('td', { class: 'mono' }, s.instances.length ? s.instances.map((i) => h('div', {}, pill(i.healthy ? 'up' : 'out', i.healthy ? 'ok' : 'bad'), ` ${i.instance} → ${i.address}${i.port ? ':' + i.port : ''}`)) : h('span', { class: 'muted' }, 'none')),
-        h('td', { class: 'mono' }, s.dns.map((n) => h('div', {}, n)))))))));
+      h('thead', {}, h('tr', {}, h('th', { scope: 'col' }, 'router rules'), h('th', { scope: 'col' }, 'requests'), h('th', { scope: 'col' }, 'service'), h('th', { scope: 'col' }, 'instances'), h('th', { scope: 'col' }, 'DNS'))),
+      h('tbody', {}, net.map((s) => {
+        const id = `${s.namespace}/${s.stack}/${s.service}`;
+        return h('tr', { 'data-service': `${s.stack}/${s.service}` },
+          h('td', { class: 'mono' }, s.routes.map((r) => h('div', {}, `${r.host}${r.path === '/' ? '' : r.path}`)),
+            s.published.map((p) => h('div', { class: 'muted' }, `host port ${p}`))),
+          h('td', { 'data-rate': id }, fmtRate(rates.get(id))),
+          h('td', {}, h('a', { href: `#/service/${enc(s.namespace)}/${enc(s.stack)}/${enc(s.service)}` }, `${s.service}`), h('div', { class: 'muted' }, `${s.namespace}/${s.stack}`)),
+          h('td', { class: 'mono' }, s.instances.length ? s.instances.map((i) => h('div', {}, pill(i.healthy ? 'up' : 'out', i.healthy ? 'ok' : 'bad'), ` ${i.instance} → ${i.address}${i.port ? ':' + i.port : ''}`)) : h('span', { class: 'muted' }, 'none')),
+          h('td', { class: 'mono' }, s.dns.map((n) => h('div', {}, n))));
+      })))));
   };
   await draw();
   // Re-read the table whenever any stack's state changes.
@@ -678,6 +796,11 @@ async function networkPage(main) {
       timer = setTimeout(() => draw().catch((e) => toast(e.message, true)), 200);
     });
   }
+  requestRates(stacks, (id, p) => {
+    rates.set(id, p);
+    const cell = [...body.querySelectorAll('td[data-rate]')].find((td) => td.dataset.rate === id);
+    if (cell) fill(cell, fmtRate(p));
+  });
 }
 
 async function kvPage(main, ns) {
