@@ -334,6 +334,103 @@ mod tests {
         }
     }
 
+    /// A server that fails its first `fail` requests (503), then takes
+    /// every batch; the lines it took, in order.
+    async fn flaky_server(fail: usize) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = got.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut req = Vec::new();
+                let mut buf = [0u8; 65536];
+                // Headers, then Content-Length bytes of body.
+                let body = loop {
+                    let k = s.read(&mut buf).await.unwrap();
+                    req.extend_from_slice(&buf[..k]);
+                    let text = String::from_utf8_lossy(&req).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len: usize = head
+                            .lines()
+                            .find_map(|h| {
+                                h.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(|v| v.trim().parse().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break body.to_owned();
+                        }
+                    }
+                };
+                n += 1;
+                let answer = if n <= fail {
+                    "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+                } else {
+                    let batch: LogBatch = serde_json::from_str(&body).unwrap();
+                    let k = batch.lines.len();
+                    sink.lock()
+                        .unwrap()
+                        .extend(batch.lines.into_iter().map(|l| l.line));
+                    let json = format!("{{\"accepted\":{k},\"refused\":0}}");
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                        json.len()
+                    )
+                };
+                s.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        (addr, got)
+    }
+
+    #[tokio::test]
+    async fn lines_wait_while_the_server_fails_then_arrive_in_order() {
+        let (addr, got) = flaky_server(2).await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LogStore::open(dir.path().to_path_buf(), Default::default()).unwrap();
+        let client = ApiClient::new(addr, "n1".into(), Some("secret".into()));
+        let shipper = LogShipper::start(client, &store, ShipConfig::default());
+        let key = line(0, 0).key;
+        for i in 0..3 {
+            store
+                .append(&key, LogStream::Stdout, &format!("line {i}"))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while got.lock().unwrap().len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                got.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(*got.lock().unwrap(), ["line 0", "line 1", "line 2"]);
+        let stats = shipper.stats();
+        assert_eq!(stats.shipped.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+        shipper.finish(Duration::from_secs(1)).await;
+        // The local files have them too.
+        let local = store
+            .read(&crate::logs::LogQuery {
+                namespace: "default".into(),
+                stack: "s".into(),
+                services: vec![],
+                since_us: None,
+                tail: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(local.len(), 3);
+    }
+
     #[test]
     fn full_buffer_drops_oldest_and_counts() {
         let s = shared(ShipConfig {

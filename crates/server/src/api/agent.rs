@@ -1,5 +1,6 @@
 //! The agents' API (`/v1/agent/…`): joining, registration and heartbeats,
-//! the node's own assignments (listed and watched) and its statuses.
+//! the node's own assignments (listed and watched), its statuses and its
+//! instances' log lines.
 //!
 //! These routes never take the admin token: `POST /v1/agent/join` takes
 //! the join token, and every `/v1/agent/nodes/{node}/…` route takes that
