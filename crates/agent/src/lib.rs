@@ -49,6 +49,7 @@ pub mod logs;
 pub mod orphans;
 pub mod ports;
 pub mod remote;
+pub mod remote_logs;
 pub mod supervisor;
 
 pub use agent::{AgentConfig, AgentError, AgentOptions, run, run_with};

@@ -315,6 +315,25 @@ impl ApiClient {
         .await
     }
 
+    /// Ship a batch of log lines (see [`crate::remote_logs`]).
+    pub async fn ship_logs(
+        &self,
+        batch: &berth_model::api::LogBatch,
+    ) -> Result<berth_model::api::LogBatchResponse, RemoteError> {
+        let body = serde_json::to_vec(batch).map_err(|e| RemoteError::Refused {
+            what: "log lines".into(),
+            status: 0,
+            message: e.to_string(),
+        })?;
+        self.call_json(
+            "the log lines",
+            Method::POST,
+            &self.node_path("/logs"),
+            Some(body),
+        )
+        .await
+    }
+
     /// Keep the registration alive. `Ok(false)`: the server no longer has
     /// it (expired): register again.
     pub async fn heartbeat(&self) -> Result<bool, RemoteError> {
@@ -781,6 +800,12 @@ pub async fn run_remote(
         address: address.clone(),
         logs: cfg.logs.clone(),
     };
+    // Before the agent starts anything, so the first lines are shipped too.
+    let mut shipper = crate::remote_logs::LogShipper::start(
+        client.clone(),
+        &logs,
+        crate::remote_logs::ShipConfig::default(),
+    );
     let control = Arc::new(ApiControlPlane::new(client.clone()));
     let mut agent = tokio::spawn(crate::run(agent_cfg, control, logs, agent_rx));
 
@@ -817,6 +842,12 @@ pub async fn run_remote(
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
             },
+            res = shipper.failed() => {
+                if let Err(e) = res {
+                    outcome = Err(e);
+                    break;
+                }
+            }
             _ = facts.tick() => {
                 let dir = cfg.data_dir.clone();
                 let f = tokio::task::spawn_blocking(move || crate::facts::collect(&dir)).await.unwrap_or_default();
@@ -842,6 +873,9 @@ pub async fn run_remote(
         Err(e) => tracing::error!(error = %e, "agent task failed while stopping"),
         Ok(Ok(())) => {}
     }
+    // The instances' last lines (stopping, exit codes); the local files
+    // have them anyway if the server does not answer in time.
+    shipper.finish(Duration::from_secs(3)).await;
     outcome
 }
 

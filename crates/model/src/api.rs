@@ -491,3 +491,25 @@ pub enum WatchLine {
     /// Nothing happened; sent periodically so a dead connection is noticed.
     Progress,
 }
+
+/// `POST /v1/agent/nodes/{node}/logs`: a batch of log lines captured on
+/// the node, in capture order per instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogBatch {
+    /// The lines, with their capture timestamps.
+    pub lines: Vec<crate::LogLine>,
+    /// Lines the node dropped (buffer full while the server was slow or
+    /// unreachable) since its previous accepted batch.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// Answer to [`LogBatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogBatchResponse {
+    /// Lines stored.
+    pub accepted: u64,
+    /// Lines of instances neither assigned to the node nor reported by it
+    /// (not stored).
+    pub refused: u64,
+}

@@ -200,6 +200,31 @@ impl LogStore {
         Ok(())
     }
 
+    /// Store lines captured elsewhere (another node's agent shipped them to
+    /// this server), keeping their capture timestamps so merged reads and
+    /// `logs -f` order them with local lines. Waits while the writer is
+    /// behind (back-pressure reaches the shipping agent as a slower answer).
+    pub async fn ingest(&self, lines: Vec<LogLine>) -> Result<(), LogError> {
+        for l in lines {
+            for text in l.line.split('\n') {
+                for piece in split_at_most(text, self.inner.cfg.max_line_bytes) {
+                    let msg = Msg::Line(LogLine {
+                        key: l.key.clone(),
+                        ts_us: l.ts_us,
+                        stream: l.stream,
+                        line: piece.to_owned(),
+                    });
+                    self.inner
+                        .tx
+                        .send(msg)
+                        .await
+                        .map_err(|_| LogError::Closed)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A line written by berth about the instance.
     pub async fn system(&self, key: &InstanceKey, text: &str) {
         if let Err(e) = self.append(key, LogStream::System, text).await {

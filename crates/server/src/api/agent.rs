@@ -1,5 +1,6 @@
 //! The agents' API (`/v1/agent/…`): joining, registration and heartbeats,
-//! the node's own assignments (listed and watched) and its statuses.
+//! the node's own assignments (listed and watched), its statuses and its
+//! instances' log lines.
 //!
 //! These routes never take the admin token: `POST /v1/agent/join` takes
 //! the join token, and every `/v1/agent/nodes/{node}/…` route takes that
@@ -14,8 +15,11 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use berth_model::api::{AssignmentList, JoinRequest, JoinResponse, RegisterResponse, WatchLine};
-use berth_model::{Assignment, InstanceKey, InstanceStatus, Node, keys};
+use berth_model::api::{
+    AssignmentList, JoinRequest, JoinResponse, LogBatch, LogBatchResponse, RegisterResponse,
+    WatchLine,
+};
+use berth_model::{Assignment, InstanceKey, InstanceStatus, LogLine, Node, keys};
 use berth_store::{Compare, Op, Revision, StoreError, Txn, WatchEvent, decode, encode};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -282,4 +286,62 @@ pub(crate) async fn forget(
         })
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/agent/nodes/{node}/logs`: lines the node's instances wrote,
+/// appended to this server's log store with their capture timestamps, so
+/// `berth logs [-f]` merges them with every other instance's in time order.
+///
+/// Lines of instances neither assigned to the node nor last reported by it
+/// are not stored but counted as refused, rather than failing the batch:
+/// the last lines of an instance the node just stopped and forgot may
+/// arrive after its status is gone, and retrying them could never succeed.
+pub(crate) async fn logs(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    ApiJson(batch): ApiJson<LogBatch>,
+) -> Result<axum::Json<LogBatchResponse>, ApiError> {
+    auth(&ctx, &node, &headers).await?;
+    if batch.dropped > 0 {
+        tracing::warn!(%node, dropped = batch.dropped, "the agent dropped log lines (buffer full while this server was slow or unreachable)");
+    }
+    if batch.lines.is_empty() {
+        return Ok(axum::Json(LogBatchResponse {
+            accepted: 0,
+            refused: 0,
+        }));
+    }
+    let (assigned, _) = ctx.store.range(&keys::assignments_of(&node)).await?;
+    let mine: std::collections::HashSet<String> = assigned.into_iter().map(|kv| kv.key).collect();
+    // One decision per instance, not per line.
+    let mut allowed: std::collections::HashMap<InstanceKey, bool> = Default::default();
+    for l in &batch.lines {
+        if allowed.contains_key(&l.key) {
+            continue;
+        }
+        let ok = mine.contains(&keys::assignment(&node, &l.key))
+            || owned_status(&ctx, &keys::status(&l.key), &node)
+                .await?
+                .is_some();
+        allowed.insert(l.key.clone(), ok);
+    }
+    let total = batch.lines.len() as u64;
+    let lines: Vec<LogLine> = batch
+        .lines
+        .into_iter()
+        .filter(|l| allowed.get(&l.key).copied().unwrap_or(false))
+        .collect();
+    let accepted = lines.len() as u64;
+    if accepted < total {
+        tracing::debug!(%node, refused = total - accepted, "log lines of instances not on this node refused");
+    }
+    ctx.logs
+        .ingest(lines)
+        .await
+        .map_err(|e| ApiError::Internal(format!("storing log lines: {e}")))?;
+    Ok(axum::Json(LogBatchResponse {
+        accepted,
+        refused: total - accepted,
+    }))
 }

@@ -232,6 +232,7 @@ fn build_agent() -> Routes {
             agent::statuses,
         )
         .add(Method::POST, "/v1/agent/nodes/{node}/forget", agent::forget)
+        .add(Method::POST, "/v1/agent/nodes/{node}/logs", agent::logs)
 }
 
 /// Every (method, path) the router serves, in axum's path syntax.
