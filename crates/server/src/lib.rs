@@ -493,8 +493,11 @@ async fn start_router(
     stop: watch::Receiver<bool>,
     telemetry: &metrics::Telemetry,
 ) {
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
+    // The router's threads share the port with SO_REUSEPORT, which would
+    // also let a second server (or anything else using it) share it
+    // silently: a plain bind first makes a taken port an error here.
+    let addr = match std::net::TcpListener::bind(addr).and_then(|probe| probe.local_addr()) {
+        Ok(bound) => bound,
         Err(e) => {
             tracing::warn!(%addr, error = %e, "HTTP router not started: cannot listen (choose another with --http, or --no-http)");
             return;
@@ -502,11 +505,23 @@ async fn start_router(
     };
     let router = berth_net::http::Router::new(routes, Default::default());
     telemetry.set_router(router.clone());
-    tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "HTTP router listening");
+    // On its own threads (one current-thread runtime per core) rather than
+    // on the server's runtime: proxying is the hot path, and sharing the
+    // work-stealing runtime with the API, agent and controller halved its
+    // throughput in bench/router.sh.
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let server = match router.serve_on_threads(addr, threads, stop) {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "HTTP router not started: cannot listen (choose another with --http, or --no-http)");
+            return;
+        }
+    };
+    tracing::info!(addr = %server.local_addr(), threads, "HTTP router listening");
     tasks.spawn(async move {
-        router
-            .serve(listener, stopped(stop))
+        tokio::task::spawn_blocking(move || server.join())
             .await
+            .context("HTTP router threads")?
             .context("HTTP router")
     });
 }

@@ -904,10 +904,13 @@ async fn prometheus_http_sd_discovers_berths_instances() {
 
     // Prometheus's own view: both healthy instances scraped ("up"), with
     // berth's labels and the relabelled release; the unhealthy one absent.
-    let want = vec![
+    // Sorted like `up_targets`' answer: the ports are random, so p2 may sort
+    // before p1.
+    let mut want = vec![
         (format!("127.0.0.1:{p1}"), "web.1".to_owned()),
         (format!("127.0.0.1:{p2}"), "web.2".to_owned()),
     ];
+    want.sort();
     let up_targets = |v: &Value| -> Vec<(String, String)> {
         let mut got: Vec<(String, String)> = v["data"]["activeTargets"]
             .as_array()
