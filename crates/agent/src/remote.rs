@@ -793,7 +793,6 @@ pub async fn run_remote(
     tracing::info!(node = %cfg.node_id, %address, server = %authority, "node registered");
 
     let logs = LogStore::open(cfg.data_dir.join("logs"), cfg.logs.clone())?;
-    let (agent_stop, agent_rx) = watch::channel(false);
     let agent_cfg = AgentConfig {
         node_id: cfg.node_id.clone(),
         data_dir: cfg.data_dir.clone(),
@@ -807,41 +806,96 @@ pub async fn run_remote(
         crate::remote_logs::ShipConfig::default(),
     );
     let control = Arc::new(ApiControlPlane::new(client.clone()));
-    let mut agent = tokio::spawn(crate::run(agent_cfg, control, logs, agent_rx));
+    let start_agent = || {
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(crate::run(
+            agent_cfg.clone(),
+            control.clone(),
+            logs.clone(),
+            rx,
+        ));
+        RunningAgent { stop, task }
+    };
+    let mut agent = Some(start_agent());
 
+    let ttl = Duration::from_millis(registered.ttl_ms);
     let beat_every = Duration::from_millis((registered.ttl_ms / 4).clamp(500, 5_000));
+    let fence = Fence::new(ttl, beat_every);
+    // Measured from when the last successful renewal was *sent*: the
+    // server renewed the lease after that instant, so the agent's deadline
+    // is never later than the server's expiry.
+    let mut last_renewal = tokio::time::Instant::now();
     let mut beat = tokio::time::interval(beat_every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut facts = tokio::time::interval(cfg.facts_every);
     facts.tick().await;
     let mut outcome: Result<(), RemoteError> = Ok(());
     loop {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
-            res = &mut agent => {
+            res = agent_done(&mut agent) => {
                 // The agent only returns on shutdown or a fatal error.
                 return match res {
                     Ok(r) => r.map_err(RemoteError::from),
                     Err(e) => Err(RemoteError::AgentTask(e.to_string())),
                 };
             }
-            _ = beat.tick() => match client.heartbeat().await {
-                Ok(true) => {}
-                Ok(false) => {
-                    tracing::warn!("registration expired on the server; registering again");
-                    if let Err(e) = client.register(&node_record(crate::facts::collect(&cfg.data_dir))).await {
-                        tracing::warn!(error = %e, "cannot register again; retrying");
-                        if matches!(e, RemoteError::Revoked { .. }) {
-                            outcome = Err(e);
-                            break;
+            () = tokio::time::sleep_until(last_renewal + fence.after), if agent.is_some() => {
+                tracing::error!(
+                    node = %cfg.node_id,
+                    silent_for = ?last_renewal.elapsed(),
+                    ttl = ?ttl,
+                    "no server has renewed this node's registration: fencing (stopping every instance) before the servers reschedule them elsewhere"
+                );
+                if let Some(a) = agent.take() {
+                    a.stop().await;
+                }
+                tracing::warn!(node = %cfg.node_id, "fenced; instances start again once a server accepts this node's heartbeat");
+            }
+            _ = beat.tick() => {
+                let sent = tokio::time::Instant::now();
+                let renewed = match tokio::time::timeout(fence.call_timeout, client.heartbeat()).await {
+                    Err(_) => {
+                        tracing::warn!("heartbeat timed out; retrying");
+                        false
+                    }
+                    Ok(Ok(true)) => true,
+                    Ok(Ok(false)) => {
+                        tracing::warn!("registration expired on the server; registering again");
+                        let node = node_record(crate::facts::collect(&cfg.data_dir));
+                        match tokio::time::timeout(fence.call_timeout, client.register(&node)).await {
+                            Ok(Ok(_)) => true,
+                            Ok(Err(e @ RemoteError::Revoked { .. })) => {
+                                outcome = Err(e);
+                                break;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "cannot register again; retrying");
+                                false
+                            }
+                            Err(_) => {
+                                tracing::warn!("registering again timed out; retrying");
+                                false
+                            }
                         }
                     }
+                    Ok(Err(e @ RemoteError::Revoked { .. })) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "heartbeat failed; retrying");
+                        false
+                    }
+                };
+                if renewed {
+                    last_renewal = sent;
+                    if agent.is_none() {
+                        tracing::info!(node = %cfg.node_id, "the servers accept this node again: unfencing (running its assignments)");
+                        agent = Some(start_agent());
+                    }
                 }
-                Err(e @ RemoteError::Revoked { .. }) => {
-                    outcome = Err(e);
-                    break;
-                }
-                Err(e) => tracing::warn!(error = %e, "heartbeat failed; retrying"),
-            },
+            }
             res = shipper.failed() => {
                 if let Err(e) = res {
                     outcome = Err(e);
@@ -851,13 +905,14 @@ pub async fn run_remote(
             _ = facts.tick() => {
                 let dir = cfg.data_dir.clone();
                 let f = tokio::task::spawn_blocking(move || crate::facts::collect(&dir)).await.unwrap_or_default();
-                match client.register(&node_record(f)).await {
-                    Ok(_) => {}
-                    Err(e @ RemoteError::Revoked { .. }) => {
+                match tokio::time::timeout(fence.call_timeout, client.register(&node_record(f))).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e @ RemoteError::Revoked { .. })) => {
                         outcome = Err(e);
                         break;
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot refresh facts; retrying"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh facts; retrying"),
+                    Err(_) => tracing::warn!("refreshing facts timed out; retrying"),
                 }
             }
         }
@@ -867,11 +922,8 @@ pub async fn run_remote(
         let _ = std::fs::remove_file(cfg.data_dir.join(CREDENTIAL_FILE));
         tracing::error!(node = %cfg.node_id, "node removed from the cluster: stopping its instances");
     }
-    agent_stop.send_replace(true);
-    match agent.await {
-        Ok(Err(e)) => tracing::error!(error = %e, "agent failed while stopping"),
-        Err(e) => tracing::error!(error = %e, "agent task failed while stopping"),
-        Ok(Ok(())) => {}
+    if let Some(a) = agent {
+        a.stop().await;
     }
     // The instances' last lines (stopping, exit codes); the local files
     // have them anyway if the server does not answer in time.
@@ -879,9 +931,76 @@ pub async fn run_remote(
     outcome
 }
 
+/// The agent proper ([`crate::run`]) while this node is not fenced.
+struct RunningAgent {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+}
+
+impl RunningAgent {
+    /// Stop every instance and wait for the agent to end.
+    async fn stop(self) {
+        self.stop.send_replace(true);
+        match self.task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "agent failed while stopping"),
+            Err(e) => tracing::error!(error = %e, "agent task failed while stopping"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+/// The end of the agent task, or never while fenced.
+async fn agent_done(
+    agent: &mut Option<RunningAgent>,
+) -> Result<Result<(), AgentError>, tokio::task::JoinError> {
+    match agent {
+        Some(a) => (&mut a.task).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When a node cut off from the servers stops its own instances.
+///
+/// The servers reschedule a node's instances `--reschedule-after` after its
+/// registration lease (TTL) expired. The agent stops its instances once
+/// no renewal succeeded for `after` = TTL − one heartbeat interval, and
+/// every call to a server is bounded by that interval, so the stop begins
+/// no later than TTL after the last renewal the server saw: before the
+/// lease can expire, hence before any replacement exists.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Fence {
+    /// Silence after which the node fences itself.
+    after: Duration,
+    /// Bound of one heartbeat or registration call.
+    call_timeout: Duration,
+}
+
+impl Fence {
+    fn new(ttl: Duration, beat_every: Duration) -> Self {
+        // A TTL shorter than two heartbeats (never configured so) still
+        // fences at half the TTL rather than at once.
+        let call_timeout = beat_every.min(ttl / 2);
+        Self {
+            after: ttl.saturating_sub(call_timeout),
+            call_timeout,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fencing_starts_before_the_lease_can_expire() {
+        let f = Fence::new(Duration::from_secs(10), Duration::from_millis(2_500));
+        assert_eq!(f.after, Duration::from_millis(7_500));
+        assert_eq!(f.call_timeout, Duration::from_millis(2_500));
+        // A blocked call delays the check by at most call_timeout.
+        assert!(f.after + f.call_timeout <= Duration::from_secs(10));
+        let tiny = Fence::new(Duration::from_millis(600), Duration::from_millis(500));
+        assert_eq!(tiny.after, Duration::from_millis(300));
+    }
 
     #[test]
     fn join_urls() {

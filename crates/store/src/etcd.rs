@@ -325,7 +325,16 @@ fn not_sent(e: &etcd_client::Error) -> bool {
     {
         return true;
     }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    // etcd_client::Error has no `source()`: start the walk at the error it
+    // wraps, or a refused connection to a dead member (wrapped as
+    // Status → transport error → connect error → io::Error) is never seen
+    // and a write fails instead of going to a live member.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(s) => Some(s),
+        etcd_client::Error::TransportError(t) => Some(t),
+        etcd_client::Error::IoError(io) => Some(io),
+        _ => Some(e),
+    };
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>()
             && matches!(
@@ -509,5 +518,23 @@ fn with_lease(e: StoreError, lease: LeaseId) -> StoreError {
     match e {
         StoreError::LeaseNotFound(_) => StoreError::LeaseNotFound(lease),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_connection_inside_a_grpc_status_is_not_sent() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = etcd_client::Error::GRpcStatus(tonic::Status::from_error(Box::new(refused)));
+        assert!(not_sent(&e));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let e = etcd_client::Error::GRpcStatus(tonic::Status::from_error(Box::new(reset)));
+        assert!(
+            !not_sent(&e),
+            "a reset connection may have carried the write"
+        );
     }
 }
