@@ -79,6 +79,9 @@ pub struct AgentOptions {
     /// The latest CPU/memory sample of every running container, kept by
     /// the Docker driver (for the metrics API).
     pub container_stats: StatsMap,
+    /// Health-check figures of every supervised instance (for the metrics
+    /// API).
+    pub health_stats: crate::health::HealthStatsMap,
     /// The Docker engine to use (`unix:///…` or `tcp://…`); `None` means
     /// `DOCKER_HOST`, else `/var/run/docker.sock`.
     pub docker_host: Option<String>,
@@ -417,6 +420,7 @@ pub async fn run_with(
         fallback_dir: cfg.data_dir.clone(),
         inherited_env,
         backoff: Backoff::default(),
+        health_stats: options.health_stats.clone(),
     });
     let mut agent = Agent {
         ctx,

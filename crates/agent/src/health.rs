@@ -342,6 +342,52 @@ pub struct HealthReport {
     pub output: String,
     /// Whether the probe passed.
     pub ok: bool,
+    /// How long the probe took.
+    pub took: Duration,
+}
+
+/// Health-check figures of one instance, for the metrics API.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HealthStats {
+    /// Probes run by this incarnation.
+    pub checks: u64,
+    /// Probes that failed.
+    pub failures: u64,
+    /// Duration of the last probe, in seconds.
+    pub last_seconds: f64,
+}
+
+/// Every supervised instance's [`HealthStats`], shared with the server's
+/// metrics. Kept in memory beside the statuses rather than in them: a
+/// probe's duration changes every probe, and writing it to the store each
+/// time would cost a store write per check per instance.
+#[derive(Debug, Clone, Default)]
+pub struct HealthStatsMap {
+    inner: Arc<std::sync::Mutex<std::collections::HashMap<berth_model::InstanceKey, HealthStats>>>,
+}
+
+impl HealthStatsMap {
+    /// Count one probe of `key`.
+    pub fn record(&self, key: &berth_model::InstanceKey, ok: bool, took: Duration) {
+        if let Ok(mut m) = self.inner.lock() {
+            let s = m.entry(key.clone()).or_default();
+            s.checks += 1;
+            s.failures += u64::from(!ok);
+            s.last_seconds = took.as_secs_f64();
+        }
+    }
+
+    /// Forget `key` (its supervisor ended).
+    pub fn remove(&self, key: &berth_model::InstanceKey) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.remove(key);
+        }
+    }
+
+    /// Every instance's figures.
+    pub fn snapshot(&self) -> std::collections::HashMap<berth_model::InstanceKey, HealthStats> {
+        self.inner.lock().map(|m| m.clone()).unwrap_or_default()
+    }
 }
 
 /// Probe forever, publishing every result. Runs as long as the instance's
@@ -351,7 +397,7 @@ pub async fn monitor(
     target: ProbeTarget,
     out: watch::Sender<Option<HealthReport>>,
 ) {
-    monitor_with(check, target, None, out).await;
+    monitor_with(check, target, None, out, None).await;
 }
 
 /// [`monitor`], probing through `prober` when given.
@@ -360,11 +406,13 @@ pub async fn monitor_with(
     target: ProbeTarget,
     prober: Option<Arc<dyn Prober>>,
     out: watch::Sender<Option<HealthReport>>,
+    stats: Option<(HealthStatsMap, berth_model::InstanceKey)>,
 ) {
     let mut tracker = Tracker::new(check.clone(), Instant::now());
     loop {
         let due = tracker.next_probe();
         tokio::time::sleep_until(due).await;
+        let began = Instant::now();
         let result = match &prober {
             Some(p) => bounded(p.probe(&check.test, &target), tracker.timeout()).await,
             None => probe(&check.test, &target, tracker.timeout()).await,
@@ -374,7 +422,13 @@ pub async fn monitor_with(
             health: tracker.health(),
             output: result.output,
             ok: result.ok,
+            took: began.elapsed(),
         };
+        // Counted here, not by the receiver: a watch keeps only the latest
+        // report, so a reader would miss probes that ran between its polls.
+        if let Some((stats, key)) = &stats {
+            stats.record(key, report.ok, report.took);
+        }
         out.send_replace(Some(report));
     }
 }

@@ -93,6 +93,8 @@ pub struct Context {
     pub inherited_env: BTreeMap<String, String>,
     /// Restart back-off.
     pub backoff: Backoff,
+    /// Health-check figures per instance (for the metrics API).
+    pub health_stats: health::HealthStatsMap,
 }
 
 /// A running supervisor, for callers that do not manage the task themselves.
@@ -372,9 +374,10 @@ impl Run {
             env: spec.env.clone(),
             working_dir: spec.working_dir.clone(),
         };
+        let stats = Some((self.ctx.health_stats.clone(), self.a.key.clone()));
         let monitor = async move {
             match check {
-                Some(check) => health::monitor_with(check, target, prober, health_tx).await,
+                Some(check) => health::monitor_with(check, target, prober, health_tx, stats).await,
                 None => std::future::pending().await,
             }
         };
@@ -493,6 +496,7 @@ pub async fn run(ctx: Arc<Context>, a: Assignment, stop: watch::Receiver<bool>) 
         Err(message) => run.fail_permanently(message).await,
     }
     drop(lease);
+    ctx.health_stats.remove(&run.a.key);
     run.st.state = InstanceState::Stopped;
     run.st.pid = None;
     run.st.port = None;

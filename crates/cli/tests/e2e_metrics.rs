@@ -179,6 +179,25 @@ fn prometheus_scrapes_per_instance_series_with_their_labels() {
     )
     .unwrap();
     assert_eq!(healthy.len(), 2, "{healthy:?}");
+    // Health-check figures: web's HTTP checks ran, and each took some time.
+    let checks = query(
+        port,
+        &format!("berth_instance_health_checks_total{{stack=\"{stack}\",service=\"web\"}} > 0"),
+    )
+    .unwrap();
+    assert_eq!(checks.len(), 2, "{checks:?}");
+    let took = query(
+        port,
+        &format!("berth_instance_health_check_seconds{{stack=\"{stack}\",service=\"web\"}} > 0"),
+    )
+    .unwrap();
+    assert_eq!(took.len(), 2, "{took:?}");
+    let failures = query(
+        port,
+        &format!("berth_instance_health_check_failures_total{{stack=\"{stack}\",service=\"web\"}}"),
+    )
+    .unwrap();
+    assert_eq!(failures.len(), 2, "{failures:?}");
     // The router's counters for the requests made above.
     let ok = query(
         port,

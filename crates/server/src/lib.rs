@@ -211,6 +211,7 @@ pub async fn run(
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
 
     let container_stats = berth_agent::driver::docker::StatsMap::default();
+    let health_stats = berth_agent::health::HealthStatsMap::default();
     let (live_tx, live_rx) = watch::channel(Arc::new(events::Live::default()));
     let event_log = Arc::new(
         events::EventLog::open(store.clone(), events::DEFAULT_CAPACITY)
@@ -223,7 +224,7 @@ pub async fn run(
         store_metrics,
         event_log.clone(),
         live_rx,
-        container_stats.clone(),
+        (container_stats.clone(), health_stats.clone()),
         cfg.history_interval,
     );
     {
@@ -245,7 +246,8 @@ pub async fn run(
     );
 
     if cfg.run_agent {
-        start_local_agent(&cfg, &store, &logs, &mut tasks, &stop_rx, container_stats).await?;
+        let stats = (container_stats, health_stats);
+        start_local_agent(&cfg, &store, &logs, &mut tasks, &stop_rx, stats).await?;
     }
 
     // Releases the KV locks of sessions whose TTL ran out.
@@ -433,7 +435,10 @@ async fn start_local_agent(
     logs: &berth_agent::LogStore,
     tasks: &mut JoinSet<anyhow::Result<()>>,
     stop_rx: &watch::Receiver<bool>,
-    container_stats: berth_agent::driver::docker::StatsMap,
+    (container_stats, health_stats): (
+        berth_agent::driver::docker::StatsMap,
+        berth_agent::health::HealthStatsMap,
+    ),
 ) -> anyhow::Result<()> {
     let lease = store.lease_grant(join::NODE_TTL).await?;
     let node = Node {
@@ -466,6 +471,7 @@ async fn start_local_agent(
     tasks.spawn(async move {
         let options = berth_agent::AgentOptions {
             container_stats,
+            health_stats,
             ..Default::default()
         };
         berth_agent::run_with(agent_cfg, control, logs, rx, options)

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use berth_agent::driver::docker::StatsMap;
+use berth_agent::health::HealthStatsMap;
 use berth_model::{EventKind, InstanceKey, InstanceState};
 use berth_store::{LeaseId, Revision, Store, StoreError, Txn, TxnResult, WatchStream};
 use bytes::Bytes;
@@ -218,6 +219,7 @@ struct Sources {
     node: String,
     live: watch::Receiver<Arc<Live>>,
     containers: StatsMap,
+    health: HealthStatsMap,
     router: OnceLock<berth_net::http::Router>,
     dns: OnceLock<berth_net::dns::DnsMetrics>,
 }
@@ -259,20 +261,22 @@ impl Telemetry {
         )
     }
 
-    /// The bundle for one server.
+    /// The bundle for one server. The stats maps are the local agent's
+    /// (containers' engine samples, health-check figures), read at scrape time.
     pub fn new(
         node: String,
         store: Arc<dyn Store>,
         store_metrics: StoreMetricsHandle,
         events: Arc<EventLog>,
         live: watch::Receiver<Arc<Live>>,
-        containers: StatsMap,
+        (containers, health): (StatsMap, HealthStatsMap),
         history_interval: Duration,
     ) -> Self {
         let sources = Arc::new(Sources {
             node,
             live,
             containers,
+            health,
             router: OnceLock::new(),
             dns: OnceLock::new(),
         });
@@ -534,6 +538,44 @@ impl Collector for ScrapeCollector {
                 (
                     instance_labels(&s.key, &s.node),
                     ConstCounter::new(u64::from(s.restarts)),
+                )
+            }),
+        )?;
+        let health = src.health.snapshot();
+        let probed = || rows().filter_map(|s| Some((s, *health.get(&s.key)?)));
+        family(
+            &mut enc,
+            "berth_instance_health_checks",
+            "Health-check probes run by the instance's current incarnation",
+            MetricType::Counter,
+            probed().map(|(s, h)| {
+                (
+                    instance_labels(&s.key, &s.node),
+                    ConstCounter::new(h.checks),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "berth_instance_health_check_failures",
+            "Health-check probes that failed (current incarnation)",
+            MetricType::Counter,
+            probed().map(|(s, h)| {
+                (
+                    instance_labels(&s.key, &s.node),
+                    ConstCounter::new(h.failures),
+                )
+            }),
+        )?;
+        family(
+            &mut enc,
+            "berth_instance_health_check_seconds",
+            "Duration of the instance's last health-check probe",
+            MetricType::Gauge,
+            probed().map(|(s, h)| {
+                (
+                    instance_labels(&s.key, &s.node),
+                    ConstGauge::new(h.last_seconds),
                 )
             }),
         )?;

@@ -84,6 +84,7 @@ pub fn context(
             .filter(|(k, _)| berth_agent::driver::command::INHERITED_VARS.contains(&k.as_str()))
             .collect(),
         backoff: fast_backoff(),
+        health_stats: Default::default(),
     };
     (Arc::new(ctx), rx)
 }
