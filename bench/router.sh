@@ -139,10 +139,10 @@ to_ms() {
 }
 
 declare -A RPS P50 P99 PORT
-NAMES=("backend (direct)" "berth router (threads)" "berth router (as in berth server)" "nginx" "HAProxy")
+NAMES=("backend (direct)" "berth router (threads)" "berth router (work-stealing runtime)" "nginx" "HAProxy")
 PORT["backend (direct)"]=$BACKEND
 PORT["berth router (threads)"]=$BERTH
-PORT["berth router (as in berth server)"]=$BERTH_WS
+PORT["berth router (work-stealing runtime)"]=$BERTH_WS
 PORT["nginx"]=$NGINX_PROXY
 PORT["HAProxy"]=$HAPROXY_PORT
 
