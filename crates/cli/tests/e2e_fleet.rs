@@ -137,34 +137,7 @@ fn placement(ps: &[Value]) -> std::collections::BTreeMap<String, usize> {
 fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
     let mut berth = Berth::new();
     let http = free_port();
-    let log = std::fs::File::create(berth.data.path().join("server.log")).unwrap();
-    let server = berth
-        .command(
-            berth.data.path(),
-            &[
-                "server",
-                "--no-agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                &format!("127.0.0.1:{http}"),
-                "--no-dns",
-            ],
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    berth.servers.push(server);
-    let mut api = String::new();
-    wait_until("the server", Duration::from_secs(30), || {
-        let info: Value = serde_json::from_slice(
-            &std::fs::read(berth.data.path().join("server.json")).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
-        api = info["tcp"][0].as_str().ok_or("no tcp")?.to_owned();
-        Ok(())
-    });
+    let api = berth.start_server_without_agent(http);
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
 

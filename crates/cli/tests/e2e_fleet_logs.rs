@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 
 /// A child process stopped (TERM, then KILL) when dropped.
 struct Proc(Child);
@@ -57,34 +56,7 @@ fn post_status(api: &str, path: &str, body: &str) -> u16 {
 fn logs_of_an_agents_instances_are_shown_and_followed_on_the_server() {
     let mut berth = Berth::new();
     let http = free_port();
-    let log = std::fs::File::create(berth.data.path().join("server.log")).unwrap();
-    let server = berth
-        .command(
-            berth.data.path(),
-            &[
-                "server",
-                "--no-agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                &format!("127.0.0.1:{http}"),
-                "--no-dns",
-            ],
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    berth.servers.push(server);
-    let mut api = String::new();
-    wait_until("the server", Duration::from_secs(30), || {
-        let info: Value = serde_json::from_slice(
-            &std::fs::read(berth.data.path().join("server.json")).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
-        api = info["tcp"][0].as_str().ok_or("no tcp")?.to_owned();
-        Ok(())
-    });
+    let api = berth.start_server_without_agent(http);
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
     let token = berth.ok(dir, &["token"]).trim().to_owned();

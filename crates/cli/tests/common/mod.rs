@@ -19,6 +19,42 @@ pub struct Berth {
 }
 
 impl Berth {
+    /// Start `berth server --no-agent` (a server that runs no work itself,
+    /// for tests with joined agents) with its router on 127.0.0.1:`http`
+    /// and no DNS, logging to `<data>/server.log`; returns its API URL
+    /// once it answers.
+    pub fn start_server_without_agent(&mut self, http: u16) -> String {
+        let log = std::fs::File::create(self.data.path().join("server.log")).unwrap();
+        let server = self
+            .command(
+                self.data.path(),
+                &[
+                    "server",
+                    "--no-agent",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--http",
+                    &format!("127.0.0.1:{http}"),
+                    "--no-dns",
+                ],
+            )
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.servers.push(server);
+        let mut api = String::new();
+        wait_until("the server", Duration::from_secs(30), || {
+            let info: Value = serde_json::from_slice(
+                &std::fs::read(self.data.path().join("server.json")).map_err(|e| e.to_string())?,
+            )
+            .map_err(|e| e.to_string())?;
+            api = info["tcp"][0].as_str().ok_or("no tcp")?.to_owned();
+            Ok(())
+        });
+        api
+    }
+
     pub fn new() -> Self {
         Self {
             data: tempfile::tempdir().unwrap(),

@@ -1033,6 +1033,16 @@ mod tests {
     }
 
     impl Sim {
+        /// An assignment (and its revision) made for `release`.
+        fn assignment_of_release(&self, release: u64) -> (Assignment, berth_store::Revision) {
+            self.m
+                .assignments
+                .values()
+                .find(|(a, _)| a.release == release)
+                .cloned()
+                .expect("an instance of the release")
+        }
+
         fn new(yaml: &str, replicas: u32) -> Self {
             let spec = load(yaml);
             let services = spec
@@ -1320,13 +1330,7 @@ mod tests {
         sim.deploy(set_env("broken"));
         sim.step();
         // The new instance crash-loops.
-        let (a, _) = sim
-            .m
-            .assignments
-            .values()
-            .find(|(a, _)| a.release == 2)
-            .cloned()
-            .expect("a new instance");
+        let (a, _) = sim.assignment_of_release(2);
         let mut st = status(&a, sim.now, Health::Starting);
         st.state = InstanceState::Backoff;
         st.restarts = 2;
@@ -1401,13 +1405,7 @@ mod tests {
         sim.converge(0);
         sim.deploy(set_env("2"));
         sim.step();
-        let (a, _) = sim
-            .m
-            .assignments
-            .values()
-            .find(|(a, _)| a.release == 2)
-            .cloned()
-            .expect("new");
+        let (a, _) = sim.assignment_of_release(2);
         let mut st = status(&a, sim.now, Health::Unhealthy);
         st.health_output = Some("HTTP 500".into());
         sim.m.statuses.insert(a.key.clone(), st);
