@@ -122,6 +122,16 @@ fn prometheus_scrapes_per_instance_series_with_their_labels() {
     for _ in 0..5 {
         http_get_host(http, &host, "/").unwrap();
     }
+    // web's other route (the namespaced host): 3 found, 2 not found, so
+    // each route has its own series and status classes.
+    let ns_host = format!("web.{stack}.default.localhost");
+    for _ in 0..3 {
+        http_get_host(http, &ns_host, "/").unwrap();
+    }
+    for _ in 0..2 {
+        let resp = http_get_host(http, &ns_host, "/missing").unwrap_err();
+        assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    }
     let (_prom, port) = start_prometheus(dir.path(), &api_addr(&berth));
     let node = berth.ps(dir.path(), &stack)[0]["node"]
         .as_str()
@@ -198,15 +208,50 @@ fn prometheus_scrapes_per_instance_series_with_their_labels() {
     )
     .unwrap();
     assert_eq!(failures.len(), 2, "{failures:?}");
-    // The router's counters for the requests made above.
-    let ok = query(
-        port,
-        &format!("berth_router_requests_total{{stack=\"{stack}\",service=\"web\",code=\"2xx\"}}"),
-    )
-    .unwrap();
-    assert_eq!(ok.len(), 1, "{ok:?}");
-    let n: f64 = ok[0]["value"][1].as_str().unwrap().parse().unwrap();
-    assert!(n >= 6.0, "{ok:?}");
+    // The router's counters for the requests made above, per route.
+    let value = |r: &Value| -> f64 { r["value"][1].as_str().unwrap().parse().unwrap() };
+    let router = |q: &str| -> Vec<(String, String, f64)> {
+        let mut rows: Vec<_> = query(port, q)
+            .unwrap()
+            .iter()
+            .map(|r| {
+                assert_eq!(r["metric"]["namespace"], "default", "{r}");
+                (
+                    r["metric"]["route"].as_str().unwrap_or("").to_owned(),
+                    r["metric"]["code"].as_str().unwrap_or("").to_owned(),
+                    value(r),
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        rows
+    };
+    let web = format!("stack=\"{stack}\",service=\"web\"");
+    let (short_route, ns_route) = (format!("{host}/"), format!("{ns_host}/"));
+    let ns = router(&format!(
+        "berth_router_requests_total{{{web},route=\"{ns_route}\"}} > 0"
+    ));
+    assert_eq!(
+        ns,
+        [
+            (ns_route.clone(), "2xx".to_owned(), 3.0),
+            (ns_route.clone(), "4xx".to_owned(), 2.0)
+        ]
+    );
+    // The short host also served the readiness probes above.
+    let short = router(&format!(
+        "berth_router_requests_total{{{web},route=\"{short_route}\",code=\"2xx\"}}"
+    ));
+    assert_eq!(short.len(), 1, "{short:?}");
+    assert!(short[0].2 >= 6.0, "{short:?}");
+    let latency = router(&format!(
+        "berth_router_request_seconds_count{{{web},route=\"{ns_route}\"}}"
+    ));
+    assert_eq!(latency, [(ns_route.clone(), String::new(), 5.0)]);
+    let le = router(&format!(
+        "berth_router_request_seconds_bucket{{{web},route=\"{ns_route}\",le=\"+Inf\"}}"
+    ));
+    assert_eq!(le, [(ns_route, String::new(), 5.0)]);
     // Server health: store latency and reconcile passes are there.
     assert!(
         !query(port, "berth_store_operation_seconds_count{op=\"txn\"}")

@@ -333,6 +333,96 @@ async fn round_robin_spreads_evenly() {
 }
 
 #[tokio::test]
+async fn requests_are_counted_per_route_across_table_changes() {
+    let b = backend("a").await;
+    let routes = |with_api: bool| {
+        let mut v = vec![
+            Route::host("web.test", id("web")),
+            Route::host("empty.test", id("empty")),
+        ];
+        if with_api {
+            v.push(Route {
+                host: "*".into(),
+                path_prefix: "/api/".into(),
+                service: id("web"),
+                strip_prefix: true,
+            });
+        }
+        RouteTable::new(
+            v,
+            HashMap::from([(id("web"), svc(&[b.addr])), (id("empty"), svc(&[]))]),
+        )
+    };
+    let r = start_router(routes(true), RouterConfig::default()).await;
+    let cl = client();
+    for _ in 0..3 {
+        assert_eq!(
+            get(&cl, r.addr, "web.test", "/").await.status,
+            StatusCode::OK
+        );
+    }
+    for _ in 0..2 {
+        assert_eq!(
+            get(&cl, r.addr, "x.test", "/api/x").await.status,
+            StatusCode::OK
+        );
+    }
+    let ans = get(&cl, r.addr, "empty.test", "/").await;
+    assert_eq!(ans.status, StatusCode::SERVICE_UNAVAILABLE);
+
+    let by_route = |m: &RouterMetrics, service: &str| -> Vec<(String, [u64; 5], u64)> {
+        m.service(&id(service))
+            .unwrap()
+            .routes
+            .iter()
+            .map(|r| {
+                (
+                    r.route.clone(),
+                    r.requests_by_class,
+                    r.latency_buckets.iter().sum(),
+                )
+            })
+            .collect()
+    };
+    let m = r.router.metrics();
+    assert_eq!(
+        by_route(&m, "web"),
+        [
+            ("*/api".to_owned(), [0, 2, 0, 0, 0], 2),
+            ("web.test/".to_owned(), [0, 3, 0, 0, 0], 3),
+        ]
+    );
+    assert_eq!(
+        m.service(&id("web")).unwrap().requests_by_class,
+        [0, 5, 0, 0, 0]
+    );
+    assert_eq!(
+        by_route(&m, "empty"),
+        [("empty.test/".to_owned(), [0, 0, 0, 0, 1], 1)]
+    );
+
+    // The /api route goes away: its counters stay (a counter never goes
+    // backwards while its service exists), the others keep counting.
+    r.table.send_replace(routes(false));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        get(&cl, r.addr, "x.test", "/api/x").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(&cl, r.addr, "web.test", "/").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        by_route(&r.router.metrics(), "web"),
+        [
+            ("*/api".to_owned(), [0, 2, 0, 0, 0], 2),
+            ("web.test/".to_owned(), [0, 4, 0, 0, 0], 4),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn least_requests_prefers_the_idle_backend() {
     let (a, b) = (backend("a").await, backend("b").await);
     let mut s = svc(&[a.addr, b.addr]);

@@ -666,40 +666,50 @@ fn encode_router(
     m: &berth_net::http::RouterMetrics,
 ) -> Result<(), std::fmt::Error> {
     const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    let routes = || {
+        m.services
+            .iter()
+            .flat_map(|s| s.routes.iter().map(move |r| (&s.service, r)))
+    };
+    let route_labels = |id: &berth_net::http::ServiceId, r: &berth_net::http::RouteSnapshot| {
+        let mut l = service_labels(id);
+        l.push(("route", r.route.clone()));
+        l
+    };
     family(
         enc,
         "berth_router_requests",
-        "Responses of the HTTP router, by service and status class",
+        "Responses of the HTTP router, by route and status class",
         MetricType::Counter,
-        m.services.iter().flat_map(|s| {
+        routes().flat_map(|(id, r)| {
             CLASSES.iter().enumerate().map(move |(i, class)| {
-                let mut l = service_labels(&s.service);
+                let mut l = route_labels(id, r);
                 l.push(("code", (*class).to_owned()));
-                (l, ConstCounter::new(s.requests_by_class[i]))
+                (l, ConstCounter::new(r.requests_by_class[i]))
             })
         }),
     )?;
     {
         let mut h = enc.encode_descriptor(
             "berth_router_request_seconds",
-            "Latency of requests through the HTTP router, by service",
+            "Latency of requests through the HTTP router, by route",
             None,
             MetricType::Histogram,
         )?;
-        for s in &m.services {
-            let labels = service_labels(&s.service);
+        for (id, r) in routes() {
+            let labels = route_labels(id, r);
             let mut buckets: Vec<(f64, u64)> = berth_net::http::metrics::LATENCY_BUCKETS_US
                 .iter()
-                .zip(&s.latency_buckets)
+                .zip(&r.latency_buckets)
                 .map(|(us, n)| (*us as f64 / 1e6, *n))
                 .collect();
             buckets.push((
                 f64::INFINITY,
-                s.latency_buckets.last().copied().unwrap_or(0),
+                r.latency_buckets.last().copied().unwrap_or(0),
             ));
             h.encode_family(&labels)?.encode_histogram::<Labels>(
-                s.latency_sum_us as f64 / 1e6,
-                s.requests(),
+                r.latency_sum_us as f64 / 1e6,
+                r.requests(),
                 &buckets,
                 None,
             )?;

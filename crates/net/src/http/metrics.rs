@@ -1,9 +1,12 @@
-//! Router metrics: per-service request counters by status class, a
-//! fixed-bucket latency histogram, in-flight and ejection counts, and
-//! router-wide connection counts — plain atomics, read as a
-//! [`RouterMetrics`] snapshot by whoever exports them (the metrics issue).
+//! Router metrics: per-route request counters by status class and a
+//! fixed-bucket latency histogram, per-service in-flight, ejection and
+//! retry counts, and router-wide connection counts — plain atomics, read
+//! as a [`RouterMetrics`] snapshot by whoever exports them (the metrics
+//! issue).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::http::table::ServiceId;
@@ -15,28 +18,17 @@ pub const LATENCY_BUCKETS_US: [u64; 14] = [
     2_500_000, 10_000_000,
 ];
 
-/// Live counters of one service.
-pub(crate) struct ServiceMetrics {
-    pub(crate) id: ServiceId,
+/// Responses and latencies of one route: the counters a request bumps.
+/// Each compiled route holds its own `Arc`, resolved when the table is
+/// compiled, so recording costs no lookup.
+#[derive(Default)]
+pub(crate) struct RequestCounters {
     by_class: [AtomicU64; 5],
     buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_us: AtomicU64,
-    pub(crate) ejections: AtomicU64,
-    pub(crate) retries: AtomicU64,
 }
 
-impl ServiceMetrics {
-    pub(crate) fn new(id: ServiceId) -> Self {
-        Self {
-            id,
-            by_class: Default::default(),
-            buckets: Default::default(),
-            latency_sum_us: AtomicU64::new(0),
-            ejections: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-        }
-    }
-
+impl RequestCounters {
     pub(crate) fn record(&self, status: u16, elapsed: Duration) {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.by_class[class].fetch_add(1, Ordering::Relaxed);
@@ -49,17 +41,81 @@ impl ServiceMetrics {
         self.latency_sum_us.fetch_add(us, Ordering::Relaxed);
     }
 
-    pub(crate) fn snapshot(&self, in_flight: u64, instances_ejected: u64) -> ServiceSnapshot {
+    fn snapshot(&self, route: String) -> RouteSnapshot {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        ServiceSnapshot {
-            service: self.id.clone(),
+        RouteSnapshot {
+            route,
             requests_by_class: self.by_class.each_ref().map(load),
             latency_buckets: self.buckets.each_ref().map(load),
             latency_sum_us: load(&self.latency_sum_us),
+        }
+    }
+}
+
+/// Live counters of one service.
+pub(crate) struct ServiceMetrics {
+    pub(crate) id: ServiceId,
+    /// Per route label. A route removed from the table keeps its counters
+    /// for as long as the service lives, so an exported counter never goes
+    /// backwards while the series exists. Locked only when a table is
+    /// compiled and when a snapshot is taken, never by a request.
+    routes: Mutex<BTreeMap<String, Arc<RequestCounters>>>,
+    pub(crate) ejections: AtomicU64,
+    pub(crate) retries: AtomicU64,
+}
+
+impl ServiceMetrics {
+    pub(crate) fn new(id: ServiceId) -> Self {
+        Self {
+            id,
+            routes: Mutex::default(),
+            ejections: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    /// The counters of the route labelled `route` (see
+    /// [`RouteSnapshot::route`]), created on first use.
+    pub(crate) fn route(&self, route: &str) -> Arc<RequestCounters> {
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = routes.get(route) {
+            return c.clone();
+        }
+        let c = Arc::new(RequestCounters::default());
+        routes.insert(route.to_owned(), c.clone());
+        c
+    }
+
+    pub(crate) fn snapshot(&self, in_flight: u64, instances_ejected: u64) -> ServiceSnapshot {
+        let routes: Vec<RouteSnapshot> = self
+            .routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(label, c)| c.snapshot(label.clone()))
+            .collect();
+        let mut requests_by_class = [0; 5];
+        let mut latency_buckets = [0; LATENCY_BUCKETS_US.len() + 1];
+        let mut latency_sum_us = 0u64;
+        for r in &routes {
+            for (sum, n) in requests_by_class.iter_mut().zip(r.requests_by_class) {
+                *sum += n;
+            }
+            for (sum, n) in latency_buckets.iter_mut().zip(r.latency_buckets) {
+                *sum += n;
+            }
+            latency_sum_us = latency_sum_us.saturating_add(r.latency_sum_us);
+        }
+        ServiceSnapshot {
+            service: self.id.clone(),
+            requests_by_class,
+            latency_buckets,
+            latency_sum_us,
+            routes,
             in_flight,
-            ejections: load(&self.ejections),
+            ejections: self.ejections.load(Ordering::Relaxed),
             instances_ejected,
-            retries: load(&self.retries),
+            retries: self.retries.load(Ordering::Relaxed),
         }
     }
 }
@@ -86,6 +142,9 @@ pub struct ServiceSnapshot {
     pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
     /// Sum of all latencies, in microseconds.
     pub latency_sum_us: u64,
+    /// The same counters per route, sorted by route label; the fields
+    /// above are their sums.
+    pub routes: Vec<RouteSnapshot>,
     /// Requests in flight now.
     pub in_flight: u64,
     /// Times an instance of this service was ejected by the circuit breaker.
@@ -97,6 +156,29 @@ pub struct ServiceSnapshot {
 }
 
 impl ServiceSnapshot {
+    /// Total responses.
+    pub fn requests(&self) -> u64 {
+        self.requests_by_class.iter().sum()
+    }
+}
+
+/// One route's counters at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteSnapshot {
+    /// The route as `host` followed by its path prefix, as the router
+    /// matches them: `web.shop.localhost/`, `shop.localhost/api`,
+    /// `*.example.com/` (wildcard host), `*/static` (any host).
+    pub route: String,
+    /// Responses sent for requests matching the route, by status class
+    /// (as [`ServiceSnapshot::requests_by_class`]).
+    pub requests_by_class: [u64; 5],
+    /// Latency histogram (as [`ServiceSnapshot::latency_buckets`]).
+    pub latency_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
+    /// Sum of all latencies, in microseconds.
+    pub latency_sum_us: u64,
+}
+
+impl RouteSnapshot {
     /// Total responses.
     pub fn requests(&self) -> u64 {
         self.requests_by_class.iter().sum()

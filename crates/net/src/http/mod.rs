@@ -65,7 +65,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 pub use body::{ProxiedBody, RespBody};
 pub use error::ProxyError;
-pub use metrics::{RouterMetrics, ServiceSnapshot};
+pub use metrics::{RouteSnapshot, RouterMetrics, ServiceSnapshot};
 pub use table::{Backend, LbPolicy, Route, RouteTable, ServiceBackends, ServiceId};
 pub use tls::{TlsError, load_tls};
 

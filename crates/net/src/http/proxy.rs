@@ -5,7 +5,6 @@
 //! connection after a `101 Switching Protocols`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Instant;
 
 use hyper::body::{Body, Incoming};
@@ -22,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use crate::http::balance::{Outcome, Picked, ServiceState};
 use crate::http::body::{ProxiedBody, RespBody};
 use crate::http::error::ProxyError;
+use crate::http::metrics::RequestCounters;
 use crate::http::table::{normalize_host, strip_path};
 use crate::http::{Inner, UpstreamBody};
 
@@ -78,7 +78,7 @@ pub(crate) async fn handle(
         .unwrap_or("");
     let host = normalize_host(host_str);
 
-    let (service, stripped) = {
+    let (service, counters, stripped) = {
         let table = inner.table.load();
         let path = req.uri().path();
         match table.lookup(&host, path) {
@@ -91,7 +91,11 @@ pub(crate) async fn handle(
                     };
                     PathAndQuery::try_from(pq).ok()
                 });
-                (m.route.service.clone(), stripped.flatten())
+                (
+                    m.route.service.clone(),
+                    m.route.counters.clone(),
+                    stripped.flatten(),
+                )
             }
             None => {
                 inner
@@ -113,7 +117,7 @@ pub(crate) async fn handle(
             service: service.id.clone(),
             limit: service.max_concurrent.unwrap_or(0),
         };
-        return respond_err(&service, err, req.method(), &host, req.uri().path(), start);
+        return respond_err(&counters, err, req.method(), &host, req.uri().path(), start);
     };
 
     let upgrade = req.version() == Version::HTTP_11
@@ -224,7 +228,7 @@ pub(crate) async fn handle(
     let (mut resp, picked) = match outcome {
         Ok(r) => r,
         Err(err) => {
-            return respond_err(&service, err, &parts.method, &host, orig_uri.path(), start);
+            return respond_err(&counters, err, &parts.method, &host, orig_uri.path(), start);
         }
     };
     let status = resp.status();
@@ -241,10 +245,7 @@ pub(crate) async fn handle(
     } else {
         remove_hop_by_hop(resp.headers_mut());
     }
-    service
-        .shared
-        .metrics
-        .record(status.as_u16(), start.elapsed());
+    counters.record(status.as_u16(), start.elapsed());
     access_log(
         &parts.method,
         &host,
@@ -280,7 +281,7 @@ fn report(service: &ServiceState, picked: &Picked, o: Outcome, inner: &Inner) {
 }
 
 fn respond_err(
-    service: &Arc<ServiceState>,
+    counters: &RequestCounters,
     err: ProxyError,
     method: &Method,
     host: &str,
@@ -288,10 +289,7 @@ fn respond_err(
     start: Instant,
 ) -> Response<RespBody> {
     let status = err.status();
-    service
-        .shared
-        .metrics
-        .record(status.as_u16(), start.elapsed());
+    counters.record(status.as_u16(), start.elapsed());
     access_log(method, host, path, status, start, "-");
     err.into_response()
 }

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::http::balance::ServiceState;
+use crate::http::metrics::RequestCounters;
 
 /// A service's identity across namespaces and stacks.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -145,11 +146,13 @@ impl RouteTable {
     }
 }
 
-/// One compiled route: a prefix and the service state it leads to.
+/// One compiled route: a prefix, the service state it leads to, and the
+/// route's request counters.
 pub(crate) struct CompiledRoute {
     pub(crate) prefix: String,
     pub(crate) strip: bool,
     pub(crate) service: Arc<ServiceState>,
+    pub(crate) counters: Arc<RequestCounters>,
 }
 
 /// The lookup structure requests read; rebuilt on every table change.
@@ -184,14 +187,17 @@ impl Compiled {
                 .or_insert_with(|| service(&r.service, table.services().get(&r.service)))
                 .clone();
             let prefix = normalize_prefix(&r.path_prefix);
+            let host = r.host.trim().to_ascii_lowercase();
+            let host = host.strip_suffix('.').unwrap_or(&host).to_string();
+            let any_host = host.is_empty() || host == "*";
+            let label = format!("{}{prefix}", if any_host { "*" } else { &host });
             let compiled = CompiledRoute {
+                counters: state.shared.metrics.route(&label),
                 prefix,
                 strip: r.strip_prefix,
                 service: state,
             };
-            let host = r.host.trim().to_ascii_lowercase();
-            let host = host.strip_suffix('.').unwrap_or(&host).to_string();
-            if host.is_empty() || host == "*" {
+            if any_host {
                 out.any.push(compiled);
             } else if let Some(suffix) = host.strip_prefix('*') {
                 wildcard
