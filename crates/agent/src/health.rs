@@ -82,6 +82,14 @@ fn fail(output: impl Into<String>) -> ProbeResult {
 pub trait Prober: Send + Sync + 'static {
     /// Run one probe, unbounded (the caller applies the timeout).
     async fn probe(&self, test: &HealthTest, target: &ProbeTarget) -> ProbeResult;
+
+    /// Wait for the right to run a probe, before its timeout starts: an
+    /// engine that bounds its concurrent work queues checks behind starts,
+    /// and time spent queued must not count as a slow check. The returned
+    /// value is held until the probe ends.
+    async fn admit(&self, _test: &HealthTest) -> Option<Box<dyn std::any::Any + Send>> {
+        None
+    }
 }
 
 /// The HTTP/TCP part of a probe against `host`; `None` for exec checks.
@@ -412,11 +420,16 @@ pub async fn monitor_with(
     loop {
         let due = tracker.next_probe();
         tokio::time::sleep_until(due).await;
+        let admitted = match &prober {
+            Some(p) => p.admit(&check.test).await,
+            None => None,
+        };
         let began = Instant::now();
         let result = match &prober {
             Some(p) => bounded(p.probe(&check.test, &target), tracker.timeout()).await,
             None => probe(&check.test, &target, tracker.timeout()).await,
         };
+        drop(admitted);
         tracker.record(due, &result);
         let report = HealthReport {
             health: tracker.health(),

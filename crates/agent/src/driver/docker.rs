@@ -219,8 +219,9 @@ struct Inner {
     network_create: tokio::sync::Mutex<()>,
     networks: Mutex<HashSet<String>>,
     builds: image::Builds,
-    /// Bounds concurrent creates and starts ([`START_CONCURRENCY`]).
-    starts: tokio::sync::Semaphore,
+    /// Bounds concurrent creates, starts and exec health checks
+    /// ([`START_CONCURRENCY`]).
+    starts: Arc<tokio::sync::Semaphore>,
 }
 
 /// Runs instances as Docker containers. Cheap to clone.
@@ -257,7 +258,7 @@ impl DockerDriver {
                 network_create: tokio::sync::Mutex::new(()),
                 networks: Mutex::new(HashSet::new()),
                 builds: image::Builds::default(),
-                starts: tokio::sync::Semaphore::new(START_CONCURRENCY),
+                starts: Arc::new(tokio::sync::Semaphore::new(START_CONCURRENCY)),
             }),
         }
     }
@@ -718,6 +719,7 @@ async fn attach(
         docker: docker.clone(),
         id: id.to_owned(),
         host: address.clone().unwrap_or_else(|| "127.0.0.1".to_owned()),
+        slots: inner.starts.clone(),
     };
     Ok(Started {
         handle: Box::new(ContainerHandle {
@@ -815,16 +817,40 @@ fn sample(id: &str, s: &ContainerStatsResponse) -> Option<ContainerStats> {
     })
 }
 
+/// How often a container's resources are sampled. The engine's streaming
+/// stats collect every second for every streaming container (cgroup reads
+/// and a network-namespace walk each): with 50 containers that was a
+/// steady load on dockerd that slowed the creates of the next ones.
+const STATS_EVERY: Duration = Duration::from_secs(5);
+
+/// Sample a container's resources every [`STATS_EVERY`] with one-shot
+/// requests (no pre-sample wait in the engine), the CPU rate computed from
+/// this task's previous sample.
 async fn pump_stats(docker: Docker, id: String, key: InstanceKey, stats: StatsMap) {
     let opts = StatsOptions {
-        stream: true,
-        one_shot: false,
+        stream: false,
+        one_shot: true,
     };
-    let mut stream = docker.stats(&id, Some(opts));
-    while let Some(Ok(s)) = stream.next().await {
+    let mut prev: Option<ContainerStatsResponse> = None;
+    // Spread the first samples of a burst of starts over the period.
+    let jitter = Duration::from_millis(u64::from(key.slot) * 97 % 5000);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + jitter, STATS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut stream = docker.stats(&id, Some(opts.clone()));
+        let Some(Ok(mut s)) = stream.next().await else {
+            // Gone, or the engine is away: the end of the container ends
+            // this task (aborted by its handle); keep trying until then.
+            continue;
+        };
+        if let Some(p) = prev.take() {
+            s.precpu_stats = p.cpu_stats;
+        }
         if let Some(sample) = sample(&id, &s) {
             stats.put(&key, sample);
         }
+        prev = Some(s);
     }
 }
 

@@ -28,10 +28,29 @@ use crate::logs::LogStore;
 /// while it runs.
 type BuildSlot = Arc<Mutex<bool>>;
 
-/// Builds done by this agent, so replicas and restarts share one.
+/// Builds done by this agent, so replicas and restarts share one; and the
+/// images already found present for a release, so 50 replicas make one
+/// inspect, not 50 (each is a round trip through a busy engine). An image
+/// removed in the middle of a release then fails its next create with the
+/// engine's "no such image", which names it.
 #[derive(Default)]
 pub(super) struct Builds {
     done: Mutex<HashMap<(String, u64), BuildSlot>>,
+    present: std::sync::Mutex<std::collections::HashSet<(String, u64)>>,
+}
+
+impl Builds {
+    fn known_present(&self, image: &str, release: u64) -> bool {
+        self.present
+            .lock()
+            .is_ok_and(|p| p.contains(&(image.to_owned(), release)))
+    }
+
+    fn mark_present(&self, image: &str, release: u64) {
+        if let Ok(mut p) = self.present.lock() {
+            p.insert((image.to_owned(), release));
+        }
+    }
 }
 
 async fn exists(docker: &Docker, image: &str) -> Result<bool, DriverError> {
@@ -99,7 +118,10 @@ pub(super) async fn ensure(
         }
         return Ok(image);
     }
-    match policy {
+    if policy != "always" && builds.known_present(&image, spec.release) {
+        return Ok(image);
+    }
+    let found = match policy {
         "never" => {
             if exists(docker, &image).await? {
                 Ok(image)
@@ -124,7 +146,9 @@ pub(super) async fn ensure(
             }
             Ok(image)
         }
-    }
+    }?;
+    builds.mark_present(&found, spec.release);
+    Ok(found)
 }
 
 /// The build context as an uncompressed tar (blocking: reads the tree).

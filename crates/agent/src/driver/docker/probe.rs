@@ -3,11 +3,14 @@
 //! container through the engine's exec API, HTTP and TCP checks go to the
 //! container's IP.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use berth_spec::types::HealthTest;
 use bollard::Docker;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use futures::StreamExt;
+use tokio::sync::Semaphore;
 
 use crate::health::{ProbeResult, ProbeTarget, Prober, failed, probe_network, trimmed};
 
@@ -17,6 +20,10 @@ pub(super) struct ContainerProber {
     pub(super) id: String,
     /// The container's IP (127.0.0.1 when it has none on a network).
     pub(super) host: String,
+    /// The engine's work slots (shared with creates and starts): a check
+    /// is an exec, and 50 containers' checks every second compete with
+    /// the creates still queued.
+    pub(super) slots: Arc<Semaphore>,
 }
 
 #[async_trait]
@@ -34,6 +41,16 @@ impl Prober for ContainerProber {
             }
         };
         self.exec(argv).await
+    }
+
+    async fn admit(&self, test: &HealthTest) -> Option<Box<dyn std::any::Any + Send>> {
+        // HTTP and TCP checks do not go through the engine; exec checks
+        // wait for a slot. (The semaphore is never closed.)
+        if !matches!(test, HealthTest::Exec { .. } | HealthTest::Shell { .. }) {
+            return None;
+        }
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        Some(Box::new(permit))
     }
 }
 
