@@ -168,3 +168,68 @@ fn the_survivor_takes_over_and_runs_a_deploy() {
     survivor.ok(dir.path(), &["down", "-p", &stack]);
     drop(dead);
 }
+
+/// The events of a stack as `berth events --json` lists them.
+fn events_of(b: &Berth, dir: &std::path::Path, stack: &str) -> Vec<Value> {
+    b.ok(dir, &["events", "--json", "-p", stack, "--tail", "1000"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every server observes every change (it needs the statuses for its
+/// metrics), but only the leader writes events, fenced: with two servers
+/// on one etcd each event appears once.
+#[test]
+fn events_are_recorded_once_by_the_leader() {
+    let etcd = Etcd::start();
+    let s1 = server(&etcd, "s1");
+    let s2 = server(&etcd, "s2");
+    wait_until("a leader is elected", Duration::from_secs(20), || {
+        let (a, b) = (leader_of(&s1)?, leader_of(&s2)?);
+        if a["leader"].is_null() || a["leader"] != b["leader"] {
+            return Err(format!("s1 sees {a}, s2 sees {b}"));
+        }
+        Ok(())
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("compose.yaml"),
+        "services:\n  tick:\n    command: sleep 300\n    deploy:\n      replicas: 2\n",
+    )
+    .unwrap();
+    let stack = format!("ev{}", std::process::id());
+    s2.ok(dir.path(), &["up", "-d", "-p", &stack]);
+    wait_until("the deploy runs", Duration::from_secs(30), || {
+        all_ready(&s2.ps(dir.path(), &stack), "tick", 2)
+    });
+    s1.ok(dir.path(), &["scale", "-p", &stack, "tick=3"]);
+    let kinds = |events: &[Value], kind: &str| events.iter().filter(|e| e["kind"] == kind).count();
+    wait_until("the events are recorded", Duration::from_secs(30), || {
+        let events = events_of(&s1, dir.path(), &stack);
+        if kinds(&events, "instance_started") >= 3 && kinds(&events, "scaled") >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{events:?}"))
+        }
+    });
+    // Give a second writer, if there were one, time to add its copies.
+    std::thread::sleep(Duration::from_secs(2));
+    let events = events_of(&s1, dir.path(), &stack);
+    let mut seen = std::collections::BTreeSet::new();
+    for e in &events {
+        let what = (
+            e["kind"].to_string(),
+            e["instance"].to_string(),
+            e["release"].to_string(),
+            e["message"].to_string(),
+        );
+        assert!(seen.insert(what), "recorded twice: {e}\nall: {events:#?}");
+    }
+    assert_eq!(kinds(&events, "deploy_started"), 1, "{events:#?}");
+    assert_eq!(kinds(&events, "scaled"), 1, "{events:#?}");
+    assert_eq!(kinds(&events, "instance_started"), 3, "{events:#?}");
+    // Both servers read the same ring.
+    assert_eq!(events, events_of(&s2, dir.path(), &stack));
+    s1.ok(dir.path(), &["down", "-p", &stack]);
+}

@@ -266,6 +266,27 @@ fn prometheus_scrapes_per_instance_series_with_their_labels() {
         .unwrap()
         .is_empty()
     );
+    // Loop errors show as 0 before any (a series per loop), and the
+    // watch lag of the deploy's writes was measured per follower and node.
+    let errors = query(port, "berth_reconcile_pass_errors_total").unwrap();
+    assert!(
+        errors
+            .iter()
+            .any(|r| r["metric"]["follower"] == "Controller"),
+        "{errors:?}"
+    );
+    let lag = query(
+        port,
+        &format!("berth_watch_lag_seconds_count{{node=\"{node}\"}} > 0"),
+    )
+    .unwrap();
+    let watchers: std::collections::BTreeSet<&str> = lag
+        .iter()
+        .filter_map(|r| r["metric"]["watcher"].as_str())
+        .collect();
+    for w in ["Controller", "Observer", "Tables"] {
+        assert!(watchers.contains(w), "{w} missing: {lag:?}");
+    }
 }
 
 /// Lines of `berth events -f --json`, read on a thread.

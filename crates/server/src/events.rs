@@ -17,6 +17,20 @@
 //! are deleted in the same transaction. Ids increase (they are at least
 //! the wall clock in µs) and serve as the cursor of `GET /v1/events`.
 //!
+//! # One writer
+//! Every server runs an observer (each needs [`Live`]), but only the
+//! elected leader writes events: with several servers on one etcd each
+//! would otherwise record every change once per server. The write is
+//! fenced like the controller's commits (the transaction requires the
+//! leader key's revision to be the one this server won with), so a deposed
+//! leader that has not noticed yet cannot add a second copy. Followers keep
+//! diffing, so a new leader reports changes from its last view on, not
+//! since its start; the events of the changes a dying leader saw but could
+//! not write before the takeover (at most one pass) can be lost or, if the
+//! new leader's last view predates them, reported once by the new leader.
+//! On taking over, the new leader re-reads the ring's ids from the store,
+//! so trimming and id order continue from what the previous leader wrote.
+//!
 //! The observer also publishes the instance statuses it saw ([`Live`]) for
 //! the metrics endpoint and the history sampler, so those need no store
 //! reads of their own.
@@ -28,7 +42,7 @@ use berth_model::{
     Event, EventKind, Health, InstanceKey, InstanceState, InstanceStatus, RolloutState,
     ServiceDesired, StackRecord, keys,
 };
-use berth_store::{Op, Revision, Store, StoreError, Txn, decode, encode};
+use berth_store::{Compare, Op, Revision, Store, StoreError, Txn, decode, encode};
 use tokio::sync::watch;
 
 use crate::mirror::{Follower, Mirror};
@@ -42,6 +56,9 @@ pub enum EventError {
     /// Reading or writing the ring failed.
     #[error("event log: {0}")]
     Store(#[from] StoreError),
+    /// The fenced write found another leader: this server no longer leads.
+    #[error("event log: not written, this server is no longer the leader")]
+    NotLeader,
 }
 
 /// The bounded event ring in the store.
@@ -57,25 +74,47 @@ struct Ring {
     last_id: u64,
 }
 
-impl EventLog {
-    /// Open the ring, loading the ids already stored.
-    pub async fn open(store: Arc<dyn Store>, capacity: usize) -> Result<Self, EventError> {
+impl Ring {
+    async fn load(store: &dyn Store) -> Result<Self, EventError> {
         let (kvs, _) = store.range(keys::EVENTS).await?;
         let ids: VecDeque<u64> = kvs
             .iter()
             .filter_map(|kv| kv.key.strip_prefix(keys::EVENTS)?.parse().ok())
             .collect();
         let last_id = ids.back().copied().unwrap_or(0);
+        Ok(Self { ids, last_id })
+    }
+}
+
+impl EventLog {
+    /// Open the ring, loading the ids already stored.
+    pub async fn open(store: Arc<dyn Store>, capacity: usize) -> Result<Self, EventError> {
+        let ring = Ring::load(store.as_ref()).await?;
         Ok(Self {
             store,
             capacity: capacity.max(1),
-            ring: Mutex::new(Ring { ids, last_id }),
+            ring: Mutex::new(ring),
         })
     }
 
+    /// Re-read the ids in the store (another server may have written
+    /// since this one last did).
+    pub async fn reload(&self) -> Result<(), EventError> {
+        let ring = Ring::load(self.store.as_ref()).await?;
+        *self.ring.lock().unwrap_or_else(|p| p.into_inner()) = ring;
+        Ok(())
+    }
+
     /// Assign ids to `events` (their `id` is overwritten) and write them,
-    /// deleting the oldest beyond the capacity, in one transaction.
-    pub async fn record(&self, mut events: Vec<Event>) -> Result<(), EventError> {
+    /// deleting the oldest beyond the capacity, in one transaction. With a
+    /// `fence` (the leader key's revision at this server's election) the
+    /// transaction requires the key unchanged and writes nothing, returning
+    /// [`EventError::NotLeader`], when it changed.
+    pub async fn record(
+        &self,
+        mut events: Vec<Event>,
+        fence: Option<Revision>,
+    ) -> Result<(), EventError> {
         if events.is_empty() {
             return Ok(());
         }
@@ -98,13 +137,27 @@ impl EventLog {
             let key = keys::event(e.id);
             ops.push(Op::put(key.clone(), encode(&key, e)?));
         }
-        self.store
+        let compare = fence
+            .map(|token| Compare::ModRevision(crate::leader::KEY.to_owned(), token))
+            .into_iter()
+            .collect();
+        let res = self
+            .store
             .txn(Txn {
-                compare: Vec::new(),
+                compare,
                 success: ops,
                 failure: Vec::new(),
             })
-            .await?;
+            .await;
+        if !matches!(res, Ok(ref r) if r.succeeded) {
+            // The ids and deletions were not applied: the next writer
+            // (this server again, or another leader) starts from the store.
+            if let Ok(ring) = Ring::load(self.store.as_ref()).await {
+                *self.ring.lock().unwrap_or_else(|p| p.into_inner()) = ring;
+            }
+            res?;
+            return Err(EventError::NotLeader);
+        }
         for e in &events {
             crate::metrics::event_recorded(e.kind);
         }
@@ -227,22 +280,33 @@ impl Seen {
     }
 }
 
-/// Follows the mirror, records the events between passes and publishes
-/// [`Live`]. After a re-listing (a watch gap) it diffs against what it had
-/// before the gap, so changes during the gap are still reported, once.
+/// Follows the mirror, records the events between passes (while this
+/// server leads) and publishes [`Live`]. After a re-listing (a watch gap)
+/// it diffs against what it had before the gap, so changes during the gap
+/// are still reported, once.
 pub struct Observer {
     log: Arc<EventLog>,
     seen: Option<Seen>,
     live: watch::Sender<Arc<Live>>,
+    leadership: crate::leader::Leadership,
+    /// The fencing token the ring was last loaded for.
+    writing_as: Option<Revision>,
 }
 
 impl Observer {
-    /// An observer writing to `log` and publishing to `live`.
-    pub fn new(log: Arc<EventLog>, live: watch::Sender<Arc<Live>>) -> Self {
+    /// An observer writing to `log` while `leadership` holds a fencing
+    /// token, and publishing to `live`.
+    pub fn new(
+        log: Arc<EventLog>,
+        live: watch::Sender<Arc<Live>>,
+        leadership: crate::leader::Leadership,
+    ) -> Self {
         Self {
             log,
             seen: None,
             live,
+            leadership,
+            writing_as: None,
         }
     }
 }
@@ -259,9 +323,20 @@ impl Follower for Observer {
             revision,
         }));
         self.seen = Some(now);
+        let Some(token) = *self.leadership.borrow() else {
+            self.writing_as = None;
+            return Ok(());
+        };
         // A failed write loses these events but must not stop the server:
         // events narrate state, nothing depends on them.
-        if let Err(e) = self.log.record(events).await {
+        if self.writing_as != Some(token) {
+            if let Err(e) = self.log.reload().await {
+                tracing::warn!(error = %e, "could not read the event ring; events not recorded");
+                return Ok(());
+            }
+            self.writing_as = Some(token);
+        }
+        if let Err(e) = self.log.record(events, Some(token)).await {
             tracing::warn!(error = %e, "could not record events");
         }
         Ok(())

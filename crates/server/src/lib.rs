@@ -213,6 +213,7 @@ pub async fn run(
     let container_stats = berth_agent::driver::docker::StatsMap::default();
     let health_stats = berth_agent::health::HealthStatsMap::default();
     let (live_tx, live_rx) = watch::channel(Arc::new(events::Live::default()));
+    let mut observed = live_rx.clone();
     let event_log = Arc::new(
         events::EventLog::open(store.clone(), events::DEFAULT_CAPACITY)
             .await
@@ -227,11 +228,14 @@ pub async fn run(
         (container_stats.clone(), health_stats.clone()),
         cfg.history_interval,
     );
+    // Only the elected leader runs the controller and writes events.
+    let (leader_tx, leader_rx) = watch::channel(None);
     {
         let store = store.clone();
         let stop = stop_rx.clone();
-        let mut observer = events::Observer::new(event_log, live_tx);
-        tasks.spawn(async move { mirror::follow(store, stop, &mut observer).await });
+        let mut observer = events::Observer::new(event_log, live_tx, leader_rx.clone());
+        let lag = telemetry.watch_lag();
+        tasks.spawn(async move { mirror::follow(store, stop, &mut observer, Some(lag)).await });
     }
     tasks.spawn(telemetry.clone().sample_history(stop_rx.clone()));
 
@@ -256,12 +260,13 @@ pub async fn run(
         let (tx, rx) = watch::channel(berth_net::Backends::new());
         let store = store.clone();
         let stop = stop_rx.clone();
+        let lag = telemetry.watch_lag();
         tasks.spawn(async move {
             let mut proxy = vip::ServiceProxy {
                 tx,
                 lo: vip::LoAddresses::default(),
             };
-            let res = mirror::follow(store, stop, &mut proxy).await;
+            let res = mirror::follow(store, stop, &mut proxy, Some(lag)).await;
             proxy.release().await;
             res
         });
@@ -276,12 +281,13 @@ pub async fn run(
         let (zone_tx, zone_rx) = watch::channel(Arc::new(berth_net::dns::Zone::builder().build()));
         let store = store.clone();
         let stop = stop_rx.clone();
+        let lag = telemetry.watch_lag();
         tasks.spawn(async move {
             let mut tables = traffic::Tables {
                 routes: routes_tx,
                 zone: zone_tx,
             };
-            mirror::follow(store, stop, &mut tables).await
+            mirror::follow(store, stop, &mut tables, Some(lag)).await
         });
         if let Some(addr) = cfg.http {
             start_router(&mut tasks, addr, routes_rx, stop_rx.clone(), &telemetry).await;
@@ -361,7 +367,6 @@ pub async fn run(
     };
     // Only the elected leader runs the controller (and the scheduler).
     {
-        let (leader_tx, leader_rx) = watch::channel(None);
         let me = leader::LeaderRecord {
             node: cfg.node_id.clone(),
             api: bound.clone(),
@@ -379,8 +384,9 @@ pub async fn run(
         let logs = logs.clone();
         let reschedule_after_ms =
             u64::try_from(cfg.reschedule_after.as_millis()).unwrap_or(u64::MAX);
+        let watch_lag = telemetry.watch_lag();
         tasks.spawn(leader::while_leader(
-            leader_rx,
+            leader_rx.clone(),
             stop_rx.clone(),
             move |token, stop| {
                 controller::run(
@@ -390,10 +396,20 @@ pub async fn run(
                     controller::Settings {
                         fence: Some(token),
                         reschedule_after_ms,
+                        watch_lag: Some(watch_lag.clone()),
                     },
                 )
             },
         ));
+    }
+    // Before saying "ready": the event observer has its baseline (what it
+    // lists first produces no events), and alone on its store this server
+    // has won the election (it wins at once), so the first deploy's events
+    // are recorded.
+    let _ = tokio::time::timeout(leader::TTL, observed.changed()).await;
+    if matches!(cfg.store, StoreLocation::Embedded) {
+        let mut leadership = leader_rx.clone();
+        let _ = tokio::time::timeout(leader::TTL, leadership.wait_for(Option::is_some)).await;
     }
     write_info(&cfg.data_dir, &info)?;
     tracing::info!(data_dir = %cfg.data_dir.display(), api = ?bound, "berth server ready");

@@ -8,6 +8,20 @@
 //! - Loops: [`reconcile_pass`] is called by [`crate::mirror::follow`]
 //!   after every pass of every follower (controller, catalog, traffic,
 //!   event observer), with its duration and outcome.
+//! - Watch lag (`berth_watch_lag_seconds{watcher,node}`): how long after a
+//!   store write a follower had handled it, per follower. [`MeteredStore`]
+//!   notes when it *sent* each write that certainly made a new revision (a
+//!   put, or a transaction that ran a put), in a [`CommitClock`] of the
+//!   last [`COMMIT_CLOCK_CAPACITY`] revisions; [`crate::mirror::follow`]
+//!   reports the revisions of each burst once the pass that applied them
+//!   has returned ([`WatchLag::handled`]). Counting from the send rather
+//!   than the commit (which the store does not timestamp) includes the
+//!   commit itself, so each figure is an **upper bound** of commit →
+//!   handled. Only revisions this server wrote are measured (with several
+//!   servers on one etcd, each measures its own writes; deletes and lease
+//!   expiries, which may change nothing or happen inside the store, are
+//!   not counted), and a follower more than the clock's capacity behind
+//!   goes unmeasured until it catches up.
 //! - Instances: the statuses the event observer publishes
 //!   ([`crate::events::Live`]) for state, health and restarts; CPU and
 //!   memory from `/proc` for processes ([`crate::metrics_proc`]) and from
@@ -18,8 +32,8 @@
 //! Every instance series has the labels `namespace`, `stack`, `service`,
 //! `instance` (`web.2`) and `node`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -75,6 +89,12 @@ struct LoopLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LagLabels {
+    watcher: &'static str,
+    node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -84,6 +104,70 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 fn latency_histogram() -> Histogram {
     // 50 µs … ~3.3 s.
     Histogram::new(exponential_buckets(0.000_05, 4.0, 9))
+}
+
+fn lag_histogram() -> Histogram {
+    // 100 µs … ~18 s: a follower stuck behind a slow pass shows up.
+    Histogram::new(exponential_buckets(0.000_1, 3.0, 12))
+}
+
+/// How many recent revisions a [`CommitClock`] remembers.
+pub const COMMIT_CLOCK_CAPACITY: usize = 4096;
+
+/// When this server sent the writes behind recent store revisions (see
+/// the module docs: the start of each watch-lag measurement).
+#[derive(Debug, Default)]
+pub struct CommitClock(Mutex<BTreeMap<Revision, Instant>>);
+
+impl CommitClock {
+    fn sent(&self, revision: Revision, at: Instant) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Keep the earliest send: the bound must stay an upper bound.
+        m.entry(revision).or_insert(at);
+        while m.len() > COMMIT_CLOCK_CAPACITY {
+            m.pop_first();
+        }
+    }
+
+    fn get(&self, revision: Revision) -> Option<Instant> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&revision).copied()
+    }
+}
+
+/// Measures the watch lag of one server's state followers; given to
+/// [`crate::mirror::follow`]. Cheap to clone.
+#[derive(Clone)]
+pub struct WatchLag {
+    clock: Arc<CommitClock>,
+    node: String,
+    lag: HistogramFamily<LagLabels>,
+}
+
+impl std::fmt::Debug for WatchLag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchLag")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WatchLag {
+    /// `watcher` (a follower's type name) has handled these revisions now.
+    pub fn handled(&self, watcher: &'static str, revisions: &[Revision]) {
+        let now = Instant::now();
+        let labels = LagLabels {
+            watcher: watcher.rsplit("::").next().unwrap_or(watcher),
+            node: self.node.clone(),
+        };
+        for rev in revisions {
+            if let Some(sent) = self.clock.get(*rev) {
+                self.lag
+                    .get_or_create(&labels)
+                    .observe(now.saturating_duration_since(sent).as_secs_f64());
+            }
+        }
+    }
 }
 
 /// Process-wide counters of loops that have no handle to a [`Telemetry`].
@@ -109,8 +193,10 @@ pub fn reconcile_pass(follower: &'static str, took: Duration, ok: bool) {
         .passes
         .get_or_create(&labels)
         .observe(took.as_secs_f64());
+    // Created at the first pass, so every loop shows a 0 until it fails.
+    let errors = GLOBAL.pass_errors.get_or_create(&labels);
     if !ok {
-        GLOBAL.pass_errors.get_or_create(&labels).inc();
+        errors.inc();
     }
 }
 
@@ -130,6 +216,8 @@ struct StoreMetrics {
     latency: HistogramFamily<OpLabels>,
     errors: Family<OpLabels, Counter>,
     watch_batches: Counter,
+    clock: Arc<CommitClock>,
+    lag: HistogramFamily<LagLabels>,
 }
 
 impl StoreMetrics {
@@ -138,6 +226,8 @@ impl StoreMetrics {
             latency: Family::new_with_constructor(latency_histogram),
             errors: Family::default(),
             watch_batches: Counter::default(),
+            clock: Arc::default(),
+            lag: Family::new_with_constructor(lag_histogram),
         }
     }
 
@@ -146,8 +236,10 @@ impl StoreMetrics {
         self.latency
             .get_or_create(&l)
             .observe(started.elapsed().as_secs_f64());
+        // Created at the first operation, so a 0 shows until one fails.
+        let errors = self.errors.get_or_create(&l);
         if res.is_err() {
-            self.errors.get_or_create(&l).inc();
+            errors.inc();
         }
     }
 }
@@ -179,13 +271,30 @@ impl Store for MeteredStore {
         timed!(self, "range", self.inner.range(prefix))
     }
     async fn put(&self, key: &str, value: Bytes, lease: LeaseId) -> berth_store::Result<Revision> {
-        timed!(self, "put", self.inner.put(key, value, lease))
+        let sent = Instant::now();
+        let res = timed!(self, "put", self.inner.put(key, value, lease));
+        if let Ok(rev) = &res {
+            self.metrics.clock.sent(*rev, sent);
+        }
+        res
     }
     async fn delete(&self, key: &str) -> berth_store::Result<Revision> {
         timed!(self, "delete", self.inner.delete(key))
     }
     async fn txn(&self, txn: Txn) -> berth_store::Result<TxnResult> {
-        timed!(self, "txn", self.inner.txn(txn))
+        let puts = |ops: &[berth_store::Op]| {
+            ops.iter()
+                .any(|op| matches!(op, berth_store::Op::Put { .. }))
+        };
+        let (on_success, on_failure) = (puts(&txn.success), puts(&txn.failure));
+        let sent = Instant::now();
+        let res = timed!(self, "txn", self.inner.txn(txn));
+        if let Ok(r) = &res
+            && (if r.succeeded { on_success } else { on_failure })
+        {
+            self.metrics.clock.sent(r.revision, sent);
+        }
+        res
     }
     async fn watch(&self, prefix: &str, from: Revision) -> berth_store::Result<WatchStream> {
         use futures::StreamExt;
@@ -240,6 +349,7 @@ pub struct Telemetry(Arc<Inner>);
 
 struct Inner {
     registry: Registry,
+    watch_lag: WatchLag,
     sources: Arc<Sources>,
     history: Arc<History>,
     events: Arc<EventLog>,
@@ -272,6 +382,11 @@ impl Telemetry {
         (containers, health): (StatsMap, HealthStatsMap),
         history_interval: Duration,
     ) -> Self {
+        let watch_lag = WatchLag {
+            clock: store_metrics.0.clock.clone(),
+            node: node.clone(),
+            lag: store_metrics.0.lag.clone(),
+        };
         let sources = Arc::new(Sources {
             node,
             live,
@@ -299,6 +414,12 @@ impl Telemetry {
             sm.watch_batches,
         );
         b.register(
+            "watch_lag_seconds",
+            "Time from sending a store write to a state follower having handled it, by follower \
+             (an upper bound of commit-to-handled; only revisions this server wrote)",
+            sm.lag,
+        );
+        b.register(
             "reconcile_pass_seconds",
             "Duration of one pass of a state-following loop (controller, catalog, traffic, events), by loop",
             GLOBAL.passes.clone(),
@@ -316,11 +437,17 @@ impl Telemetry {
         registry.register_collector(Box::new(ScrapeCollector(sources.clone())));
         Self(Arc::new(Inner {
             registry,
+            watch_lag,
             sources,
             history: Arc::new(History::new(history_interval)),
             events,
             store,
         }))
+    }
+
+    /// The watch-lag recorder for [`crate::mirror::follow`].
+    pub fn watch_lag(&self) -> WatchLag {
+        self.0.watch_lag.clone()
     }
 
     /// Export the router's counters (once it listens).
@@ -839,4 +966,45 @@ fn encode_dns(
         MetricType::Counter,
         [(Labels::new(), ConstCounter::new(d.dropped))],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_store::{Op, embedded::EmbeddedStore};
+
+    #[tokio::test]
+    async fn watch_lag_counts_the_revisions_this_server_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let (store, handle) = Telemetry::metered_store(inner.clone());
+        let lag = WatchLag {
+            clock: handle.0.clock.clone(),
+            node: "n1".into(),
+            lag: handle.0.lag.clone(),
+        };
+        let put = store.put("/a", Bytes::from_static(b"1"), 0).await.unwrap();
+        let txn = store
+            .txn(Txn {
+                compare: vec![],
+                success: vec![Op::put("/b", "2")],
+                failure: vec![],
+            })
+            .await
+            .unwrap();
+        // Not ours (written around the metered store), and a delete: not
+        // measured.
+        let other = inner.put("/c", Bytes::from_static(b"3"), 0).await.unwrap();
+        let del = store.delete("/a").await.unwrap();
+        lag.handled("controller::Controller", &[put, txn.revision, other, del]);
+        let mut registry = Registry::default();
+        registry.register("watch_lag_seconds", "lag", handle.0.lag.clone());
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(
+            out.contains("watch_lag_seconds_count{watcher=\"Controller\",node=\"n1\"} 2"),
+            "{out}"
+        );
+    }
 }

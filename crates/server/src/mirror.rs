@@ -110,12 +110,18 @@ pub trait Follower {
 
 /// List `/berth/`, then follow its watch, calling `follower` after every
 /// burst, until `shutdown` turns true. Re-lists when the watch ends or
-/// reports compaction, so no change is ever silently missed.
+/// reports compaction, so no change is ever silently missed. With `lag`,
+/// the revisions of each burst are reported to it once the pass that
+/// applied them has returned.
 pub async fn follow<F: Follower + Send>(
     store: Arc<dyn Store>,
     shutdown: watch::Receiver<bool>,
     follower: &mut F,
+    lag: Option<crate::metrics::WatchLag>,
 ) -> anyhow::Result<()> {
+    let name = std::any::type_name::<F>();
+    // Revisions applied to the mirror but not yet handled by a pass.
+    let mut applied: Vec<Revision> = Vec::new();
     let mut shutdown = std::pin::pin!(crate::stopped(shutdown));
     loop {
         let (kvs, rev) = store.range(keys::ROOT).await?;
@@ -129,12 +135,12 @@ pub async fn follow<F: Follower + Send>(
         loop {
             let started = std::time::Instant::now();
             let pass = follower.changed(&mirror, seen).await;
-            crate::metrics::reconcile_pass(
-                std::any::type_name::<F>(),
-                started.elapsed(),
-                pass.is_ok(),
-            );
+            crate::metrics::reconcile_pass(name, started.elapsed(), pass.is_ok());
             pass?;
+            if let Some(lag) = &lag {
+                lag.handled(name, &applied);
+            }
+            applied.clear();
             let timer = follower.wake_at().map(|at| {
                 let wait = at.saturating_sub(crate::now_ms());
                 // A few ms late so the deadline has surely passed.
@@ -154,6 +160,9 @@ pub async fn follow<F: Follower + Send>(
                     Ok(b) => {
                         for e in &b {
                             seen = seen.max(e.revision());
+                            if applied.last() != Some(&e.revision()) {
+                                applied.push(e.revision());
+                            }
                             mirror.apply(e);
                         }
                     }

@@ -491,6 +491,8 @@ pub struct Settings {
     pub fence: Option<Revision>,
     /// Grace period before a lost node's instances are rescheduled.
     pub reschedule_after_ms: Millis,
+    /// Where the controller's watch lag is measured (`None`: not measured).
+    pub watch_lag: Option<crate::metrics::WatchLag>,
 }
 
 /// Run the controller until `shutdown` turns true. `logs` (this node's log
@@ -515,7 +517,7 @@ pub async fn run(
         },
         vip_picker: Box::new(crate::vip::random_picker()),
     };
-    mirror::follow(store, shutdown, &mut controller).await
+    mirror::follow(store, shutdown, &mut controller, settings.watch_lag).await
 }
 
 /// Log lines quoted in an automatic rollback's reason.
