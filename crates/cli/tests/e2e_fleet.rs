@@ -2,6 +2,7 @@
 //! `berth agent --join` processes (own node ids and data dirs), all real.
 //!
 //! Covers: joining with the token, placement spread over the agents,
+//! instances that fit no node (pending, with the scheduler's reasons),
 //! health and routing to agents' instances, `berth nodes` with facts and
 //! as an Ansible inventory, drain / activate, a `kill -9`ed agent going
 //! down after the lease TTL, and credentials: none, another node's, a
@@ -232,6 +233,72 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
         Duration::from_secs(20),
         || http_get_host(http, "web.fleet.localhost", "/").map(|_| ()),
     );
+
+    // What fits nowhere stays pending, with a reason per class of nodes,
+    // in `up -d`'s verdict, `ps`, `ps --json` and the stack API the
+    // dashboard renders; the record goes with the stack.
+    let mars = tempfile::tempdir().unwrap();
+    std::fs::write(
+        mars.path().join("compose.yaml"),
+        concat!(
+            "services:\n",
+            "  far:\n",
+            "    command: sleep 1000\n",
+            "    deploy:\n",
+            "      replicas: 2\n",
+            "      placement: { constraints: [\"node.labels.zone == mars\"] }\n",
+            "  big:\n",
+            "    command: sleep 1000\n",
+            "    deploy: { resources: { reservations: { memory: 64T } } }\n",
+        ),
+    )
+    .unwrap();
+    let err = berth.fails(
+        mars.path(),
+        &["up", "-d", "-p", "mars", "--wait-timeout", "3s"],
+        5,
+    );
+    let far_reason = "no node can run it: 2 nodes: constraint node.labels.zone == mars";
+    assert!(err.contains(far_reason), "{err}");
+    let rows = berth.ps(dir, "mars");
+    let pending: Vec<(String, String)> = rows
+        .iter()
+        .map(|i| {
+            assert_eq!(i["state"], "pending", "{i}");
+            assert_eq!(i["node"], "", "{i}");
+            let m = i["message"].as_str().unwrap_or_default().to_owned();
+            (i["instance"].as_str().unwrap().to_owned(), m)
+        })
+        .collect();
+    assert_eq!(
+        pending,
+        [
+            (
+                "big.1".to_owned(),
+                "no node can run it: 2 nodes: insufficient memory".to_owned()
+            ),
+            ("far.1".to_owned(), far_reason.to_owned()),
+            ("far.2".to_owned(), far_reason.to_owned()),
+        ]
+    );
+    let table = berth.ok(dir, &["ps", "-p", "mars"]);
+    assert!(
+        table.contains("far.2") && table.contains("constraint node.labels.zone == mars"),
+        "{table}"
+    );
+    let admin = std::fs::read_to_string(berth.data.path().join("token")).unwrap();
+    let (status, body) = api_request(&api, "GET", "/v1/stacks/default/mars", Some(admin.trim()));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("insufficient memory"), "{body}");
+    berth.ok(mars.path(), &["down", "-p", "mars"]);
+    wait_until("mars's pending rows gone", Duration::from_secs(10), || {
+        let all: Vec<Value> =
+            serde_json::from_str(&berth.ok(dir, &["ps", "--all-stacks", "--json"])).unwrap();
+        match all.iter().filter(|i| i["stack"] == "mars").count() {
+            0 => Ok(()),
+            n => Err(format!("{n} rows")),
+        }
+    });
 
     // Credentials: none, another node's, and the node's own.
     let (status, _) = api_request(&api, "GET", "/v1/agent/nodes/n2/assignments", None);

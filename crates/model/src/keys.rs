@@ -37,6 +37,15 @@ pub const NODE_CREDS: &str = "/berth/node-creds/";
 /// stays drained across agent restarts).
 pub const NODE_DRAIN: &str = "/berth/drain/";
 
+/// Prefix of the scheduler's unplaced instances per stack
+/// ([`crate::Unplaced`]).
+pub const UNPLACED: &str = "/berth/unplaced/";
+
+/// `/berth/unplaced/<ns>/<stack>`
+pub fn unplaced(ns: &str, stack: &str) -> String {
+    format!("{UNPLACED}{ns}/{stack}")
+}
+
 /// `/berth/node-creds/<id>`
 pub fn node_cred(id: &str) -> String {
     format!("{NODE_CREDS}{id}")

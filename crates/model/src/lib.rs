@@ -265,6 +265,29 @@ pub struct Assignment {
     pub retire_at: Option<Millis>,
 }
 
+/// Instances of one stack that the scheduler could place nowhere, with why
+/// (`/berth/unplaced/<ns>/<stack>`). Written by the leader's controller in
+/// the same fenced transaction as its placements, deleted once every
+/// instance of the stack is placed; `berth ps`, the API and the dashboard
+/// show them as `pending` rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unplaced {
+    /// One entry per instance, sorted by service and slot.
+    pub instances: Vec<UnplacedInstance>,
+}
+
+/// One instance that fits no node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnplacedInstance {
+    /// Service name.
+    pub service: String,
+    /// Replica slot.
+    pub slot: u32,
+    /// Why, per class of nodes: `3 nodes: constraint node.labels.zone==east;
+    /// 2 nodes: insufficient memory`.
+    pub reason: String,
+}
+
 /// What the agent should do with an assignment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -26,10 +26,13 @@ pub struct Mirror {
     /// Stable service addresses by store key (see `vip.rs`), with their mod
     /// revision.
     pub vips: BTreeMap<String, (berth_model::vip::ServiceVip, Revision)>,
+    /// The controller's last word on instances it could not place, by store
+    /// key (`/berth/unplaced/<ns>/<stack>`), with their mod revision.
+    pub unplaced: BTreeMap<String, (berth_model::Unplaced, Revision)>,
 }
 
 impl Mirror {
-    /// Apply one store event. Keys outside the four prefixes are ignored;
+    /// Apply one store event. Keys outside the mirrored prefixes are ignored;
     /// values that do not decode are logged and skipped (they cannot be
     /// acted on, and one bad record must not stop every other stack).
     pub fn apply(&mut self, event: &WatchEvent) {
@@ -53,6 +56,10 @@ impl Mirror {
                     if let Some(v) = decode_logged(kv) {
                         self.vips.insert(kv.key.clone(), (v, rev));
                     }
+                } else if key.starts_with(keys::UNPLACED) {
+                    if let Some(v) = decode_logged(kv) {
+                        self.unplaced.insert(kv.key.clone(), (v, rev));
+                    }
                 } else if let Some(id) = key.strip_prefix(keys::NODES)
                     && let Some(v) = decode_logged(kv)
                 {
@@ -63,6 +70,7 @@ impl Mirror {
                 self.stacks.remove(key);
                 self.assignments.remove(key);
                 self.vips.remove(key);
+                self.unplaced.remove(key);
                 if key.starts_with(keys::STATUS)
                     && let Some(k) = keys::parse_instance(key)
                 {

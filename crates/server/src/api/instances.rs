@@ -8,6 +8,9 @@
 //! A service the controller holds back because a `depends_on` condition is
 //! unmet has no assignment yet; it shows as `pending` rows that name the
 //! dependency it waits for, so `ps` and `up -d` can say why nothing runs.
+//! Likewise, slots the scheduler could place on no node (the controller
+//! records them under `/berth/unplaced/`) show as `pending` rows whose
+//! message gives the reason per class of nodes.
 
 use std::collections::BTreeMap;
 
@@ -16,7 +19,7 @@ use axum::extract::State;
 use berth_model::api::Instance;
 use berth_model::{
     Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis,
-    StackRecord, keys,
+    StackRecord, Unplaced, keys,
 };
 use berth_spec::types::DependencyCondition;
 use berth_store::{Store, decode};
@@ -106,6 +109,36 @@ pub async fn instances(
         for (key, why) in held_back(&record, &slots) {
             if filter.matches(&key) {
                 held.insert(key, why);
+            }
+        }
+    }
+    // Slots the scheduler could place nowhere (recorded by the leader's
+    // controller) have neither an assignment nor a status: without these
+    // rows `ps` would show fewer instances than asked for, and not why.
+    let unplaced_prefix = match (&filter.namespace, &filter.stack) {
+        (Some(ns), Some(stack)) => keys::unplaced(ns, stack),
+        (Some(ns), None) => format!("{}{ns}/", keys::UNPLACED),
+        _ => keys::UNPLACED.to_owned(),
+    };
+    let (unplaced_kvs, _) = store.range(&unplaced_prefix).await?;
+    for kv in &unplaced_kvs {
+        let Some((namespace, stack)) = kv
+            .key
+            .strip_prefix(keys::UNPLACED)
+            .and_then(|rest| rest.split_once('/'))
+        else {
+            continue;
+        };
+        let record: Unplaced = decode(kv)?;
+        for u in record.instances {
+            let key = InstanceKey {
+                namespace: namespace.to_owned(),
+                stack: stack.to_owned(),
+                service: u.service,
+                slot: u.slot,
+            };
+            if filter.matches(&key) && !slots.contains_key(&key) && !held.contains_key(&key) {
+                held.insert(key, format!("no node can run it: {}", u.reason));
             }
         }
     }

@@ -4,7 +4,7 @@
 //! Each event (`event: state`) carries a whole [`StackDetail`] (the record
 //! and the same instance rows `GET /v1/stacks/{ns}/{stack}` returns), sent
 //! once at connect and again whenever a store change touches the stack's
-//! record, assignments or statuses. Whole snapshots instead of deltas make
+//! record, assignments, statuses or unplaced instances. Whole snapshots instead of deltas make
 //! a missed event harmless (the next one is complete) and keep the client a
 //! pure renderer. A burst of changes is coalesced (the watch is drained for
 //! [`COALESCE`] after the first event) and a snapshot equal to the last one
@@ -143,7 +143,7 @@ async fn wait_for_change(s: &mut Follow) -> bool {
 /// Whether a store event concerns `ns/stack`.
 fn touches(event: &WatchEvent, ns: &str, stack: &str) -> bool {
     let key = event.key();
-    if key == keys::stack(ns, stack) {
+    if key == keys::stack(ns, stack) || key == keys::unplaced(ns, stack) {
         return true;
     }
     if !(key.starts_with(keys::STATUS) || key.starts_with(keys::ASSIGNMENTS)) {
@@ -222,6 +222,16 @@ mod tests {
         ));
         assert!(!touches(
             &put("/berth/assign/n1/other/shop/web/000001"),
+            "default",
+            "shop"
+        ));
+        assert!(touches(
+            &put(&keys::unplaced("default", "shop")),
+            "default",
+            "shop"
+        ));
+        assert!(!touches(
+            &put(&keys::unplaced("default", "shop2")),
             "default",
             "shop"
         ));

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use berth_model::{
     Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis,
-    RollbackCause, RolloutState, StackRecord, keys,
+    RollbackCause, RolloutState, StackRecord, Unplaced, UnplacedInstance, keys,
 };
 use berth_scheduler::{Ask, Placed, Reservation, Snapshot};
 use berth_spec::types::{DependencyCondition, DeployMode, Service};
@@ -64,6 +64,20 @@ pub enum Change {
     },
 }
 
+/// A stack's unplaced instances as the controller wants them recorded
+/// (`value: None` deletes the record), with the revision it expects the key
+/// at. Written in the same transactions as placements, so only the leader
+/// (the fencing token) can write it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnplacedWrite {
+    /// Store key (`/berth/unplaced/<ns>/<stack>`).
+    pub key: String,
+    /// The new record; `None` removes it (everything is placed).
+    pub value: Option<Unplaced>,
+    /// Expected mod revision (0 = must not exist).
+    pub expect: Revision,
+}
+
 /// A rollout event for the controller to turn into a desired-state command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
@@ -100,6 +114,8 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Rollout events (complete, failed).
     pub reports: Vec<Report>,
+    /// Records of instances that fit no node, where they changed.
+    pub unplaced: Vec<UnplacedWrite>,
     /// When to plan again even if no event arrives (drain ends, `delay`
     /// passes, a monitor period ends).
     pub wake_at: Option<Millis>,
@@ -241,6 +257,7 @@ pub fn plan_with(
         .map(|n| n.id.as_str())
         .collect();
     let mut asks: Vec<(InstanceKey, &Service, &StackRecord)> = Vec::new();
+    let mut unplaced: BTreeMap<String, Unplaced> = BTreeMap::new();
 
     for (record, _) in mirror.stacks.values() {
         let mut all_settled = true;
@@ -401,7 +418,53 @@ pub fn plan_with(
             });
         }
         for (key, reason) in result.unplaced {
-            tracing::warn!(instance = %key, %reason, "instance cannot be placed");
+            unplaced
+                .entry(keys::unplaced(&key.namespace, &key.stack))
+                .or_default()
+                .instances
+                .push(UnplacedInstance {
+                    service: key.service,
+                    slot: key.slot,
+                    reason,
+                });
+        }
+    }
+    out.unplaced = unplaced_writes(mirror, unplaced);
+    out
+}
+
+/// The writes that make the stored unplaced records equal `want` (by store
+/// key): only records that differ are written, so a pass that changes
+/// nothing writes nothing (and does not wake itself up through the watch).
+fn unplaced_writes(mirror: &Mirror, mut want: BTreeMap<String, Unplaced>) -> Vec<UnplacedWrite> {
+    for u in want.values_mut() {
+        u.instances
+            .sort_by(|a, b| (&a.service, a.slot).cmp(&(&b.service, b.slot)));
+    }
+    let mut out = Vec::new();
+    for (key, (have, rev)) in &mirror.unplaced {
+        match want.remove(key) {
+            Some(w) if w == *have => {}
+            value => out.push(UnplacedWrite {
+                key: key.clone(),
+                value,
+                expect: *rev,
+            }),
+        }
+    }
+    out.extend(want.into_iter().map(|(key, value)| UnplacedWrite {
+        key,
+        value: Some(value),
+        expect: 0,
+    }));
+    for w in &out {
+        if let Some(first) = w.value.as_ref().and_then(|v| v.instances.first()) {
+            tracing::warn!(
+                stack = %w.key,
+                count = w.value.as_ref().map_or(0, |v| v.instances.len()),
+                reason = %first.reason,
+                "instances cannot be placed"
+            );
         }
     }
     out
@@ -563,8 +626,8 @@ impl Follower for Controller {
         self.liveness.observe(mirror, now);
         let plan = plan_with(mirror, now, &self.liveness, &mut self.uids);
         self.wake_at = plan.wake_at;
-        if !plan.changes.is_empty() {
-            match commit(self.store.as_ref(), &plan.changes, self.fence).await? {
+        if !plan.changes.is_empty() || !plan.unplaced.is_empty() {
+            match commit(self.store.as_ref(), &plan.changes, &plan.unplaced, self.fence).await? {
                 Some(rev) => self.wait_for = rev,
                 None => tracing::debug!("plan was stale; waiting for the watch to catch up"),
             }
@@ -699,6 +762,7 @@ impl Controller {
 async fn commit(
     store: &dyn Store,
     changes: &[Change],
+    unplaced: &[UnplacedWrite],
     fence: Option<Revision>,
 ) -> anyhow::Result<Option<Revision>> {
     let mut txn = Txn::default();
@@ -722,6 +786,14 @@ async fn commit(
                 txn.success.push(Op::Delete(key.clone()));
             }
         }
+    }
+    for w in unplaced {
+        txn.compare
+            .push(Compare::ModRevision(w.key.clone(), w.expect));
+        txn.success.push(match &w.value {
+            Some(v) => Op::put(w.key.clone(), encode(&w.key, v)?),
+            None => Op::Delete(w.key.clone()),
+        });
     }
     let result = store.txn(txn).await?;
     Ok(result.succeeded.then_some(result.revision))

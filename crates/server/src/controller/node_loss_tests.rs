@@ -99,6 +99,17 @@ impl Sim {
                 }
             }
         }
+        for w in &plan.unplaced {
+            self.rev += 1;
+            match &w.value {
+                Some(v) => {
+                    self.m.unplaced.insert(w.key.clone(), (v.clone(), self.rev));
+                }
+                None => {
+                    self.m.unplaced.remove(&w.key);
+                }
+            }
+        }
         plan
     }
 
@@ -215,4 +226,54 @@ fn global_services_follow_the_eligible_nodes() {
     s.step(21_000);
     assert_eq!((s.on("b"), s.on("d")), (1, 1));
     assert!(s.step(22_000).changes.is_empty());
+}
+
+#[test]
+fn unplaced_instances_are_recorded_with_reasons_until_placed() {
+    let yaml = "services:\n  web:\n    command: sleep 100\n    deploy:\n      replicas: 2\n      placement:\n        constraints: [\"node.labels.zone == east\"]\n";
+    let mut s = Sim::new(yaml, &["a", "b"]);
+    let p = s.step(0);
+    assert!(p.changes.is_empty(), "{:?}", p.changes);
+    let key = keys::unplaced("default", "shop");
+    assert_eq!(p.unplaced.len(), 1);
+    assert_eq!(p.unplaced[0].key, key);
+    let (record, _) = &s.m.unplaced[&key];
+    let slots: Vec<(&str, u32, &str)> = record
+        .instances
+        .iter()
+        .map(|i| (i.service.as_str(), i.slot, i.reason.as_str()))
+        .collect();
+    assert_eq!(
+        slots,
+        [
+            ("web", 1, "2 nodes: constraint node.labels.zone == east"),
+            ("web", 2, "2 nodes: constraint node.labels.zone == east"),
+        ]
+    );
+    // Unchanged: nothing is written again (no write, no wake-up loop).
+    assert!(s.step(1).unplaced.is_empty());
+
+    // A node that fits joins: both are placed and the record goes in the
+    // same plan.
+    let mut east = node("c");
+    east.labels.insert("zone".into(), "east".into());
+    s.m.nodes.insert("c".into(), east);
+    let p = s.step(2);
+    assert_eq!(s.on("c"), 2);
+    assert_eq!(p.unplaced.len(), 1);
+    assert_eq!(p.unplaced[0].value, None);
+    assert!(s.m.unplaced.is_empty());
+    assert!(s.step(3).unplaced.is_empty());
+}
+
+#[test]
+fn a_removed_stacks_unplaced_record_is_deleted() {
+    let mut s = Sim::new(WEB, &[]);
+    s.step(0);
+    let key = keys::unplaced("default", "shop");
+    assert_eq!(s.m.unplaced[&key].0.instances[0].reason, "no nodes are up");
+    s.m.stacks.clear();
+    let p = s.step(1);
+    assert_eq!(p.unplaced.len(), 1);
+    assert!(s.m.unplaced.is_empty());
 }
