@@ -180,6 +180,8 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
         assert!(f["load_1m"].as_f64().is_some(), "{n}");
         assert!(f["disk_free"].as_u64().is_some(), "{n}");
         assert!(f["kernel"].is_string() && f["docker"].is_boolean(), "{n}");
+        // Set by the server (`node.role` in constraints): joined = worker.
+        assert_eq!(f["role"], "worker", "{n}");
         assert_eq!(n["address"], "127.0.0.1");
         assert_eq!(n["joined"], true);
     }

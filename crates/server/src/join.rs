@@ -257,6 +257,13 @@ pub async fn heartbeat(store: &dyn Store, node: &str) -> Result<(), NodeAuthErro
         .map_err(|_| NodeAuthError::NotRegistered(node.to_owned()))
 }
 
+/// The fact `node.role` constraints read (see `berth_scheduler`).
+pub const ROLE_FACT: &str = "role";
+/// `node.role` of a server's own node.
+pub const ROLE_MANAGER: &str = "manager";
+/// `node.role` of a node that joined with `berth agent --join`.
+pub const ROLE_WORKER: &str = "worker";
+
 /// Write `record` as the node's registration, on its lease (renewed, or a
 /// new one when it expired), with the drain mark merged in.
 pub async fn register(
@@ -268,6 +275,12 @@ pub async fn register(
     let key = keys::node(&record.id);
     let drain_key = keys::node_drain(&record.id);
     record.updated_at = now;
+    // `node.role` (Swarm's constraint attribute) is the server's word, not
+    // the agent's: a joined node is a worker whatever it claims, so a
+    // `node.role == manager` constraint cannot be satisfied by an agent.
+    record
+        .facts
+        .insert(ROLE_FACT.to_owned(), serde_json::Value::from(ROLE_WORKER));
     // Compare-and-swap on the drain mark: a `berth node drain` that lands
     // between reading it and writing the record is not overwritten.
     for _ in 0..5 {
@@ -456,6 +469,13 @@ mod tests {
             .await
             .unwrap();
         heartbeat(s.as_ref(), "n1").await.unwrap();
+
+        // An agent claiming to be a manager is registered as a worker.
+        let mut claims = node("n1");
+        claims.facts.insert(ROLE_FACT.into(), "manager".into());
+        register(s.as_ref(), Some(&cred), claims, 5).await.unwrap();
+        let live: Node = decode(&s.get(&keys::node("n1")).await.unwrap().unwrap()).unwrap();
+        assert_eq!(live.facts[ROLE_FACT], ROLE_WORKER);
 
         set_draining(s.as_ref(), "n1", true).await.unwrap();
         let live: Node = decode(&s.get(&keys::node("n1")).await.unwrap().unwrap()).unwrap();
