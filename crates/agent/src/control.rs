@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use berth_model::{Assignment, InstanceKey, InstanceStatus, keys};
-use berth_store::{LeaseId, Op, Revision, Store, StoreError, Txn, WatchEvent};
+use berth_store::chunk::Part;
+use berth_store::{LeaseId, Op, Revision, Store, StoreError, WatchEvent};
 use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 
@@ -146,19 +147,19 @@ impl ControlPlane for StoreControlPlane {
     }
 
     async fn report_many(&self, statuses: &[InstanceStatus]) -> Result<(), ControlError> {
-        let mut txn = Txn::default();
+        let mut parts = Vec::with_capacity(statuses.len());
         for s in statuses {
             let key = keys::status(&s.key);
             let value = berth_store::encode(&key, s)?;
-            txn.success.push(Op::Put {
+            parts.push(Part::op(Op::Put {
                 key,
                 value,
                 lease: self.lease,
-            });
+            }));
         }
-        if !txn.success.is_empty() {
-            self.store.txn(txn).await?;
-        }
+        // In chunks: a node starting a few hundred instances reports them
+        // at once, and etcd refuses a transaction of more than 128 ops.
+        berth_store::chunk::commit(self.store.as_ref(), &[], parts).await?;
         Ok(())
     }
 

@@ -42,7 +42,7 @@ use berth_model::{
     Event, EventKind, Health, InstanceKey, InstanceState, InstanceStatus, RolloutState,
     ServiceDesired, StackRecord, keys,
 };
-use berth_store::{Compare, Op, Revision, Store, StoreError, Txn, decode, encode};
+use berth_store::{Compare, Op, Revision, Store, StoreError, decode, encode};
 use tokio::sync::watch;
 
 use crate::mirror::{Follower, Mirror};
@@ -137,20 +137,16 @@ impl EventLog {
             let key = keys::event(e.id);
             ops.push(Op::put(key.clone(), encode(&key, e)?));
         }
-        let compare = fence
+        let common: Vec<Compare> = fence
             .map(|token| Compare::ModRevision(crate::leader::KEY.to_owned(), token))
             .into_iter()
             .collect();
-        let res = self
-            .store
-            .txn(Txn {
-                compare,
-                success: ops,
-                failure: Vec::new(),
-            })
-            .await;
-        if !matches!(res, Ok(ref r) if r.succeeded) {
-            // The ids and deletions were not applied: the next writer
+        // In chunks, each fenced: one pass can see hundreds of instances
+        // start, and etcd refuses a transaction of more than 128 ops.
+        let parts = ops.into_iter().map(berth_store::chunk::Part::op).collect();
+        let res = berth_store::chunk::commit(self.store.as_ref(), &common, parts).await;
+        if !matches!(res, Ok(ref r) if r.complete()) {
+            // Not all ids and deletions were applied: the next writer
             // (this server again, or another leader) starts from the store.
             if let Ok(ring) = Ring::load(self.store.as_ref()).await {
                 *self.ring.lock().unwrap_or_else(|p| p.into_inner()) = ring;

@@ -373,13 +373,7 @@ pub async fn run(
             pid: std::process::id(),
             since: 0,
         };
-        tasks.spawn(leader::campaign(
-            store.clone(),
-            me,
-            leader::TTL,
-            leader_tx,
-            stop_rx.clone(),
-        ));
+        spawn_campaign(&cfg.store, &store, me, leader_tx, &stop_rx, &mut tasks)?;
         let store = store.clone();
         let logs = logs.clone();
         let reschedule_after_ms =
@@ -442,6 +436,56 @@ pub async fn run(
     result
 }
 
+/// Campaign for leadership on a thread of its own (a current-thread
+/// runtime) and, on etcd, over a connection of its own. A controller pass
+/// over a few hundred instances keeps the server's runtime busy (planning,
+/// encoding, committing in chunks) for longer than the renewal period; a
+/// keep-alive queued behind it made the leader step down in the middle of
+/// that very work, and the next leader started it over.
+fn spawn_campaign(
+    location: &StoreLocation,
+    store: &Arc<dyn Store>,
+    me: leader::LeaderRecord,
+    leader_tx: watch::Sender<Option<berth_store::Revision>>,
+    stop_rx: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let etcd = match location {
+        StoreLocation::Etcd(cfg) => Some((**cfg).clone()),
+        StoreLocation::Embedded => None,
+    };
+    let shared = store.clone();
+    let stop = stop_rx.clone();
+    let thread = std::thread::Builder::new()
+        .name("berth-leader".into())
+        .spawn(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the leader election's runtime")?;
+            rt.block_on(async move {
+                let store: Arc<dyn Store> = match etcd {
+                    Some(cfg) => Arc::new(
+                        berth_store::etcd::EtcdStore::connect(cfg)
+                            .await
+                            .context("connecting to etcd for the leader election")?,
+                    ),
+                    // One process owns the embedded store.
+                    None => shared,
+                };
+                leader::campaign(store, me, leader::TTL, leader_tx, stop).await
+            })
+        })
+        .context("starting the leader election's thread")?;
+    tasks.spawn(async move {
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .context("leader election thread")?
+            .map_err(|_| anyhow::anyhow!("the leader election thread panicked"))?
+    });
+    Ok(())
+}
+
 /// Register this server's own node (on a lease: if the server dies, the
 /// node record expires and, in a fleet, its work is rescheduled) and run
 /// its agent straight on the store.
@@ -457,11 +501,17 @@ async fn start_local_agent(
     ),
 ) -> anyhow::Result<()> {
     let lease = store.lease_grant(join::NODE_TTL).await?;
+    let mut facts = berth_agent::facts::collect(&cfg.data_dir);
+    // A server's own node: `node.role == manager` in constraints.
+    facts.insert(
+        join::ROLE_FACT.to_owned(),
+        serde_json::Value::from(join::ROLE_MANAGER),
+    );
     let node = Node {
         id: cfg.node_id.clone(),
         address: "127.0.0.1".to_owned(),
         labels: Default::default(),
-        facts: berth_agent::facts::collect(&cfg.data_dir),
+        facts,
         // `berth node drain` survives a server restart.
         draining: store.get(&keys::node_drain(&cfg.node_id)).await?.is_some(),
         updated_at: now_ms(),

@@ -31,7 +31,8 @@ use berth_model::vip::{self, ServiceVip};
 use berth_model::{StackRecord, keys};
 use berth_net::Backends;
 use berth_spec::types::{Driver, Service};
-use berth_store::{Compare, Op, Revision, Store, Txn, encode};
+use berth_store::chunk::Part;
+use berth_store::{Compare, Op, Revision, Store, encode};
 use tokio::sync::watch;
 
 use crate::catalog;
@@ -126,8 +127,10 @@ pub fn changes(
     out
 }
 
-/// Commit the allocation step in one transaction; `None` when a compare
-/// failed (another controller got there first: the watch brings its write).
+/// Commit the allocation step; the revision after the last transaction
+/// applied, `None` when the first one's compares failed (another controller
+/// got there first: the watch brings its write). A partly applied step is
+/// finished by the next pass, which sees the applied part.
 /// `fence` is the leader key's revision when this controller is the elected
 /// one (its writes must fail once it no longer is), as for placement.
 pub async fn commit(
@@ -135,31 +138,41 @@ pub async fn commit(
     changes: &[VipChange],
     fence: Option<Revision>,
 ) -> anyhow::Result<Option<Revision>> {
-    let mut txn = Txn::default();
-    if let Some(token) = fence {
-        txn.compare
-            .push(Compare::ModRevision(crate::leader::KEY.to_owned(), token));
-    }
+    let common: Vec<Compare> = fence
+        .map(|token| Compare::ModRevision(crate::leader::KEY.to_owned(), token))
+        .into_iter()
+        .collect();
+    let mut parts = Vec::with_capacity(changes.len());
     for c in changes {
-        match c {
+        // An address and its reverse key stay in one transaction.
+        parts.push(match c {
             VipChange::Allocate(v) => {
                 let key = keys::vip(&v.namespace, &v.stack, &v.service);
                 let addr = keys::vip_addr(v.address);
-                txn.compare.push(Compare::ModRevision(key.clone(), 0));
-                txn.compare.push(Compare::ModRevision(addr.clone(), 0));
-                txn.success.push(Op::put(key.clone(), encode(&key, v)?));
-                txn.success.push(Op::put(addr.clone(), encode(&addr, v)?));
+                Part {
+                    compare: vec![
+                        Compare::ModRevision(key.clone(), 0),
+                        Compare::ModRevision(addr.clone(), 0),
+                    ],
+                    success: vec![
+                        Op::put(key.clone(), encode(&key, v)?),
+                        Op::put(addr.clone(), encode(&addr, v)?),
+                    ],
+                }
             }
             VipChange::Free(v, rev) => {
                 let key = keys::vip(&v.namespace, &v.stack, &v.service);
-                txn.compare.push(Compare::ModRevision(key.clone(), *rev));
-                txn.success.push(Op::Delete(key));
-                txn.success.push(Op::Delete(keys::vip_addr(v.address)));
+                Part {
+                    compare: vec![Compare::ModRevision(key.clone(), *rev)],
+                    success: vec![Op::Delete(key), Op::Delete(keys::vip_addr(v.address))],
+                }
             }
-        }
+        });
     }
-    let result = store.txn(txn).await?;
-    Ok(result.succeeded.then_some(result.revision))
+    // In chunks under etcd's ops limit (see `berth_store::chunk`): a stack
+    // of many services allocates all its addresses in one pass.
+    let done = berth_store::chunk::commit(store, &common, parts).await?;
+    Ok(done.revision)
 }
 
 /// A picker that starts at a random address and takes the first one free,

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde::{Serialize, de::DeserializeOwned};
 
+pub mod chunk;
 pub mod conformance;
 pub mod embedded;
 pub mod etcd;

@@ -269,6 +269,44 @@ async fn namespaces_are_isolated_and_stripped() {
     assert!(a.get("/berth/x").await.unwrap().is_some());
 }
 
+/// etcd refuses a transaction of more than `--max-txn-ops` (128) ops
+/// whole; the chunked commit berth's big writers use gets all of them in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_writes_go_in_chunks_under_max_txn_ops() {
+    use berth_store::chunk::{self, Part};
+    use berth_store::{Compare, Op, Txn};
+    let etcd = EtcdCluster::single().await;
+    let store = etcd.store("/chunks").await;
+    let fence = store.put("/leader", b("me"), 0).await.unwrap();
+    let put = |i: usize| Op::put(format!("/k/{i:03}"), b("v"));
+    let whole = Txn {
+        compare: Vec::new(),
+        success: (0..150).map(put).collect(),
+        failure: Vec::new(),
+    };
+    let err = store.txn(whole).await.unwrap_err();
+    assert!(err.to_string().contains("too many operations"), "{err}");
+    let common = [Compare::ModRevision("/leader".into(), fence)];
+    let parts: Vec<Part> = (0..300)
+        .map(|i| Part::guarded(Compare::ModRevision(format!("/k/{i:03}"), 0), put(i)))
+        .collect();
+    let done = chunk::commit(&store, &common, parts).await.unwrap();
+    assert!(done.complete(), "{done:?}");
+    assert_eq!(done.of, 4);
+    let (kvs, rev) = store.range("/k/").await.unwrap();
+    assert_eq!(kvs.len(), 300);
+    assert_eq!(done.revision, Some(rev));
+    // A moved fence stops the very first chunk: a deposed leader writes
+    // nothing, however big its plan.
+    store.put("/leader", b("other"), 0).await.unwrap();
+    let parts: Vec<Part> = (300..450)
+        .map(|i| Part::guarded(Compare::ModRevision(format!("/k/{i:03}"), 0), put(i)))
+        .collect();
+    let done = chunk::commit(&store, &common, parts).await.unwrap();
+    assert_eq!((done.applied, done.revision), (0, None));
+    assert_eq!(store.range("/k/").await.unwrap().0.len(), 300);
+}
+
 /// Nothing listening: connect fails within its timeout, naming the endpoint.
 #[tokio::test]
 async fn connect_to_nothing_fails_fast_and_says_where() {

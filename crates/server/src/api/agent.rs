@@ -20,6 +20,7 @@ use berth_model::api::{
     WatchLine,
 };
 use berth_model::{Assignment, InstanceKey, InstanceStatus, LogLine, Node, keys};
+use berth_store::chunk::Part;
 use berth_store::{Compare, Op, Revision, StoreError, Txn, WatchEvent, decode, encode};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -224,7 +225,7 @@ pub(crate) async fn statuses(
     let lease = join::node_lease(ctx.store.as_ref(), &node).await?;
     let (assigned, _) = ctx.store.range(&keys::assignments_of(&node)).await?;
     let mine: std::collections::HashSet<String> = assigned.into_iter().map(|kv| kv.key).collect();
-    let mut txn = Txn::default();
+    let mut parts = Vec::with_capacity(batch.len());
     for s in &batch {
         let key = keys::status(&s.key);
         let allowed = s.node == node
@@ -237,13 +238,15 @@ pub(crate) async fn statuses(
             }
             .into());
         }
-        txn.success.push(Op::Put {
+        parts.push(Part::op(Op::Put {
             value: encode(&key, s)?,
             key,
             lease,
-        });
+        }));
     }
-    ctx.store.txn(txn).await?;
+    // In chunks: etcd refuses a transaction of more than 128 ops, and a
+    // node starting a few hundred instances reports them in one batch.
+    berth_store::chunk::commit(ctx.store.as_ref(), &[], parts).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

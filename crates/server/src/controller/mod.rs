@@ -10,10 +10,11 @@
 //! The controller keeps an in-memory [`Mirror`] of stacks, assignments,
 //! statuses and nodes fed by one watch, so a reconcile pass costs no store
 //! read. [`plan`] is a pure function of the mirror (plus a clock and an id
-//! source passed in); the resulting writes are committed in one transaction
-//! that compares every touched key's `mod_revision` with the one the plan
-//! saw, so a plan computed from stale state is rejected and recomputed once
-//! the watch has caught up. A crash anywhere is recovered by running the loop
+//! source passed in); the resulting writes are committed in transactions
+//! (one per 100 writes: etcd's limit, see [`commit`]) that compare every
+//! touched key's `mod_revision` with the one the plan saw, so a plan
+//! computed from stale state is rejected and recomputed once the watch has
+//! caught up. A crash anywhere is recovered by running the loop
 //! again: nothing here is remembered outside the store.
 //!
 //! What the controller does not do: run anything (agents do), or write
@@ -29,7 +30,8 @@ use berth_model::{
 };
 use berth_scheduler::{Ask, Placed, Reservation, Snapshot};
 use berth_spec::types::{DependencyCondition, DeployMode, Service};
-use berth_store::{Compare, Op, Revision, Store, Txn, encode};
+use berth_store::chunk::Part;
+use berth_store::{Compare, Op, Revision, Store, encode};
 use tokio::sync::watch;
 
 use crate::desired::{self, Command, DesiredError};
@@ -627,7 +629,14 @@ impl Follower for Controller {
         let plan = plan_with(mirror, now, &self.liveness, &mut self.uids);
         self.wake_at = plan.wake_at;
         if !plan.changes.is_empty() || !plan.unplaced.is_empty() {
-            match commit(self.store.as_ref(), &plan.changes, &plan.unplaced, self.fence).await? {
+            match commit(
+                self.store.as_ref(),
+                &plan.changes,
+                &plan.unplaced,
+                self.fence,
+            )
+            .await?
+            {
                 Some(rev) => self.wait_for = rev,
                 None => tracing::debug!("plan was stale; waiting for the watch to catch up"),
             }
@@ -758,45 +767,63 @@ impl Controller {
     }
 }
 
-/// Commit the changes atomically; `None` when a compare failed.
+/// Commit a plan: the revision after the last transaction applied, `None`
+/// when the first one's compares failed (the plan was stale).
+///
+/// A plan of more than [`berth_store::chunk::MAX_TXN_OPS`] writes (scaling
+/// to a few hundred instances, a lost node's instances) goes in several
+/// transactions, in plan order, because etcd refuses bigger ones. Each is
+/// fenced (the leader's token) and compares the revision of every key it
+/// writes, so none applies a stale or deposed leader's decision; but one
+/// can fail after earlier ones were applied. The next pass then plans from
+/// what was applied: placements already made count against their nodes,
+/// an evicted instance whose replacement was not written yet is placed
+/// again. So a big plan is carried out in steps, never twice.
 async fn commit(
     store: &dyn Store,
     changes: &[Change],
     unplaced: &[UnplacedWrite],
     fence: Option<Revision>,
 ) -> anyhow::Result<Option<Revision>> {
-    let mut txn = Txn::default();
-    if let Some(token) = fence {
-        txn.compare
-            .push(Compare::ModRevision(crate::leader::KEY.to_owned(), token));
-    }
+    let common: Vec<Compare> = fence
+        .map(|token| Compare::ModRevision(crate::leader::KEY.to_owned(), token))
+        .into_iter()
+        .collect();
+    let mut parts = Vec::with_capacity(changes.len() + unplaced.len());
     for c in changes {
-        match c {
+        parts.push(match c {
             Change::Put {
                 key,
                 assignment,
                 expect,
-            } => {
-                txn.compare.push(Compare::ModRevision(key.clone(), *expect));
-                txn.success
-                    .push(Op::put(key.clone(), encode(key, assignment)?));
-            }
-            Change::Delete { key, expect } => {
-                txn.compare.push(Compare::ModRevision(key.clone(), *expect));
-                txn.success.push(Op::Delete(key.clone()));
-            }
-        }
-    }
-    for w in unplaced {
-        txn.compare
-            .push(Compare::ModRevision(w.key.clone(), w.expect));
-        txn.success.push(match &w.value {
-            Some(v) => Op::put(w.key.clone(), encode(&w.key, v)?),
-            None => Op::Delete(w.key.clone()),
+            } => Part::guarded(
+                Compare::ModRevision(key.clone(), *expect),
+                Op::put(key.clone(), encode(key, assignment)?),
+            ),
+            Change::Delete { key, expect } => Part::guarded(
+                Compare::ModRevision(key.clone(), *expect),
+                Op::Delete(key.clone()),
+            ),
         });
     }
-    let result = store.txn(txn).await?;
-    Ok(result.succeeded.then_some(result.revision))
+    for w in unplaced {
+        parts.push(Part::guarded(
+            Compare::ModRevision(w.key.clone(), w.expect),
+            match &w.value {
+                Some(v) => Op::put(w.key.clone(), encode(&w.key, v)?),
+                None => Op::Delete(w.key.clone()),
+            },
+        ));
+    }
+    let done = berth_store::chunk::commit(store, &common, parts).await?;
+    if done.applied > 0 && !done.complete() {
+        tracing::debug!(
+            applied = done.applied,
+            of = done.of,
+            "plan applied in part; the rest is planned again"
+        );
+    }
+    Ok(done.revision)
 }
 
 #[cfg(test)]
