@@ -31,6 +31,8 @@ use tokio::sync::{oneshot, watch};
 struct TestBackend {
     addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    conns: Arc<AtomicUsize>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -42,14 +44,17 @@ async fn backend(name: &'static str) -> TestBackend {
 fn backend_on(name: &'static str, listener: TcpListener) -> TestBackend {
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
+    let conns = Arc::new(AtomicUsize::new(0));
     let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
     let h = hits.clone();
+    let c = conns.clone();
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
                 _ = &mut stop_rx => return,
                 a = listener.accept() => a.unwrap(),
             };
+            c.fetch_add(1, Ordering::SeqCst);
             let h = h.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -66,6 +71,7 @@ fn backend_on(name: &'static str, listener: TcpListener) -> TestBackend {
     TestBackend {
         addr,
         hits,
+        conns,
         _stop: stop_tx,
     }
 }
@@ -420,6 +426,45 @@ async fn requests_are_counted_per_route_across_table_changes() {
             ("web.test/".to_owned(), [0, 4, 0, 0, 0], 4),
         ]
     );
+}
+
+#[tokio::test]
+async fn connections_to_instances_are_kept_alive_and_reused() {
+    let b = backend("a").await;
+    let r = start_router(one_service_table(svc(&[b.addr])), RouterConfig::default()).await;
+    let cl = client();
+    for _ in 0..20 {
+        assert_eq!(
+            get(&cl, r.addr, "web.test", "/").await.status,
+            StatusCode::OK
+        );
+        // A POST with a body and a HEAD (no body) return it to the pool too.
+        let ans = send(&cl, r.addr, "POST", "web.test", "/", "12345").await;
+        assert_eq!(ans.body, "a 5");
+        let ans = send(&cl, r.addr, "HEAD", "web.test", "/", "").await;
+        assert_eq!(ans.status, StatusCode::OK);
+    }
+    assert_eq!(b.hits.load(Ordering::SeqCst), 60);
+    assert_eq!(b.conns.load(Ordering::SeqCst), 1, "one pooled connection");
+    // Ten at once need ten connections; afterwards they are all reused.
+    let burst = || {
+        let cl = cl.clone();
+        let addr = r.addr;
+        async move {
+            let all = (0..10).map(|_| {
+                let cl = cl.clone();
+                tokio::spawn(async move { get(&cl, addr, "web.test", "/slow?ms=100").await })
+            });
+            for t in all.collect::<Vec<_>>() {
+                assert_eq!(t.await.unwrap().status, StatusCode::OK);
+            }
+        }
+    };
+    burst().await;
+    let after_first = b.conns.load(Ordering::SeqCst);
+    assert!(after_first <= 11, "{after_first}");
+    burst().await;
+    assert_eq!(b.conns.load(Ordering::SeqCst), after_first, "reused");
 }
 
 #[tokio::test]

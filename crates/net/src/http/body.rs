@@ -1,6 +1,6 @@
 //! The response body type: either streamed from an instance (holding the
-//! bulkhead slot and the backend's in-flight count until the last byte),
-//! or a short body the router wrote itself.
+//! bulkhead slot, the backend's in-flight count and the connection until
+//! the last byte), or a short body the router wrote itself.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -11,6 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::http::balance::{Picked, ServiceSlot};
+use crate::http::upstream::Lease;
 
 /// A response body the router sends.
 pub enum RespBody {
@@ -25,6 +26,22 @@ pub struct ProxiedBody {
     pub(crate) inner: Incoming,
     pub(crate) _slot: Option<ServiceSlot>,
     pub(crate) _picked: Option<Picked>,
+    /// The connection the body arrives on: back to the pool once the body
+    /// has ended, closed if it is dropped before.
+    pub(crate) lease: Option<Lease>,
+    /// The body reported its end (a chunked body's length is not known
+    /// before that).
+    pub(crate) ended: bool,
+}
+
+impl Drop for ProxiedBody {
+    fn drop(&mut self) {
+        if (self.ended || self.inner.is_end_stream())
+            && let Some(lease) = self.lease.as_mut()
+        {
+            lease.release();
+        }
+    }
 }
 
 impl Body for RespBody {
@@ -36,7 +53,13 @@ impl Body for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            RespBody::Proxied(p) => Pin::new(&mut p.inner).poll_frame(cx),
+            RespBody::Proxied(p) => {
+                let frame = Pin::new(&mut p.inner).poll_frame(cx);
+                if let Poll::Ready(None) = frame {
+                    p.ended = true;
+                }
+                frame
+            }
             RespBody::Local(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
         }
     }

@@ -45,6 +45,7 @@ pub mod metrics;
 mod proxy;
 pub mod table;
 pub mod tls;
+mod upstream;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,8 +55,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -72,6 +71,7 @@ pub use tls::{TlsError, load_tls};
 use balance::{BackendState, BreakerConfig, Clock, ServiceShared, ServiceState};
 use metrics::GlobalMetrics;
 use table::Compiled;
+use upstream::Upstream;
 
 /// Router tuning. The defaults suit a single machine.
 #[derive(Clone, Debug)]
@@ -249,17 +249,12 @@ impl Router {
 
     /// A connection pool to instances. Each serve call has its own, so
     /// that pooled connections stay on the runtime (thread) that uses them.
-    fn client(&self) -> Client<HttpConnector, UpstreamBody> {
+    fn upstream(&self) -> Arc<Upstream> {
         let config = &self.inner.config;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.enforce_http(true);
-        Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .build(connector)
+        Arc::new(Upstream::new(
+            config.connect_timeout,
+            config.pool_idle_timeout,
+        ))
     }
 
     /// The counters now.
@@ -340,7 +335,7 @@ impl Router {
         tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let client = self.client();
+        let upstream = self.upstream();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().timer(TokioTimer::new());
         builder.http2().timer(TokioTimer::new());
@@ -365,7 +360,7 @@ impl Router {
             };
             let _ = stream.set_nodelay(true);
             let inner = self.inner.clone();
-            let client = client.clone();
+            let upstream = upstream.clone();
             let builder = builder.clone();
             let watcher = graceful.watcher();
             let tls = tls.clone();
@@ -373,14 +368,14 @@ impl Router {
                 let _active = ActiveConnection::new(inner.clone());
                 match tls {
                     None => {
-                        serve_connection(inner, client, &builder, watcher, stream, peer, false)
+                        serve_connection(inner, upstream, &builder, watcher, stream, peer, false)
                             .await
                     }
                     Some(acceptor) => {
                         let timeout = inner.config.tls_handshake_timeout;
                         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                             Ok(Ok(s)) => {
-                                serve_connection(inner, client, &builder, watcher, s, peer, true)
+                                serve_connection(inner, upstream, &builder, watcher, s, peer, true)
                                     .await
                             }
                             Ok(Err(e)) => {
@@ -410,7 +405,7 @@ impl Router {
 
 async fn serve_connection<IO>(
     inner: Arc<Inner>,
-    client: Client<HttpConnector, UpstreamBody>,
+    upstream: Arc<Upstream>,
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
     io: IO,
@@ -419,7 +414,7 @@ async fn serve_connection<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let conn = Arc::new(proxy::ConnInfo::new(peer, tls, client));
+    let conn = Arc::new(proxy::ConnInfo::new(peer, tls, upstream));
     let service = hyper::service::service_fn(move |req| {
         let inner = inner.clone();
         let conn = conn.clone();

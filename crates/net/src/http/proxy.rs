@@ -5,6 +5,7 @@
 //! connection after a `101 Switching Protocols`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use hyper::body::{Body, Incoming};
@@ -12,10 +13,8 @@ use hyper::header::{
     CONNECTION, FORWARDED, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
-use hyper::http::uri::{PathAndQuery, Scheme};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
 
 use crate::http::balance::{Outcome, Picked, ServiceState};
@@ -23,6 +22,7 @@ use crate::http::body::{ProxiedBody, RespBody};
 use crate::http::error::ProxyError;
 use crate::http::metrics::RequestCounters;
 use crate::http::table::{normalize_host, strip_path};
+use crate::http::upstream::{Upstream, UpstreamError};
 use crate::http::{Inner, UpstreamBody};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -33,28 +33,29 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// What the router knows about a client connection, computed once.
 pub(crate) struct ConnInfo {
-    peer_ip: IpAddr,
     /// The peer address as an `X-Forwarded-For` element.
     peer_value: HeaderValue,
     proto: &'static str,
+    /// `for=…` of the `Forwarded` element for this peer.
+    forwarded_for: String,
     /// The serving runtime's pool of connections to instances.
-    client: Client<HttpConnector, UpstreamBody>,
+    upstream: Arc<Upstream>,
 }
 
 impl ConnInfo {
-    pub(crate) fn new(
-        peer: SocketAddr,
-        tls: bool,
-        client: Client<HttpConnector, UpstreamBody>,
-    ) -> Self {
+    pub(crate) fn new(peer: SocketAddr, tls: bool, upstream: Arc<Upstream>) -> Self {
         let ip = peer.ip().to_canonical();
         let peer_value = HeaderValue::from_str(&ip.to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let forwarded_for = match ip {
+            IpAddr::V4(ip) => format!("for={ip}"),
+            IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
+        };
         Self {
-            peer_ip: ip,
             peer_value,
             proto: if tls { "https" } else { "http" },
-            client,
+            forwarded_for,
+            upstream,
         }
     }
 }
@@ -145,19 +146,21 @@ pub(crate) async fn handle(
     let mut attempt = 0u32;
     let breaker = &inner.breaker;
     let clock = &inner.clock;
-    let outcome: Result<(Response<Incoming>, Picked), ProxyError> = loop {
+    let outcome: Result<(Response<Incoming>, _, Picked), ProxyError> = loop {
         let Some(picked) = service.pick(tried, clock, breaker) else {
             break Err(ProxyError::NoHealthyInstance(service.id.clone()));
         };
         if picked.index < 64 {
             tried |= 1 << picked.index;
         }
-        let up = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(picked.backend.authority.clone())
-            .path_and_query(pq.clone())
-            .build()
-            .unwrap_or_default();
+        // Origin-form: the connection already says which instance.
+        let up = Uri::from(pq.clone());
+        if !parts.headers.contains_key(HOST) {
+            // HTTP/1.0 without a Host header: name the instance.
+            if let Ok(v) = HeaderValue::from_str(picked.backend.authority.as_str()) {
+                parts.headers.insert(HOST, v);
+            }
+        }
         let upstream_req = if retryable {
             let mut r = Request::new(UpstreamBody::Right(http_body_util::Empty::new()));
             *r.method_mut() = parts.method.clone();
@@ -179,11 +182,11 @@ pub(crate) async fn handle(
         };
         let sent = tokio::time::timeout(
             inner.config.upstream_timeout,
-            conn.client.request(upstream_req),
+            conn.upstream.send(picked.backend.addr, upstream_req),
         )
         .await;
         match sent {
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, lease))) => {
                 let failed = inner.config.eject_on_5xx && resp.status().is_server_error();
                 let o = if failed {
                     Outcome::Failure
@@ -191,9 +194,9 @@ pub(crate) async fn handle(
                     Outcome::Success
                 };
                 report(&service, &picked, o, inner);
-                break Ok((resp, picked));
+                break Ok((resp, lease, picked));
             }
-            Ok(Err(e)) if e.is_connect() => {
+            Ok(Err(e @ UpstreamError::Connect(_))) => {
                 report(&service, &picked, Outcome::Failure, inner);
                 tracing::debug!(service = %service.id, backend = %picked.backend.addr, error = %e, "connect failed");
                 if retryable && attempt < service.retries {
@@ -225,14 +228,17 @@ pub(crate) async fn handle(
         }
     };
 
-    let (mut resp, picked) = match outcome {
+    let (mut resp, lease, picked) = match outcome {
         Ok(r) => r,
         Err(err) => {
             return respond_err(&counters, err, &parts.method, &host, orig_uri.path(), start);
         }
     };
     let status = resp.status();
+    // An upgraded connection belongs to the tunnel, never to the pool.
+    let mut lease = Some(lease);
     if status == StatusCode::SWITCHING_PROTOCOLS {
+        lease = None;
         let upgrade_value = resp.headers().get(UPGRADE).cloned();
         remove_hop_by_hop(resp.headers_mut());
         if let (Some(client), Some(v)) = (client_upgrade, upgrade_value) {
@@ -261,6 +267,8 @@ pub(crate) async fn handle(
             inner: rbody,
             _slot: Some(slot),
             _picked: Some(picked),
+            lease,
+            ended: false,
         }),
     )
 }
@@ -398,12 +406,11 @@ fn rewrite_request_headers(
         .unwrap_or_else(|| conn.peer_value.clone());
     h.insert(X_FORWARDED_FOR.clone(), xff);
 
-    let for_ = match conn.peer_ip {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
-    };
-    let mut element = format!("for={for_}");
-    if let Some(host) = raw_host.and_then(|v| v.to_str().ok()) {
+    let host = raw_host.and_then(|v| v.to_str().ok());
+    let mut element =
+        String::with_capacity(conn.forwarded_for.len() + host.map_or(0, |h| h.len() + 8) + 12);
+    element.push_str(&conn.forwarded_for);
+    if let Some(host) = host {
         // Quoted: a host with a port is not a token.
         element.push_str(";host=\"");
         element.push_str(host);
