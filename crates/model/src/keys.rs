@@ -46,6 +46,16 @@ pub fn unplaced(ns: &str, stack: &str) -> String {
     format!("{UNPLACED}{ns}/{stack}")
 }
 
+/// Prefix of the leader's down marks: since when a node with assignments
+/// has been without a registration ([`crate::NodeDown`]). Kept in the store
+/// so a new leader continues the grace period instead of restarting it.
+pub const NODE_DOWN: &str = "/berth/down/";
+
+/// `/berth/down/<id>`
+pub fn node_down(id: &str) -> String {
+    format!("{NODE_DOWN}{id}")
+}
+
 /// `/berth/node-creds/<id>`
 pub fn node_cred(id: &str) -> String {
     format!("{NODE_CREDS}{id}")

@@ -265,6 +265,15 @@ pub struct Assignment {
     pub retire_at: Option<Millis>,
 }
 
+/// A node that has assignments but no registration (its lease expired),
+/// as the leader's controller first saw it (`/berth/down/<node>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeDown {
+    /// When the controller first saw it missing (ms since the epoch): its
+    /// instances are rescheduled `--reschedule-after` later.
+    pub since: Millis,
+}
+
 /// Instances of one stack that the scheduler could place nowhere, with why
 /// (`/berth/unplaced/<ns>/<stack>`). Written by the leader's controller in
 /// the same fenced transaction as its placements, deleted once every

@@ -29,6 +29,9 @@ pub struct Mirror {
     /// The controller's last word on instances it could not place, by store
     /// key (`/berth/unplaced/<ns>/<stack>`), with their mod revision.
     pub unplaced: BTreeMap<String, (berth_model::Unplaced, Revision)>,
+    /// Down marks by node id (see `controller::Liveness`), with their mod
+    /// revision.
+    pub down: BTreeMap<String, (berth_model::NodeDown, Revision)>,
 }
 
 impl Mirror {
@@ -60,6 +63,10 @@ impl Mirror {
                     if let Some(v) = decode_logged(kv) {
                         self.unplaced.insert(kv.key.clone(), (v, rev));
                     }
+                } else if let Some(id) = key.strip_prefix(keys::NODE_DOWN) {
+                    if let Some(v) = decode_logged(kv) {
+                        self.down.insert(id.to_owned(), (v, rev));
+                    }
                 } else if let Some(id) = key.strip_prefix(keys::NODES)
                     && let Some(v) = decode_logged(kv)
                 {
@@ -78,6 +85,9 @@ impl Mirror {
                 }
                 if let Some(id) = key.strip_prefix(keys::NODES) {
                     self.nodes.remove(id);
+                }
+                if let Some(id) = key.strip_prefix(keys::NODE_DOWN) {
+                    self.down.remove(id);
                 }
             }
         }

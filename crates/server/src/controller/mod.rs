@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use berth_model::{
-    Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis,
+    Assignment, DesiredState, Health, InstanceKey, InstanceState, InstanceStatus, Millis, NodeDown,
     RollbackCause, RolloutState, StackRecord, Unplaced, UnplacedInstance, keys,
 };
 use berth_scheduler::{Ask, Placed, Reservation, Snapshot};
@@ -80,6 +80,19 @@ pub struct UnplacedWrite {
     pub expect: Revision,
 }
 
+/// A node's down mark as the controller wants it (`since: None` deletes
+/// it: the node is back, or has nothing assigned any more), with the
+/// revision it expects the key at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownWrite {
+    /// Node id.
+    pub node: String,
+    /// Since when it is down.
+    pub since: Option<Millis>,
+    /// Expected mod revision (0 = must not exist).
+    pub expect: Revision,
+}
+
 /// A rollout event for the controller to turn into a desired-state command.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Report {
@@ -118,6 +131,8 @@ pub struct Plan {
     pub reports: Vec<Report>,
     /// Records of instances that fit no node, where they changed.
     pub unplaced: Vec<UnplacedWrite>,
+    /// Down marks of lost nodes, where they changed.
+    pub down: Vec<DownWrite>,
     /// When to plan again even if no event arrives (drain ends, `delay`
     /// passes, a monitor period ends).
     pub wake_at: Option<Millis>,
@@ -139,6 +154,10 @@ impl Liveness {
     pub const DEFAULT_RESCHEDULE_AFTER_MS: Millis = 10_000;
 
     /// Note which nodes with assignments are missing from `mirror` now.
+    ///
+    /// A node's clock starts at the down mark in the store when there is
+    /// one (written by this leader or a previous one), so a change of
+    /// leader continues the grace period instead of starting it again.
     pub fn observe(&mut self, mirror: &Mirror, now: Millis) {
         let missing: BTreeSet<&str> = mirror
             .assignments
@@ -148,11 +167,49 @@ impl Liveness {
             .collect();
         self.down_since.retain(|n, _| missing.contains(n.as_str()));
         for n in missing {
-            self.down_since.entry(n.to_owned()).or_insert_with(|| {
-                tracing::warn!(node = n, "node is down (its record expired)");
-                now
+            let stored = mirror.down.get(n).map(|(d, _)| d.since);
+            let since = self.down_since.entry(n.to_owned()).or_insert_with(|| {
+                match stored {
+                    Some(since) => tracing::warn!(
+                        node = n,
+                        down_for_ms = now.saturating_sub(since),
+                        "node is down (as recorded before this controller started)"
+                    ),
+                    None => tracing::warn!(node = n, "node is down (its record expired)"),
+                }
+                stored.unwrap_or(now)
+            });
+            if let Some(stored) = stored {
+                *since = (*since).min(stored);
+            }
+        }
+    }
+
+    /// The writes that make the store's down marks match `down_since`.
+    fn writes(&self, mirror: &Mirror) -> Vec<DownWrite> {
+        let mut out = Vec::new();
+        for (node, since) in &self.down_since {
+            let expect = match mirror.down.get(node) {
+                Some((d, _)) if d.since == *since => continue,
+                Some((_, rev)) => *rev,
+                None => 0,
+            };
+            out.push(DownWrite {
+                node: node.clone(),
+                since: Some(*since),
+                expect,
             });
         }
+        for (node, (_, rev)) in &mirror.down {
+            if !self.down_since.contains_key(node) {
+                out.push(DownWrite {
+                    node: node.clone(),
+                    since: None,
+                    expect: *rev,
+                });
+            }
+        }
+        out
     }
 
     /// Whether instances on `node` are to be placed elsewhere at `now`.
@@ -432,6 +489,7 @@ pub fn plan_with(
         }
     }
     out.unplaced = unplaced_writes(mirror, unplaced);
+    out.down = liveness.writes(mirror);
     out
 }
 
@@ -628,15 +686,8 @@ impl Follower for Controller {
         self.liveness.observe(mirror, now);
         let plan = plan_with(mirror, now, &self.liveness, &mut self.uids);
         self.wake_at = plan.wake_at;
-        if !plan.changes.is_empty() || !plan.unplaced.is_empty() {
-            match commit(
-                self.store.as_ref(),
-                &plan.changes,
-                &plan.unplaced,
-                self.fence,
-            )
-            .await?
-            {
+        if !plan.changes.is_empty() || !plan.unplaced.is_empty() || !plan.down.is_empty() {
+            match commit(self.store.as_ref(), &plan, self.fence).await? {
                 Some(rev) => self.wait_for = rev,
                 None => tracing::debug!("plan was stale; waiting for the watch to catch up"),
             }
@@ -781,10 +832,10 @@ impl Controller {
 /// again. So a big plan is carried out in steps, never twice.
 async fn commit(
     store: &dyn Store,
-    changes: &[Change],
-    unplaced: &[UnplacedWrite],
+    plan: &Plan,
     fence: Option<Revision>,
 ) -> anyhow::Result<Option<Revision>> {
+    let (changes, unplaced) = (&plan.changes, &plan.unplaced);
     let common: Vec<Compare> = fence
         .map(|token| Compare::ModRevision(crate::leader::KEY.to_owned(), token))
         .into_iter()
@@ -812,6 +863,16 @@ async fn commit(
             match &w.value {
                 Some(v) => Op::put(w.key.clone(), encode(&w.key, v)?),
                 None => Op::Delete(w.key.clone()),
+            },
+        ));
+    }
+    for d in &plan.down {
+        let key = keys::node_down(&d.node);
+        parts.push(Part::guarded(
+            Compare::ModRevision(key.clone(), d.expect),
+            match d.since {
+                Some(since) => Op::put(key.clone(), encode(&key, &NodeDown { since })?),
+                None => Op::Delete(key),
             },
         ));
     }

@@ -99,6 +99,18 @@ impl Sim {
                 }
             }
         }
+        for d in &plan.down {
+            self.rev += 1;
+            match d.since {
+                Some(since) => {
+                    let mark = berth_model::NodeDown { since };
+                    self.m.down.insert(d.node.clone(), (mark, self.rev));
+                }
+                None => {
+                    self.m.down.remove(&d.node);
+                }
+            }
+        }
         for w in &plan.unplaced {
             self.rev += 1;
             match &w.value {
@@ -276,4 +288,44 @@ fn a_removed_stacks_unplaced_record_is_deleted() {
     let p = s.step(1);
     assert_eq!(p.unplaced.len(), 1);
     assert!(s.m.unplaced.is_empty());
+}
+
+#[test]
+fn a_new_leader_continues_the_grace_period_from_the_stored_mark() {
+    let mut s = Sim::new(WEB, &["a", "b"]);
+    s.step(0);
+    s.m.nodes.remove("b");
+    let p = s.step(1_000);
+    assert_eq!(p.down.len(), 1, "the mark is written: {:?}", p.down);
+    assert_eq!(s.m.down["b"].0.since, 1_000);
+    assert!(s.step(2_000).down.is_empty(), "written once");
+
+    // The leader changes at 6 s: the new one starts with no memory, and
+    // still moves b's instances when the grace that began at 1 s ends,
+    // not 10 s after it took over.
+    s.liveness = Liveness {
+        down_since: BTreeMap::new(),
+        reschedule_after_ms: GRACE,
+    };
+    let p = s.step(6_000);
+    assert!(p.changes.is_empty() && p.down.is_empty(), "{p:?}");
+    assert_eq!(p.wake_at, Some(1_000 + GRACE));
+    s.step(1_000 + GRACE);
+    assert_eq!((s.on("a"), s.on("b")), (4, 0));
+    // Nothing is assigned to b any more: its mark goes.
+    let p = s.step(1_000 + GRACE + 1);
+    assert_eq!(p.down.len(), 1);
+    assert!(s.m.down.is_empty());
+}
+
+#[test]
+fn a_node_back_within_the_grace_loses_its_down_mark() {
+    let mut s = Sim::new(WEB, &["a", "b"]);
+    s.step(0);
+    s.m.nodes.remove("b");
+    s.step(1_000);
+    assert!(s.m.down.contains_key("b"));
+    s.m.nodes.insert("b".into(), node("b"));
+    s.step(2_000);
+    assert!(s.m.down.is_empty());
 }
