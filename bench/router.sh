@@ -4,6 +4,7 @@
 #
 #   bench/router.sh            # 3 rounds × 10 s per target, 2 wrk threads, 64 connections
 #   ROUNDS=5 DURATION=5s CONNS=32 bench/router.sh
+#   ROUTER=/path/to/examples/router bench/router.sh   # a router built elsewhere
 #
 # The backend is nginx answering a small fixed body (one worker). Each proxy
 # gets 2 workers/threads and keeps connections to the backend alive. All
@@ -14,10 +15,16 @@
 # every target once, in an order rotated from round to round, so a burst of
 # outside load hits different targets in different rounds; the table reports
 # each target's median over the rounds (and the spread of its req/s).
-# berth's router is measured twice: as the bench example runs it (one
-# single-threaded runtime per thread, SO_REUSEPORT) and as `berth server`
-# runs it (one listener on Tokio's work-stealing runtime).
-# Prints a Markdown table: requests/s, p50, p99, and ratios against nginx.
+# berth's router runs as `berth server` runs it: one single-threaded
+# runtime per thread, SO_REUSEPORT (`Router::serve_on_threads`).
+#
+# Requests/s and latency depend on how the kernel shares 2 cores between
+# wrk, the proxy and the backend, so the table also gives each proxy's CPU
+# time per request (user + system, from /proc/PID/stat of the proxy and its
+# children, over the measured wrk run): the fairer comparison of what the
+# proxies themselves cost on a shared machine.
+# Prints a Markdown table: requests/s, p50, p99, CPU µs per request, and
+# ratios against nginx.
 set -euo pipefail
 
 ROUNDS=${ROUNDS:-3}
@@ -40,9 +47,11 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
-echo "building the router example (release)" >&2
-CARGO_TARGET_DIR=$TARGET_DIR cargo build -q --release -p berth-net --example router
-ROUTER=$TARGET_DIR/release/examples/router
+if [ -z "${ROUTER:-}" ]; then
+    echo "building the router example (release)" >&2
+    CARGO_TARGET_DIR=$TARGET_DIR cargo build -q --release -p berth-net --example router
+    ROUTER=$TARGET_DIR/release/examples/router
+fi
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -70,7 +79,6 @@ BACKEND=$(free_port)
 NGINX_PROXY=$(free_port)
 HAPROXY_PORT=$(free_port)
 BERTH=$(free_port)
-BERTH_WS=$(free_port)
 
 nginx_conf() { # name workers server-block
     mkdir -p "$WORK/$1"
@@ -117,17 +125,20 @@ backend be
     server s1 127.0.0.1:$BACKEND
 EOF
 
+declare -A PID
 "$NGINX" -c "$WORK/backend/nginx.conf" -p "$WORK/backend" 2>"$WORK/backend.err" &
 PIDS+=($!)
+PID["backend (direct)"]=$!
 "$NGINX" -c "$WORK/proxy/nginx.conf" -p "$WORK/proxy" 2>"$WORK/proxy.err" &
 PIDS+=($!)
+PID["nginx"]=$!
 "$HAPROXY" -db -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.err" &
 PIDS+=($!)
+PID["HAProxy"]=$!
 "$ROUTER" --listen "127.0.0.1:$BERTH" --backend "127.0.0.1:$BACKEND" --threads 2 2>"$WORK/router.err" &
 PIDS+=($!)
-"$ROUTER" --listen "127.0.0.1:$BERTH_WS" --backend "127.0.0.1:$BACKEND" --threads 2 --work-stealing 2>"$WORK/router-ws.err" &
-PIDS+=($!)
-for p in "$BACKEND" "$NGINX_PROXY" "$HAPROXY_PORT" "$BERTH" "$BERTH_WS"; do wait_port "$p"; done
+PID["berth router"]=$!
+for p in "$BACKEND" "$NGINX_PROXY" "$HAPROXY_PORT" "$BERTH"; do wait_port "$p"; done
 
 # wrk latency "123.45us" / "1.23ms" / "1.02s" → milliseconds
 to_ms() {
@@ -138,30 +149,44 @@ to_ms() {
         else { print v } }'
 }
 
-declare -A RPS P50 P99 PORT
-NAMES=("backend (direct)" "berth router (threads)" "berth router (work-stealing runtime)" "nginx" "HAProxy")
+declare -A RPS P50 P99 CPU PORT
+NAMES=("backend (direct)" "berth router" "nginx" "HAProxy")
 PORT["backend (direct)"]=$BACKEND
-PORT["berth router (threads)"]=$BERTH
-PORT["berth router (work-stealing runtime)"]=$BERTH_WS
+PORT["berth router"]=$BERTH
 PORT["nginx"]=$NGINX_PROXY
 PORT["HAProxy"]=$HAPROXY_PORT
+HZ=$(getconf CLK_TCK)
+
+# user + system clock ticks of a process and its children (nginx workers)
+ticks() {
+    local t=0 p
+    for p in "$1" $(pgrep -P "$1"); do
+        t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat")))
+    done
+    echo "$t"
+}
 
 run() { # name port round
     wrk -t"$THREADS" -c"$CONNS" -d"$WARMUP" "http://127.0.0.1:$2/" >/dev/null
-    local out
+    local out before after
+    before=$(ticks "${PID[$1]}")
     out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/")
+    after=$(ticks "${PID[$1]}")
     echo "$out" >"$WORK/$1.$3.wrk"
     if grep -q "Non-2xx\|Socket errors" <<<"$out"; then
         echo "warning: $1: $(grep "Non-2xx\|Socket errors" <<<"$out")" >&2
     fi
-    local rps p50 p99
+    local rps p50 p99 n cpu
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    cpu=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$n" 'BEGIN { printf "%.2f", t / hz * 1e6 / n }')
     p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
     p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
     RPS[$1]+="$rps "
     P50[$1]+="$p50 "
     P99[$1]+="$p99 "
-    echo "round $3: $1: $rps req/s, p50 $p50 ms, p99 $p99 ms (load $(cut -d' ' -f1 /proc/loadavg))" >&2
+    CPU[$1]+="$cpu "
+    echo "round $3: $1: $rps req/s, p50 $p50 ms, p99 $p99 ms, $cpu µs CPU/request (load $(cut -d' ' -f1 /proc/loadavg))" >&2
 }
 
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
@@ -177,21 +202,24 @@ for ((r = 0; r < ROUNDS; r++)); do
 done
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
-declare -A MRPS MP50 MP99
+declare -A MRPS MP50 MP99 MCPU
 for name in "${NAMES[@]}"; do
     MRPS[$name]=$(median "${RPS[$name]}")
     MP50[$name]=$(median "${P50[$name]}")
     MP99[$name]=$(median "${P99[$name]}")
+    MCPU[$name]=$(median "${CPU[$name]}")
 done
 
 echo
 echo "wrk -t$THREADS -c$CONNS -d$DURATION --latency, keep-alive, 13-byte body; $(nproc) cores shared by wrk, proxy and backend"
 echo "median of $ROUNDS interleaved rounds; load average before: $LOAD_BEFORE, after: $LOAD_AFTER"
 echo
-echo "| target | req/s (median) | req/s range | p50 ms | p99 ms | req/s vs nginx | p99 vs nginx |"
-echo "|---|---:|---:|---:|---:|---:|---:|"
+echo "CPU µs/request: the target's own processes (for the backend row, the backend alone)"
+echo
+echo "| target | req/s (median) | req/s range | p50 ms | p99 ms | CPU µs/request | req/s vs nginx | p99 vs nginx | CPU/request vs nginx |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for name in "${NAMES[@]}"; do
     awk -v n="$name" -v r="${MRPS[$name]}" -v range="$(spread "${RPS[$name]}")" -v p50="${MP50[$name]}" -v p99="${MP99[$name]}" \
-        -v nr="${MRPS[nginx]}" -v np="${MP99[nginx]}" \
-        'BEGIN { printf "| %s | %.0f | %s | %.3f | %.3f | %.2f× | %.2f× |\n", n, r, range, p50, p99, r / nr, p99 / np }'
+        -v cpu="${MCPU[$name]}" -v nr="${MRPS[nginx]}" -v np="${MP99[nginx]}" -v nc="${MCPU[nginx]}" \
+        'BEGIN { printf "| %s | %.0f | %s | %.3f | %.3f | %.1f | %.2f× | %.2f× | %.2f× |\n", n, r, range, p50, p99, cpu, r / nr, p99 / np, cpu / nc }'
 done

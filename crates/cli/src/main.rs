@@ -4,6 +4,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// The router proxies every request through many small allocations
+// (headers, buffers, futures); mimalloc's per-thread free lists cost less
+// CPU per request than glibc's malloc (BENCHMARKS.md, router).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // clap exits with 2 on a usage error and 0 for --help/--version.
     let cli = berth_cli::args::Cli::parse();
