@@ -5,6 +5,7 @@
 #   bench/router.sh            # 3 rounds × 10 s per target, 2 wrk threads, 64 connections
 #   ROUNDS=5 DURATION=5s CONNS=32 bench/router.sh
 #   ROUTER=/path/to/examples/router bench/router.sh   # a router built elsewhere
+#   BASELINE=/path/to/older/router bench/router.sh     # also an older build, same run
 #
 # The backend is nginx answering a small fixed body (one worker). Each proxy
 # gets 2 workers/threads and keeps connections to the backend alive. All
@@ -139,6 +140,13 @@ PID["HAProxy"]=$!
 PIDS+=($!)
 PID["berth router"]=$!
 for p in "$BACKEND" "$NGINX_PROXY" "$HAPROXY_PORT" "$BERTH"; do wait_port "$p"; done
+if [ -n "${BASELINE:-}" ]; then
+    BERTH_BASE=$(free_port)
+    "$BASELINE" --listen "127.0.0.1:$BERTH_BASE" --backend "127.0.0.1:$BACKEND" --threads 2 2>"$WORK/baseline.err" &
+    PIDS+=($!)
+    PID["berth router (baseline build)"]=$!
+    wait_port "$BERTH_BASE"
+fi
 
 # wrk latency "123.45us" / "1.23ms" / "1.02s" → milliseconds
 to_ms() {
@@ -155,6 +163,10 @@ PORT["backend (direct)"]=$BACKEND
 PORT["berth router"]=$BERTH
 PORT["nginx"]=$NGINX_PROXY
 PORT["HAProxy"]=$HAPROXY_PORT
+if [ -n "${BASELINE:-}" ]; then
+    NAMES+=("berth router (baseline build)")
+    PORT["berth router (baseline build)"]=$BERTH_BASE
+fi
 HZ=$(getconf CLK_TCK)
 
 # user + system clock ticks of a process and its children (nginx workers)
