@@ -20,6 +20,9 @@
 //! - [`facts`]: what the scheduler reads about a node (`node.facts.<name>`).
 //! - [`remote`]: `berth agent --join`: [`remote::ApiControlPlane`] over the
 //!   servers' HTTP API, joining, registration and heartbeats.
+//! - [`edge`]: a node's router, DNS server and TCP proxy, run from the
+//!   servers' edge tables; [`remote_edge`] follows those tables on a joined
+//!   node.
 //!
 //! ```no_run
 //! # async fn demo(store: std::sync::Arc<dyn berth_store::Store>) -> Result<(), Box<dyn std::error::Error>> {
@@ -43,12 +46,14 @@
 pub mod agent;
 pub mod control;
 pub mod driver;
+pub mod edge;
 pub mod facts;
 pub mod health;
 pub mod logs;
 pub mod orphans;
 pub mod ports;
 pub mod remote;
+pub mod remote_edge;
 pub mod remote_logs;
 pub mod supervisor;
 

@@ -125,7 +125,7 @@ struct Answer {
     body: Bytes,
 }
 
-fn error_text(body: &[u8]) -> String {
+pub(crate) fn error_text(body: &[u8]) -> String {
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(b) => match b.hint {
             Some(h) => format!("{} (hint: {h})", b.error),
@@ -185,11 +185,11 @@ impl ApiClient {
         }
     }
 
-    fn node_path(&self, rest: &str) -> String {
+    pub(crate) fn node_path(&self, rest: &str) -> String {
         format!("/v1/agent/nodes/{}{rest}", seg(&self.node))
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: Method,
         path: &str,
@@ -671,6 +671,8 @@ pub struct RemoteConfig {
     pub logs: LogConfig,
     /// How often facts are refreshed.
     pub facts_every: Duration,
+    /// This node's router, DNS and TCP proxy ([`crate::remote_edge`]).
+    pub edge: crate::edge::EdgeConfig,
 }
 
 /// The local address packets to `authority` leave from: what other nodes
@@ -791,6 +793,8 @@ pub async fn run_remote(
         }
     };
     tracing::info!(node = %cfg.node_id, %address, server = %authority, "node registered");
+    // Serves whatever happens to the instances (fencing included).
+    let edge = crate::remote_edge::RemoteEdge::start(&cfg.edge, client.clone()).await;
 
     let logs = LogStore::open(cfg.data_dir.join("logs"), cfg.logs.clone())?;
     let agent_cfg = AgentConfig {
@@ -924,6 +928,9 @@ pub async fn run_remote(
     }
     if let Some(a) = agent {
         a.stop().await;
+    }
+    if let Some(e) = edge {
+        e.stop().await;
     }
     // The instances' last lines (stopping, exit codes); the local files
     // have them anyway if the server does not answer in time.

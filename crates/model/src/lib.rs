@@ -27,6 +27,7 @@ pub use event::{Event, EventKind};
 use serde::{Deserialize, Serialize};
 
 pub mod api;
+pub mod edge;
 pub mod event;
 pub mod history;
 pub mod keys;

@@ -10,11 +10,13 @@
 //! - [`kv`]: the user KV store, sessions and locks (Consul's semantics).
 //! - [`mirror`]: the watched in-memory copy of state those loops react to.
 //! - [`join`]: the join token, node credentials, registrations and drain.
-//! - [`traffic`]: the HTTP router's table and the DNS zone, from the catalog.
+//! - [`edge`]: the edge tables (router, DNS, TCP proxy) every node serves,
+//!   computed from the catalog, fed to this node's edge and to agents;
+//!   [`traffic`]: a service's HTTP routes.
 //! - [`metrics`], [`history`], [`events`]: `GET /metrics`, the in-memory
 //!   history of instance resource use, and the event log derived from state
 //!   changes (bundled as [`metrics::Telemetry`]).
-//! - [`vip`]: stable per-service addresses, discovery env and the service proxy's table.
+//! - [`vip`]: stable per-service addresses, discovery env and the `VIP:port` proxy table.
 //! - [`run`]: opens the store, registers this node, starts the local agent,
 //!   the controller and the listeners, and stops them all on shutdown.
 //!
@@ -43,6 +45,7 @@ pub mod catalog;
 pub mod controller;
 pub mod desired;
 pub mod diff;
+pub mod edge;
 pub mod events;
 pub mod history;
 pub mod join;
@@ -256,45 +259,27 @@ pub async fn run(
 
     // Releases the KV locks of sessions whose TTL ran out.
     tasks.spawn(kv::reap_sessions(store.clone(), stop_rx.clone()));
+    // This node's edge (router, DNS, TCP proxy) and the agents' edge
+    // watches follow the same tables.
+    let (mut feed, local_tables, edge_feed) = edge::Tables::new();
     {
-        let (tx, rx) = watch::channel(berth_net::Backends::new());
         let store = store.clone();
         let stop = stop_rx.clone();
         let lag = telemetry.watch_lag();
-        tasks.spawn(async move {
-            let mut proxy = vip::ServiceProxy {
-                tx,
-                lo: vip::LoAddresses::default(),
-            };
-            let res = mirror::follow(store, stop, &mut proxy, Some(lag)).await;
-            proxy.release().await;
-            res
-        });
-        let stop = stop_rx.clone();
-        tasks.spawn(async move {
-            berth_net::tcp::PortProxy::new(rx).run(stop).await;
-            Ok(())
-        });
-    }
-    if cfg.http.is_some() || cfg.dns.is_some() {
-        let (routes_tx, routes_rx) = watch::channel(berth_net::http::RouteTable::default());
-        let (zone_tx, zone_rx) = watch::channel(Arc::new(berth_net::dns::Zone::builder().build()));
-        let store = store.clone();
-        let stop = stop_rx.clone();
-        let lag = telemetry.watch_lag();
-        tasks.spawn(async move {
-            let mut tables = traffic::Tables {
-                routes: routes_tx,
-                zone: zone_tx,
-            };
-            mirror::follow(store, stop, &mut tables, Some(lag)).await
-        });
-        if let Some(addr) = cfg.http {
-            start_router(&mut tasks, addr, routes_rx, stop_rx.clone(), &telemetry).await;
+        tasks.spawn(async move { mirror::follow(store, stop, &mut feed, Some(lag)).await });
+        let edge_cfg = berth_agent::edge::EdgeConfig {
+            http: cfg.http,
+            dns: cfg.dns,
+            proxy: true,
+        };
+        let running = berth_agent::edge::start(&edge_cfg, local_tables, stop_rx.clone()).await;
+        if let Some(router) = &running.router {
+            telemetry.set_router(router.clone());
         }
-        if let Some(addr) = cfg.dns {
-            start_dns(&mut tasks, addr, zone_rx, stop_rx.clone(), &telemetry).await;
+        if let Some(dns) = &running.dns {
+            telemetry.set_dns(dns.clone());
         }
+        tasks.spawn(async move { running.wait().await.context("this node's edge") });
     }
 
     // Listeners.
@@ -307,7 +292,9 @@ pub async fn run(
     };
     let socket = cfg.data_dir.join(SOCKET_NAME);
     {
-        let router = api::router(ctx(None)).layer(axum::Extension(telemetry.clone()));
+        let router = api::router(ctx(None))
+            .layer(axum::Extension(telemetry.clone()))
+            .layer(axum::Extension(edge_feed.clone()));
         let socket = socket.clone();
         let rx = stop_rx.clone();
         tasks.spawn(async move {
@@ -333,7 +320,9 @@ pub async fn run(
             auth: cfg.dashboard_auth,
         };
         let router = ui::with_dashboard(
-            api::router(ctx(need_token)).layer(axum::Extension(telemetry.clone())),
+            api::router(ctx(need_token))
+                .layer(axum::Extension(telemetry.clone()))
+                .layer(axum::Extension(edge_feed.clone())),
             guard,
         );
         let rx = stop_rx.clone();
@@ -554,71 +543,6 @@ fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
         .and_then(|()| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)))
         .and_then(|()| fs::rename(&tmp, path))
         .with_context(|| format!("writing {}", path.display()))
-}
-
-/// The router is a convenience on one machine: if its port is taken (another
-/// server, a web server), berth still runs, and says so.
-async fn start_router(
-    tasks: &mut JoinSet<anyhow::Result<()>>,
-    addr: SocketAddr,
-    routes: watch::Receiver<berth_net::http::RouteTable>,
-    stop: watch::Receiver<bool>,
-    telemetry: &metrics::Telemetry,
-) {
-    // The router's threads share the port with SO_REUSEPORT, which would
-    // also let a second server (or anything else using it) share it
-    // silently: a plain bind first makes a taken port an error here.
-    let addr = match std::net::TcpListener::bind(addr).and_then(|probe| probe.local_addr()) {
-        Ok(bound) => bound,
-        Err(e) => {
-            tracing::warn!(%addr, error = %e, "HTTP router not started: cannot listen (choose another with --http, or --no-http)");
-            return;
-        }
-    };
-    let router = berth_net::http::Router::new(routes, Default::default());
-    telemetry.set_router(router.clone());
-    // On its own threads (one current-thread runtime per core) rather than
-    // on the server's runtime: proxying is the hot path, and sharing the
-    // work-stealing runtime with the API, agent and controller halved its
-    // throughput in bench/router.sh.
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let server = match router.serve_on_threads(addr, threads, stop) {
-        Ok(server) => server,
-        Err(e) => {
-            tracing::warn!(%addr, error = %e, "HTTP router not started: cannot listen (choose another with --http, or --no-http)");
-            return;
-        }
-    };
-    tracing::info!(addr = %server.local_addr(), threads, "HTTP router listening");
-    tasks.spawn(async move {
-        tokio::task::spawn_blocking(move || server.join())
-            .await
-            .context("HTTP router threads")?
-            .context("HTTP router")
-    });
-}
-
-/// Like the router, DNS is optional when its port is taken.
-async fn start_dns(
-    tasks: &mut JoinSet<anyhow::Result<()>>,
-    addr: SocketAddr,
-    zone: watch::Receiver<Arc<berth_net::dns::Zone>>,
-    stop: watch::Receiver<bool>,
-    telemetry: &metrics::Telemetry,
-) {
-    match berth_net::dns::DnsServer::bind(addr).await {
-        Ok(server) => {
-            telemetry.set_dns(server.metrics());
-            tracing::info!(%addr, "DNS listening");
-            tasks.spawn(async move {
-                server.run(zone, stop).await;
-                Ok(())
-            });
-        }
-        Err(e) => {
-            tracing::warn!(%addr, error = %e, "DNS not started: cannot listen (choose another with --dns, or --no-dns)")
-        }
-    }
 }
 
 fn flatten(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {

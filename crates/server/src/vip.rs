@@ -16,12 +16,13 @@
 //!   map the agent turns into the instance's `/etc/hosts` (processes) or
 //!   `extra_hosts` (containers). Values are VIPs, never instance addresses,
 //!   so they stay true while instances move, and nothing restarts.
-//! - **Proxy table** ([`proxy_table`], [`ServiceProxy`]): `VIP:port` for
-//!   every port a service declares → its healthy instances, served by the
-//!   same [`berth_net::tcp::PortProxy`] as published ports. Process services
-//!   of stacks that also run containers are served on their container-facing
-//!   address too (`198.19.x.y`, added to `lo` by [`LoAddresses`]), because a
-//!   container cannot reach the host's `127.77.x.y`.
+//! - **Proxy table** ([`proxy_table`]): `VIP:port` for every port a service
+//!   declares → its healthy instances, part of the edge tables (`edge.rs`)
+//!   that every node's TCP proxy serves, beside the published ports.
+//!   Process services of stacks that also run containers are served on
+//!   their container-facing address too (`198.19.x.y`, which each node adds
+//!   to `lo`: [`container_addresses`], `berth_agent::edge::LoAddresses`),
+//!   because a container cannot reach the host's `127.77.x.y`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hasher};
@@ -33,10 +34,9 @@ use berth_net::Backends;
 use berth_spec::types::{Driver, Service};
 use berth_store::chunk::Part;
 use berth_store::{Compare, Op, Revision, Store, encode};
-use tokio::sync::watch;
 
 use crate::catalog;
-use crate::mirror::{Follower, Mirror};
+use crate::mirror::Mirror;
 
 /// Environment variable carrying `name=address` pairs (space-separated) of
 /// the stack's services as this instance reaches them.
@@ -405,88 +405,6 @@ pub fn proxy_table(mirror: &Mirror) -> Backends {
         }
     }
     table
-}
-
-/// Container-facing addresses on `lo`: added when a stack needs them,
-/// removed when no stack does any more (and at shutdown). Only addresses
-/// this server added are ever removed. Needs `CAP_NET_ADMIN` (root); without
-/// it, says once why containers cannot reach process services.
-#[derive(Debug, Default)]
-pub struct LoAddresses {
-    added: BTreeSet<Ipv4Addr>,
-    warned: bool,
-}
-
-impl LoAddresses {
-    /// Make `lo` carry exactly the wanted addresses (of those we manage).
-    pub async fn sync(&mut self, wanted: &BTreeSet<Ipv4Addr>) {
-        for a in wanted.difference(&self.added.clone()) {
-            match ip_addr("add", *a).await {
-                Ok(()) => {
-                    self.added.insert(*a);
-                }
-                Err(e) => {
-                    if !self.warned {
-                        self.warned = true;
-                        tracing::warn!(address = %a, error = %e, "cannot add a container-facing service address to lo (needs root / CAP_NET_ADMIN and iproute2's `ip`): containers cannot reach this node's process services by name");
-                    }
-                }
-            }
-        }
-        let gone: Vec<Ipv4Addr> = self.added.difference(wanted).copied().collect();
-        for a in gone {
-            if let Err(e) = ip_addr("del", a).await {
-                tracing::debug!(address = %a, error = %e, "cannot remove a service address from lo");
-            }
-            self.added.remove(&a);
-        }
-    }
-}
-
-/// `ip addr add|del A/32 dev lo`; an address already there counts as added.
-async fn ip_addr(verb: &str, a: Ipv4Addr) -> Result<(), String> {
-    let out = tokio::process::Command::new("ip")
-        .args(["addr", verb, &format!("{a}/32"), "dev", "lo"])
-        .output()
-        .await
-        .map_err(|e| format!("running `ip`: {e}"))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() || (verb == "add" && stderr.contains("File exists")) {
-        Ok(())
-    } else {
-        Err(stderr.trim().to_owned())
-    }
-}
-
-/// Keeps the TCP proxy's table current: published ports and service
-/// addresses in one table, so one proxy serves both.
-pub struct ServiceProxy {
-    /// Where the table is published.
-    pub tx: watch::Sender<Backends>,
-    /// Container-facing addresses this server put on `lo`.
-    pub lo: LoAddresses,
-}
-
-impl ServiceProxy {
-    /// Remove every address this server added (on shutdown).
-    pub async fn release(&mut self) {
-        self.lo.sync(&BTreeSet::new()).await;
-    }
-}
-
-impl Follower for ServiceProxy {
-    async fn changed(&mut self, mirror: &Mirror, _: Revision) -> anyhow::Result<()> {
-        // Addresses first: the proxy binds them as soon as it sees the table.
-        self.lo.sync(&container_addresses(mirror)).await;
-        let mut table = catalog::published_ports(mirror);
-        table.extend(proxy_table(mirror));
-        self.tx.send_if_modified(|current| {
-            let changed = *current != table;
-            *current = table;
-            changed
-        });
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -39,6 +39,23 @@ pub struct AgentArgs {
     /// address of the route to the server).
     #[arg(long, value_name = "IP")]
     pub advertise: Option<std::net::IpAddr>,
+    /// Address of this node's HTTP router, which forwards to healthy
+    /// instances on every node (use `0.0.0.0:80` behind a load balancer).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub http: std::net::SocketAddr,
+    /// No HTTP router on this node.
+    #[arg(long)]
+    pub no_http: bool,
+    /// Address of this node's DNS server for `<service>.<stack>.<namespace>.berth`.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8600")]
+    pub dns: std::net::SocketAddr,
+    /// No DNS server on this node.
+    #[arg(long)]
+    pub no_dns: bool,
+    /// No TCP proxy on this node: published ports and services' stable
+    /// addresses (`<NAME>_HOST`) then do not answer here.
+    #[arg(long)]
+    pub no_proxy: bool,
     /// How often facts (load, memory, disk…) are refreshed.
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = crate::args::parse_duration)]
     pub facts_every: Duration,
@@ -100,6 +117,11 @@ pub async fn run(settings: &Settings, args: &AgentArgs) -> anyhow::Result<u8> {
         data_dir,
         logs: berth_agent::LogConfig::default(),
         facts_every: args.facts_every,
+        edge: berth_agent::edge::EdgeConfig {
+            http: (!args.no_http).then_some(args.http),
+            dns: (!args.no_dns).then_some(args.dns),
+            proxy: !args.no_proxy,
+        },
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod netns;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -259,7 +261,18 @@ pub fn repo() -> PathBuf {
 
 /// An HTTP GET through the router at `port` with a `Host` header.
 pub fn http_get_host(port: u16, host: &str, path: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    http_get_host_at(std::net::Ipv4Addr::LOCALHOST.into(), port, host, path)
+}
+
+/// [`http_get_host`] of a router on another address (a node's).
+pub fn http_get_host_at(
+    ip: std::net::IpAddr,
+    port: u16,
+    host: &str,
+    path: &str,
+) -> Result<String, String> {
+    let mut s = TcpStream::connect_timeout(&(ip, port).into(), Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     write!(
@@ -295,4 +308,19 @@ pub fn dig(dns_port: u16, name: &str, qtype: &str) -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
+}
+
+/// SIGTERM `child`, give it 10 s to stop its instances, then SIGKILL.
+pub fn stop_child(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        signal(child.id() as i32, "TERM");
+        for _ in 0..200 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

@@ -348,3 +348,81 @@ pub(crate) async fn logs(
         refused: total - accepted,
     }))
 }
+
+/// Query of the edge watch route.
+#[derive(Debug, Deserialize)]
+pub struct EdgeWatchParams {
+    /// The [`berth_model::edge::EdgeTables::etag`] the agent already has:
+    /// the tables are not sent again at connect when they are unchanged.
+    #[serde(default)]
+    pub have: Option<String>,
+}
+
+fn progress_line() -> Bytes {
+    let mut v = serde_json::to_vec(&berth_model::edge::EdgeLine::Progress).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// `GET /v1/agent/nodes/{node}/edge/watch?have=ETAG`: NDJSON
+/// [`berth_model::edge::EdgeLine`]s: the whole edge tables at connect
+/// (unless `have` is their tag) and after every change, a progress line
+/// every few seconds when idle. The credential is checked again before each
+/// line, so a removed node stops getting tables at once.
+pub(crate) async fn edge_watch(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(params): ApiQuery<EdgeWatchParams>,
+    feed: Option<axum::Extension<crate::edge::EdgeFeed>>,
+) -> Result<Response, ApiError> {
+    auth(&ctx, &node, &headers).await?;
+    let Some(axum::Extension(crate::edge::EdgeFeed(mut rx))) = feed else {
+        return Err(ApiError::Internal(
+            "this API router computes no edge tables".into(),
+        ));
+    };
+    let secret = secret(&headers).map(str::to_owned);
+    let current = rx.borrow_and_update().clone();
+    let first =
+        (params.have.as_deref() != Some(current.etag.as_str())).then(|| current.line.clone());
+    struct St {
+        rx: tokio::sync::watch::Receiver<std::sync::Arc<crate::edge::EdgeFrame>>,
+        first: Option<Bytes>,
+        ctx: ApiContext,
+        node: String,
+        secret: Option<String>,
+    }
+    let st = St {
+        rx,
+        first,
+        ctx,
+        node,
+        secret,
+    };
+    let stream = futures::stream::unfold(st, |mut st| async move {
+        if let Some(line) = st.first.take() {
+            return Some((Ok::<_, std::convert::Infallible>(line), st));
+        }
+        let line = tokio::select! {
+            changed = st.rx.changed() => match changed {
+                Ok(()) => st.rx.borrow_and_update().line.clone(),
+                // The server is shutting down: the agent reconnects elsewhere.
+                Err(_) => return None,
+            },
+            () = tokio::time::sleep(PROGRESS_EVERY) => progress_line(),
+        };
+        if join::authenticate(st.ctx.store.as_ref(), &st.node, st.secret.as_deref())
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        Some((Ok(line), st))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}

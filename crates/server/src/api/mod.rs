@@ -233,6 +233,11 @@ fn build_agent() -> Routes {
         )
         .add(Method::POST, "/v1/agent/nodes/{node}/forget", agent::forget)
         .add(Method::POST, "/v1/agent/nodes/{node}/logs", agent::logs)
+        .add(
+            Method::GET,
+            "/v1/agent/nodes/{node}/edge/watch",
+            agent::edge_watch,
+        )
 }
 
 /// Every (method, path) the router serves, in axum's path syntax.

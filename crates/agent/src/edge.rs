@@ -1,0 +1,465 @@
+//! A node's edge: the HTTP router, the DNS server and the TCP proxy
+//! (published ports and services' stable addresses), run from the
+//! [`EdgeTables`] the servers compute.
+//!
+//! The same code serves the server's own node (fed straight from its
+//! catalog) and every joined agent (fed by [`crate::remote_edge`] from the
+//! servers' edge watch), so a request to any node's router, a lookup in any
+//! node's DNS and a connection to a stable address on any node reach the
+//! healthy instances of every node.
+//!
+//! The tables are only ever replaced, never cleared: a node cut off from
+//! the servers keeps serving the last ones it had.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use berth_model::edge::{EdgeTables, ServiceRef};
+use berth_net::Backends;
+use berth_net::dns::{DnsMetrics, DnsServer, Instance as DnsInstance, Zone};
+use berth_net::http::{Backend, Route, RouteTable, Router, ServiceBackends, ServiceId};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// What a node's edge listens on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeConfig {
+    /// The HTTP router's address (`None`: no router).
+    pub http: Option<SocketAddr>,
+    /// The DNS server's address (`None`: no DNS).
+    pub dns: Option<SocketAddr>,
+    /// Run the TCP proxy (published ports and `VIP:port`) and put the
+    /// container-facing addresses on `lo`.
+    pub proxy: bool,
+}
+
+fn service_id(s: &ServiceRef) -> ServiceId {
+    ServiceId::new(&s.namespace, &s.stack, &s.service)
+}
+
+/// The router's table.
+pub fn route_table(t: &EdgeTables) -> RouteTable {
+    let routes = t
+        .routes
+        .iter()
+        .map(|r| Route {
+            host: r.host.clone(),
+            path_prefix: r.path_prefix.clone(),
+            service: service_id(&r.service),
+            strip_prefix: r.strip_prefix,
+        })
+        .collect();
+    let services: HashMap<ServiceId, ServiceBackends> = t
+        .services
+        .iter()
+        .map(|s| {
+            let backends = s
+                .backends
+                .iter()
+                .map(|b| Backend {
+                    addr: b.addr,
+                    id: b.instance.clone(),
+                })
+                .collect();
+            (
+                service_id(&s.service),
+                ServiceBackends {
+                    backends,
+                    retries: s.retries,
+                    ..ServiceBackends::default()
+                },
+            )
+        })
+        .collect();
+    RouteTable::new(routes, services)
+}
+
+/// The TCP proxy's table.
+pub fn port_table(t: &EdgeTables) -> Backends {
+    t.proxies
+        .iter()
+        .map(|p| (p.listen, p.backends.clone()))
+        .collect()
+}
+
+/// The DNS zone.
+pub fn zone(t: &EdgeTables) -> Zone {
+    let mut b = Zone::builder();
+    for r in &t.dns {
+        b.push(
+            &r.service.namespace,
+            &r.service.stack,
+            &r.service.service,
+            DnsInstance {
+                instance: r.instance.clone(),
+                addr: r.addr,
+                port: r.port,
+                node: r.node.clone(),
+            },
+        );
+    }
+    b.build()
+}
+
+/// A running edge: its router and DNS counters (for metrics), and the
+/// tasks to wait for.
+pub struct RunningEdge {
+    /// The router, when it listens.
+    pub router: Option<Router>,
+    /// Where the router listens.
+    pub http_addr: Option<SocketAddr>,
+    /// The DNS server's counters, when it listens.
+    pub dns: Option<DnsMetrics>,
+    tasks: JoinSet<std::io::Result<()>>,
+}
+
+impl RunningEdge {
+    /// Wait until every part has stopped (after `stop` turned true); the
+    /// first failure, if any.
+    pub async fn wait(mut self) -> std::io::Result<()> {
+        let mut result = Ok(());
+        while let Some(r) = self.tasks.join_next().await {
+            let r = r.map_err(std::io::Error::other).and_then(|r| r);
+            if let Err(e) = r
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+/// Start the edge `cfg` asks for, following `tables` until `stop` turns
+/// true. A router or DNS port that cannot be bound is logged and that part
+/// left out (the rest of the node still works), as on a single machine.
+pub async fn start(
+    cfg: &EdgeConfig,
+    tables: watch::Receiver<Arc<EdgeTables>>,
+    stop: watch::Receiver<bool>,
+) -> RunningEdge {
+    let first = tables.borrow().clone();
+    let (routes_tx, routes_rx) = watch::channel(route_table(&first));
+    let (zone_tx, zone_rx) = watch::channel(Arc::new(zone(&first)));
+    let (ports_tx, ports_rx) = watch::channel(port_table(&first));
+    let mut tasks = JoinSet::new();
+    let publisher = Publisher {
+        routes: routes_tx,
+        zone: zone_tx,
+        ports: ports_tx,
+        lo: cfg.proxy.then(LoAddresses::default),
+    };
+    tasks.spawn(publisher.run(tables, stop.clone()));
+
+    let mut out = RunningEdge {
+        router: None,
+        http_addr: None,
+        dns: None,
+        tasks,
+    };
+    if cfg.proxy {
+        let stop = stop.clone();
+        out.tasks.spawn(async move {
+            berth_net::tcp::PortProxy::new(ports_rx).run(stop).await;
+            Ok(())
+        });
+    }
+    if let Some(addr) = cfg.http {
+        start_router(&mut out, addr, routes_rx, stop.clone());
+    }
+    if let Some(addr) = cfg.dns {
+        match DnsServer::bind(addr).await {
+            Ok(server) => {
+                out.dns = Some(server.metrics());
+                tracing::info!(%addr, "DNS listening");
+                out.tasks.spawn(async move {
+                    server.run(zone_rx, stop).await;
+                    Ok(())
+                });
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "DNS not started: cannot listen (choose another with --dns, or --no-dns)")
+            }
+        }
+    }
+    out
+}
+
+/// The router is a convenience: if its port is taken (another server, a
+/// web server), the node still runs, and says so.
+fn start_router(
+    out: &mut RunningEdge,
+    addr: SocketAddr,
+    routes: watch::Receiver<RouteTable>,
+    stop: watch::Receiver<bool>,
+) {
+    // The router's threads share the port with SO_REUSEPORT, which would
+    // also let a second server (or anything else using it) share it
+    // silently: a plain bind first makes a taken port an error here.
+    let addr = match std::net::TcpListener::bind(addr).and_then(|probe| probe.local_addr()) {
+        Ok(bound) => bound,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "HTTP router not started: cannot listen (choose another with --http, or --no-http)");
+            return;
+        }
+    };
+    let router = Router::new(routes, Default::default());
+    // On its own threads (one current-thread runtime per core) rather than
+    // on the node's runtime: proxying is the hot path, and sharing the
+    // work-stealing runtime with the API, agent and controller halved its
+    // throughput in bench/router.sh.
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let server = match router.serve_on_threads(addr, threads, stop) {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "HTTP router not started: cannot listen (choose another with --http, or --no-http)");
+            return;
+        }
+    };
+    tracing::info!(addr = %server.local_addr(), threads, "HTTP router listening");
+    out.http_addr = Some(server.local_addr());
+    out.router = Some(router);
+    out.tasks.spawn(async move {
+        tokio::task::spawn_blocking(move || server.join())
+            .await
+            .map_err(std::io::Error::other)?
+    });
+}
+
+/// Turns each new [`EdgeTables`] into the three components' tables.
+struct Publisher {
+    routes: watch::Sender<RouteTable>,
+    zone: watch::Sender<Arc<Zone>>,
+    ports: watch::Sender<Backends>,
+    /// `None` when this node runs no TCP proxy.
+    lo: Option<LoAddresses>,
+}
+
+impl Publisher {
+    async fn run(
+        mut self,
+        mut tables: watch::Receiver<Arc<EdgeTables>>,
+        mut stop: watch::Receiver<bool>,
+    ) -> std::io::Result<()> {
+        loop {
+            let t = tables.borrow_and_update().clone();
+            self.publish(&t).await;
+            let feed_gone = tokio::select! {
+                changed = tables.changed() => changed.is_err(),
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            if feed_gone {
+                // The feed is gone (shutting down): keep what we have
+                // until told to stop.
+                let _ = stop.wait_for(|s| *s).await;
+                break;
+            }
+        }
+        if let Some(lo) = &mut self.lo {
+            lo.sync(&BTreeSet::new()).await;
+        }
+        Ok(())
+    }
+
+    async fn publish(&mut self, t: &EdgeTables) {
+        // Addresses first: the proxy binds them as soon as it sees the table.
+        if let Some(lo) = &mut self.lo {
+            lo.sync(&t.lo_addresses.iter().copied().collect()).await;
+        }
+        let table = route_table(t);
+        self.routes.send_if_modified(|current| {
+            let changed = *current != table;
+            *current = table;
+            changed
+        });
+        let ports = port_table(t);
+        self.ports.send_if_modified(|current| {
+            let changed = *current != ports;
+            *current = ports;
+            changed
+        });
+        let zone = zone(t);
+        for r in zone.rejected() {
+            tracing::warn!(name = %r, "not published in DNS");
+        }
+        self.zone.send_if_modified(|current| {
+            let changed = current.services() != zone.services();
+            if changed {
+                *current = Arc::new(zone);
+            }
+            changed
+        });
+    }
+}
+
+/// Container-facing addresses on `lo`: added when a stack needs them,
+/// removed when no stack does any more (and at shutdown). Only addresses
+/// this node added are ever removed. Needs `CAP_NET_ADMIN` (root); without
+/// it, says once why containers cannot reach process services.
+#[derive(Debug, Default)]
+pub struct LoAddresses {
+    added: BTreeSet<Ipv4Addr>,
+    warned: bool,
+}
+
+impl LoAddresses {
+    /// Make `lo` carry exactly the wanted addresses (of those we manage).
+    pub async fn sync(&mut self, wanted: &BTreeSet<Ipv4Addr>) {
+        for a in wanted.difference(&self.added.clone()) {
+            match ip_addr("add", *a).await {
+                Ok(()) => {
+                    self.added.insert(*a);
+                }
+                Err(e) => {
+                    if !self.warned {
+                        self.warned = true;
+                        tracing::warn!(address = %a, error = %e, "cannot add a container-facing service address to lo (needs root / CAP_NET_ADMIN and iproute2's `ip`): containers cannot reach this node's process services by name");
+                    }
+                }
+            }
+        }
+        let gone: Vec<Ipv4Addr> = self.added.difference(wanted).copied().collect();
+        for a in gone {
+            if let Err(e) = ip_addr("del", a).await {
+                tracing::debug!(address = %a, error = %e, "cannot remove a service address from lo");
+            }
+            self.added.remove(&a);
+        }
+    }
+}
+
+/// `ip addr add|del A/32 dev lo`; an address already there counts as added.
+async fn ip_addr(verb: &str, a: Ipv4Addr) -> Result<(), String> {
+    let out = tokio::process::Command::new("ip")
+        .args(["addr", verb, &format!("{a}/32"), "dev", "lo"])
+        .output()
+        .await
+        .map_err(|e| format!("running `ip`: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || (verb == "add" && stderr.contains("File exists")) {
+        Ok(())
+    } else {
+        Err(stderr.trim().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_model::edge::{DnsRecord, HttpBackend, HttpRoute, HttpService, TcpProxy};
+
+    fn web() -> ServiceRef {
+        ServiceRef {
+            namespace: "default".into(),
+            stack: "shop".into(),
+            service: "web".into(),
+        }
+    }
+
+    fn tables() -> EdgeTables {
+        EdgeTables {
+            routes: vec![HttpRoute {
+                host: "web.shop.localhost".into(),
+                path_prefix: "/".into(),
+                service: web(),
+                strip_prefix: false,
+            }],
+            services: vec![HttpService {
+                service: web(),
+                backends: vec![HttpBackend {
+                    addr: "10.0.0.2:41000".parse().unwrap(),
+                    instance: "web.1".into(),
+                }],
+                retries: 2,
+            }],
+            proxies: vec![TcpProxy {
+                listen: "127.77.0.9:80".parse().unwrap(),
+                backends: vec!["10.0.0.2:41000".parse().unwrap()],
+            }],
+            dns: vec![DnsRecord {
+                service: web(),
+                instance: "web.1".into(),
+                addr: "10.0.0.2".parse().unwrap(),
+                port: Some(41000),
+                node: "n2".into(),
+            }],
+            lo_addresses: vec![],
+        }
+    }
+
+    #[test]
+    fn tables_convert_for_each_component() {
+        let t = tables();
+        let routes = route_table(&t);
+        assert_eq!(routes.routes().len(), 1);
+        let id = ServiceId::new("default", "shop", "web");
+        assert_eq!(routes.routes()[0].service, id);
+        let s = &routes.services()[&id];
+        assert_eq!(s.retries, 2);
+        assert_eq!(s.backends[0].addr, "10.0.0.2:41000".parse().unwrap());
+        let ports = port_table(&t);
+        assert_eq!(
+            ports[&"127.77.0.9:80".parse().unwrap()],
+            vec!["10.0.0.2:41000".parse::<SocketAddr>().unwrap()]
+        );
+        let z = zone(&t);
+        assert_eq!(z.services().len(), 1);
+        assert!(z.names().any(|n| n == "web.shop.default.berth"));
+    }
+
+    /// A node keeps serving the last tables when its feed ends (the server
+    /// went away), and follows a new table when one comes.
+    #[tokio::test]
+    async fn the_router_follows_the_tables_and_keeps_the_last_ones() {
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let baddr = backend.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = backend.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                });
+            }
+        });
+        let (tx, rx) = watch::channel(Arc::new(EdgeTables::default()));
+        let (stop_tx, stop) = watch::channel(false);
+        let cfg = EdgeConfig {
+            http: Some("127.0.0.1:0".parse().unwrap()),
+            dns: None,
+            proxy: false,
+        };
+        let edge = start(&cfg, rx, stop).await;
+        let http = edge.http_addr.unwrap();
+        let get = || async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: web.shop.localhost\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out).await;
+            out
+        };
+        assert!(get().await.starts_with("HTTP/1.1 404"));
+        let mut t = tables();
+        t.services[0].backends[0].addr = baddr;
+        tx.send_replace(Arc::new(t));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !get().await.starts_with("HTTP/1.1 200") {
+            assert!(tokio::time::Instant::now() < deadline, "never routed");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        drop(tx);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(get().await.starts_with("HTTP/1.1 200"));
+        stop_tx.send_replace(true);
+        edge.wait().await.unwrap();
+    }
+}

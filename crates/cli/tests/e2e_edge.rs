@@ -1,0 +1,370 @@
+//! Issue 6: discovery, router, DNS and the TCP proxy work across nodes.
+//!
+//! Three `berth agent --join` processes, each in its own network namespace
+//! with its own address (`common::netns`), one `berth server --no-agent` on
+//! the host. `web` runs only on n2 and n3; every node, n1 included, runs its
+//! own router, DNS server and TCP proxy from the servers' edge tables:
+//! - a request to n1's router reaches the instances on n2 and n3, and n2's
+//!   router reaches the one on n3;
+//! - n1's DNS answers with the instances' node addresses;
+//! - the published port on n1's loopback forwards to another node;
+//! - n1 cut off from the server (its agent fences itself) keeps serving
+//!   the last tables through its router, past the registration TTL, with
+//!   no error; reconnected, it follows the tables again (a scale-up shows).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::Netns;
+use common::*;
+use serde_json::Value;
+
+/// The node registration TTL of the servers (`join::NODE_TTL`).
+const TTL: Duration = Duration::from_secs(10);
+
+fn stack(published: u16) -> String {
+    format!(
+        r#"services:
+  web:
+    command: ["sh", "-c", "d=$$(mktemp -d /tmp/berth-e2e-edge.XXXXXX) && echo $$BERTH_INSTANCE > $$d/index.html && exec busybox httpd -f -p $$PORT -h $$d"]
+    ports: ["{published}:8080"]
+    deploy:
+      replicas: 2
+      placement:
+        constraints: ["node.labels.zone == app"]
+    x-berth:
+      healthcheck: {{ http: /, interval: 1s, start_interval: 100ms }}
+"#
+    )
+}
+
+/// GET `/` with `Host: host` through the router at `addr:port`; the body
+/// on a 200.
+fn get(addr: Ipv4Addr, port: u16, host: &str) -> Result<String, String> {
+    let page = http_get_host_at(addr.into(), port, host, "/")?;
+    Ok(page
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
+/// The instances that answered `n` requests through a router.
+fn served(addr: Ipv4Addr, port: u16, n: usize) -> Result<BTreeSet<String>, String> {
+    (0..n)
+        .map(|_| get(addr, port, "web.edg.localhost"))
+        .collect()
+}
+
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
+#[test]
+fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
+    let net = match Netns::create(3) {
+        Ok(n) => n,
+        Err(why) => {
+            eprintln!("SKIPPED e2e_edge: {why}");
+            return;
+        }
+    };
+    let mut b = Berth::new();
+    let mut args = vec![
+        "server".to_owned(),
+        "--no-agent".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--no-http".into(),
+        "--no-dns".into(),
+    ];
+    for n in &net.nodes {
+        args.push("--listen".into());
+        args.push(format!("{}:0", n.host));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
+    let child = b
+        .command(b.data.path(), &args)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    b.servers.push(child);
+    let mut apis: Vec<String> = Vec::new();
+    wait_until("the server", Duration::from_secs(30), || {
+        let info: Value = serde_json::from_slice(
+            &std::fs::read(b.data.path().join("server.json")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        apis = info["tcp"]
+            .as_array()
+            .ok_or("no tcp")?
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        Ok(())
+    });
+    let ports: Vec<u16> = apis
+        .iter()
+        .map(|a| a.rsplit(':').next().unwrap().parse().unwrap())
+        .collect();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let token = b.ok(dir, &["token"]).trim().to_owned();
+
+    let labels = ["zone=edge", "zone=app", "zone=app"];
+    let agents: Vec<Agent> = net
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let adir = tempfile::tempdir().unwrap();
+            let log = std::fs::File::create(adir.path().join("agent.log")).unwrap();
+            // apis[0] is loopback; apis[i + 1] is on this node's link.
+            let join = format!("http://{}", apis[i + 1]);
+            let node = format!("n{}", i + 1);
+            let state = adir.path().join("state");
+            let cmd = b.command(
+                adir.path(),
+                &[
+                    "agent",
+                    "--join",
+                    &join,
+                    "--token",
+                    &token,
+                    "--node-id",
+                    &node,
+                    "--data",
+                    state.to_str().unwrap(),
+                    "--label",
+                    labels[i],
+                    "--http",
+                    &format!("{}:8080", n.addr),
+                    "--dns",
+                    &format!("{}:8600", n.addr),
+                ],
+            );
+            let child = net
+                .command(i, &cmd)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            Agent { child, dir: adir }
+        })
+        .collect();
+    wait_until("three nodes up", Duration::from_secs(30), || {
+        let n: Vec<Value> = serde_json::from_str(&b.ok(dir, &["nodes", "--json"])).unwrap();
+        let up = n.iter().filter(|n| n["state"] == "up").count();
+        if up == 3 {
+            Ok(())
+        } else {
+            Err(format!("{n:?}\n{}", agents[0].log()))
+        }
+    });
+    // Each node registered its own address.
+    let nodes: Vec<Value> = serde_json::from_str(&b.ok(dir, &["nodes", "--json"])).unwrap();
+    for (i, n) in net.nodes.iter().enumerate() {
+        let rec = nodes
+            .iter()
+            .find(|r| r["id"] == format!("n{}", i + 1))
+            .unwrap();
+        assert_eq!(rec["address"], n.addr.to_string(), "{rec}");
+    }
+
+    let published = free_port();
+    std::fs::write(dir.join("compose.yaml"), stack(published)).unwrap();
+    b.ok(dir, &["up", "-d", "-p", "edg"]);
+    wait_until("web healthy on n2 and n3", Duration::from_secs(60), || {
+        let ps = b.ps(dir, "edg");
+        all_ready(&ps, "web", 2)?;
+        let nodes: BTreeSet<&str> = instances(&ps, "web")
+            .iter()
+            .filter_map(|i| i["node"].as_str())
+            .collect();
+        if nodes == BTreeSet::from(["n2", "n3"]) {
+            Ok(())
+        } else {
+            Err(format!("{nodes:?}"))
+        }
+    });
+    let ps = b.ps(dir, "edg");
+    for i in instances(&ps, "web") {
+        let node = i["node"].as_str().unwrap();
+        let k: usize = node[1..].parse().unwrap();
+        let host = i["address"].as_str().and_then(|a| a.rsplit_once(':'));
+        assert_eq!(
+            host.map(|h| h.0),
+            Some(&*net.nodes[k - 1].addr.to_string()),
+            "an instance on {node} must be registered with {node}'s address: {i}"
+        );
+    }
+
+    // n1 runs nothing: its router reaches both instances on the other nodes.
+    let (n1, n2) = (net.nodes[0].addr, net.nodes[1].addr);
+    let want: BTreeSet<String> = ["web.1".to_owned(), "web.2".to_owned()].into();
+    wait_until(
+        "n1's router reaches web on n2 and n3",
+        Duration::from_secs(20),
+        || {
+            let got = served(n1, 8080, 6)?;
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    );
+    // n2's router reaches the instance on n3 as well as its own.
+    assert_eq!(served(n2, 8080, 6).unwrap(), want);
+
+    // n1's DNS answers with the instances' node addresses.
+    let dns = Command::new("dig")
+        .args([
+            &format!("@{n1}"),
+            "-p",
+            "8600",
+            "web.edg.berth",
+            "A",
+            "+short",
+            "+time=2",
+            "+tries=2",
+        ])
+        .output()
+        .expect("dig is installed (scripts/deps installs dnsutils)");
+    let answers: BTreeSet<String> = String::from_utf8_lossy(&dns.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let want_addrs: BTreeSet<String> = [net.nodes[1].addr, net.nodes[2].addr]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(answers, want_addrs, "{}", agents[0].log());
+
+    // The published port, on n1's own loopback, forwards to another node.
+    // curl (scripts/deps installs it): busybox's static wget crashes in a
+    // namespace.
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "-m", "3", &format!("http://127.0.0.1:{published}/")]);
+    wait_until("n1's TCP proxy", Duration::from_secs(10), || {
+        let out = net.command(0, &curl).output().map_err(|e| e.to_string())?;
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if want.contains(&body) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{body:?} {} {}\nn1's log:\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr),
+                agents[0].log()
+            ))
+        }
+    });
+
+    // n1 loses the server: it fences itself, its router keeps serving.
+    let cut = Instant::now();
+    net.cut_from_servers(0, &ports);
+    let mut requests = 0;
+    let mut errors = Vec::new();
+    while cut.elapsed() < TTL + Duration::from_secs(5) {
+        requests += 1;
+        if let Err(e) = get(n1, 8080, "web.edg.localhost") {
+            errors.push((cut.elapsed(), e));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let served_for = cut.elapsed();
+    wait_state(&b, dir, "n1", "down");
+    eprintln!(
+        "n1 cut off from the server: through its router {} of {requests} requests served in {served_for:?} (marked down {:?} after the cut)",
+        requests - errors.len(),
+        cut.elapsed()
+    );
+    assert!(errors.is_empty(), "{errors:?}\n{}", agents[0].log());
+
+    // Reconnected, n1 follows the tables again: a third instance appears
+    // behind its router.
+    net.reconnect_to_servers(0, &ports);
+    wait_state(&b, dir, "n1", "up");
+    assert!(
+        agents[0].log().contains("serving the last tables"),
+        "{}",
+        agents[0].log()
+    );
+    assert!(
+        agents[0].log().contains("fencing"),
+        "n1 should have fenced itself: {}",
+        agents[0].log()
+    );
+
+    b.ok(dir, &["scale", "-p", "edg", "web=3"]);
+    wait_until("web 3 healthy", Duration::from_secs(60), || {
+        all_ready(&b.ps(dir, "edg"), "web", 3)
+    });
+    let want3: BTreeSet<String> = ["web.1", "web.2", "web.3"].map(str::to_owned).into();
+    wait_until(
+        "n1's router reaches 3 instances",
+        Duration::from_secs(20),
+        || {
+            let got = served(n1, 8080, 9)?;
+            if got == want3 {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        },
+    );
+
+    b.ok(dir, &["down", "-p", "edg"]);
+    wait_until("everything stopped", Duration::from_secs(60), || {
+        let n = processes_of("edg", None).len();
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!("{n} left"))
+        }
+    });
+    drop(agents);
+    for d in std::fs::read_dir("/tmp").unwrap().flatten() {
+        if d.file_name()
+            .to_string_lossy()
+            .starts_with("berth-e2e-edge.")
+        {
+            let _ = std::fs::remove_dir_all(d.path());
+        }
+    }
+}
+
+/// Wait until `node` is in `state`.
+fn wait_state(b: &Berth, dir: &Path, node: &str, state: &str) {
+    wait_until(&format!("{node} {state}"), Duration::from_secs(40), || {
+        let n: Vec<Value> = serde_json::from_str(&b.ok(dir, &["nodes", "--json"])).unwrap();
+        match n.iter().find(|r| r["id"] == node) {
+            Some(r) if r["state"] == state => Ok(()),
+            r => Err(format!("{r:?}")),
+        }
+    });
+}
