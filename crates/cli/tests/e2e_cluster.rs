@@ -1,13 +1,12 @@
-//! Issue 6's acceptance on a real cluster, all real processes on loopback:
-//! a 3-member etcd cluster, two `berth server --store etcd://… --no-agent`
-//! (one elected leader), three `berth agent --join` processes with their
-//! own node ids, data dirs and labels.
-//!
-//! No network namespaces: every agent joins through its own TCP relay
-//! owned by the test, and a partition is the relay closing every
-//! connection and refusing new ones (the agent stays alive, its instances
-//! keep running, it just cannot reach any server), which is what the
-//! self-fencing guarantee is about.
+//! Issue 6's acceptance on a real cluster: a 3-member etcd cluster on
+//! loopback, two `berth server --store etcd://… --no-agent` (one elected
+//! leader) on the host, and three `berth agent --join` processes, each in
+//! its own network namespace with its own address (`common::netns`:
+//! `10.213.k.2`, reaching the servers on the host side of its veth). The
+//! agents register those addresses, so the servers' routers reach their
+//! instances across the veths, and a partition is iptables dropping all of
+//! that node's traffic (the agent stays alive, its instances keep running,
+//! it just cannot reach any server or node).
 //!
 //! Covers: constraint + spread placement; `kill -9` of an agent and its
 //! instances → replacements healthy elsewhere, with the router's error
@@ -15,6 +14,9 @@
 //! no duplicates; a partition → the cut-off node fences itself and at most
 //! one copy of a singleton serves through the router after TTL + grace;
 //! `kill -9` of the etcd leader → deploys still work; `scale bulk=N` (60 by default).
+//!
+//! Skipped (with a message) where network namespaces cannot be made: not
+//! root, or no iproute2. CI runs as root.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,13 +24,14 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::netns::Netns;
 use common::*;
 use serde_json::Value;
 
@@ -143,133 +146,110 @@ impl Drop for EtcdCluster {
     }
 }
 
-/// A TCP relay from an agent to a server; `cut` is a partition.
-struct Relay {
-    port: u16,
-    cut: Arc<AtomicBool>,
-    open: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Relay {
-    fn start(upstream: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let (c, o) = (cut.clone(), open.clone());
-        std::thread::spawn(move || {
-            for down in listener.incoming().flatten() {
-                if c.load(Ordering::SeqCst) {
-                    drop(down);
-                    continue;
-                }
-                let Ok(up) = TcpStream::connect(&upstream) else {
-                    continue;
-                };
-                {
-                    let mut open = o.lock().unwrap();
-                    open.retain(|s| s.peer_addr().is_ok());
-                    open.push(down.try_clone().unwrap());
-                    open.push(up.try_clone().unwrap());
-                }
-                for (mut from, mut to) in [
-                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
-                    (up, down),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(Shutdown::Write);
-                    });
-                }
-            }
-        });
-        Self { port, cut, open }
-    }
-
-    fn partition(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for s in self.open.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    fn heal(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
 struct Agent {
     node: String,
     label: String,
+    /// Index of its namespace in the [`Netns`].
+    net: usize,
+    /// The server API it joins (on the host side of its veth).
+    join: String,
     dir: tempfile::TempDir,
-    relay: Relay,
     child: Child,
 }
 
 impl Agent {
-    fn spawn(
-        berth: &Berth,
-        relay: &Relay,
-        dir: &Path,
-        token: &str,
-        node: &str,
-        label: &str,
-    ) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("agent.log"))
-            .unwrap();
-        berth
-            .command(
-                dir,
-                &[
-                    "agent",
-                    "--join",
-                    &format!("http://127.0.0.1:{}", relay.port),
-                    "--token",
-                    token,
-                    "--node-id",
-                    node,
-                    "--data",
-                    dir.join("state").to_str().unwrap(),
-                    "--label",
-                    label,
-                ],
-            )
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    }
-
-    fn start(berth: &Berth, upstream: &str, token: &str, node: &str, label: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let relay = Relay::start(upstream.to_owned());
-        let child = Self::spawn(berth, &relay, dir.path(), token, node, label);
-        Self {
-            node: node.to_owned(),
-            label: label.to_owned(),
-            dir,
-            relay,
-            child,
-        }
-    }
-
-    fn restart(&mut self, berth: &Berth, token: &str) {
-        self.child = Self::spawn(
+    fn spawn(&self, berth: &Berth, net: &Netns, token: &str) -> Child {
+        spawn_agent(
             berth,
-            &self.relay,
+            net,
+            self.net,
+            &self.join,
             self.dir.path(),
             token,
             &self.node,
             &self.label,
-        );
+        )
+    }
+
+    /// Agent `node` in namespace `i`, joining the server whose API
+    /// addresses are `apis` (its listener on that namespace's link).
+    fn start(
+        berth: &Berth,
+        net: &Netns,
+        i: usize,
+        apis: &[String],
+        token: &str,
+        node: &str,
+        label: &str,
+    ) -> Self {
+        let host = net.nodes[i].host.to_string();
+        let api = apis
+            .iter()
+            .find(|a| a.rsplit_once(':').is_some_and(|(h, _)| h == host))
+            .unwrap_or_else(|| panic!("no listener on {host} in {apis:?}"));
+        let join = format!("http://{api}");
+        let dir = tempfile::tempdir().unwrap();
+        let child = spawn_agent(berth, net, i, &join, dir.path(), token, node, label);
+        Self {
+            node: node.to_owned(),
+            label: label.to_owned(),
+            net: i,
+            join,
+            dir,
+            child,
+        }
+    }
+
+    fn restart(&mut self, berth: &Berth, net: &Netns, token: &str) {
+        self.child = self.spawn(berth, net, token);
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_agent(
+    berth: &Berth,
+    net: &Netns,
+    i: usize,
+    join: &str,
+    dir: &Path,
+    token: &str,
+    node: &str,
+    label: &str,
+) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .unwrap();
+    let cmd = berth.command(
+        dir,
+        &[
+            "agent",
+            "--join",
+            join,
+            "--token",
+            token,
+            "--node-id",
+            node,
+            "--data",
+            dir.join("state").to_str().unwrap(),
+            "--label",
+            label,
+            // The servers' routers are measured here; the nodes' own edge
+            // is e2e_edge's.
+            "--no-http",
+            "--no-dns",
+        ],
+    );
+    net.command(i, &cmd)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for Agent {
@@ -288,45 +268,57 @@ impl Drop for Agent {
     }
 }
 
-fn server(etcd: &EtcdCluster, node: &str, prefix: &str) -> (Berth, String, u16) {
+/// A server on the host, listening on loopback (for the test) and on the
+/// host side of every node's veth; its API addresses (loopback first).
+fn server(etcd: &EtcdCluster, net: &Netns, node: &str, prefix: &str) -> (Berth, Vec<String>, u16) {
     let mut b = Berth::new();
     let http = free_port();
     let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
     let store = format!("etcd://{}/{prefix}", etcd.endpoints());
+    let mut args: Vec<String> = [
+        "server",
+        "--store",
+        &store,
+        "--node-id",
+        node,
+        "--no-agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--http",
+        &format!("127.0.0.1:{http}"),
+        "--no-dns",
+        "--reschedule-after",
+        &format!("{}s", GRACE.as_secs()),
+    ]
+    .map(str::to_owned)
+    .into();
+    for n in &net.nodes {
+        args.push("--listen".into());
+        args.push(format!("{}:0", n.host));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let child = b
-        .command(
-            b.data.path(),
-            &[
-                "server",
-                "--store",
-                &store,
-                "--node-id",
-                node,
-                "--no-agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--http",
-                &format!("127.0.0.1:{http}"),
-                "--no-dns",
-                "--reschedule-after",
-                &format!("{}s", GRACE.as_secs()),
-            ],
-        )
+        .command(b.data.path(), &args)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
         .unwrap();
     b.servers.push(child);
-    let mut api = String::new();
+    let mut apis = Vec::new();
     wait_until("the server", Duration::from_secs(30), || {
         let info: Value = serde_json::from_slice(
             &std::fs::read(b.data.path().join("server.json")).map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;
-        api = info["tcp"][0].as_str().ok_or("no tcp")?.to_owned();
+        apis = info["tcp"]
+            .as_array()
+            .ok_or("no tcp")?
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
         Ok(())
     });
-    (b, api, http)
+    (b, apis, http)
 }
 
 fn leader_of(api: &str) -> Result<Value, String> {
@@ -360,10 +352,11 @@ fn placement(ps: &[Value], service: &str) -> BTreeMap<String, usize> {
 }
 
 /// Each instance serves a page naming itself and its pid (`$$` of the
-/// shell that execs httpd, i.e. the server's pid).
+/// shell that execs httpd, i.e. the server's pid), on every address of its
+/// node: other nodes reach it on the node's own.
 const STACK: &str = r#"services:
   web:
-    command: ["sh", "-c", "d=$$(mktemp -d /tmp/berth-e2e-cluster.XXXXXX) && echo \"$$BERTH_INSTANCE $$$$\" > $$d/index.html && exec busybox httpd -f -p 127.0.0.1:$$PORT -h $$d"]
+    command: ["sh", "-c", "d=$$(mktemp -d /tmp/berth-e2e-cluster.XXXXXX) && echo \"$$BERTH_INSTANCE $$$$\" > $$d/index.html && exec busybox httpd -f -p $$PORT -h $$d"]
     ports: ["8080"]
     deploy:
       replicas: 4
@@ -372,7 +365,7 @@ const STACK: &str = r#"services:
     x-berth:
       healthcheck: { http: /, interval: 1s, start_interval: 100ms }
   solo:
-    command: ["sh", "-c", "d=$$(mktemp -d /tmp/berth-e2e-cluster.XXXXXX) && echo \"$$BERTH_INSTANCE $$$$\" > $$d/index.html && exec busybox httpd -f -p 127.0.0.1:$$PORT -h $$d"]
+    command: ["sh", "-c", "d=$$(mktemp -d /tmp/berth-e2e-cluster.XXXXXX) && echo \"$$BERTH_INSTANCE $$$$\" > $$d/index.html && exec busybox httpd -f -p $$PORT -h $$d"]
     ports: ["8080"]
     deploy:
       replicas: 1
@@ -384,7 +377,7 @@ const STACK: &str = r#"services:
 
 const BULK: &str = r#"services:
   bulk:
-    command: ["sh", "-c", "exec busybox httpd -f -p 127.0.0.1:$$PORT -h /tmp"]
+    command: ["sh", "-c", "exec busybox httpd -f -p $$PORT -h /tmp"]
     ports: ["8080"]
     x-berth:
       healthcheck: { tcp: true, interval: 2s, start_interval: 200ms }
@@ -438,12 +431,20 @@ fn served_pid(page: &str) -> Option<i32> {
 
 #[test]
 fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
+    let net = match Netns::create(3) {
+        Ok(n) => n,
+        Err(why) => {
+            eprintln!("SKIPPED e2e_cluster: {why}");
+            return;
+        }
+    };
     let etcd = EtcdCluster::start();
     let prefix = format!("e2e-cluster-{}", std::process::id());
-    let (s1, api1, http1) = server(&etcd, "s1", &prefix);
-    let (_s2, api2, _http2) = server(&etcd, "s2", &prefix);
+    let (s1, apis1, http1) = server(&etcd, &net, "s1", &prefix);
+    let (_s2, apis2, _http2) = server(&etcd, &net, "s2", &prefix);
+    let (api1, api2) = (&apis1[0], &apis2[0]);
     wait_until("a leader is elected", Duration::from_secs(20), || {
-        let (a, b) = (leader_of(&api1)?, leader_of(&api2)?);
+        let (a, b) = (leader_of(api1)?, leader_of(api2)?);
         if a["leader"].is_null() || a["leader"] != b["leader"] {
             return Err(format!("s1 sees {a}, s2 sees {b}"));
         }
@@ -455,9 +456,9 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
 
     // n1 and n3 join s1, n2 joins s2: any server serves any agent.
     let mut agents = vec![
-        Agent::start(&s1, &api1, &token, "n1", "zone=east"),
-        Agent::start(&s1, &api2, &token, "n2", "zone=east"),
-        Agent::start(&s1, &api1, &token, "n3", "zone=west"),
+        Agent::start(&s1, &net, 0, &apis1, &token, "n1", "zone=east"),
+        Agent::start(&s1, &net, 1, &apis2, &token, "n2", "zone=east"),
+        Agent::start(&s1, &net, 2, &apis1, &token, "n3", "zone=west"),
     ];
     wait_until("three nodes up", Duration::from_secs(30), || {
         let st = node_states(&s1, dir);
@@ -486,6 +487,18 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
             }
         },
     );
+    // Each instance is registered with its node's own address, which is
+    // how the servers' routers reach it.
+    for i in s1.ps(dir, "clu") {
+        let node = i["node"].as_str().unwrap();
+        let a = agents.iter().find(|a| a.node == node).unwrap();
+        let host = i["address"].as_str().and_then(|a| a.rsplit_once(':'));
+        assert_eq!(
+            host.map(|h| h.0),
+            Some(&*net.nodes[a.net].addr.to_string()),
+            "{i}"
+        );
+    }
     wait_until("the router serves web", Duration::from_secs(20), || {
         http_get_host(http1, "web.clu.localhost", "/").map(|_| ())
     });
@@ -556,7 +569,7 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
     drop(samples);
 
     // n1 back with the same data dir: no duplicates.
-    agents[0].restart(&s1, &token);
+    agents[0].restart(&s1, &net, &token);
     wait_until(
         "n1 up again",
         Duration::from_secs(30),
@@ -578,7 +591,7 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
     let old_pid = solo["pid"].as_i64().unwrap() as i32;
     let cut = agents.iter().position(|a| a.node == cut_node).unwrap();
     let cut_at = Instant::now();
-    agents[cut].relay.partition();
+    net.partition(agents[cut].net);
     let mut served_by: Vec<(Duration, i32)> = Vec::new();
     let mut copies_max_after_ttl = 0;
     let mut previous = BTreeSet::new();
@@ -661,7 +674,7 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
     );
 
     // Heal: the node comes back, runs only what is still assigned to it.
-    agents[cut].relay.heal();
+    net.heal(agents[cut].net);
     wait_until(
         "the partitioned node up again",
         Duration::from_secs(30),
