@@ -506,6 +506,11 @@ pub struct ServerArgs {
     /// every --listen address is loopback; other local users can then use it.
     #[arg(long)]
     pub dashboard_no_auth: bool,
+    /// The IP other nodes reach this server's own instances on (its local
+    /// agent registers it). Default 127.0.0.1, which only this machine
+    /// reaches: set it when agents on other machines join, or use --no-agent.
+    #[arg(long, value_name = "IP", env = "BERTH_ADVERTISE")]
+    pub advertise: Option<std::net::IpAddr>,
 }
 
 /// `10M`, `512k`, `1g`, `4096` → bytes (the stack file's size syntax).

@@ -1,11 +1,12 @@
 //! Issue 6: discovery, router, DNS and the TCP proxy work across nodes.
 //!
 //! Three `berth agent --join` processes, each in its own network namespace
-//! with its own address (`common::netns`), one `berth server --no-agent` on
-//! the host. `web` runs only on n2 and n3; every node, n1 included, runs its
-//! own router, DNS server and TCP proxy from the servers' edge tables:
+//! with its own address (`common::netns`), one `berth server --advertise IP`
+//! on the host (its own node runs `api`). `web` runs only on n2 and n3;
+//! every node, n1 included, runs its own router, DNS server and TCP proxy
+//! from the servers' edge tables:
 //! - a request to n1's router reaches the instances on n2 and n3, and n2's
-//!   router reaches the one on n3;
+//!   router reaches the one on n3 and the server's `api`;
 //! - n1's DNS answers with the instances' node addresses;
 //! - the published port on n1's loopback forwards to another node;
 //! - n1 cut off from the server (its agent fences itself) keeps serving
@@ -39,6 +40,14 @@ fn stack(published: u16) -> String {
       replicas: 2
       placement:
         constraints: ["node.labels.zone == app"]
+    x-berth:
+      healthcheck: {{ http: /, interval: 1s, start_interval: 100ms }}
+  api:
+    command: ["sh", "-c", "d=$$(mktemp -d /tmp/berth-e2e-edge.XXXXXX) && echo $$BERTH_INSTANCE > $$d/index.html && exec busybox httpd -f -p $$PORT -h $$d"]
+    ports: ["8080"]
+    deploy:
+      placement:
+        constraints: ["node.role == manager"]
     x-berth:
       healthcheck: {{ http: /, interval: 1s, start_interval: 100ms }}
 "#
@@ -91,9 +100,14 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         }
     };
     let mut b = Berth::new();
+    // The server runs work too (`api`, on managers only), registered with
+    // its address on n1's link so the nodes reach it.
     let mut args = vec![
         "server".to_owned(),
-        "--no-agent".into(),
+        "--node-id".into(),
+        "s1".into(),
+        "--advertise".into(),
+        net.nodes[0].host.to_string(),
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--no-http".into(),
@@ -175,15 +189,19 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
             Agent { child, dir: adir }
         })
         .collect();
-    wait_until("three nodes up", Duration::from_secs(30), || {
-        let n: Vec<Value> = serde_json::from_str(&b.ok(dir, &["nodes", "--json"])).unwrap();
-        let up = n.iter().filter(|n| n["state"] == "up").count();
-        if up == 3 {
-            Ok(())
-        } else {
-            Err(format!("{n:?}\n{}", agents[0].log()))
-        }
-    });
+    wait_until(
+        "the server's node and three agents up",
+        Duration::from_secs(30),
+        || {
+            let n: Vec<Value> = serde_json::from_str(&b.ok(dir, &["nodes", "--json"])).unwrap();
+            let up = n.iter().filter(|n| n["state"] == "up").count();
+            if up == 4 {
+                Ok(())
+            } else {
+                Err(format!("{n:?}\n{}", agents[0].log()))
+            }
+        },
+    );
     // Each node registered its own address.
     let nodes: Vec<Value> = serde_json::from_str(&b.ok(dir, &["nodes", "--json"])).unwrap();
     for (i, n) in net.nodes.iter().enumerate() {
@@ -193,23 +211,30 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
             .unwrap();
         assert_eq!(rec["address"], n.addr.to_string(), "{rec}");
     }
+    let s1 = nodes.iter().find(|r| r["id"] == "s1").unwrap();
+    assert_eq!(s1["address"], net.nodes[0].host.to_string(), "{s1}");
 
     let published = free_port();
     std::fs::write(dir.join("compose.yaml"), stack(published)).unwrap();
     b.ok(dir, &["up", "-d", "-p", "edg"]);
-    wait_until("web healthy on n2 and n3", Duration::from_secs(60), || {
-        let ps = b.ps(dir, "edg");
-        all_ready(&ps, "web", 2)?;
-        let nodes: BTreeSet<&str> = instances(&ps, "web")
-            .iter()
-            .filter_map(|i| i["node"].as_str())
-            .collect();
-        if nodes == BTreeSet::from(["n2", "n3"]) {
-            Ok(())
-        } else {
-            Err(format!("{nodes:?}"))
-        }
-    });
+    wait_until(
+        "web healthy on n2 and n3, api on s1",
+        Duration::from_secs(60),
+        || {
+            let ps = b.ps(dir, "edg");
+            all_ready(&ps, "web", 2)?;
+            all_ready(&ps, "api", 1)?;
+            let nodes: BTreeSet<&str> = instances(&ps, "web")
+                .iter()
+                .filter_map(|i| i["node"].as_str())
+                .collect();
+            if nodes == BTreeSet::from(["n2", "n3"]) {
+                Ok(())
+            } else {
+                Err(format!("{nodes:?}"))
+            }
+        },
+    );
     let ps = b.ps(dir, "edg");
     for i in instances(&ps, "web") {
         let node = i["node"].as_str().unwrap();
@@ -239,6 +264,12 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
     );
     // n2's router reaches the instance on n3 as well as its own.
     assert_eq!(served(n2, 8080, 6).unwrap(), want);
+    // ... and the server's own instance, on the address it advertises.
+    let api = instances(&ps, "api")[0];
+    assert_eq!(api["node"], "s1", "{api}");
+    let api_host = api["address"].as_str().and_then(|a| a.rsplit_once(':'));
+    assert_eq!(api_host.map(|h| h.0), Some(&*net.nodes[0].host.to_string()));
+    assert_eq!(get(n2, 8080, "api.edg.localhost").unwrap(), "api.1");
 
     // n1's DNS answers with the instances' node addresses.
     let dns = Command::new("dig")

@@ -84,6 +84,11 @@ pub struct ServerConfig {
     /// Run a local agent (this server is also a node that runs work);
     /// `berth server --no-agent` turns it off.
     pub run_agent: bool,
+    /// The address the local agent registers for this node and its
+    /// instances: what other nodes' routers connect to. `127.0.0.1` (the
+    /// default) is right on one machine only; `berth server --advertise IP`
+    /// when agents on other machines join.
+    pub advertise: std::net::IpAddr,
     /// How long a node may be down before its instances are rescheduled.
     pub reschedule_after: Duration,
     /// Whether browsers need the token on loopback listeners (see [`ui`]).
@@ -105,6 +110,7 @@ impl ServerConfig {
             logs: berth_agent::LogConfig::default(),
             history_interval: history::INTERVAL,
             run_agent: true,
+            advertise: std::net::Ipv4Addr::LOCALHOST.into(),
             reschedule_after: Duration::from_millis(
                 controller::Liveness::DEFAULT_RESCHEDULE_AFTER_MS,
             ),
@@ -498,7 +504,7 @@ async fn start_local_agent(
     );
     let node = Node {
         id: cfg.node_id.clone(),
-        address: "127.0.0.1".to_owned(),
+        address: cfg.advertise.to_string(),
         labels: Default::default(),
         facts,
         // `berth node drain` survives a server restart.
@@ -514,7 +520,7 @@ async fn start_local_agent(
     let agent_cfg = berth_agent::AgentConfig {
         node_id: cfg.node_id.clone(),
         data_dir: cfg.data_dir.clone(),
-        address: "127.0.0.1".to_owned(),
+        address: cfg.advertise.to_string(),
         logs: cfg.logs.clone(),
     };
     let control = Arc::new(berth_agent::StoreControlPlane::with_lease(

@@ -31,6 +31,9 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
     cfg.consul = args.consul_listen;
     cfg.store = berth_server::StoreLocation::parse(&args.store)?;
     cfg.run_agent = !args.no_agent;
+    if let Some(ip) = args.advertise {
+        cfg.advertise = ip;
+    }
     cfg.logs.max_file_bytes = args.log_max_file_size;
     cfg.logs.max_files = args.log_max_files;
     cfg.history_interval = args
