@@ -12,12 +12,14 @@
 //! - [`resolve`]: loading stack files and picking the stack a command is about.
 //! - [`cmd`]: one module per command; [`output`]: tables, colours, log prefixes.
 //! - [`exit`]: the fixed exit codes.
+//! - [`logbuf`]: `berth server`'s buffered stderr log writer.
 
 pub mod args;
 pub mod autostart;
 pub mod client;
 pub mod cmd;
 pub mod exit;
+pub mod logbuf;
 pub mod output;
 pub mod resolve;
 pub mod settings;

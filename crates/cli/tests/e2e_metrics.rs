@@ -132,6 +132,20 @@ fn prometheus_scrapes_per_instance_series_with_their_labels() {
         let resp = http_get_host(http, &ns_host, "/missing").unwrap_err();
         assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
     }
+    // The access log reaches server.log through the server's buffered
+    // writer (flushed every 50 ms), without waiting for the server to stop.
+    wait_until("access lines in server.log", Duration::from_secs(5), || {
+        let log = berth.server_log();
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("berth::access") && l.contains(&format!("host=\"{ns_host}\"")))
+            .count();
+        if lines == 5 {
+            Ok(())
+        } else {
+            Err(format!("{lines} access lines for {ns_host}"))
+        }
+    });
     let (_prom, port) = start_prometheus(dir.path(), &api_addr(&berth));
     let node = berth.ps(dir.path(), &stack)[0]["node"]
         .as_str()

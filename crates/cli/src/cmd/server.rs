@@ -10,9 +10,11 @@ use crate::settings::Settings;
 pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Buffered: the router logs a line per request (see logbuf).
+    let (writer, _flush) = crate::logbuf::buffered_stderr();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         // An autostarted server writes to server.log: no colour codes there.
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
