@@ -1,4 +1,4 @@
-//! `berth server`'s log writer: stderr, buffered.
+//! The log writer of `berth server` and `berth agent`: stderr, buffered.
 //!
 //! The router logs one access line per request. Written straight to
 //! stderr that is one `write` system call per request, which cost the
@@ -8,10 +8,10 @@
 //! - every [`FLUSH_EVERY`], from a thread started by [`buffered_stderr`],
 //! - at once when it holds [`MAX_BUFFERED`] bytes,
 //! - at once after a warning or an error, so that problems are never late,
-//! - when the returned [`FlushGuard`] is dropped (the server stops), and
+//! - when the returned [`FlushGuard`] is dropped (the process stops), and
 //!   before a panic message is printed.
 //!
-//! What a `kill -9` of the server loses is the last [`FLUSH_EVERY`] of
+//! What a `kill -9` loses is the last [`FLUSH_EVERY`] of
 //! info and debug lines.
 
 use std::io::Write;

@@ -84,9 +84,11 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 pub async fn run(settings: &Settings, args: &AgentArgs) -> anyhow::Result<u8> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Buffered: the node's router logs a line per request (see logbuf).
+    let (writer, _flush) = crate::logbuf::buffered_stderr();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
     let node_id = args
