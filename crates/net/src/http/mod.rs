@@ -8,6 +8,9 @@
 //!   the bulkhead — lock-free per-request bookkeeping.
 //! - `proxy`: one request's path through the router (header rewriting,
 //!   retries, upgrades).
+//! - `upstream`: keep-alive HTTP/1.1 connections to instances, pooled per
+//!   serving thread; a connection returns to the pool when its response
+//!   body has ended.
 //! - `error`: the one place router failures become HTTP responses.
 //! - [`metrics`]: counters and the [`RouterMetrics`] snapshot.
 //! - [`tls`]: certificates from PEM files.
