@@ -18,8 +18,12 @@
 //! - [`ports`]: free-port allocation for instances.
 //! - [`orphans`]: the agent id, and killing what a killed agent left behind.
 //! - [`facts`]: what the scheduler reads about a node (`node.facts.<name>`).
+//! - [`metrics_proc`]: CPU and memory of instances (process trees from
+//!   `/proc`, containers from the engine's samples).
 //! - [`remote`]: `berth agent --join`: [`remote::ApiControlPlane`] over the
-//!   servers' HTTP API, joining, registration and heartbeats.
+//!   servers' HTTP API, joining, registration and heartbeats;
+//!   [`remote_logs`] and [`remote_stats`] ship its instances' log lines and
+//!   resource use to the servers.
 //! - [`edge`]: a node's router, DNS server and TCP proxy, run from the
 //!   servers' edge tables; [`remote_edge`] follows those tables on a joined
 //!   node.
@@ -50,11 +54,13 @@ pub mod edge;
 pub mod facts;
 pub mod health;
 pub mod logs;
+pub mod metrics_proc;
 pub mod orphans;
 pub mod ports;
 pub mod remote;
 pub mod remote_edge;
 pub mod remote_logs;
+pub mod remote_stats;
 pub mod supervisor;
 
 pub use agent::{AgentConfig, AgentError, AgentOptions, run, run_with};

@@ -334,6 +334,30 @@ impl ApiClient {
         .await
     }
 
+    /// Send the node's instance stats (see [`crate::remote_stats`]).
+    pub async fn ship_stats(&self, stats: &berth_model::api::NodeStats) -> Result<(), RemoteError> {
+        let body = serde_json::to_vec(stats).map_err(|e| RemoteError::Refused {
+            what: "instance stats".into(),
+            status: 0,
+            message: e.to_string(),
+        })?;
+        let a = self
+            .call(Method::POST, &self.node_path("/stats"), Some(body))
+            .await
+            .map_err(|message| RemoteError::Unreachable {
+                authority: self.authority.clone(),
+                message,
+            })?;
+        if a.status.is_success() {
+            return Ok(());
+        }
+        Err(RemoteError::Refused {
+            what: "instance stats".into(),
+            status: a.status.as_u16(),
+            message: error_text(&a.body),
+        })
+    }
+
     /// Keep the registration alive. `Ok(false)`: the server no longer has
     /// it (expired): register again.
     pub async fn heartbeat(&self) -> Result<bool, RemoteError> {
@@ -673,6 +697,8 @@ pub struct RemoteConfig {
     pub facts_every: Duration,
     /// This node's router, DNS and TCP proxy ([`crate::remote_edge`]).
     pub edge: crate::edge::EdgeConfig,
+    /// How often instance CPU/memory figures are sent to the server.
+    pub stats_every: Duration,
 }
 
 /// The local address packets to `authority` leave from: what other nodes
@@ -809,14 +835,31 @@ pub async fn run_remote(
         &logs,
         crate::remote_logs::ShipConfig::default(),
     );
-    let control = Arc::new(ApiControlPlane::new(client.clone()));
+    // The statuses reported through it tell the stats reporter what runs.
+    let reported = crate::remote_stats::ReportedStatuses::default();
+    let container_stats = crate::driver::docker::StatsMap::default();
+    let control = Arc::new(crate::remote_stats::Tapped::new(
+        Arc::new(ApiControlPlane::new(client.clone())),
+        reported.clone(),
+    ));
+    let stats = crate::remote_stats::StatsShipper::start(
+        client.clone(),
+        reported,
+        container_stats.clone(),
+        cfg.stats_every,
+    );
     let start_agent = || {
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(crate::run(
+        let options = crate::AgentOptions {
+            container_stats: container_stats.clone(),
+            ..Default::default()
+        };
+        let task = tokio::spawn(crate::run_with(
             agent_cfg.clone(),
             control.clone(),
             logs.clone(),
             rx,
+            options,
         ));
         RunningAgent { stop, task }
     };
@@ -932,6 +975,7 @@ pub async fn run_remote(
     if let Some(e) = edge {
         e.stop().await;
     }
+    stats.stop().await;
     // The instances' last lines (stopping, exit codes); the local files
     // have them anyway if the server does not answer in time.
     shipper.finish(Duration::from_secs(3)).await;

@@ -513,3 +513,49 @@ pub struct LogBatchResponse {
     /// (not stored).
     pub refused: u64,
 }
+
+/// Resource use of one instance at one moment (`GET /metrics`, the
+/// built-in history, `berth top`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Usage {
+    /// A process tree, from `/proc`.
+    Process {
+        /// CPU seconds used so far by the run.
+        cpu_seconds: f64,
+        /// Resident memory of the tree.
+        rss_bytes: u64,
+    },
+    /// A container, from the engine's stats stream.
+    Container {
+        /// CPU in percent of one core over the engine's last interval.
+        cpu_percent: f64,
+        /// Memory in use, page cache excluded.
+        memory_bytes: u64,
+    },
+}
+
+/// One instance in a [`NodeStats`] report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceUsage {
+    /// The instance.
+    pub key: crate::InstanceKey,
+    /// The incarnation measured (a sample of an older run is not shown
+    /// for a newer one).
+    pub uid: String,
+    /// What it used.
+    pub usage: Usage,
+}
+
+/// `POST /v1/agent/nodes/{node}/stats`: the resource use of a joined
+/// node's running instances, sampled by its agent; the server keeps the
+/// latest report per node (on the node's lease) for every server's
+/// metrics, history and `berth top`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeStats {
+    /// When the node sampled them (its clock; rates are computed between
+    /// two reports of the same node).
+    pub at: Millis,
+    /// Its running instances.
+    pub instances: Vec<InstanceUsage>,
+}

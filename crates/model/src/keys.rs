@@ -66,6 +66,17 @@ pub fn node_drain(id: &str) -> String {
     format!("{NODE_DRAIN}{id}")
 }
 
+/// Prefix of the joined nodes' latest resource reports
+/// ([`crate::api::NodeStats`], on each node's lease). Outside [`ROOT`] on
+/// purpose: a report every few seconds per node must not wake every state
+/// follower (controller, catalog, router tables) that watches `ROOT`.
+pub const NODE_STATS: &str = "/berth-stats/nodes/";
+
+/// `/berth-stats/nodes/<id>`
+pub fn node_stats(id: &str) -> String {
+    format!("{NODE_STATS}{id}")
+}
+
 /// Prefix of the stable per-service addresses ([`crate::vip::ServiceVip`]).
 pub const VIPS: &str = "/berth/vips/";
 /// Prefix of the reverse index address → service, whose create-only writes

@@ -29,9 +29,12 @@ type ServiceKey = (String, String, String);
 struct InstanceSeries {
     node: String,
     points: VecDeque<InstancePoint>,
-    /// `(uid, at ms, cpu seconds)` of the previous sample of this run, for
-    /// the CPU rate of processes.
+    /// `(uid, measured at ms, cpu seconds)` of the previous measurement of
+    /// this run, for the CPU rate of processes.
     last_cpu: Option<(String, Millis, f64)>,
+    /// The rate computed at that measurement, repeated while no newer
+    /// measurement comes (a joined node reports less often than sampled).
+    last_rate: Option<f64>,
 }
 
 struct ServiceSeries {
@@ -58,6 +61,10 @@ pub struct InstanceSample<'a> {
     pub status: &'a berth_model::InstanceStatus,
     /// Its resource use, when measurable.
     pub usage: Option<Usage>,
+    /// When `usage` was measured (ms since the epoch; a joined node's
+    /// report may be older than the sample): CPU rates of processes are
+    /// computed between measurements, not samples.
+    pub measured_at: Millis,
 }
 
 fn push<T>(q: &mut VecDeque<T>, v: T) {
@@ -107,6 +114,7 @@ impl History {
                     node: st.node.clone(),
                     points: VecDeque::new(),
                     last_cpu: None,
+                    last_rate: None,
                 });
             series.node.clone_from(&st.node);
             let (cpu_percent, memory_bytes) = match s.usage {
@@ -118,17 +126,21 @@ impl History {
                     cpu_seconds,
                     rss_bytes,
                 }) => {
+                    let m = s.measured_at;
                     let rate = match &series.last_cpu {
-                        Some((uid, t, c)) if *uid == st.uid && at > *t && cpu_seconds >= *c => {
-                            Some((cpu_seconds - c) * 100_000.0 / (at - t) as f64)
+                        Some((uid, t, _)) if *uid == st.uid && m == *t => series.last_rate,
+                        Some((uid, t, c)) if *uid == st.uid && m > *t && cpu_seconds >= *c => {
+                            Some((cpu_seconds - c) * 100_000.0 / (m - t) as f64)
                         }
                         _ => None,
                     };
-                    series.last_cpu = Some((st.uid.clone(), at, cpu_seconds));
+                    series.last_cpu = Some((st.uid.clone(), m, cpu_seconds));
+                    series.last_rate = rate;
                     (rate, Some(rss_bytes))
                 }
                 None => {
                     series.last_cpu = None;
+                    series.last_rate = None;
                     (None, None)
                 }
             };
@@ -274,6 +286,7 @@ mod tests {
             &[InstanceSample {
                 status: &s,
                 usage: proc_usage(1.0),
+                measured_at: 10_000,
             }],
             &no_requests,
         );
@@ -282,6 +295,7 @@ mod tests {
             &[InstanceSample {
                 status: &s,
                 usage: proc_usage(6.0),
+                measured_at: 20_000,
             }],
             &no_requests,
         );
@@ -291,6 +305,7 @@ mod tests {
             &[InstanceSample {
                 status: &other_run,
                 usage: proc_usage(0.5),
+                measured_at: 30_000,
             }],
             &no_requests,
         );
@@ -315,6 +330,7 @@ mod tests {
                 &[InstanceSample {
                     status: &s,
                     usage: None,
+                    measured_at: 40_000 + i * 10_000,
                 }],
                 &no_requests,
             );
@@ -323,6 +339,34 @@ mod tests {
         // Gone for longer than the retention: forgotten.
         h.record(10_000_000_000, &[], &no_requests);
         assert_eq!(h.size(), (0, 0));
+    }
+
+    #[test]
+    fn a_joined_nodes_report_gives_its_rate_between_reports() {
+        let h = History::new(INTERVAL);
+        let s = status(1, "a");
+        let none = HashMap::new();
+        let sample = |at, cpu, measured_at| {
+            h.record(
+                at,
+                &[InstanceSample {
+                    status: &s,
+                    usage: proc_usage(cpu),
+                    measured_at,
+                }],
+                &none,
+            );
+        };
+        sample(10_000, 1.0, 9_000);
+        // The same report seen again: no rate yet, no false 0%.
+        sample(20_000, 1.0, 9_000);
+        // The next report, 20 s after the first: 4 CPU seconds = 20%.
+        sample(30_000, 5.0, 29_000);
+        // Seen again: the rate stays.
+        sample(40_000, 5.0, 29_000);
+        let p = &h.stack("default", "shop", 0).instances[0].points;
+        let rates: Vec<Option<f64>> = p.iter().map(|p| p.cpu_percent).collect();
+        assert_eq!(rates, [None, None, Some(20.0), Some(20.0)]);
     }
 
     #[test]

@@ -52,7 +52,6 @@ pub mod join;
 pub mod kv;
 pub mod leader;
 pub mod metrics;
-pub mod metrics_proc;
 pub mod mirror;
 pub mod traffic;
 pub mod ui;
@@ -228,17 +227,18 @@ pub async fn run(
             .await
             .context("opening the event log")?,
     );
+    // Only the elected leader runs the controller, writes events and
+    // exports joined nodes' metrics.
+    let (leader_tx, leader_rx) = watch::channel(None);
     let telemetry = metrics::Telemetry::new(
         cfg.node_id.clone(),
         store.clone(),
         store_metrics,
         event_log.clone(),
-        live_rx,
+        (live_rx, leader_rx.clone()),
         (container_stats.clone(), health_stats.clone()),
         cfg.history_interval,
     );
-    // Only the elected leader runs the controller and writes events.
-    let (leader_tx, leader_rx) = watch::channel(None);
     {
         let store = store.clone();
         let stop = stop_rx.clone();
@@ -247,6 +247,7 @@ pub async fn run(
         tasks.spawn(async move { mirror::follow(store, stop, &mut observer, Some(lag)).await });
     }
     tasks.spawn(telemetry.clone().sample_history(stop_rx.clone()));
+    tasks.spawn(telemetry.clone().follow_node_stats(stop_rx.clone()));
 
     // Agents on other machines join with this token (`berth token`).
     let join_token = join::ensure_join_token(store.as_ref())

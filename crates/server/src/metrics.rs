@@ -24,8 +24,17 @@
 //!   goes unmeasured until it catches up.
 //! - Instances: the statuses the event observer publishes
 //!   ([`crate::events::Live`]) for state, health and restarts; CPU and
-//!   memory from `/proc` for processes ([`crate::metrics_proc`]) and from
-//!   the Docker driver's [`StatsMap`] for containers. Read at scrape time.
+//!   memory from `/proc` for processes ([`berth_agent::metrics_proc`]) and
+//!   from the Docker driver's [`StatsMap`] for containers, read at scrape
+//!   time. Instances on joined nodes: the latest report each agent sent
+//!   ([`berth_model::api::NodeStats`], under [`keys::NODE_STATS`] on the
+//!   node's lease), which [`Telemetry::follow_node_stats`] keeps in memory
+//!   on every server.
+//! - Who exports what: a server exports its own node's instances, and the
+//!   leader also those of joined nodes (nodes with a stats report), so
+//!   with several servers scraped each series comes from one of them. The
+//!   built-in history holds every node's instances on every server (each
+//!   dashboard shows the whole cluster).
 //! - Router and DNS: their own counters ([`berth_net::http::Router::metrics`],
 //!   [`berth_net::dns::DnsMetrics`]), registered once they listen.
 //!
@@ -39,8 +48,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use berth_agent::driver::docker::StatsMap;
 use berth_agent::health::HealthStatsMap;
-use berth_model::{EventKind, InstanceKey, InstanceState};
-use berth_store::{LeaseId, Revision, Store, StoreError, Txn, TxnResult, WatchStream};
+use berth_model::api::NodeStats;
+use berth_model::{EventKind, InstanceKey, InstanceState, InstanceStatus, keys};
+use berth_store::{
+    LeaseId, Revision, Store, StoreError, Txn, TxnResult, WatchEvent, WatchStream, decode,
+};
 use bytes::Bytes;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -54,29 +66,12 @@ use tokio::sync::watch;
 
 use crate::events::{EventLog, Live};
 use crate::history::{History, InstanceSample};
-use crate::metrics_proc;
+use berth_agent::metrics_proc;
 
 /// The content type of `GET /metrics`.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Resource use of one instance at one moment.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Usage {
-    /// A process tree, from `/proc`.
-    Process {
-        /// CPU seconds used so far by the run.
-        cpu_seconds: f64,
-        /// Resident memory of the tree.
-        rss_bytes: u64,
-    },
-    /// A container, from the engine's stats stream.
-    Container {
-        /// CPU in percent of one core over the engine's last interval.
-        cpu_percent: f64,
-        /// Memory in use, page cache excluded.
-        memory_bytes: u64,
-    },
-}
+pub use berth_model::api::Usage;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
@@ -327,6 +322,9 @@ impl Store for MeteredStore {
 struct Sources {
     node: String,
     live: watch::Receiver<Arc<Live>>,
+    /// The latest stats report of each joined node.
+    remote: std::sync::RwLock<Arc<BTreeMap<String, NodeStats>>>,
+    leadership: crate::leader::Leadership,
     containers: StatsMap,
     health: HealthStatsMap,
     router: OnceLock<berth_net::http::Router>,
@@ -372,13 +370,16 @@ impl Telemetry {
     }
 
     /// The bundle for one server. The stats maps are the local agent's
-    /// (containers' engine samples, health-check figures), read at scrape time.
+    /// (containers' engine samples, health-check figures), read at scrape
+    /// time; `leadership` says whether joined nodes' series are exported
+    /// here.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node: String,
         store: Arc<dyn Store>,
         store_metrics: StoreMetricsHandle,
         events: Arc<EventLog>,
-        live: watch::Receiver<Arc<Live>>,
+        (live, leadership): (watch::Receiver<Arc<Live>>, crate::leader::Leadership),
         (containers, health): (StatsMap, HealthStatsMap),
         history_interval: Duration,
     ) -> Self {
@@ -390,6 +391,8 @@ impl Telemetry {
         let sources = Arc::new(Sources {
             node,
             live,
+            remote: Default::default(),
+            leadership,
             containers,
             health,
             router: OnceLock::new(),
@@ -495,21 +498,35 @@ impl Telemetry {
             }
             let sources = self.0.sources.clone();
             let live = sources.live.borrow().clone();
+            let remote = sources.remote();
             // /proc reads are blocking file I/O.
             let usage = tokio::task::spawn_blocking({
                 let live = live.clone();
                 let sources = sources.clone();
-                move || usage(&live, &sources.containers)
+                move || local_usage(&live, &sources)
             })
             .await
             .unwrap_or_default();
+            let now = crate::now_ms();
+            // Every node's instances: the local ones measured now, joined
+            // nodes' at their agent's last report (for the CPU rate).
             let samples: Vec<InstanceSample<'_>> = live
                 .statuses
                 .values()
-                .filter(|s| s.node == sources.node)
-                .map(|s| InstanceSample {
-                    status: s,
-                    usage: usage.get(&s.key).copied(),
+                .filter_map(|s| {
+                    if s.node == sources.node {
+                        return Some(InstanceSample {
+                            status: s,
+                            usage: usage.get(&s.key).copied(),
+                            measured_at: now,
+                        });
+                    }
+                    let report = remote.get(&s.node)?;
+                    Some(InstanceSample {
+                        status: s,
+                        usage: reported_usage(report, s),
+                        measured_at: report.at,
+                    })
                 })
                 .collect();
             let mut requests = HashMap::new();
@@ -522,7 +539,7 @@ impl Telemetry {
                     );
                 }
             }
-            self.0.history.record(crate::now_ms(), &samples, &requests);
+            self.0.history.record(now, &samples, &requests);
         }
     }
 }
@@ -532,40 +549,112 @@ impl Telemetry {
 pub struct StoreMetricsHandle(StoreMetrics);
 
 /// CPU and memory of this node's running instances.
-fn usage(live: &Live, containers: &StatsMap) -> HashMap<InstanceKey, Usage> {
-    let mut out = HashMap::new();
-    let stats = containers.snapshot();
-    let mut pids = Vec::new();
-    for (key, s) in &live.statuses {
-        if !matches!(s.state, InstanceState::Running | InstanceState::Stopping) {
-            continue;
-        }
-        if let Some(c) = stats.get(key) {
-            out.insert(
-                key.clone(),
-                Usage::Container {
-                    cpu_percent: c.cpu_percent,
-                    memory_bytes: c.memory_bytes,
+fn local_usage(live: &Live, sources: &Sources) -> HashMap<InstanceKey, Usage> {
+    let mine = live.statuses.values().filter(|s| s.node == sources.node);
+    metrics_proc::instance_usage(mine, &sources.containers)
+}
+
+/// The usage a joined node reported for this run of `s`, if any.
+fn reported_usage(report: &NodeStats, s: &InstanceStatus) -> Option<Usage> {
+    if !matches!(s.state, InstanceState::Running | InstanceState::Stopping) {
+        return None;
+    }
+    report
+        .instances
+        .iter()
+        .find(|i| i.key == s.key && i.uid == s.uid)
+        .map(|i| i.usage)
+}
+
+impl Sources {
+    fn remote(&self) -> Arc<BTreeMap<String, NodeStats>> {
+        self.remote
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Telemetry {
+    /// Keep every joined node's latest stats report in memory (list, then
+    /// watch [`keys::NODE_STATS`]; re-list after a broken watch) until
+    /// `stop` turns true.
+    pub async fn follow_node_stats(self, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        use futures::StreamExt;
+        let mut stop = std::pin::pin!(crate::stopped(stop));
+        let store = self.0.store.clone();
+        let sources = self.0.sources.clone();
+        let publish = |m: &BTreeMap<String, NodeStats>| {
+            *sources.remote.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(m.clone());
+        };
+        loop {
+            let listed = async {
+                let (kvs, rev) = store.range(keys::NODE_STATS).await?;
+                let events = store.watch(keys::NODE_STATS, rev + 1).await?;
+                Ok::<_, StoreError>((kvs, events))
+            };
+            let (kvs, mut events) = tokio::select! {
+                r = listed => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read node stats; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            () = &mut stop => return Ok(()),
+                        }
+                    }
                 },
-            );
-        } else if let Some(pid) = s.pid {
-            pids.push((key, pid));
+                () = &mut stop => return Ok(()),
+            };
+            let mut reports = BTreeMap::new();
+            for kv in &kvs {
+                apply_stats(&mut reports, &WatchEvent::Put(kv.clone()));
+            }
+            publish(&reports);
+            loop {
+                let batch = tokio::select! {
+                    b = events.next() => b,
+                    () = &mut stop => return Ok(()),
+                };
+                match batch {
+                    Some(Ok(batch)) => {
+                        for e in &batch {
+                            apply_stats(&mut reports, e);
+                        }
+                        publish(&reports);
+                    }
+                    Some(Err(e)) => {
+                        tracing::info!(error = %e, "node stats watch ended; re-listing");
+                        break;
+                    }
+                    None => break,
+                }
+            }
         }
     }
-    let roots: Vec<u32> = pids.iter().map(|(_, p)| *p).collect();
-    let trees = metrics_proc::sample_trees(&roots);
-    for (key, pid) in pids {
-        if let Some(t) = trees.get(&pid) {
-            out.insert(
-                key.clone(),
-                Usage::Process {
-                    cpu_seconds: t.cpu_seconds,
-                    rss_bytes: t.rss_bytes,
-                },
-            );
+}
+
+fn apply_stats(reports: &mut BTreeMap<String, NodeStats>, e: &WatchEvent) {
+    match e {
+        WatchEvent::Put(kv) => {
+            let Some(node) = kv.key.strip_prefix(keys::NODE_STATS) else {
+                return;
+            };
+            match decode::<NodeStats>(kv) {
+                Ok(r) => {
+                    reports.insert(node.to_owned(), r);
+                }
+                Err(e) => {
+                    tracing::warn!(key = %kv.key, error = %e, "skipping an unreadable stats report")
+                }
+            }
+        }
+        WatchEvent::Delete { key, .. } => {
+            if let Some(node) = key.strip_prefix(keys::NODE_STATS) {
+                reports.remove(node);
+            }
         }
     }
-    out
 }
 
 /// The metrics computed at scrape time: instances, router, DNS, and the
@@ -623,8 +712,25 @@ impl Collector for ScrapeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let src = &self.0;
         let live = src.live.borrow().clone();
-        let usage = usage(&live, &src.containers);
-        let rows = || live.statuses.values().filter(|s| s.node == src.node);
+        let mut usage = local_usage(&live, src);
+        // Joined nodes' instances are exported by the leader only.
+        let remote = if src.leadership.borrow().is_some() {
+            src.remote()
+        } else {
+            Arc::default()
+        };
+        for s in live.statuses.values() {
+            if s.node != src.node
+                && let Some(u) = remote.get(&s.node).and_then(|r| reported_usage(r, s))
+            {
+                usage.insert(s.key.clone(), u);
+            }
+        }
+        let rows = || {
+            live.statuses
+                .values()
+                .filter(|s| s.node == src.node || remote.contains_key(&s.node))
+        };
 
         family(
             &mut enc,

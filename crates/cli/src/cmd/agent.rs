@@ -59,6 +59,10 @@ pub struct AgentArgs {
     /// How often facts (load, memory, disk…) are refreshed.
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = crate::args::parse_duration)]
     pub facts_every: Duration,
+    /// How often this node's instance CPU/memory figures are sent to the
+    /// server (for `/metrics`, `berth top` and the dashboard).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::args::parse_duration)]
+    pub stats_every: Duration,
 }
 
 /// `zone=east` → (`zone`, `east`).
@@ -124,6 +128,7 @@ pub async fn run(settings: &Settings, args: &AgentArgs) -> anyhow::Result<u8> {
             dns: (!args.no_dns).then_some(args.dns),
             proxy: !args.no_proxy,
         },
+        stats_every: args.stats_every,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

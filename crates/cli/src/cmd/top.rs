@@ -38,6 +38,8 @@ pub struct TopArgs {
 pub struct TopRow {
     /// `web.2`.
     pub instance: String,
+    /// The node it runs on.
+    pub node: String,
     /// State at the last sample.
     pub state: String,
     /// CPU, percent of one core, over the last sample interval.
@@ -71,6 +73,7 @@ pub fn rows(h: &StackHistory) -> Vec<TopRow> {
             let p = i.points.last().filter(|p| p.t == latest)?;
             Some(TopRow {
                 instance: i.instance.clone(),
+                node: i.node.clone(),
                 state: p.state.to_string(),
                 cpu_percent: p.cpu_percent,
                 memory_bytes: p.memory_bytes,
@@ -99,11 +102,14 @@ pub fn human_bytes(b: u64) -> String {
 }
 
 fn render(stack: &str, h: &StackHistory, rows: &[TopRow]) -> String {
-    let mut t = Table::new(&["INSTANCE", "STATE", "CPU%", "MEM", "REQ/S", "RESTARTS"]);
+    let mut t = Table::new(&[
+        "INSTANCE", "NODE", "STATE", "CPU%", "MEM", "REQ/S", "RESTARTS",
+    ]);
     let dash = || "-".to_owned();
     for r in rows {
         t.row(vec![
             r.instance.clone(),
+            r.node.clone(),
             r.state.clone(),
             r.cpu_percent.map_or_else(dash, |c| format!("{c:.1}")),
             r.memory_bytes.map_or_else(dash, human_bytes),
@@ -206,7 +212,10 @@ mod tests {
         assert_eq!(r[1].requests_per_second, None);
         let text = render("shop", &h, &r);
         assert!(
-            text.contains("web.1") && text.contains("3.0M") && text.contains("4.0"),
+            text.contains("web.1")
+                && text.contains("NODE")
+                && text.contains("3.0M")
+                && text.contains("4.0"),
             "{text}"
         );
     }

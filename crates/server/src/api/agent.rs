@@ -1,6 +1,6 @@
 //! The agents' API (`/v1/agent/…`): joining, registration and heartbeats,
-//! the node's own assignments (listed and watched), its statuses and its
-//! instances' log lines.
+//! the node's own assignments (listed and watched), its statuses, its
+//! instances' log lines and their resource use.
 //!
 //! These routes never take the admin token: `POST /v1/agent/join` takes
 //! the join token, and every `/v1/agent/nodes/{node}/…` route takes that
@@ -16,8 +16,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use berth_model::api::{
-    AssignmentList, JoinRequest, JoinResponse, LogBatch, LogBatchResponse, RegisterResponse,
-    WatchLine,
+    AssignmentList, JoinRequest, JoinResponse, LogBatch, LogBatchResponse, NodeStats,
+    RegisterResponse, WatchLine,
 };
 use berth_model::{Assignment, InstanceKey, InstanceStatus, LogLine, Node, keys};
 use berth_store::chunk::Part;
@@ -425,4 +425,35 @@ pub(crate) async fn edge_watch(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// `POST /v1/agent/nodes/{node}/stats`: the resource use of the node's
+/// running instances (see `berth_agent::remote_stats`), kept as the node's
+/// latest report under [`keys::node_stats`] on the node's lease: the next
+/// report replaces it, and it disappears with the node. Instances neither
+/// assigned to the node nor last reported by it are left out.
+pub(crate) async fn stats(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+    ApiJson(mut report): ApiJson<NodeStats>,
+) -> Result<StatusCode, ApiError> {
+    auth(&ctx, &node, &headers).await?;
+    let lease = join::node_lease(ctx.store.as_ref(), &node).await?;
+    let (assigned, _) = ctx.store.range(&keys::assignments_of(&node)).await?;
+    let mine: std::collections::HashSet<String> = assigned.into_iter().map(|kv| kv.key).collect();
+    let mut kept = Vec::with_capacity(report.instances.len());
+    for i in std::mem::take(&mut report.instances) {
+        if mine.contains(&keys::assignment(&node, &i.key))
+            || owned_status(&ctx, &keys::status(&i.key), &node)
+                .await?
+                .is_some()
+        {
+            kept.push(i);
+        }
+    }
+    report.instances = kept;
+    let key = keys::node_stats(&node);
+    ctx.store.put(&key, encode(&key, &report)?, lease).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -238,6 +238,7 @@ fn build_agent() -> Routes {
             "/v1/agent/nodes/{node}/edge/watch",
             agent::edge_watch,
         )
+        .add(Method::POST, "/v1/agent/nodes/{node}/stats", agent::stats)
 }
 
 /// Every (method, path) the router serves, in axum's path syntax.

@@ -5,9 +5,18 @@
 //! the tree rooted at the pid its status reports. One pass over `/proc`
 //! builds the parent map for every instance at once; the cost is one small
 //! read per process on the machine, once per sample.
+//!
+//! Here, in the agent, because every node samples its own instances: the
+//! server's local agent for the server's metrics, and a joined agent for
+//! the stats it ships to the servers ([`crate::remote_stats`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
+
+use berth_model::api::Usage;
+use berth_model::{InstanceKey, InstanceState, InstanceStatus};
+
+use crate::driver::docker::StatsMap;
 
 /// Clock ticks per second of `/proc/<pid>/stat` times. Linux reports them
 /// in `USER_HZ`, which is 100 on every architecture it exports to user
@@ -106,6 +115,48 @@ pub fn sample_trees(roots: &[u32]) -> HashMap<u32, TreeUsage> {
             }
         }
         out.insert(root, usage);
+    }
+    out
+}
+
+/// CPU and memory of the running instances among `statuses`: containers
+/// from the Docker driver's latest samples, processes from `/proc` (one
+/// pass for all of them). Blocking file I/O: call it off the async threads.
+pub fn instance_usage<'a>(
+    statuses: impl IntoIterator<Item = &'a InstanceStatus>,
+    containers: &StatsMap,
+) -> HashMap<InstanceKey, Usage> {
+    let mut out = HashMap::new();
+    let stats = containers.snapshot();
+    let mut pids = Vec::new();
+    for s in statuses {
+        if !matches!(s.state, InstanceState::Running | InstanceState::Stopping) {
+            continue;
+        }
+        if let Some(c) = stats.get(&s.key) {
+            out.insert(
+                s.key.clone(),
+                Usage::Container {
+                    cpu_percent: c.cpu_percent,
+                    memory_bytes: c.memory_bytes,
+                },
+            );
+        } else if let Some(pid) = s.pid {
+            pids.push((&s.key, pid));
+        }
+    }
+    let roots: Vec<u32> = pids.iter().map(|(_, p)| *p).collect();
+    let trees = sample_trees(&roots);
+    for (key, pid) in pids {
+        if let Some(t) = trees.get(&pid) {
+            out.insert(
+                key.clone(),
+                Usage::Process {
+                    cpu_seconds: t.cpu_seconds,
+                    rss_bytes: t.rss_bytes,
+                },
+            );
+        }
     }
     out
 }

@@ -1,0 +1,261 @@
+//! Resource stats of a joined agent: every `--stats-every` (10 s by
+//! default) the agent samples its running instances (process trees from
+//! `/proc`, containers from the engine's samples, as the server's local
+//! agent does) and POSTs the report to `/v1/agent/nodes/{node}/stats`. The
+//! server keeps the latest report per node on the node's lease, so a dead
+//! node's figures vanish with it, and every server's `/metrics`, built-in
+//! history and `berth top` show them.
+//!
+//! Which instances run, and with which pid, the agent learns from the
+//! statuses it reports: [`Tapped`] wraps its control plane and keeps the
+//! latest one per instance. A report that fails is not retried: the next
+//! one, a few seconds later, supersedes it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use berth_model::api::{InstanceUsage, NodeStats};
+use berth_model::{Assignment, InstanceKey, InstanceStatus};
+use berth_store::Revision;
+use tokio::sync::watch;
+
+use crate::control::{AssignmentStream, ControlError, ControlPlane};
+use crate::driver::docker::StatsMap;
+use crate::remote::ApiClient;
+
+/// Default time between two reports.
+pub const DEFAULT_EVERY: Duration = Duration::from_secs(10);
+
+/// The latest status the agent reported for each of its instances.
+/// Cheap to clone; clones share the map.
+#[derive(Debug, Clone, Default)]
+pub struct ReportedStatuses(Arc<Mutex<HashMap<InstanceKey, InstanceStatus>>>);
+
+impl ReportedStatuses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<InstanceKey, InstanceStatus>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every instance's latest status.
+    pub fn snapshot(&self) -> Vec<InstanceStatus> {
+        self.lock().values().cloned().collect()
+    }
+}
+
+/// A [`ControlPlane`] that notes every status reported through it.
+pub struct Tapped {
+    inner: Arc<dyn ControlPlane>,
+    seen: ReportedStatuses,
+}
+
+impl Tapped {
+    /// Wrap `inner`, noting statuses in `seen`.
+    pub fn new(inner: Arc<dyn ControlPlane>, seen: ReportedStatuses) -> Self {
+        Self { inner, seen }
+    }
+}
+
+#[async_trait]
+impl ControlPlane for Tapped {
+    async fn list_assignments(
+        &self,
+        node: &str,
+    ) -> Result<(Vec<Assignment>, Revision), ControlError> {
+        self.inner.list_assignments(node).await
+    }
+    async fn watch_assignments(
+        &self,
+        node: &str,
+        from: Revision,
+    ) -> Result<AssignmentStream, ControlError> {
+        self.inner.watch_assignments(node, from).await
+    }
+    async fn report(&self, status: &InstanceStatus) -> Result<(), ControlError> {
+        // Noted whether or not the server took it: it is what runs here.
+        self.seen.lock().insert(status.key.clone(), status.clone());
+        self.inner.report(status).await
+    }
+    async fn report_many(&self, statuses: &[InstanceStatus]) -> Result<(), ControlError> {
+        {
+            let mut seen = self.seen.lock();
+            for s in statuses {
+                seen.insert(s.key.clone(), s.clone());
+            }
+        }
+        self.inner.report_many(statuses).await
+    }
+    async fn forget(&self, key: &InstanceKey) -> Result<(), ControlError> {
+        self.seen.lock().remove(key);
+        self.inner.forget(key).await
+    }
+}
+
+/// Sample the running instances among `statuses`.
+pub fn sample(statuses: &[InstanceStatus], containers: &StatsMap, at: u64) -> NodeStats {
+    let usage = crate::metrics_proc::instance_usage(statuses, containers);
+    let mut instances: Vec<InstanceUsage> = statuses
+        .iter()
+        .filter_map(|s| {
+            Some(InstanceUsage {
+                key: s.key.clone(),
+                uid: s.uid.clone(),
+                usage: *usage.get(&s.key)?,
+            })
+        })
+        .collect();
+    instances.sort_by(|a, b| a.key.cmp(&b.key));
+    NodeStats { at, instances }
+}
+
+/// The running reporter; [`StatsShipper::stop`] ends it (dropping it
+/// tells it to stop without waiting).
+#[derive(Debug)]
+pub struct StatsShipper {
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for StatsShipper {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
+}
+
+impl StatsShipper {
+    /// Report every `every` until stopped.
+    pub fn start(
+        client: ApiClient,
+        statuses: ReportedStatuses,
+        containers: StatsMap,
+        every: Duration,
+    ) -> Self {
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(ship(client, statuses, containers, every, rx));
+        Self {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Stop reporting and wait for the task.
+    pub async fn stop(mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "stats reporter failed");
+        }
+    }
+}
+
+async fn ship(
+    client: ApiClient,
+    statuses: ReportedStatuses,
+    containers: StatsMap,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = every.max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let snapshot = statuses.snapshot();
+        let containers = containers.clone();
+        // /proc reads are blocking file I/O.
+        let report = match tokio::task::spawn_blocking(move || {
+            sample(&snapshot, &containers, crate::now_ms())
+        })
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "sampling instance stats failed");
+                continue;
+            }
+        };
+        // Bounded by the interval: a report later than the next is useless.
+        let sent = tokio::time::timeout(every, client.ship_stats(&report)).await;
+        match sent {
+            Ok(Ok(())) => {
+                if failing {
+                    tracing::info!("instance stats reach the server again");
+                }
+                failing = false;
+            }
+            // Logged once per outage, not every interval.
+            Ok(Err(e)) if !failing => {
+                tracing::warn!(error = %e, "cannot send instance stats; will keep trying");
+                failing = true;
+            }
+            Err(_) if !failing => {
+                tracing::warn!("sending instance stats timed out; will keep trying");
+                failing = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_model::{Health, InstanceState};
+
+    fn status(slot: u32, pid: Option<u32>, state: InstanceState) -> InstanceStatus {
+        InstanceStatus {
+            key: InstanceKey {
+                namespace: "default".into(),
+                stack: "s".into(),
+                service: "web".into(),
+                slot,
+            },
+            uid: format!("u{slot}"),
+            node: "n1".into(),
+            release: 1,
+            state,
+            health: Health::None,
+            pid,
+            address: None,
+            port: None,
+            restarts: 0,
+            last_exit: None,
+            started_at: Some(1),
+            health_output: None,
+            limits_warning: None,
+            message: None,
+            updated_at: 1,
+        }
+    }
+
+    #[test]
+    fn a_report_holds_the_running_process_trees() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let statuses = [
+            status(1, Some(child.id()), InstanceState::Running),
+            // Not running: no figures.
+            status(2, Some(child.id()), InstanceState::Exited),
+            // Running but its process is gone.
+            status(3, Some(u32::MAX - 1), InstanceState::Running),
+        ];
+        let report = sample(&statuses, &StatsMap::default(), 42);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(report.at, 42);
+        assert_eq!(report.instances.len(), 1, "{report:?}");
+        assert_eq!(report.instances[0].uid, "u1");
+        match report.instances[0].usage {
+            berth_model::api::Usage::Process { rss_bytes, .. } => assert!(rss_bytes > 0),
+            u => panic!("{u:?}"),
+        }
+    }
+}

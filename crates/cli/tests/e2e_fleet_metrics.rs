@@ -1,0 +1,143 @@
+//! Metrics across nodes: a `berth server --no-agent` and one real
+//! `berth agent --join`; the instances run on the agent, which sends their
+//! CPU/memory to the server. `/metrics`, the built-in history (`berth top`)
+//! show them with the agent's node label, and they leave when it stops.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// The value of the series whose line starts with `name{labels}`.
+fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+#[test]
+fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
+    let mut berth = Berth::new();
+    berth
+        .env
+        .insert("BERTH_HISTORY_INTERVAL".into(), "500ms".into());
+    let api = berth.start_server_without_agent(free_port());
+    let port: u16 = api.rsplit(':').next().unwrap().parse().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let token = berth.ok(dir, &["token"]).trim().to_owned();
+
+    let agent_dir = tempfile::tempdir().unwrap();
+    let state = agent_dir.path().join("state");
+    let agent_log_path = agent_dir.path().join("agent.log");
+    let agent = berth
+        .command(
+            agent_dir.path(),
+            &[
+                "agent",
+                "--join",
+                &format!("http://{api}"),
+                "--token",
+                &token,
+                "--node-id",
+                "n1",
+                "--data",
+                state.to_str().unwrap(),
+                "--stats-every",
+                "300ms",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&agent_log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let agent_pid = agent.id() as i32;
+    // Killed (after the instances it still runs) when the test ends early.
+    berth.servers.push(agent);
+    let agent_log = || std::fs::read_to_string(&agent_log_path).unwrap_or_default();
+
+    std::fs::write(
+        dir.join("compose.yaml"),
+        concat!(
+            "services:\n",
+            "  spin:\n",
+            "    command: [\"sh\", \"-c\", \"while :; do :; done\"]\n",
+            "    deploy: { replicas: 2 }\n",
+        ),
+    )
+    .unwrap();
+    let stack = format!("fmet{}", std::process::id());
+    berth.ok(dir, &["up", "-d", "-p", &stack]);
+    wait_until("spin runs on n1", Duration::from_secs(60), || {
+        let ps = berth.ps(dir, &stack);
+        all_ready(&ps, "spin", 2)?;
+        if instances(&ps, "spin").iter().all(|i| i["node"] == "n1") {
+            Ok(())
+        } else {
+            Err(format!("{ps:?}\nagent: {}", agent_log()))
+        }
+    });
+
+    // Both instances' series, labelled with the agent's node.
+    for i in ["spin.1", "spin.2"] {
+        let labels = format!(
+            "{{namespace=\"default\",stack=\"{stack}\",service=\"spin\",instance=\"{i}\",node=\"n1\"}}"
+        );
+        wait_until(
+            &format!("{i}'s CPU and memory on /metrics"),
+            Duration::from_secs(20),
+            || {
+                let m = http_get(port, "/metrics")?;
+                let mem = series(&m, &format!("berth_instance_memory_bytes{labels}"));
+                let cpu = series(&m, &format!("berth_instance_cpu_seconds_total{labels}"));
+                let running = series(
+                    &m,
+                    &format!(
+                        "berth_instance_state{{namespace=\"default\",stack=\"{stack}\",service=\"spin\",instance=\"{i}\",node=\"n1\",state=\"running\"}}"
+                    ),
+                );
+                match (mem, cpu, running) {
+                    (Some(mem), Some(cpu), Some(r)) if mem > 0.0 && cpu > 0.0 && r == 1.0 => Ok(()),
+                    got => Err(format!("{got:?}\n{m}")),
+                }
+            },
+        );
+    }
+
+    // The built-in history has them too: `berth top` shows the node, the
+    // memory, and a busy loop's CPU rate (from two reports of the agent).
+    wait_until(
+        "berth top shows n1's figures",
+        Duration::from_secs(20),
+        || {
+            let out = berth.ok(dir, &["top", "--once", "--json", "-p", &stack]);
+            let rows: Vec<Value> = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+            let ok = rows.len() == 2
+                && rows.iter().all(|r| {
+                    r["node"] == "n1"
+                        && r["memory_bytes"].as_u64().is_some_and(|m| m > 0)
+                        && r["cpu_percent"].as_f64().is_some_and(|c| c > 10.0)
+                });
+            if ok { Ok(()) } else { Err(out) }
+        },
+    );
+    let table = berth.ok(dir, &["top", "--once", "-p", &stack]);
+    assert!(table.contains("NODE") && table.contains("n1"), "{table}");
+
+    // The agent stops, and its instances with it: they leave /metrics
+    // (their statuses go; the report itself goes with the node's lease).
+    signal(agent_pid, "TERM");
+    wait_until("n1's series are gone", Duration::from_secs(30), || {
+        let m = http_get(port, "/metrics")?;
+        if m.contains("node=\"n1\"") {
+            Err(m)
+        } else {
+            Ok(())
+        }
+    });
+}
