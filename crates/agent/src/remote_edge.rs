@@ -32,10 +32,18 @@ const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// A joined node's running edge and the task following the servers' tables.
+/// Dropped without [`RemoteEdge::stop`] (the agent ending on an error), it
+/// still tells the router's threads and the other parts to stop.
 pub struct RemoteEdge {
     stop: watch::Sender<bool>,
-    edge: RunningEdge,
-    follower: tokio::task::JoinHandle<()>,
+    /// `None` once stopped.
+    parts: Option<(RunningEdge, tokio::task::JoinHandle<()>)>,
+}
+
+impl Drop for RemoteEdge {
+    fn drop(&mut self) {
+        self.stop.send_replace(true);
+    }
 }
 
 impl RemoteEdge {
@@ -51,19 +59,20 @@ impl RemoteEdge {
         let follower = tokio::spawn(follow(client, tx, stop_rx));
         Some(Self {
             stop,
-            edge,
-            follower,
+            parts: Some((edge, follower)),
         })
     }
 
     /// Stop the router, DNS and proxy (connections in flight get the
     /// router's shutdown grace) and the follower.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.send_replace(true);
-        if let Err(e) = self.edge.wait().await {
-            tracing::error!(error = %e, "the node's edge failed while stopping");
+        if let Some((edge, follower)) = self.parts.take() {
+            if let Err(e) = edge.wait().await {
+                tracing::error!(error = %e, "the node's edge failed while stopping");
+            }
+            let _ = follower.await;
         }
-        let _ = self.follower.await;
     }
 }
 
