@@ -20,8 +20,8 @@
 //!   whose assignment has the same slot and uid attaches to its container
 //!   (logs from now on, wait, stats) instead of starting one, and
 //!   [`DockerDriver::sweep`] removes those no assignment wants.
-//! - **Stats**: the engine's stats stream of every container, the latest
-//!   sample per instance in a [`StatsMap`].
+//! - **Stats**: a one-shot engine stats request per container every
+//!   [`STATS_EVERY`], the latest sample per instance in a [`StatsMap`].
 //!
 //! Ports: a container listens on its target port on its own IP; berth's
 //! proxy publishes it, so nothing is host-published and the instance's
