@@ -354,16 +354,9 @@ pub struct HealthReport {
     pub took: Duration,
 }
 
-/// Health-check figures of one instance, for the metrics API.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct HealthStats {
-    /// Probes run by this incarnation.
-    pub checks: u64,
-    /// Probes that failed.
-    pub failures: u64,
-    /// Duration of the last probe, in seconds.
-    pub last_seconds: f64,
-}
+/// Health-check figures of one instance, for the metrics API (shipped by
+/// joined agents, hence defined with the API types).
+pub use berth_model::api::HealthStats;
 
 /// Every supervised instance's [`HealthStats`], shared with the server's
 /// metrics. Kept in memory beside the statuses rather than in them: a

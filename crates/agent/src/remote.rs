@@ -838,6 +838,7 @@ pub async fn run_remote(
     // The statuses reported through it tell the stats reporter what runs.
     let reported = crate::remote_stats::ReportedStatuses::default();
     let container_stats = crate::driver::docker::StatsMap::default();
+    let health_stats = crate::health::HealthStatsMap::default();
     let control = Arc::new(crate::remote_stats::Tapped::new(
         Arc::new(ApiControlPlane::new(client.clone())),
         reported.clone(),
@@ -845,13 +846,14 @@ pub async fn run_remote(
     let stats = crate::remote_stats::StatsShipper::start(
         client.clone(),
         reported,
-        container_stats.clone(),
+        (container_stats.clone(), health_stats.clone()),
         cfg.stats_every,
     );
     let start_agent = || {
         let (stop, rx) = watch::channel(false);
         let options = crate::AgentOptions {
             container_stats: container_stats.clone(),
+            health_stats: health_stats.clone(),
             ..Default::default()
         };
         let task = tokio::spawn(crate::run_with(

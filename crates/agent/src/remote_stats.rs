@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::control::{AssignmentStream, ControlError, ControlPlane};
 use crate::driver::docker::StatsMap;
+use crate::health::HealthStatsMap;
 use crate::remote::ApiClient;
 
 /// Default time between two reports.
@@ -92,9 +93,15 @@ impl ControlPlane for Tapped {
     }
 }
 
-/// Sample the running instances among `statuses`.
-pub fn sample(statuses: &[InstanceStatus], containers: &StatsMap, at: u64) -> NodeStats {
+/// Sample the running instances among `statuses`, with their health-check
+/// figures.
+pub fn sample(
+    statuses: &[InstanceStatus],
+    (containers, health): (&StatsMap, &HealthStatsMap),
+    at: u64,
+) -> NodeStats {
     let usage = crate::metrics_proc::instance_usage(statuses, containers);
+    let health = health.snapshot();
     let mut instances: Vec<InstanceUsage> = statuses
         .iter()
         .filter_map(|s| {
@@ -102,6 +109,7 @@ pub fn sample(statuses: &[InstanceStatus], containers: &StatsMap, at: u64) -> No
                 key: s.key.clone(),
                 uid: s.uid.clone(),
                 usage: *usage.get(&s.key)?,
+                health: health.get(&s.key).copied(),
             })
         })
         .collect();
@@ -128,11 +136,11 @@ impl StatsShipper {
     pub fn start(
         client: ApiClient,
         statuses: ReportedStatuses,
-        containers: StatsMap,
+        stats: (StatsMap, HealthStatsMap),
         every: Duration,
     ) -> Self {
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(ship(client, statuses, containers, every, rx));
+        let task = tokio::spawn(ship(client, statuses, stats, every, rx));
         Self {
             stop,
             task: Some(task),
@@ -153,7 +161,7 @@ impl StatsShipper {
 async fn ship(
     client: ApiClient,
     statuses: ReportedStatuses,
-    containers: StatsMap,
+    stats: (StatsMap, HealthStatsMap),
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -167,10 +175,10 @@ async fn ship(
             _ = stop.wait_for(|s| *s) => return,
         }
         let snapshot = statuses.snapshot();
-        let containers = containers.clone();
+        let (containers, health) = stats.clone();
         // /proc reads are blocking file I/O.
         let report = match tokio::task::spawn_blocking(move || {
-            sample(&snapshot, &containers, crate::now_ms())
+            sample(&snapshot, (&containers, &health), crate::now_ms())
         })
         .await
         {
@@ -247,12 +255,16 @@ mod tests {
             // Running but its process is gone.
             status(3, Some(u32::MAX - 1), InstanceState::Running),
         ];
-        let report = sample(&statuses, &StatsMap::default(), 42);
+        let health = HealthStatsMap::default();
+        health.record(&statuses[0].key, false, Duration::from_millis(3));
+        let report = sample(&statuses, (&StatsMap::default(), &health), 42);
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(report.at, 42);
         assert_eq!(report.instances.len(), 1, "{report:?}");
         assert_eq!(report.instances[0].uid, "u1");
+        let h = report.instances[0].health.unwrap();
+        assert_eq!((h.checks, h.failures), (1, 1));
         match report.instances[0].usage {
             berth_model::api::Usage::Process { rss_bytes, .. } => assert!(rss_bytes > 0),
             u => panic!("{u:?}"),

@@ -1,6 +1,6 @@
 //! Metrics across nodes: a `berth server --no-agent` and one real
 //! `berth agent --join`; the instances run on the agent, which sends their
-//! CPU/memory to the server. `/metrics`, the built-in history (`berth top`)
+//! CPU/memory and health-check figures to the server. `/metrics`, the built-in history (`berth top`)
 //! show them with the agent's node label, and they leave when it stops.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -68,6 +68,7 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
             "  spin:\n",
             "    command: [\"sh\", \"-c\", \"while :; do :; done\"]\n",
             "    deploy: { replicas: 2 }\n",
+            "    healthcheck: { test: [\"CMD\", \"true\"], interval: 300ms }\n",
         ),
     )
     .unwrap();
@@ -101,8 +102,14 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
                         "berth_instance_state{{namespace=\"default\",stack=\"{stack}\",service=\"spin\",instance=\"{i}\",node=\"n1\",state=\"running\"}}"
                     ),
                 );
-                match (mem, cpu, running) {
-                    (Some(mem), Some(cpu), Some(r)) if mem > 0.0 && cpu > 0.0 && r == 1.0 => Ok(()),
+                // The agent's health checks, counted where they run.
+                let checks = series(&m, &format!("berth_instance_health_checks_total{labels}"));
+                match (mem, cpu, running, checks) {
+                    (Some(mem), Some(cpu), Some(r), Some(c))
+                        if mem > 0.0 && cpu > 0.0 && r == 1.0 && c > 0.0 =>
+                    {
+                        Ok(())
+                    }
                     got => Err(format!("{got:?}\n{m}")),
                 }
             },

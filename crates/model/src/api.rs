@@ -545,6 +545,20 @@ pub struct InstanceUsage {
     pub uid: String,
     /// What it used.
     pub usage: Usage,
+    /// Its health-check figures, when it has a check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthStats>,
+}
+
+/// Health-check figures of one instance's current incarnation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthStats {
+    /// Probes run by this incarnation.
+    pub checks: u64,
+    /// Probes that failed.
+    pub failures: u64,
+    /// Duration of the last probe, in seconds.
+    pub last_seconds: f64,
 }
 
 /// `POST /v1/agent/nodes/{node}/stats`: the resource use of a joined

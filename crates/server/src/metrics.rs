@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use berth_agent::driver::docker::StatsMap;
 use berth_agent::health::HealthStatsMap;
-use berth_model::api::NodeStats;
+use berth_model::api::{InstanceUsage, NodeStats};
 use berth_model::{EventKind, InstanceKey, InstanceState, InstanceStatus, keys};
 use berth_store::{
     LeaseId, Revision, Store, StoreError, Txn, TxnResult, WatchEvent, WatchStream, decode,
@@ -554,8 +554,8 @@ fn local_usage(live: &Live, sources: &Sources) -> HashMap<InstanceKey, Usage> {
     metrics_proc::instance_usage(mine, &sources.containers)
 }
 
-/// The usage a joined node reported for this run of `s`, if any.
-fn reported_usage(report: &NodeStats, s: &InstanceStatus) -> Option<Usage> {
+/// What a joined node reported for this run of `s`, if anything.
+fn reported<'a>(report: &'a NodeStats, s: &InstanceStatus) -> Option<&'a InstanceUsage> {
     if !matches!(s.state, InstanceState::Running | InstanceState::Stopping) {
         return None;
     }
@@ -563,7 +563,11 @@ fn reported_usage(report: &NodeStats, s: &InstanceStatus) -> Option<Usage> {
         .instances
         .iter()
         .find(|i| i.key == s.key && i.uid == s.uid)
-        .map(|i| i.usage)
+}
+
+/// The usage a joined node reported for this run of `s`, if any.
+fn reported_usage(report: &NodeStats, s: &InstanceStatus) -> Option<Usage> {
+    reported(report, s).map(|i| i.usage)
 }
 
 impl Sources {
@@ -719,11 +723,15 @@ impl Collector for ScrapeCollector {
         } else {
             Arc::default()
         };
+        let mut health = src.health.snapshot();
         for s in live.statuses.values() {
             if s.node != src.node
-                && let Some(u) = remote.get(&s.node).and_then(|r| reported_usage(r, s))
+                && let Some(i) = remote.get(&s.node).and_then(|r| reported(r, s))
             {
-                usage.insert(s.key.clone(), u);
+                usage.insert(s.key.clone(), i.usage);
+                if let Some(h) = i.health {
+                    health.insert(s.key.clone(), h);
+                }
             }
         }
         let rows = || {
@@ -774,7 +782,6 @@ impl Collector for ScrapeCollector {
                 )
             }),
         )?;
-        let health = src.health.snapshot();
         let probed = || rows().filter_map(|s| Some((s, *health.get(&s.key)?)));
         family(
             &mut enc,
