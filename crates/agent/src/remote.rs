@@ -14,6 +14,14 @@
 //!   longer valid (`berth node rm`), every instance is stopped and the agent
 //!   exits: a removed node must not keep serving work that was moved away.
 //!
+//! `--join` takes several servers (comma-separated); every clone of the
+//! client shares one [`Servers`] ring, so when the current server refuses
+//! a connection the heartbeat, the assignment watch (resumed from its last
+//! revision: the store is shared), status reports and log shipping all move
+//! to the next server, and the instances keep running (the node's lease
+//! lives in the store, not in a server). The ring also learns every live
+//! server from `GET /v1/agent/nodes/{node}/servers`.
+//!
 //! Plain `http://` only: put a TLS-terminating proxy in front of the API
 //! when agents cross an untrusted network.
 
@@ -110,10 +118,99 @@ pub enum RemoteError {
     AgentTask(String),
 }
 
-/// An HTTP client of one server, authenticated as one node.
+/// The servers an agent can reach (`host:port`) and the one it uses now.
+///
+/// Shared by every clone of an [`ApiClient`] (heartbeats, the assignment
+/// watch, status reports, log shipping), so they all move on together:
+/// when a connection to the current server fails, the next one in the list
+/// becomes current. The list starts with the `--join` URLs and learns the
+/// live servers from `GET /v1/agent/nodes/{node}/servers`.
+#[derive(Debug)]
+pub struct Servers {
+    inner: std::sync::Mutex<ServerRing>,
+}
+
+#[derive(Debug)]
+struct ServerRing {
+    /// The `--join` URLs: kept whatever the servers say, so an agent whose
+    /// learned servers all died can still come back through them.
+    seeds: Vec<String>,
+    list: Vec<String>,
+    current: usize,
+}
+
+impl Servers {
+    /// Start with these (non-empty; the first is used first).
+    pub fn new(seeds: Vec<String>) -> Self {
+        Self {
+            inner: std::sync::Mutex::new(ServerRing {
+                list: seeds.clone(),
+                seeds,
+                current: 0,
+            }),
+        }
+    }
+
+    fn ring(&self) -> std::sync::MutexGuard<'_, ServerRing> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The server to use now.
+    pub fn current(&self) -> String {
+        let r = self.ring();
+        r.list.get(r.current).cloned().unwrap_or_default()
+    }
+
+    /// How many servers are known.
+    pub fn len(&self) -> usize {
+        self.ring().list.len()
+    }
+
+    /// Whether none is (never: `new` is given at least one).
+    pub fn is_empty(&self) -> bool {
+        self.ring().list.is_empty()
+    }
+
+    /// A connection to `authority` failed: move to the next server, unless
+    /// another call already did. True when the current server changed.
+    pub fn failed(&self, authority: &str) -> bool {
+        let mut r = self.ring();
+        if r.list.len() < 2 || r.list.get(r.current).map(String::as_str) != Some(authority) {
+            return false;
+        }
+        r.current = (r.current + 1) % r.list.len();
+        tracing::warn!(from = authority, to = %r.list[r.current], "server unreachable; switching to the next one");
+        true
+    }
+
+    /// The live servers as a server lists them: they and the seeds become
+    /// the list, and the current server stays current if it is still in it.
+    pub fn learn(&self, live: Vec<String>) {
+        let mut r = self.ring();
+        let current = r.list.get(r.current).cloned();
+        let mut list = live;
+        for s in &r.seeds {
+            if !list.contains(s) {
+                list.push(s.clone());
+            }
+        }
+        if list.is_empty() || list == r.list {
+            return;
+        }
+        r.current = current
+            .and_then(|c| list.iter().position(|s| *s == c))
+            .unwrap_or(0);
+        tracing::info!(servers = ?list, "known servers");
+        r.list = list;
+    }
+}
+
+/// An HTTP client of the servers, authenticated as one node.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
-    authority: String,
+    servers: Arc<Servers>,
     node: String,
     secret: Option<String>,
 }
@@ -133,6 +230,24 @@ pub(crate) fn error_text(body: &[u8]) -> String {
         },
         Err(_) => String::from_utf8_lossy(body).trim().to_owned(),
     }
+}
+
+/// `http://h1:p1,http://h2:p2` (several servers for failover) → their
+/// `host:port`s.
+pub fn parse_join_urls(urls: &str) -> Result<Vec<String>, RemoteError> {
+    let list: Vec<String> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(parse_join_url)
+        .collect::<Result<_, _>>()?;
+    if list.is_empty() {
+        return Err(RemoteError::BadUrl {
+            url: urls.to_owned(),
+            reason: "no server given".to_owned(),
+        });
+    }
+    Ok(list)
 }
 
 /// `http://host:port[/]` → `host:port`.
@@ -178,11 +293,21 @@ fn seg(s: &str) -> String {
 impl ApiClient {
     /// A client of the server at `authority` (`host:port`) acting as `node`.
     pub fn new(authority: String, node: String, secret: Option<String>) -> Self {
+        Self::with_servers(Arc::new(Servers::new(vec![authority])), node, secret)
+    }
+
+    /// A client of whichever of `servers` answers, acting as `node`.
+    pub fn with_servers(servers: Arc<Servers>, node: String, secret: Option<String>) -> Self {
         Self {
-            authority,
+            servers,
             node,
             secret,
         }
+    }
+
+    /// The servers this client uses.
+    pub fn servers(&self) -> &Arc<Servers> {
+        &self.servers
     }
 
     pub(crate) fn node_path(&self, rest: &str) -> String {
@@ -195,10 +320,11 @@ impl ApiClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response<Incoming>, String> {
+        let authority = self.servers.current();
         let mut builder = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, self.authority.as_str());
+            .header(header::HOST, authority.as_str());
         if let Some(s) = &self.secret {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {s}"));
         }
@@ -209,13 +335,21 @@ impl ApiClient {
             None => builder.body(Full::new(Bytes::new())),
         }
         .map_err(|e| e.to_string())?;
-        let stream = tokio::time::timeout(
+        let connected = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio::net::TcpStream::connect(self.authority.as_str()),
+            tokio::net::TcpStream::connect(authority.as_str()),
         )
         .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| "connect timed out".to_owned())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+        let stream = match connected {
+            Ok(s) => s,
+            Err(e) => {
+                // The next call (a retry, or any other) goes to the next server.
+                self.servers.failed(&authority);
+                return Err(format!("{authority}: {e}"));
+            }
+        };
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -260,7 +394,7 @@ impl ApiClient {
             self.call(method, path, body)
                 .await
                 .map_err(|message| RemoteError::Unreachable {
-                    authority: self.authority.clone(),
+                    authority: self.servers.current(),
                     message,
                 })?;
         if !a.status.is_success() {
@@ -293,7 +427,7 @@ impl ApiClient {
             status: 0,
             message: e.to_string(),
         })?;
-        let anonymous = Self::new(self.authority.clone(), self.node.clone(), None);
+        let anonymous = Self::with_servers(self.servers.clone(), self.node.clone(), None);
         anonymous
             .call_json("the join token", Method::POST, "/v1/agent/join", Some(body))
             .await
@@ -345,7 +479,7 @@ impl ApiClient {
             .call(Method::POST, &self.node_path("/stats"), Some(body))
             .await
             .map_err(|message| RemoteError::Unreachable {
-                authority: self.authority.clone(),
+                authority: self.servers.current(),
                 message,
             })?;
         if a.status.is_success() {
@@ -358,6 +492,37 @@ impl ApiClient {
         })
     }
 
+    /// The live servers' `host:port`s, as this server knows them.
+    pub async fn list_servers(&self) -> Result<Vec<String>, RemoteError> {
+        let l: berth_model::api::ServerList = self
+            .call_json(
+                "the server list",
+                Method::GET,
+                &self.node_path("/servers"),
+                None,
+            )
+            .await?;
+        Ok(l.servers)
+    }
+
+    /// [`ApiClient::heartbeat`] on each known server in turn until one
+    /// answers: a dead server costs one refused connection, not a
+    /// heartbeat interval.
+    pub async fn heartbeat_any(&self) -> Result<bool, RemoteError> {
+        let mut tries = self.servers.len().max(1);
+        loop {
+            let before = self.servers.current();
+            match self.heartbeat().await {
+                Err(RemoteError::Unreachable { .. })
+                    if tries > 1 && self.servers.current() != before =>
+                {
+                    tries -= 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Keep the registration alive. `Ok(false)`: the server no longer has
     /// it (expired): register again.
     pub async fn heartbeat(&self) -> Result<bool, RemoteError> {
@@ -365,7 +530,7 @@ impl ApiClient {
             .call(Method::POST, &self.node_path("/heartbeat"), None)
             .await
             .map_err(|message| RemoteError::Unreachable {
-                authority: self.authority.clone(),
+                authority: self.servers.current(),
                 message,
             })?;
         match a.status {
@@ -431,6 +596,8 @@ struct WatchState {
     body: Option<Incoming>,
     buf: Vec<u8>,
     broken_since: Option<tokio::time::Instant>,
+    /// Failed connects in a row since the last pause.
+    failures: usize,
     ended: bool,
 }
 
@@ -497,7 +664,10 @@ impl WatchState {
         loop {
             if self.body.is_none() {
                 match self.connect().await {
-                    Ok(()) => self.broken_since = None,
+                    Ok(()) => {
+                        self.broken_since = None;
+                        self.failures = 0;
+                    }
                     Err(e) => {
                         let since = *self
                             .broken_since
@@ -508,7 +678,16 @@ impl WatchState {
                                 "assignment watch: {e}"
                             ))));
                         }
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        // Each other known server is tried at once (the
+                        // failed connect moved to the next); then back off.
+                        self.failures += 1;
+                        let pause = if self.failures < self.client.servers.len() {
+                            10
+                        } else {
+                            self.failures = 0;
+                            500
+                        };
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
                         continue;
                     }
                 }
@@ -580,6 +759,7 @@ impl ControlPlane for ApiControlPlane {
             body: None,
             buf: Vec::new(),
             broken_since: None,
+            failures: 0,
             ended: false,
         };
         // The first connection is made here so a refused watch is an error
@@ -678,7 +858,8 @@ fn save_credential(dir: &Path, c: &Credential) -> Result<(), RemoteError> {
 /// How `berth agent --join` runs.
 #[derive(Debug, Clone)]
 pub struct RemoteConfig {
-    /// `http://host:port` of a server.
+    /// `http://host:port` of one server or several, comma-separated (the
+    /// agent fails over between them, and learns the others).
     pub join: String,
     /// The join token (needed the first time, or after `berth node rm`).
     pub token: Option<String>,
@@ -732,7 +913,7 @@ fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, RemoteError>
 
 /// The credential for this node: the stored one, or a new one from the
 /// join token.
-async fn credential(cfg: &RemoteConfig, authority: &str) -> Result<Credential, RemoteError> {
+async fn credential(cfg: &RemoteConfig, servers: &Arc<Servers>) -> Result<Credential, RemoteError> {
     if let Some(c) = load_credential(&cfg.data_dir, &cfg.node_id)? {
         return Ok(c);
     }
@@ -742,11 +923,18 @@ async fn credential(cfg: &RemoteConfig, authority: &str) -> Result<Credential, R
             dir: cfg.data_dir.clone(),
         });
     };
-    let joined = ApiClient::new(authority.to_owned(), cfg.node_id.clone(), None)
-        .join(token)
-        .await?;
+    let client = ApiClient::with_servers(servers.clone(), cfg.node_id.clone(), None);
+    // Each given server in turn until one answers.
+    let mut tries = servers.len();
+    let joined = loop {
+        match client.join(token).await {
+            Err(RemoteError::Unreachable { .. }) if tries > 1 => tries -= 1,
+            r => break r?,
+        }
+    };
+    let authority = servers.current();
     let c = Credential {
-        server: authority.to_owned(),
+        server: authority.clone(),
         node: joined.node,
         secret: joined.secret,
     };
@@ -760,7 +948,8 @@ pub async fn run_remote(
     cfg: RemoteConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RemoteError> {
-    let authority = parse_join_url(&cfg.join)?;
+    let servers = Arc::new(Servers::new(parse_join_urls(&cfg.join)?));
+    let authority = servers.current();
     std::fs::create_dir_all(&cfg.data_dir).map_err(|source| {
         RemoteError::Agent(AgentError::DataDir {
             path: cfg.data_dir.clone(),
@@ -777,7 +966,7 @@ pub async fn run_remote(
 
     // Join (or reuse the stored credential), then register; a stored
     // credential the server refuses is replaced once if a token was given.
-    let mut cred = credential(&cfg, &authority).await?;
+    let mut cred = credential(&cfg, &servers).await?;
     let node_record = |facts| Node {
         id: cfg.node_id.clone(),
         address: address.clone(),
@@ -786,8 +975,8 @@ pub async fn run_remote(
         draining: false,
         updated_at: crate::now_ms(),
     };
-    let mut client = ApiClient::new(
-        authority.clone(),
+    let mut client = ApiClient::with_servers(
+        servers.clone(),
         cred.node.clone(),
         Some(cred.secret.clone()),
     );
@@ -800,10 +989,10 @@ pub async fn run_remote(
             Ok(r) => break r,
             Err(RemoteError::Revoked { .. }) if cfg.token.is_some() && !rejoined => {
                 let _ = std::fs::remove_file(cfg.data_dir.join(CREDENTIAL_FILE));
-                cred = credential(&cfg, &authority).await?;
+                cred = credential(&cfg, &servers).await?;
                 rejoined = true;
-                client = ApiClient::new(
-                    authority.clone(),
+                client = ApiClient::with_servers(
+                    servers.clone(),
                     cred.node.clone(),
                     Some(cred.secret.clone()),
                 );
@@ -818,7 +1007,8 @@ pub async fn run_remote(
             Err(e) => return Err(e),
         }
     };
-    tracing::info!(node = %cfg.node_id, %address, server = %authority, "node registered");
+    tracing::info!(node = %cfg.node_id, %address, server = %servers.current(), "node registered");
+    learn_servers(&client).await;
     // Serves whatever happens to the instances (fencing included).
     let edge = crate::remote_edge::RemoteEdge::start(&cfg.edge, client.clone()).await;
 
@@ -903,7 +1093,7 @@ pub async fn run_remote(
             }
             _ = beat.tick() => {
                 let sent = tokio::time::Instant::now();
-                let renewed = match tokio::time::timeout(fence.call_timeout, client.heartbeat()).await {
+                let renewed = match tokio::time::timeout(fence.call_timeout, client.heartbeat_any()).await {
                     Err(_) => {
                         tracing::warn!("heartbeat timed out; retrying");
                         false
@@ -955,7 +1145,7 @@ pub async fn run_remote(
                 let dir = cfg.data_dir.clone();
                 let f = tokio::task::spawn_blocking(move || crate::facts::collect(&dir)).await.unwrap_or_default();
                 match tokio::time::timeout(fence.call_timeout, client.register(&node_record(f))).await {
-                    Ok(Ok(_)) => {}
+                    Ok(Ok(_)) => learn_servers(&client).await,
                     Ok(Err(e @ RemoteError::Revoked { .. })) => {
                         outcome = Err(e);
                         break;
@@ -982,6 +1172,18 @@ pub async fn run_remote(
     // have them anyway if the server does not answer in time.
     shipper.finish(Duration::from_secs(3)).await;
     outcome
+}
+
+/// Ask the current server which servers are alive, so a later failover can
+/// reach servers that were not given to `--join`. Best effort: an older
+/// server (404) or a failure leaves the list as it is.
+async fn learn_servers(client: &ApiClient) {
+    match tokio::time::timeout(Duration::from_secs(5), client.list_servers()).await {
+        Ok(Ok(live)) if !live.is_empty() => client.servers().learn(live),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "cannot list the servers"),
+        Err(_) => tracing::debug!("listing the servers timed out"),
+    }
 }
 
 /// The agent proper ([`crate::run`]) while this node is not fenced.
@@ -1053,6 +1255,34 @@ mod tests {
         assert!(f.after + f.call_timeout <= Duration::from_secs(10));
         let tiny = Fence::new(Duration::from_millis(600), Duration::from_millis(500));
         assert_eq!(tiny.after, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn several_join_urls_and_failing_over_between_them() {
+        assert_eq!(
+            parse_join_urls("http://a:1, http://b:2/").unwrap(),
+            ["a:1", "b:2"]
+        );
+        assert!(parse_join_urls(" , ").is_err());
+        assert!(parse_join_urls("http://a:1,b:2").is_err());
+
+        let s = Servers::new(vec!["a:1".into(), "b:2".into()]);
+        assert_eq!(s.current(), "a:1");
+        assert!(s.failed("a:1"));
+        assert_eq!(s.current(), "b:2");
+        // A late failure report about the old server changes nothing.
+        assert!(!s.failed("a:1"));
+        assert_eq!(s.current(), "b:2");
+        // Learned servers join the seeds; the current one stays current.
+        s.learn(vec!["b:2".into(), "c:3".into()]);
+        assert_eq!(s.current(), "b:2");
+        assert_eq!(s.len(), 3);
+        assert!(s.failed("b:2"));
+        assert_eq!(s.current(), "c:3");
+        assert!(s.failed("c:3"));
+        assert_eq!(s.current(), "a:1", "the seeds stay in the ring");
+        let one = Servers::new(vec!["a:1".into()]);
+        assert!(!one.failed("a:1"));
     }
 
     #[test]

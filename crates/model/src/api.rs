@@ -458,6 +458,15 @@ pub struct RegisterResponse {
     pub draining: bool,
 }
 
+/// `GET /v1/agent/nodes/{node}/servers`: where the node's agent can reach
+/// a server (`host:port` of every live server's API), to fail over to when
+/// its server stops answering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerList {
+    /// `host:port`, sorted.
+    pub servers: Vec<String>,
+}
+
 /// `GET /v1/agent/nodes/{node}/assignments`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssignmentList {

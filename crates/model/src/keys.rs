@@ -56,6 +56,14 @@ pub fn node_down(id: &str) -> String {
     format!("{NODE_DOWN}{id}")
 }
 
+/// Prefix of the live servers' records (on their own leases).
+pub const SERVERS: &str = "/berth/servers/";
+
+/// `/berth/servers/<node id>`
+pub fn server(id: &str) -> String {
+    format!("{SERVERS}{id}")
+}
+
 /// `/berth/node-creds/<id>`
 pub fn node_cred(id: &str) -> String {
     format!("{NODE_CREDS}{id}")

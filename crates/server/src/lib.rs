@@ -53,6 +53,7 @@ pub mod kv;
 pub mod leader;
 pub mod metrics;
 pub mod mirror;
+pub mod servers;
 pub mod traffic;
 pub mod ui;
 pub mod vip;
@@ -369,6 +370,11 @@ pub async fn run(
             pid: std::process::id(),
             since: 0,
         };
+        tasks.spawn(servers::advertise(
+            store.clone(),
+            me.clone(),
+            stop_rx.clone(),
+        ));
         spawn_campaign(&cfg.store, &store, me, leader_tx, &stop_rx, &mut tasks)?;
         let store = store.clone();
         let logs = logs.clone();

@@ -1,4 +1,4 @@
-//! `berth agent --join URL`: this machine becomes a node of a fleet.
+//! `berth agent --join URL[,URL…]`: this machine becomes a node of a fleet.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -13,7 +13,10 @@ use crate::settings::Settings;
 /// `berth agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// API of a berth server (`http://HOST:PORT`, as given to `berth server --listen`).
+    /// API of a berth server (`http://HOST:PORT`, as given to `berth server
+    /// --listen`), or several comma-separated: the agent switches to another
+    /// when its server stops answering (its instances keep running), and
+    /// learns the other live servers from the one it reaches.
     #[arg(long, value_name = "URL", env = "BERTH_JOIN")]
     pub join: String,
     /// The join token (`berth token` on a server). Needed the first time

@@ -83,6 +83,20 @@ pub(crate) async fn register(
     ))
 }
 
+/// `GET /v1/agent/nodes/{node}/servers`: every live server's API address,
+/// for the agent to fail over to.
+pub(crate) async fn servers(
+    State(ctx): State<ApiContext>,
+    Path(node): Path<String>,
+    headers: HeaderMap,
+) -> Result<axum::Json<berth_model::api::ServerList>, ApiError> {
+    auth(&ctx, &node, &headers).await?;
+    let live = crate::servers::list(ctx.store.as_ref()).await?;
+    Ok(axum::Json(berth_model::api::ServerList {
+        servers: crate::servers::authorities(&live),
+    }))
+}
+
 /// `POST /v1/agent/nodes/{node}/heartbeat`: 409 when the registration expired.
 pub(crate) async fn heartbeat(
     State(ctx): State<ApiContext>,

@@ -146,6 +146,7 @@ fn build() -> Routes {
     };
     r.add(Method::GET, "/v1/health", health)
         .add(Method::GET, "/v1/leader", crate::leader::status)
+        .add(Method::GET, "/v1/servers", crate::servers::handler)
         .add(Method::GET, "/v1/openapi.json", openapi)
         .add(Method::GET, "/v1/stacks", stacks::list)
         .add(Method::POST, "/v1/stacks", stacks::submit)
@@ -232,6 +233,11 @@ fn build_agent() -> Routes {
             agent::statuses,
         )
         .add(Method::POST, "/v1/agent/nodes/{node}/forget", agent::forget)
+        .add(
+            Method::GET,
+            "/v1/agent/nodes/{node}/servers",
+            agent::servers,
+        )
         .add(Method::POST, "/v1/agent/nodes/{node}/logs", agent::logs)
         .add(
             Method::GET,

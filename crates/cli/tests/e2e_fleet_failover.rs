@@ -1,0 +1,236 @@
+//! An agent outlives its server: two `berth server --store etcd://…` on one
+//! real etcd, one `berth agent --join` given only the first server's URL.
+//! The agent learns the second server from the first, and when the first
+//! is `kill -9`ed it switches to the second without restarting anything:
+//! its instances keep their pids, its node stays up past the lease TTL,
+//! and work placed through the second server reaches it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// One etcd member on loopback, killed on drop.
+struct Etcd {
+    child: Child,
+    client: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let url = |p: u16| format!("http://127.0.0.1:{p}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &url(client)])
+            .args(["--advertise-client-urls", &url(client)])
+            .args(["--listen-peer-urls", &url(peer)])
+            .args(["--initial-advertise-peer-urls", &url(peer)])
+            .args(["--initial-cluster", &format!("default={}", url(peer))])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("etcd is not installed: run scripts/deps");
+        wait_until("etcd healthy", Duration::from_secs(30), || {
+            http_get(client, "/health").map(|_| ())
+        });
+        Self {
+            child,
+            client,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `berth server --store etcd://… --no-agent` with its own data dir;
+/// (harness, API address).
+fn server_on(etcd: &Etcd, node: &str) -> (Berth, String) {
+    let mut b = Berth::new();
+    let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
+    let store = format!("etcd://127.0.0.1:{}/failover", etcd.client);
+    let child = b
+        .command(
+            b.data.path(),
+            &[
+                "server",
+                "--store",
+                &store,
+                "--node-id",
+                node,
+                "--no-agent",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-http",
+                "--no-dns",
+            ],
+        )
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    b.servers.push(child);
+    let mut api = String::new();
+    wait_until(node, Duration::from_secs(30), || {
+        let info: Value = serde_json::from_slice(
+            &std::fs::read(b.data.path().join("server.json")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        api = info["tcp"][0].as_str().ok_or("no tcp")?.to_owned();
+        Ok(())
+    });
+    (b, api)
+}
+
+/// GET with the admin token; (status, body).
+fn admin_get(berth: &Berth, api: &str, path: &str) -> (u16, String) {
+    let token = std::fs::read_to_string(berth.data.path().join("token")).unwrap();
+    let mut s = TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
+fn running_pids(berth: &Berth, dir: &Path) -> Vec<i64> {
+    let mut pids: Vec<i64> = instances(&berth.ps(dir, "fo"), "web")
+        .iter()
+        .filter(|i| i["state"] == "running" && i["current"] == true)
+        .filter_map(|i| i["pid"].as_i64())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+#[test]
+fn an_agent_switches_server_when_its_server_dies_and_keeps_its_processes() {
+    let etcd = Etcd::start();
+    let (s1, api1) = server_on(&etcd, "s1");
+    let (s2, api2) = server_on(&etcd, "s2");
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+
+    // Both servers are listed (admin route), by either server.
+    wait_until("both servers listed", Duration::from_secs(15), || {
+        let (status, body) = admin_get(&s2, &api2, "/v1/servers");
+        let list: Vec<Value> = serde_json::from_str(&body).map_err(|e| format!("{status} {e}"))?;
+        let nodes: Vec<&str> = list.iter().filter_map(|s| s["node"].as_str()).collect();
+        if nodes == ["s1", "s2"] {
+            Ok(())
+        } else {
+            Err(format!("{nodes:?}"))
+        }
+    });
+
+    // The agent is given s1 only.
+    let token = s1.ok(dir, &["token"]).trim().to_owned();
+    let adir = tempfile::tempdir().unwrap();
+    let log_path = adir.path().join("agent.log");
+    let mut agent = s1
+        .command(
+            adir.path(),
+            &[
+                "agent",
+                "--join",
+                &format!("http://{api1}"),
+                "--token",
+                &token,
+                "--node-id",
+                "n1",
+                "--data",
+                adir.path().join("state").to_str().unwrap(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_until("the agent learned s2", Duration::from_secs(30), || {
+        let log = agent_log();
+        if log.contains("known servers") && log.contains(&api2) {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+
+    std::fs::write(
+        dir.join("compose.yaml"),
+        "services:\n  web:\n    command: sleep 1000\n    deploy: { replicas: 2 }\n",
+    )
+    .unwrap();
+    s1.ok(dir, &["up", "-d", "-p", "fo"]);
+    let before = running_pids(&s1, dir);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // kill -9 s1: the agent moves to s2 at its next call.
+    let t = Instant::now();
+    signal(s1.server_pid().unwrap(), "KILL");
+    wait_until("the agent switched to s2", Duration::from_secs(10), || {
+        if agent_log().contains("switching to the next one") {
+            Ok(())
+        } else {
+            Err(agent_log())
+        }
+    });
+    eprintln!("agent switched server {:?} after kill -9", t.elapsed());
+
+    // Past the node lease's TTL (10 s): a node that had not switched would
+    // be down and fenced. Its processes are the same ones.
+    let deadline = t + Duration::from_secs(12);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let nodes: Vec<Value> = serde_json::from_str(&s2.ok(dir, &["nodes", "--json"])).unwrap();
+    let n1 = nodes.iter().find(|n| n["id"] == "n1").unwrap();
+    assert_eq!(n1["state"], "up", "{nodes:?}\nagent: {}", agent_log());
+    assert_eq!(running_pids(&s2, dir), before, "agent: {}", agent_log());
+    for pid in &before {
+        assert!(alive(*pid as i32), "instance {pid} was restarted");
+    }
+
+    // Work placed through s2 (the leader now) reaches the agent.
+    s2.ok(dir, &["scale", "-p", "fo", "web=3"]);
+    wait_until(
+        "3 running via s2",
+        Duration::from_secs(30),
+        || match running_pids(&s2, dir).len() {
+            3 => Ok(()),
+            n => Err(format!("{n} running\nagent: {}", agent_log())),
+        },
+    );
+    signal(agent.id() as i32, "TERM");
+    let _ = agent.wait();
+}
