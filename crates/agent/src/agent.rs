@@ -85,6 +85,10 @@ pub struct AgentOptions {
     /// The Docker engine to use (`unix:///…` or `tcp://…`); `None` means
     /// `DOCKER_HOST`, else `/var/run/docker.sock`.
     pub docker_host: Option<String>,
+    /// Where every status is also published as it is emitted, before the
+    /// store write (for the router, DNS and TCP proxy in the same process;
+    /// see [`crate::local`]).
+    pub local_statuses: Option<crate::local::LocalStatuses>,
 }
 
 /// Wait before retrying the control plane.
@@ -99,10 +103,17 @@ enum Pending {
 struct Reporter {
     pending: Mutex<HashMap<InstanceKey, Pending>>,
     notify: Notify,
+    local: Option<crate::local::LocalStatuses>,
 }
 
 impl Reporter {
     fn put(&self, key: InstanceKey, p: Pending) {
+        if let Some(local) = &self.local {
+            match &p {
+                Pending::Status(s) => local.publish(s),
+                Pending::Forget => local.forget(&key),
+            }
+        }
         if let Ok(mut m) = self.pending.lock() {
             m.insert(key, p);
         }
@@ -142,9 +153,17 @@ impl Reporter {
             .filter_map(|(k, p)| matches!(p, Pending::Forget).then_some(k))
             .collect();
         let mut ok = true;
-        if let Err(e) = control.report_many(&statuses).await {
-            tracing::warn!(error = %e, "cannot report instance statuses; will retry");
-            ok = false;
+        match control.report_many(&statuses).await {
+            Ok(()) => {
+                let at_us = crate::now_us();
+                for s in &statuses {
+                    tracing::debug!(target: "berth_hops", hop = "stored", instance = %s.key, health = %s.health, at_us);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot report instance statuses; will retry");
+                ok = false;
+            }
         }
         for k in &forgets {
             if let Err(e) = control.forget(k).await {
@@ -387,6 +406,7 @@ pub async fn run_with(
     let reporter = Arc::new(Reporter {
         pending: Mutex::new(HashMap::new()),
         notify: Notify::new(),
+        local: options.local_statuses.clone(),
     });
     let (reporter_done, reporter_rx) = watch::channel(false);
     let reporter_task = tokio::spawn(reporter.clone().run(control.clone(), reporter_rx));

@@ -14,6 +14,9 @@
 //!   command/env building and cgroups) and the `docker` driver (containers
 //!   through the Docker Engine API, adopted across agent restarts).
 //! - [`health`]: exec, HTTP and TCP probes and the Compose health state machine.
+//! - [`local`]: [`local::LocalStatuses`], statuses as emitted, for the
+//!   router and DNS in the same process (ahead of the store by the writes
+//!   in flight).
 //! - [`logs`]: [`LogStore`], rotating per-instance log files and a live stream.
 //! - [`ports`]: free-port allocation for instances.
 //! - [`orphans`]: the agent id, and killing what a killed agent left behind.
@@ -53,6 +56,7 @@ pub mod driver;
 pub mod edge;
 pub mod facts;
 pub mod health;
+pub mod local;
 pub mod logs;
 pub mod metrics_proc;
 pub mod orphans;
@@ -71,6 +75,15 @@ pub use logs::{LogConfig, LogError, LogQuery, LogStore};
 
 /// Wall-clock milliseconds since the epoch: the agent's one clock, for the
 /// timestamps in the statuses it reports.
+/// Microseconds since the Unix epoch, for the `berth_hops` debug events
+/// (bench/propagation.sh with `HOPS=1` lines them up with the timestamps
+/// its instances take; wall clock, because they are in other processes).
+pub(crate) fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 pub(crate) fn now_ms() -> berth_model::Millis {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

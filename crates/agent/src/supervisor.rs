@@ -438,6 +438,9 @@ impl Run {
         }
         self.st.health = r.health;
         self.st.health_output = Some(r.output.clone());
+        if changed {
+            tracing::debug!(target: "berth_hops", hop = "probe", instance = %self.a.key, health = %r.health, at_us = crate::now_us());
+        }
         self.emit();
         if changed {
             let line = match r.health {

@@ -22,6 +22,12 @@
 //!
 //! The resolution is the gap between routed requests at one instance, which
 //! the harness prints (the load is spread over two instances).
+//!
+//! `--hops` runs the server with `BERTH_LOG=info,berth_hops=debug` and
+//! breaks each transition down along its path, from the server's
+//! `berth_hops` events (wall clock, µs): the agent sees the probe result,
+//! the route table is published, the router swaps in its compiled table,
+//! and (off the path since the local overlay) the status write commits.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -71,6 +77,10 @@ struct Marks {
     failing: bool,
     fail_at: Option<u64>,
     ok_at: Option<u64>,
+    /// The same two moments on the wall clock (µs since the epoch), to line
+    /// up with the server's `berth_hops` events (`--hops`).
+    fail_wall: Option<u64>,
+    ok_wall: Option<u64>,
     last_routed: Option<u64>,
     first_routed_after_ok: Option<u64>,
     routed: u64,
@@ -110,34 +120,44 @@ fn answer(marks: &Mutex<Marks>, now: u64, method: &Method, path: &str) -> Respon
     let mut m = marks.lock().unwrap_or_else(|p| p.into_inner());
     let (status, body) = match (method, path) {
         (&Method::GET, "/health") if m.failing => {
-            m.fail_at.get_or_insert(now);
+            if m.fail_at.is_none() {
+                m.fail_at = Some(now);
+                m.fail_wall = Some(wall_us());
+            }
             (StatusCode::SERVICE_UNAVAILABLE, String::new())
         }
         (&Method::GET, "/health") => {
-            m.ok_at.get_or_insert(now);
+            if m.ok_at.is_none() {
+                m.ok_at = Some(now);
+                m.ok_wall = Some(wall_us());
+            }
             (StatusCode::OK, String::new())
         }
         (&Method::POST, "/control/fail") => {
             m.failing = true;
             m.fail_at = None;
+            m.fail_wall = None;
             (StatusCode::OK, String::new())
         }
         (&Method::POST, "/control/recover") => {
             m.failing = false;
             m.ok_at = None;
+            m.ok_wall = None;
             m.first_routed_after_ok = None;
             (StatusCode::OK, String::new())
         }
         (&Method::GET, "/control/report") => {
             let f = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
             let text = format!(
-                "{} {} {} {} {} {}",
+                "{} {} {} {} {} {} {} {}",
                 f(m.fail_at),
                 f(m.last_routed),
                 f(m.ok_at),
                 f(m.first_routed_after_ok),
                 now,
-                m.routed
+                m.routed,
+                f(m.fail_wall),
+                f(m.ok_wall),
             );
             (StatusCode::OK, text)
         }
@@ -164,6 +184,8 @@ struct Report {
     first_routed_after_ok: Option<u64>,
     now: u64,
     routed: u64,
+    fail_wall: Option<u64>,
+    ok_wall: Option<u64>,
 }
 
 impl Report {
@@ -172,7 +194,7 @@ impl Report {
             .split_whitespace()
             .map(|x| x.parse().ok())
             .collect::<Vec<_>>();
-        if v.len() != 6 {
+        if v.len() != 8 {
             return Err(format!("bad report {s:?}").into());
         }
         Ok(Self {
@@ -182,6 +204,8 @@ impl Report {
             first_routed_after_ok: v[3],
             now: v[4].ok_or("report without a clock")?,
             routed: v[5].unwrap_or(0),
+            fail_wall: v[6],
+            ok_wall: v[7],
         })
     }
 }
@@ -200,6 +224,7 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
     let mut berth = None;
     let mut cycles = 40usize;
     let mut conns = 8usize;
+    let mut hops = false;
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -207,6 +232,7 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
             "--berth" => berth = Some(PathBuf::from(value()?)),
             "--cycles" => cycles = value()?.parse()?,
             "--conns" => conns = value()?.parse()?,
+            "--hops" => hops = true,
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -227,13 +253,13 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
             .stdin(Stdio::null());
         c
     };
-    let log = std::fs::File::create(tmp.path().join("server.log"))?;
-    let _server = Reaped(
-        berth_cmd(&["server", "--http", &format!("127.0.0.1:{http}"), "--no-dns"])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?,
-    );
+    let log_path = tmp.path().join("server.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut server = berth_cmd(&["server", "--http", &format!("127.0.0.1:{http}"), "--no-dns"]);
+    if hops {
+        server.env("BERTH_LOG", "info,berth_hops=debug");
+    }
+    let _server = Reaped(server.stdout(log.try_clone()?).stderr(log).spawn()?);
     std::fs::write(
         tmp.path().join("compose.yaml"),
         format!(
@@ -283,6 +309,10 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
 
     let mut ups = Vec::new();
     let mut downs = Vec::new();
+    // (wall µs of the health answer, wall µs of the routed request) per
+    // transition, for the per-hop breakdown.
+    let mut up_walls = Vec::new();
+    let mut down_walls = Vec::new();
     let mut gaps = Vec::new();
     let started = Instant::now();
     for cycle in 0..cycles {
@@ -301,6 +331,10 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
         };
         let (fail_at, last) = (r.fail_at.unwrap_or(0), r.last_routed.unwrap_or(0));
         downs.push(last as f64 / 1e6 - fail_at as f64 / 1e6);
+        if let Some(w) = r.fail_wall {
+            let end = i128::from(w) + (i128::from(last) - i128::from(fail_at)) / 1000;
+            down_walls.push((w, end));
+        }
         if r.routed > before.routed {
             let span = r.now.saturating_sub(before.now) as f64 / 1e6;
             gaps.push(span / (r.routed - before.routed) as f64);
@@ -319,6 +353,12 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
         };
         let (ok_at, first) = (r.ok_at.unwrap_or(0), r.first_routed_after_ok.unwrap_or(0));
         ups.push(first as f64 / 1e6 - ok_at as f64 / 1e6);
+        if let Some(w) = r.ok_wall {
+            up_walls.push((
+                w,
+                i128::from(w) + (i128::from(first) - i128::from(ok_at)) / 1000,
+            ));
+        }
     }
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
@@ -354,7 +394,97 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
             max
         );
     }
+    if hops {
+        let events = hop_events(&std::fs::read_to_string(&log_path)?);
+        println!();
+        println!("per hop, ms after the health answer (cumulative):");
+        println!();
+        println!("| transition | hop | samples | p50 ms | p99 ms | max ms |");
+        println!("|---|---|---:|---:|---:|---:|");
+        hop_table("passes", "healthy", &up_walls, &events);
+        hop_table("fails", "unhealthy", &down_walls, &events);
+    }
     Ok(())
+}
+
+/// `wall_us` of the backend's clock.
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// One `berth_hops` debug event of the server's log.
+struct Hop {
+    hop: String,
+    health: Option<String>,
+    at_us: u64,
+}
+
+/// The `berth_hops` events of a server log (tracing's default format:
+/// `… DEBUG berth_hops: hop="probe" instance=… health=healthy at_us=…`).
+fn hop_events(log: &str) -> Vec<Hop> {
+    let mut out = Vec::new();
+    for line in log.lines().filter(|l| l.contains("berth_hops:")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(|v| v.trim_matches('"').to_owned())
+        };
+        let (Some(hop), Some(at)) = (field("hop="), field("at_us=")) else {
+            continue;
+        };
+        if let Ok(at_us) = at.parse() {
+            out.push(Hop {
+                hop,
+                health: field("health="),
+                at_us,
+            });
+        }
+    }
+    out
+}
+
+/// For each transition (start = the health answer, end = the routed
+/// request), the first event of each hop at or after its start and before
+/// the next transition's start.
+fn hop_table(name: &str, health: &str, walls: &[(u64, i128)], events: &[Hop]) {
+    let order = ["probe", "tables", "router", "stored"];
+    let mut all: Vec<(u64, i128)> = walls.to_vec();
+    all.sort_unstable();
+    let mut per_hop: Vec<Vec<f64>> = vec![Vec::new(); order.len() + 1];
+    for (i, &(start, end)) in all.iter().enumerate() {
+        let until = all.get(i + 1).map_or(u64::MAX, |n| n.0);
+        for (h, hop) in order.iter().enumerate() {
+            let first = events.iter().find(|e| {
+                e.hop == *hop
+                    && e.at_us >= start
+                    && e.at_us < until
+                    && e.health.as_deref().is_none_or(|x| x == health)
+            });
+            if let Some(e) = first {
+                per_hop[h].push((e.at_us - start) as f64 / 1e3);
+            }
+        }
+        per_hop[order.len()].push((end - i128::from(start)) as f64 / 1e3);
+    }
+    let labels = [
+        "agent sees the check result",
+        "route table published",
+        "router swapped its table",
+        "status committed to the store",
+        "routed request at the instance",
+    ];
+    for (label, v) in labels.iter().zip(per_hop.iter_mut()) {
+        let max = v.iter().copied().fold(f64::NAN, f64::max);
+        println!(
+            "| check {name} | {label} | {} | {:.2} | {:.2} | {:.2} |",
+            v.len(),
+            percentile(v, 50.0),
+            percentile(v, 99.0),
+            max
+        );
+    }
 }
 
 /// Nearest-rank percentile.

@@ -170,6 +170,11 @@ impl Follower for Tables {
         }
         let t = Arc::new(t);
         self.local.send_replace(t.clone());
+        // For bench/propagation.sh HOPS=1 (wall clock: other processes).
+        let at_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        tracing::debug!(target: "berth_hops", hop = "tables", at_us);
         self.frames.send_replace(Arc::new(EdgeFrame::new(t)));
         Ok(())
     }

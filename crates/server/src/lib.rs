@@ -260,9 +260,13 @@ pub async fn run(
         "join token for `berth agent --join URL --token T` (also: `berth token`)"
     );
 
-    if cfg.run_agent {
+    // The local agent's statuses as it emits them: the edge tables below lay
+    // them over the store's state, so a health change reaches the routers,
+    // DNS and TCP proxies without waiting for its status write to commit.
+    let local_statuses = cfg.run_agent.then(berth_agent::local::LocalStatuses::new);
+    if let Some(local) = &local_statuses {
         let stats = (container_stats, health_stats);
-        start_local_agent(&cfg, &store, &logs, &mut tasks, &stop_rx, stats).await?;
+        start_local_agent(&cfg, &store, &logs, &mut tasks, &stop_rx, stats, local).await?;
     }
 
     // Releases the KV locks of sessions whose TTL ran out.
@@ -274,7 +278,12 @@ pub async fn run(
         let store = store.clone();
         let stop = stop_rx.clone();
         let lag = telemetry.watch_lag();
-        tasks.spawn(async move { mirror::follow(store, stop, &mut feed, Some(lag)).await });
+        // Remote agents' edges get the overlaid tables too: the local
+        // instances' health is as fresh for them as for this node's.
+        let local = local_statuses.as_ref().map(|l| l.subscribe());
+        tasks.spawn(async move {
+            mirror::follow_with(store, stop, &mut feed, Some(lag), local).await
+        });
         let edge_cfg = berth_agent::edge::EdgeConfig {
             http: cfg.http,
             dns: cfg.dns,
@@ -501,6 +510,7 @@ async fn start_local_agent(
         berth_agent::driver::docker::StatsMap,
         berth_agent::health::HealthStatsMap,
     ),
+    local_statuses: &berth_agent::local::LocalStatuses,
 ) -> anyhow::Result<()> {
     let lease = store.lease_grant(join::NODE_TTL).await?;
     let mut facts = berth_agent::facts::collect(&cfg.data_dir);
@@ -536,10 +546,12 @@ async fn start_local_agent(
     ));
     let logs = logs.clone();
     let rx = stop_rx.clone();
+    let local_statuses = local_statuses.clone();
     tasks.spawn(async move {
         let options = berth_agent::AgentOptions {
             container_stats,
             health_stats,
+            local_statuses: Some(local_statuses),
             ..Default::default()
         };
         berth_agent::run_with(agent_cfg, control, logs, rx, options)
