@@ -9,6 +9,7 @@
 #   CYCLES=100 CONNS=4 bench/propagation.sh
 #   HOPS=1 bench/propagation.sh       # also break each transition down per hop
 #   BASE=main bench/propagation.sh    # run a build of that git ref first, same settings
+#   LOG=/tmp/server.log bench/propagation.sh   # keep the server's log
 set -euo pipefail
 
 CYCLES=${CYCLES:-40}
@@ -17,6 +18,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 EXTRA=()
 if [ -n "${HOPS:-}" ]; then EXTRA+=(--hops); fi
+if [ -n "${LOG:-}" ]; then EXTRA+=(--log "$LOG"); fi   # keep the server's log
 
 echo "building berth and the propagation harness (release)" >&2
 (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR cargo build -q --release -p berth-cli -p berth-net --bin berth --example propagation)
@@ -35,6 +37,8 @@ if [ -n "${BASE:-}" ]; then
     trap 'git -C "$ROOT" worktree remove --force "$BASE_DIR" >/dev/null 2>&1 || true' EXIT
     git -C "$ROOT" worktree add --detach "$BASE_DIR" "$BASE" >&2
     echo "building berth at $BASE (release)" >&2
+    # Start from this tree's build: only the workspace crates are rebuilt.
+    [ -d "$TARGET_DIR-base" ] || cp -r "$TARGET_DIR" "$TARGET_DIR-base"
     (cd "$BASE_DIR" && CARGO_TARGET_DIR=$TARGET_DIR-base cargo build -q --release -p berth-cli --bin berth)
     echo "## base: $BASE ($(git -C "$ROOT" rev-parse --short "$BASE"))"
     run "base $BASE" "$TARGET_DIR-base/release/berth"

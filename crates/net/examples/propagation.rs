@@ -28,6 +28,7 @@
 //! `berth_hops` events (wall clock, µs): the agent sees the probe result,
 //! the route table is published, the router swaps in its compiled table,
 //! and (off the path since the local overlay) the status write commits.
+//! `--log PATH` keeps the server's log.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -225,6 +226,7 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
     let mut cycles = 40usize;
     let mut conns = 8usize;
     let mut hops = false;
+    let mut keep_log = None;
     let mut it = args.into_iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -233,6 +235,7 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
             "--cycles" => cycles = value()?.parse()?,
             "--conns" => conns = value()?.parse()?,
             "--hops" => hops = true,
+            "--log" => keep_log = Some(PathBuf::from(value()?)),
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -394,7 +397,18 @@ async fn harness(args: Vec<String>) -> Result<(), Error> {
             max
         );
     }
+    if let Some(path) = &keep_log {
+        std::fs::copy(&log_path, path)?;
+    }
     if hops {
+        for (name, walls) in [("passes", &up_walls), ("fails", &down_walls)] {
+            if let Some((start, end)) = walls.iter().max_by_key(|(s, e)| e - i128::from(*s)) {
+                eprintln!(
+                    "slowest 'check {name}': health answer at {start} µs (wall), routed request {:.2} ms later",
+                    (end - i128::from(*start)) as f64 / 1e3
+                );
+            }
+        }
         let events = hop_events(&std::fs::read_to_string(&log_path)?);
         println!();
         println!("per hop, ms after the health answer (cumulative):");
