@@ -281,9 +281,9 @@ pub async fn run(
         // Remote agents' edges get the overlaid tables too: the local
         // instances' health is as fresh for them as for this node's.
         let local = local_statuses.as_ref().map(|l| l.subscribe());
-        tasks.spawn(async move {
-            mirror::follow_with(store, stop, &mut feed, Some(lag), local).await
-        });
+        tasks.spawn(
+            async move { mirror::follow_with(store, stop, &mut feed, Some(lag), local).await },
+        );
         let edge_cfg = berth_agent::edge::EdgeConfig {
             http: cfg.http,
             dns: cfg.dns,
