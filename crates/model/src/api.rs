@@ -535,7 +535,7 @@ pub enum Usage {
         /// Resident memory of the tree.
         rss_bytes: u64,
     },
-    /// A container, from the engine's stats stream.
+    /// A container, from the engine's one-shot stats (sampled every 5 s).
     Container {
         /// CPU in percent of one core over the engine's last interval.
         cpu_percent: f64,
