@@ -537,7 +537,7 @@ pub enum Usage {
     },
     /// A container, from the engine's one-shot stats (sampled every 5 s).
     Container {
-        /// CPU in percent of one core over the engine's last interval.
+        /// CPU in percent of one core between the last two samples.
         cpu_percent: f64,
         /// Memory in use, page cache excluded.
         memory_bytes: u64,
