@@ -183,33 +183,11 @@ impl Follower for Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_model::{Health, InstanceKey, InstanceState, InstanceStatus, StackRecord, keys};
-    use std::collections::BTreeMap;
+    use berth_model::{Health, InstanceKey, InstanceState, InstanceStatus};
 
     fn mirror() -> Mirror {
-        let opts = berth_spec::LoadOptions {
-            files: vec![],
-            working_dir: std::env::temp_dir(),
-            project_name: Some("shop".into()),
-            profiles: vec![],
-            env: BTreeMap::new(),
-        };
         let yaml = "services:\n  web:\n    command: ./web\n    ports: ['8000:80']\n";
-        let spec = berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
-            .unwrap()
-            .stack;
-        let record = StackRecord {
-            namespace: "default".into(),
-            name: "shop".into(),
-            release: 1,
-            services: BTreeMap::new(),
-            spec,
-            updated_at: 0,
-            config: Default::default(),
-            rollout: None,
-        };
-        let mut m = Mirror::default();
-        m.stacks.insert(keys::stack("default", "shop"), (record, 1));
+        let mut m = crate::vip::tests::mirror(yaml);
         for (slot, node, addr, health) in [
             (1, "n1", "10.213.1.2", Health::Healthy),
             (2, "n2", "10.213.2.2", Health::Healthy),

@@ -408,7 +408,7 @@ pub fn proxy_table(mirror: &Mirror) -> Backends {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use berth_model::{Health, InstanceKey, InstanceState, InstanceStatus};
     use berth_store::{KeyValue, WatchEvent};
@@ -426,7 +426,9 @@ mod tests {
             .stack
     }
 
-    fn mirror(yaml: &str) -> Mirror {
+    /// A mirror holding stack `shop` of namespace `default` from `yaml`
+    /// (shared with the edge tables' tests).
+    pub(crate) fn mirror(yaml: &str) -> Mirror {
         let spec = load(yaml);
         let record = StackRecord {
             namespace: "default".into(),
