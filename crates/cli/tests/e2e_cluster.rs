@@ -304,20 +304,7 @@ fn server(etcd: &EtcdCluster, net: &Netns, node: &str, prefix: &str) -> (Berth, 
         .spawn()
         .unwrap();
     b.servers.push(child);
-    let mut apis = Vec::new();
-    wait_until("the server", Duration::from_secs(30), || {
-        let info: Value = serde_json::from_slice(
-            &std::fs::read(b.data.path().join("server.json")).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
-        apis = info["tcp"]
-            .as_array()
-            .ok_or("no tcp")?
-            .iter()
-            .filter_map(|a| a.as_str().map(str::to_owned))
-            .collect();
-        Ok(())
-    });
+    let apis = server_tcp_addresses(b.data.path());
     (b, apis, http)
 }
 
@@ -683,10 +670,19 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
             s => Err(format!("{s:?}")),
         },
     );
-    assert!(
-        agents[cut].log().contains("unfencing"),
-        "{}",
-        agents[cut].log()
+    // The agent logs "unfencing" as its heartbeat gets through, the moment
+    // the servers see it up; its log writer flushes every 50 ms.
+    wait_until(
+        "the node's unfencing log line",
+        Duration::from_secs(5),
+        || {
+            let log = agents[cut].log();
+            if log.contains("unfencing") {
+                Ok(())
+            } else {
+                Err(log)
+            }
+        },
     );
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(copies("clu", "solo"), 1);

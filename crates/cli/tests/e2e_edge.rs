@@ -126,20 +126,7 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         .spawn()
         .unwrap();
     b.servers.push(child);
-    let mut apis: Vec<String> = Vec::new();
-    wait_until("the server", Duration::from_secs(30), || {
-        let info: Value = serde_json::from_slice(
-            &std::fs::read(b.data.path().join("server.json")).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
-        apis = info["tcp"]
-            .as_array()
-            .ok_or("no tcp")?
-            .iter()
-            .filter_map(|a| a.as_str().map(str::to_owned))
-            .collect();
-        Ok(())
-    });
+    let apis = server_tcp_addresses(b.data.path());
     let ports: Vec<u16> = apis
         .iter()
         .map(|a| a.rsplit(':').next().unwrap().parse().unwrap())

@@ -213,6 +213,26 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<(
     }
 }
 
+/// The TCP API addresses a server started on `data` announces in its
+/// `server.json`, once it has written them.
+pub fn server_tcp_addresses(data: &Path) -> Vec<String> {
+    let mut apis = Vec::new();
+    wait_until("the server", Duration::from_secs(30), || {
+        let info: Value = serde_json::from_slice(
+            &std::fs::read(data.join("server.json")).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        apis = info["tcp"]
+            .as_array()
+            .ok_or("no tcp")?
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        Ok(())
+    });
+    apis
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
