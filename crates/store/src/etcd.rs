@@ -335,14 +335,21 @@ fn not_sent(e: &etcd_client::Error) -> bool {
         etcd_client::Error::IoError(io) => Some(io),
         _ => Some(e),
     };
+    // A reset while the TCP connection is being set up (a member killed
+    // mid-handshake) also proves nothing was sent — but only inside the
+    // connector's error: a reset of an established connection may come
+    // after etcd applied the write.
+    let mut connecting = false;
     while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
-            )
-        {
-            return true;
+        connecting |= err.to_string().starts_with("tcp connect error");
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable => {
+                    return true;
+                }
+                std::io::ErrorKind::ConnectionReset if connecting => return true,
+                _ => {}
+            }
         }
         source = err.source();
     }
