@@ -222,6 +222,18 @@ struct Answer {
     body: Bytes,
 }
 
+/// `STATUS: error text` of a failed response, its body read to the end.
+pub(crate) async fn failure(resp: hyper::Response<hyper::body::Incoming>) -> String {
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    format!("{status}: {}", error_text(&body))
+}
+
 pub(crate) fn error_text(body: &[u8]) -> String {
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(b) => match b.hint {
@@ -613,14 +625,7 @@ impl WatchState {
             .node_path(&format!("/assignments/watch?from={}", self.from));
         let resp = self.client.send(Method::GET, &path, None).await?;
         if !resp.status().is_success() {
-            let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            return Err(format!("{status}: {}", error_text(&body)));
+            return Err(failure(resp).await);
         }
         self.body = Some(resp.into_body());
         self.buf.clear();

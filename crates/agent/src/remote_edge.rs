@@ -140,17 +140,7 @@ async fn follow_once(
         .map_err(|_| broken(false, "connecting timed out".into()))?
         .map_err(|e| broken(false, e))?;
     if !resp.status().is_success() {
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        return Err(broken(
-            false,
-            format!("{status}: {}", crate::remote::error_text(&body)),
-        ));
+        return Err(broken(false, crate::remote::failure(resp).await));
     }
     let mut body: Incoming = resp.into_body();
     let mut buf: Vec<u8> = Vec::new();
