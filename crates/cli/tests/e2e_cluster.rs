@@ -146,126 +146,29 @@ impl Drop for EtcdCluster {
     }
 }
 
-struct Agent {
-    node: String,
-    label: String,
-    /// Index of its namespace in the [`Netns`].
-    net: usize,
-    /// The server API it joins (on the host side of its veth).
-    join: String,
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Agent {
-    fn spawn(&self, berth: &Berth, net: &Netns, token: &str) -> Child {
-        spawn_agent(
-            berth,
-            net,
-            self.net,
-            &self.join,
-            self.dir.path(),
-            token,
-            &self.node,
-            &self.label,
-        )
-    }
-
-    /// Agent `node` in namespace `i`, joining the server whose API
-    /// addresses are `apis` (its listener on that namespace's link).
-    fn start(
-        berth: &Berth,
-        net: &Netns,
-        i: usize,
-        apis: &[String],
-        token: &str,
-        node: &str,
-        label: &str,
-    ) -> Self {
-        let host = net.nodes[i].host.to_string();
-        let api = apis
-            .iter()
-            .find(|a| a.rsplit_once(':').is_some_and(|(h, _)| h == host))
-            .unwrap_or_else(|| panic!("no listener on {host} in {apis:?}"));
-        let join = format!("http://{api}");
-        let dir = tempfile::tempdir().unwrap();
-        let child = spawn_agent(berth, net, i, &join, dir.path(), token, node, label);
-        Self {
-            node: node.to_owned(),
-            label: label.to_owned(),
-            net: i,
-            join,
-            dir,
-            child,
-        }
-    }
-
-    fn restart(&mut self, berth: &Berth, net: &Netns, token: &str) {
-        self.child = self.spawn(berth, net, token);
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn spawn_agent(
+/// Agent `node` in namespace `i`, joining the server whose API addresses
+/// are `apis` (its listener on that namespace's link).
+fn start_agent(
     berth: &Berth,
     net: &Netns,
     i: usize,
-    join: &str,
-    dir: &Path,
+    apis: &[String],
     token: &str,
     node: &str,
     label: &str,
-) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("agent.log"))
-        .unwrap();
-    let cmd = berth.command(
-        dir,
-        &[
-            "agent",
-            "--join",
-            join,
-            "--token",
-            token,
-            "--node-id",
-            node,
-            "--data",
-            dir.join("state").to_str().unwrap(),
-            "--label",
-            label,
-            // The servers' routers are measured here; the nodes' own edge
-            // is e2e_edge's.
-            "--no-http",
-            "--no-dns",
-        ],
-    );
-    net.command(i, &cmd)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            signal(self.child.id() as i32, "TERM");
-            for _ in 0..200 {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+) -> Agent {
+    let host = net.nodes[i].host.to_string();
+    let api = apis
+        .iter()
+        .find(|a| a.rsplit_once(':').is_some_and(|(h, _)| h == host))
+        .unwrap_or_else(|| panic!("no listener on {host} in {apis:?}"));
+    spawn_agent(berth, api, token, node)
+        .label(label)
+        .in_netns(net, i)
+        // The servers' routers are measured here; the nodes' own edge is
+        // e2e_edge's.
+        .args(&["--no-http", "--no-dns"])
+        .start()
 }
 
 /// A server on the host, listening on loopback (for the test) and on the
@@ -443,9 +346,9 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
 
     // n1 and n3 join s1, n2 joins s2: any server serves any agent.
     let mut agents = vec![
-        Agent::start(&s1, &net, 0, &apis1, &token, "n1", "zone=east"),
-        Agent::start(&s1, &net, 1, &apis2, &token, "n2", "zone=east"),
-        Agent::start(&s1, &net, 2, &apis1, &token, "n3", "zone=west"),
+        start_agent(&s1, &net, 0, &apis1, &token, "n1", "zone=east"),
+        start_agent(&s1, &net, 1, &apis2, &token, "n2", "zone=east"),
+        start_agent(&s1, &net, 2, &apis1, &token, "n3", "zone=west"),
     ];
     wait_until("three nodes up", Duration::from_secs(30), || {
         let st = node_states(&s1, dir);
@@ -482,7 +385,7 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
         let host = i["address"].as_str().and_then(|a| a.rsplit_once(':'));
         assert_eq!(
             host.map(|h| h.0),
-            Some(&*net.nodes[a.net].addr.to_string()),
+            Some(&*net.nodes[a.net()].addr.to_string()),
             "{i}"
         );
     }
@@ -556,7 +459,7 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
     drop(samples);
 
     // n1 back with the same data dir: no duplicates.
-    agents[0].restart(&s1, &net, &token);
+    agents[0].restart(&s1);
     wait_until(
         "n1 up again",
         Duration::from_secs(30),
@@ -578,7 +481,7 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
     let old_pid = solo["pid"].as_i64().unwrap() as i32;
     let cut = agents.iter().position(|a| a.node == cut_node).unwrap();
     let cut_at = Instant::now();
-    net.partition(agents[cut].net);
+    net.partition(agents[cut].net());
     let mut served_by: Vec<(Duration, i32)> = Vec::new();
     let mut copies_max_after_ttl = 0;
     let mut previous = BTreeSet::new();
@@ -661,7 +564,7 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
     );
 
     // Heal: the node comes back, runs only what is still assigned to it.
-    net.heal(agents[cut].net);
+    net.heal(agents[cut].net());
     wait_until(
         "the partitioned node up again",
         Duration::from_secs(30),

@@ -20,7 +20,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::Netns;
@@ -71,23 +71,6 @@ fn served(addr: Ipv4Addr, port: u16, n: usize) -> Result<BTreeSet<String>, Strin
     (0..n)
         .map(|_| get(addr, port, "web.edg.localhost"))
         .collect()
-}
-
-struct Agent {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        stop_child(&mut self.child);
-    }
 }
 
 #[test]
@@ -141,39 +124,17 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let adir = tempfile::tempdir().unwrap();
-            let log = std::fs::File::create(adir.path().join("agent.log")).unwrap();
             // apis[0] is loopback; apis[i + 1] is on this node's link.
-            let join = format!("http://{}", apis[i + 1]);
-            let node = format!("n{}", i + 1);
-            let state = adir.path().join("state");
-            let cmd = b.command(
-                adir.path(),
-                &[
-                    "agent",
-                    "--join",
-                    &join,
-                    "--token",
-                    &token,
-                    "--node-id",
-                    &node,
-                    "--data",
-                    state.to_str().unwrap(),
-                    "--label",
-                    labels[i],
+            spawn_agent(&b, &apis[i + 1], &token, &format!("n{}", i + 1))
+                .label(labels[i])
+                .in_netns(&net, i)
+                .args(&[
                     "--http",
                     &format!("{}:8080", n.addr),
                     "--dns",
                     &format!("{}:8600", n.addr),
-                ],
-            );
-            let child = net
-                .command(i, &cmd)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            Agent { child, dir: adir }
+                ])
+                .start()
         })
         .collect();
     wait_until(

@@ -15,81 +15,10 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-
-struct Agent {
-    node: String,
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            signal(self.child.id() as i32, "TERM");
-            for _ in 0..200 {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Agent {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn secret(&self) -> String {
-        let c: Value = serde_json::from_slice(
-            &std::fs::read(self.dir.path().join("state/credential.json")).unwrap(),
-        )
-        .unwrap();
-        c["secret"].as_str().unwrap().to_owned()
-    }
-}
-
-fn start_agent(berth: &Berth, api: &str, token: &str, node: &str, label: &str) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let state = dir.path().join("state");
-    let child = berth
-        .command(
-            dir.path(),
-            &[
-                "agent",
-                "--join",
-                &format!("http://{api}"),
-                "--token",
-                token,
-                "--node-id",
-                node,
-                "--data",
-                state.to_str().unwrap(),
-                "--label",
-                label,
-                "--facts-every",
-                "2s",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Agent {
-        node: node.to_owned(),
-        dir,
-        child,
-    }
-}
 
 /// One raw HTTP/1.1 request to the API; (status, body).
 fn api_request(api: &str, method: &str, path: &str, secret: Option<&str>) -> (u16, String) {
@@ -156,8 +85,14 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
     );
 
     let t = std::time::Instant::now();
-    let a1 = start_agent(&berth, &api, &token, "n1", "zone=east");
-    let a2 = start_agent(&berth, &api, &token, "n2", "zone=west");
+    let a1 = spawn_agent(&berth, &api, &token, "n1")
+        .label("zone=east")
+        .args(&["--facts-every", "2s"])
+        .start();
+    let a2 = spawn_agent(&berth, &api, &token, "n2")
+        .label("zone=west")
+        .args(&["--facts-every", "2s"])
+        .start();
     wait_until("both agents registered", Duration::from_secs(30), || {
         let n = nodes(&berth, dir);
         match (node_state(&n, "n1").as_str(), node_state(&n, "n2").as_str()) {
@@ -409,5 +344,4 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
         a1.log()
     );
     assert_eq!(node_state(&nodes(&berth, dir), "n1"), "absent");
-    let _ = (&a1.node, &a2.node);
 }

@@ -155,28 +155,8 @@ fn an_agent_switches_server_when_its_server_dies_and_keeps_its_processes() {
 
     // The agent is given s1 only.
     let token = s1.ok(dir, &["token"]).trim().to_owned();
-    let adir = tempfile::tempdir().unwrap();
-    let log_path = adir.path().join("agent.log");
-    let mut agent = s1
-        .command(
-            adir.path(),
-            &[
-                "agent",
-                "--join",
-                &format!("http://{api1}"),
-                "--token",
-                &token,
-                "--node-id",
-                "n1",
-                "--data",
-                adir.path().join("state").to_str().unwrap(),
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let agent = spawn_agent(&s1, &api1, &token, "n1").start();
+    let agent_log = || agent.log();
     wait_until("the agent learned s2", Duration::from_secs(30), || {
         let log = agent_log();
         if log.contains("known servers") && log.contains(&api2) {
@@ -231,6 +211,4 @@ fn an_agent_switches_server_when_its_server_dies_and_keeps_its_processes() {
             n => Err(format!("{n} running\nagent: {}", agent_log())),
         },
     );
-    signal(agent.id() as i32, "TERM");
-    let _ = agent.wait();
 }

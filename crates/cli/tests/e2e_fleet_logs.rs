@@ -61,31 +61,9 @@ fn logs_of_an_agents_instances_are_shown_and_followed_on_the_server() {
     let dir = work.path();
     let token = berth.ok(dir, &["token"]).trim().to_owned();
 
-    let agent_dir = tempfile::tempdir().unwrap();
-    let state = agent_dir.path().join("state");
-    let agent_log_path = agent_dir.path().join("agent.log");
-    let _agent = Proc(
-        berth
-            .command(
-                agent_dir.path(),
-                &[
-                    "agent",
-                    "--join",
-                    &format!("http://{api}"),
-                    "--token",
-                    &token,
-                    "--node-id",
-                    "n1",
-                    "--data",
-                    state.to_str().unwrap(),
-                ],
-            )
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&agent_log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let agent_log = || std::fs::read_to_string(&agent_log_path).unwrap_or_default();
+    let agent = spawn_agent(&berth, &api, &token, "n1").start();
+    let state = agent.dir.path().join("state");
+    let agent_log = || agent.log();
 
     // busybox httpd -vv writes a line per request on stderr.
     for f in ["index.html", "before-follow.txt", "after-follow.txt"] {

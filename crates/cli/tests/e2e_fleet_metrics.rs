@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -32,34 +31,10 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
     let dir = work.path();
     let token = berth.ok(dir, &["token"]).trim().to_owned();
 
-    let agent_dir = tempfile::tempdir().unwrap();
-    let state = agent_dir.path().join("state");
-    let agent_log_path = agent_dir.path().join("agent.log");
-    let agent = berth
-        .command(
-            agent_dir.path(),
-            &[
-                "agent",
-                "--join",
-                &format!("http://{api}"),
-                "--token",
-                &token,
-                "--node-id",
-                "n1",
-                "--data",
-                state.to_str().unwrap(),
-                "--stats-every",
-                "300ms",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&agent_log_path).unwrap())
-        .spawn()
-        .unwrap();
-    let agent_pid = agent.id() as i32;
-    // Killed (after the instances it still runs) when the test ends early.
-    berth.servers.push(agent);
-    let agent_log = || std::fs::read_to_string(&agent_log_path).unwrap_or_default();
+    let agent = spawn_agent(&berth, &api, &token, "n1")
+        .args(&["--stats-every", "300ms"])
+        .start();
+    let agent_log = || agent.log();
 
     std::fs::write(
         dir.join("compose.yaml"),
@@ -138,7 +113,7 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
 
     // The agent stops, and its instances with it: they leave /metrics
     // (their statuses go; the report itself goes with the node's lease).
-    signal(agent_pid, "TERM");
+    signal(agent.pid(), "TERM");
     wait_until("n1's series are gone", Duration::from_secs(30), || {
         let m = http_get(port, "/metrics")?;
         if m.contains("node=\"n1\"") {

@@ -344,3 +344,180 @@ pub fn stop_child(child: &mut Child) {
         let _ = child.wait();
     }
 }
+
+/// What it takes to start one `berth agent --join` (kept by [`Agent`] so
+/// it can be started again with the same data dir).
+#[derive(Debug, Clone)]
+struct AgentSpec {
+    join: String,
+    token: String,
+    node: String,
+    args: Vec<String>,
+    /// The network namespace it runs in and its index in the test's
+    /// [`netns::Netns`] (`None`: the host's).
+    netns: Option<(String, usize)>,
+}
+
+/// A `berth agent --join` being set up: see [`spawn_agent`].
+pub struct AgentBuilder<'a> {
+    berth: &'a Berth,
+    spec: AgentSpec,
+}
+
+/// A `berth agent --join` for node `node`, joining `join` (an API address
+/// `HOST:PORT` or URL, or several comma-separated) with the join `token`.
+/// Its own temp dir holds its data (`state/`) and its stderr (`agent.log`).
+/// Add flags with the builder's methods, then [`AgentBuilder::start`]:
+///
+/// ```ignore
+/// let a1 = spawn_agent(&berth, &api, &token, "n1").label("zone=east").no_edge().start();
+/// ```
+pub fn spawn_agent<'a>(berth: &'a Berth, join: &str, token: &str, node: &str) -> AgentBuilder<'a> {
+    let join = join
+        .split(',')
+        .map(|j| {
+            if j.contains("://") {
+                j.to_owned()
+            } else {
+                format!("http://{j}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    AgentBuilder {
+        berth,
+        spec: AgentSpec {
+            join,
+            token: token.to_owned(),
+            node: node.to_owned(),
+            args: Vec::new(),
+            netns: None,
+        },
+    }
+}
+
+impl AgentBuilder<'_> {
+    /// Further `berth agent` arguments.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.spec.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// `--label K=V`.
+    pub fn label(self, label: &str) -> Self {
+        self.args(&["--label", label])
+    }
+
+    /// No router, DNS server or TCP proxy on this node: for tests that run
+    /// several agents on one host and do not exercise the node's edge
+    /// (otherwise each one after the first warns that it cannot listen on
+    /// 127.0.0.1:8080/8600, and they race for the same VIP listeners).
+    pub fn no_edge(self) -> Self {
+        self.args(&["--no-http", "--no-dns", "--no-proxy"])
+    }
+
+    /// Run it in node `i`'s network namespace.
+    pub fn in_netns(mut self, net: &netns::Netns, i: usize) -> Self {
+        self.spec.netns = Some((net.nodes[i].ns.clone(), i));
+        self
+    }
+
+    pub fn start(self) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let child = self.spec.spawn(self.berth, dir.path());
+        Agent {
+            node: self.spec.node.clone(),
+            dir,
+            child,
+            spec: self.spec,
+        }
+    }
+}
+
+impl AgentSpec {
+    fn spawn(&self, berth: &Berth, dir: &Path) -> Child {
+        // Appended to, so a restarted agent's log follows its first life's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))
+            .unwrap();
+        let state = dir.join("state");
+        let mut args = vec![
+            "agent",
+            "--join",
+            &self.join,
+            "--token",
+            &self.token,
+            "--node-id",
+            &self.node,
+            "--data",
+            state.to_str().unwrap(),
+        ];
+        args.extend(self.args.iter().map(String::as_str));
+        let cmd = berth.command(dir, &args);
+        let mut cmd = match &self.netns {
+            Some((ns, _)) => netns::exec_in(ns, &cmd),
+            None => cmd,
+        };
+        cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    }
+}
+
+/// A running `berth agent --join`, stopped (TERM, then KILL after 10 s) on
+/// drop.
+pub struct Agent {
+    pub node: String,
+    /// Its data (`state/`) and log (`agent.log`).
+    pub dir: tempfile::TempDir,
+    pub child: Child,
+    spec: AgentSpec,
+}
+
+impl Agent {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Index of the network namespace it runs in (see
+    /// [`AgentBuilder::in_netns`]).
+    pub fn net(&self) -> usize {
+        self.spec
+            .netns
+            .as_ref()
+            .map(|(_, i)| *i)
+            .expect("this agent runs in the host's network namespace")
+    }
+
+    /// What it wrote to stderr, over all its starts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The node credential it was given on joining.
+    pub fn secret(&self) -> String {
+        let c: Value = serde_json::from_slice(
+            &std::fs::read(self.dir.path().join("state/credential.json")).unwrap(),
+        )
+        .unwrap();
+        c["secret"].as_str().unwrap().to_owned()
+    }
+
+    /// Stop it as on drop.
+    pub fn stop(&mut self) {
+        stop_child(&mut self.child);
+    }
+
+    /// Start it again (after it stopped or was killed) with the same
+    /// arguments and data dir.
+    pub fn restart(&mut self, berth: &Berth) {
+        self.stop();
+        self.child = self.spec.spawn(berth, self.dir.path());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -200,21 +200,7 @@ impl Netns {
     /// `cmd` run inside node `i`'s namespace (0-based): same program,
     /// arguments, environment and working directory.
     pub fn command(&self, i: usize, cmd: &Command) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.nodes[i].ns])
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
-        }
-        if let Some(d) = cmd.get_current_dir() {
-            c.current_dir(d);
-        }
-        c.stdin(Stdio::null());
-        c
+        exec_in(&self.nodes[i].ns, cmd)
     }
 
     fn partition_rules(&self, i: usize) -> Vec<(&'static str, Vec<String>)> {
@@ -316,4 +302,24 @@ impl Drop for Netns {
             let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", v);
         }
     }
+}
+
+/// `cmd` run inside namespace `ns`: same program, arguments, environment
+/// and working directory.
+pub fn exec_in(ns: &str, cmd: &Command) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns])
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        c.current_dir(d);
+    }
+    c.stdin(Stdio::null());
+    c
 }
