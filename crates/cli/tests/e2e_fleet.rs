@@ -88,10 +88,12 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
     let a1 = spawn_agent(&berth, &api, &token, "n1")
         .label("zone=east")
         .args(&["--facts-every", "2s"])
+        .no_edge()
         .start();
     let a2 = spawn_agent(&berth, &api, &token, "n2")
         .label("zone=west")
         .args(&["--facts-every", "2s"])
+        .no_edge()
         .start();
     wait_until("both agents registered", Duration::from_secs(30), || {
         let n = nodes(&berth, dir);

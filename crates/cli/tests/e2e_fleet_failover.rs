@@ -155,7 +155,7 @@ fn an_agent_switches_server_when_its_server_dies_and_keeps_its_processes() {
 
     // The agent is given s1 only.
     let token = s1.ok(dir, &["token"]).trim().to_owned();
-    let agent = spawn_agent(&s1, &api1, &token, "n1").start();
+    let agent = spawn_agent(&s1, &api1, &token, "n1").no_edge().start();
     let agent_log = || agent.log();
     wait_until("the agent learned s2", Duration::from_secs(30), || {
         let log = agent_log();

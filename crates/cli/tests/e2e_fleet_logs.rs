@@ -61,7 +61,7 @@ fn logs_of_an_agents_instances_are_shown_and_followed_on_the_server() {
     let dir = work.path();
     let token = berth.ok(dir, &["token"]).trim().to_owned();
 
-    let agent = spawn_agent(&berth, &api, &token, "n1").start();
+    let agent = spawn_agent(&berth, &api, &token, "n1").no_edge().start();
     let state = agent.dir.path().join("state");
     let agent_log = || agent.log();
 

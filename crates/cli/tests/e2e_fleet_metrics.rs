@@ -33,6 +33,7 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
 
     let agent = spawn_agent(&berth, &api, &token, "n1")
         .args(&["--stats-every", "300ms"])
+        .no_edge()
         .start();
     let agent_log = || agent.log();
 
