@@ -151,6 +151,14 @@ fn needs_port(a: &Assignment) -> bool {
         )
 }
 
+/// How the instance ended, or code -1 when the driver cannot say.
+fn exit_or_unknown(r: Result<Exit, DriverError>, key: &berth_model::InstanceKey) -> Exit {
+    r.unwrap_or_else(|e| {
+        tracing::warn!(instance = %key, error = %e, "wait failed");
+        Exit::Code(-1)
+    })
+}
+
 /// The status a supervisor starts from.
 pub fn initial_status(a: &Assignment, node: &str, address: &str) -> InstanceStatus {
     InstanceStatus {
@@ -261,6 +269,11 @@ impl Run {
             // Nothing listens any more: `ps` must not offer an address.
             self.st.pid = None;
             self.st.address = None;
+            // Nor call it healthy: its last check passed while it ran.
+            if self.st.health == Health::Healthy {
+                self.st.health = Health::Unhealthy;
+                self.st.health_output = Some(format!("not running: {exit}"));
+            }
             self.st.last_exit = Some(ExitInfo {
                 code: match exit {
                     Exit::Code(c) => Some(c),
@@ -387,10 +400,7 @@ impl Run {
         let outcome = loop {
             tokio::select! {
                 r = handle.wait() => {
-                    let exit = r.unwrap_or_else(|e| {
-                        tracing::warn!(instance = %self.a.key, error = %e, "wait failed");
-                        Exit::Code(-1)
-                    });
+                    let exit = exit_or_unknown(r, &self.a.key);
                     break Outcome::Exited { exit, ran_for: began.elapsed() };
                 }
                 () = stop_requested(&mut stop) => {
@@ -406,9 +416,20 @@ impl Run {
                 () = &mut monitor => {}
                 Ok(()) = health_rx.changed() => {
                     let report = health_rx.borrow_and_update().clone();
-                    if let Some(r) = report {
-                        self.on_health(r).await;
+                    let Some(r) = report else { continue };
+                    // A check can pass after the process is gone, answered
+                    // by whatever else listens on its port (seen: an
+                    // instance that failed to bind, reported healthy). Its
+                    // exit may not have been seen yet: ask the driver, and
+                    // never turn a dead instance healthy.
+                    if r.health == Health::Healthy
+                        && self.st.health != Health::Healthy
+                        && handle.ended().await
+                    {
+                        let exit = exit_or_unknown(handle.wait().await, &self.a.key);
+                        break Outcome::Exited { exit, ran_for: began.elapsed() };
                     }
+                    self.on_health(r).await;
                 }
             }
         };

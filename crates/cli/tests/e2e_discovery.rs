@@ -129,3 +129,80 @@ fn dns_and_router_list_exactly_the_healthy_instances() {
     );
     berth.ok(dir, &["down", "-p", &stack]);
 }
+
+#[test]
+fn an_exited_instance_stayed_healthy_when_another_process_answered_its_check() {
+    // Another process listens where the instance's check looks (as when an
+    // instance fails to bind a port someone else holds): the check passes
+    // whether or not the instance runs.
+    let foreign = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = foreign.local_addr().unwrap().port();
+    let mut berth = Berth::new();
+    let stack = format!("gone{}", std::process::id());
+    let dns = free_port();
+    berth
+        .env
+        .insert("BERTH_DNS".into(), format!("127.0.0.1:{dns}"));
+    berth
+        .env
+        .insert("BERTH_HTTP".into(), format!("127.0.0.1:{}", free_port()));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("compose.yaml"),
+        format!(
+            concat!(
+                "services:\n",
+                "  web:\n",
+                "    command: [\"sh\", \"-c\", \"sleep 2; exit 1\"]\n",
+                "    restart: \"no\"\n",
+                "    x-berth:\n",
+                "      healthcheck: {{ tcp: true, port: {port}, interval: 200ms, timeout: 300ms, retries: 2, start_interval: 50ms }}\n",
+            ),
+            port = port
+        ),
+    )
+    .unwrap();
+    let dir = dir.path();
+    berth.ok(dir, &["up", "-d", "-p", &stack]);
+    let name = format!("web.{stack}.berth");
+    // While it runs it is healthy and found.
+    wait_until(
+        "the running instance in DNS",
+        Duration::from_secs(10),
+        || match dig(dns, &name, "A").as_slice() {
+            [a] if a == "127.0.0.1" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    wait_until(
+        "the instance exited",
+        Duration::from_secs(15),
+        || match berth.ps(dir, &stack).first() {
+            Some(i) if i["state"] == "exited" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let ps = berth.ps(dir, &stack);
+    assert_eq!(ps[0]["health"], "unhealthy", "{ps:?}");
+    // Gone from DNS and the catalog although the check would still pass.
+    wait_until(
+        "the exited instance out of DNS",
+        Duration::from_secs(10),
+        || match dig(dns, &name, "A").as_slice() {
+            [] => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let services: serde_json::Value =
+        serde_json::from_str(&berth.ok(dir, &["services", "-p", &stack, "--json"])).unwrap();
+    let healthy: Vec<_> = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+        .filter(|i| i["healthy"] == true)
+        .collect();
+    assert!(healthy.is_empty(), "{services}");
+    berth.ok(dir, &["down", "-p", &stack]);
+    drop(foreign);
+}

@@ -943,6 +943,16 @@ impl Handle for ContainerHandle {
         Ok(())
     }
 
+    async fn ended(&mut self) -> bool {
+        if self.exit.is_some() {
+            return true;
+        }
+        match self.docker.inspect_container(&self.id, None).await {
+            Ok(info) => info.state.and_then(|s| s.running) == Some(false),
+            Err(e) => is_not_found(&e),
+        }
+    }
+
     async fn wait(&mut self) -> Result<Exit, DriverError> {
         if let Some(e) = &self.exit {
             return Ok(e.clone());

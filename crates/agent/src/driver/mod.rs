@@ -187,6 +187,11 @@ pub trait Handle: Send {
     fn pid(&self) -> Option<u32>;
     /// Send a signal to the whole instance (all its processes).
     fn signal(&self, signal: Signal) -> Result<(), DriverError>;
+    /// Whether the main process has already ended, asked without waiting
+    /// for it. A passing HTTP or TCP check proves nothing about an instance
+    /// that is gone: whatever else listens on its port answered it. Errors
+    /// count as "not ended" (the wait reports them).
+    async fn ended(&mut self) -> bool;
     /// Wait for the main process to end, then make sure nothing of the
     /// instance remains (left-over processes are killed).
     async fn wait(&mut self) -> Result<Exit, DriverError>;

@@ -276,6 +276,11 @@ impl Handle for ProcessHandle {
         }
     }
 
+    async fn ended(&mut self) -> bool {
+        // `try_wait` reaps an ended child; `wait` then returns its status.
+        self.exit.is_some() || matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     async fn wait(&mut self) -> Result<Exit, DriverError> {
         if let Some(e) = &self.exit {
             return Ok(e.clone());

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_agent::driver::Driver;
 use berth_agent::driver::cgroup::Cgroups;
 use berth_agent::driver::process::ProcessDriver;
 use berth_agent::ports::PortAllocator;
@@ -69,10 +70,21 @@ pub fn context(
     dir: &Path,
     logs: LogStore,
 ) -> (Arc<Context>, mpsc::UnboundedReceiver<InstanceStatus>) {
+    context_with(dir, logs, |driver| driver)
+}
+
+/// [`context`] with the process driver wrapped by `wrap`.
+pub fn context_with(
+    dir: &Path,
+    logs: LogStore,
+    wrap: impl FnOnce(Arc<dyn Driver>) -> Arc<dyn Driver>,
+) -> (Arc<Context>, mpsc::UnboundedReceiver<InstanceStatus>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let agent_id = format!("test-{}", std::process::id());
     let ctx = Context {
-        driver: Arc::new(ProcessDriver::new(Arc::new(Cgroups::detect(&agent_id)))),
+        driver: wrap(Arc::new(ProcessDriver::new(Arc::new(Cgroups::detect(
+            &agent_id,
+        ))))),
         logs,
         ports: PortAllocator::new(),
         sink: Arc::new(tx),
