@@ -125,17 +125,24 @@ impl Conv<'_, '_> {
     }
 
     fn number<T: std::str::FromStr>(&mut self, node: &Node, field: &str, what: &str) -> Option<T> {
-        match node
-            .as_str()
-            .map(str::trim)
-            .and_then(|s| s.parse::<T>().ok())
-        {
-            Some(v) => Some(v),
-            None => {
-                self.expect(node, field, what);
-                None
-            }
+        let Some(text) = node.as_str().map(str::trim) else {
+            self.expect(node, field, what);
+            return None;
+        };
+        if let Ok(v) = text.parse::<T>() {
+            return Some(v);
         }
+        // Name the value: "found a number" for `-1` or `1e30` says nothing.
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let why = if digits(text) {
+            " (too large)"
+        } else if text.strip_prefix('-').is_some_and(digits) {
+            " (it cannot be negative)"
+        } else {
+            ""
+        };
+        self.error(node, field, format!("expected {what}, found `{text}`{why}"));
+        None
     }
 
     fn duration(&mut self, node: &Node, field: &str) -> Option<u64> {
@@ -182,6 +189,15 @@ impl Conv<'_, '_> {
             Value::Map(entries) => {
                 for (k, v) in entries {
                     let key = k.as_str().unwrap_or_default().to_string();
+                    if key.trim().is_empty() {
+                        self.error_hint(
+                            k,
+                            field,
+                            "a key is empty",
+                            "give every entry a name (KEY: value)",
+                        );
+                        continue;
+                    }
                     let val = match &v.value {
                         Value::Null => None,
                         Value::Scalar { text, .. } => Some(text.clone()),
@@ -202,10 +218,23 @@ impl Conv<'_, '_> {
                     let Some(s) = self.string(it, field) else {
                         continue;
                     };
-                    match s.split_once('=') {
-                        Some((k, v)) => out.push((k.to_string(), Some(v.to_string()), it.clone())),
-                        None => out.push((s, None, it.clone())),
+                    let (k, v) = match s.split_once('=') {
+                        Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                        None => (s, None),
+                    };
+                    if k.trim().is_empty() {
+                        self.error_hint(
+                            it,
+                            field,
+                            format!(
+                                "entry {:?} has no name before `=`",
+                                it.as_str().unwrap_or("")
+                            ),
+                            "write KEY=VALUE, or KEY alone to take its value from the environment",
+                        );
+                        continue;
                     }
+                    out.push((k, v, it.clone()));
                 }
             }
             Value::Null => {}

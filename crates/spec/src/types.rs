@@ -217,7 +217,8 @@ pub enum Command {
 /// `build:`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Build {
-    /// Absolute build context.
+    /// Absolute build context, or a URL kept as written (see
+    /// [`Build::is_remote`]).
     pub context: PathBuf,
     /// Dockerfile path relative to the context (default `Dockerfile`).
     pub dockerfile: String,
@@ -227,6 +228,14 @@ pub struct Build {
     /// Build target stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+}
+
+impl Build {
+    /// Whether the context is a URL (`https://…`, `git@…`), which the
+    /// loader keeps as written instead of resolving it as a path.
+    pub fn is_remote(&self) -> bool {
+        self.context.to_str().is_some_and(crate::loader::is_remote)
+    }
 }
 
 /// One published or exposed port.

@@ -128,11 +128,35 @@ fn container_keys_warn_on_processes() {
 }
 
 #[test]
+fn an_environment_entry_without_a_name_is_an_error() {
+    let e = err("services:\n  web:\n    command: x\n    environment:\n      - =foo\n");
+    assert_eq!(
+        e,
+        "compose.yaml:5:9: service `web`, field `environment`: entry \"=foo\" has no name before `=` (hint: write KEY=VALUE, or KEY alone to take its value from the environment)"
+    );
+    let e = err("services:\n  web:\n    command: x\n    labels: {\"\": x}\n");
+    assert!(
+        e.starts_with("compose.yaml:4:14: service `web`, field `labels`: a key is empty"),
+        "{e}"
+    );
+}
+
+#[test]
 fn wrong_types() {
     let e = err("services:\n  web:\n    command: x\n    deploy:\n      replicas: many\n");
     assert_eq!(
         e,
-        "compose.yaml:5:17: service `web`, field `deploy.replicas`: expected a whole number, found a string"
+        "compose.yaml:5:17: service `web`, field `deploy.replicas`: expected a whole number, found `many`"
+    );
+    let e = err("services:\n  web:\n    command: x\n    deploy: {replicas: -1}\n");
+    assert_eq!(
+        e,
+        "compose.yaml:4:24: service `web`, field `deploy.replicas`: expected a whole number, found `-1` (it cannot be negative)"
+    );
+    let e = err("services:\n  web:\n    command: x\n    deploy: {replicas: 99999999999}\n");
+    assert_eq!(
+        e,
+        "compose.yaml:4:24: service `web`, field `deploy.replicas`: expected a whole number, found `99999999999` (too large)"
     );
     let e = err("services:\n  web:\n    command: x\n    ports: 80\n");
     assert_eq!(

@@ -177,6 +177,13 @@ async fn run_build(
         ),
     )
     .await;
+    if build.is_remote() {
+        return Err(DriverError::Image(format!(
+            "service `{service}`: build context `{}` is remote, and berth builds only from a \
+             local folder: clone it and point `build.context` at the clone",
+            build.context.display()
+        )));
+    }
     let dir = build.context.clone();
     let tar = tokio::task::spawn_blocking(move || context_tar(&dir))
         .await

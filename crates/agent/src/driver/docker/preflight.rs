@@ -80,8 +80,9 @@ pub async fn check_stack(host: Option<String>, stack: &Stack) -> Vec<Finding> {
         host,
         client: tokio::sync::Mutex::new(None),
     };
-    let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
-    let docker = match engine.client(&names.join("`, `")).await {
+    // `connect`, not `client`: the driver's error names the services and
+    // says how to fix it, which each finding below does already.
+    let docker = match engine.connect().await {
         Ok(d) => Some(d),
         Err(e) => {
             for s in &services {
@@ -89,8 +90,8 @@ pub async fn check_stack(host: Option<String>, stack: &Stack) -> Vec<Finding> {
                     service: s.name.clone(),
                     severity: Severity::Error,
                     message: format!(
-                        "no Docker engine answers at {}: start one (`dockerd`, or \
-                         `scripts/docker-up`) or point berth at one with DOCKER_HOST ({e})",
+                        "no Docker engine answers at {} ({e}): start one (`dockerd`, or \
+                         `scripts/docker-up`) or point berth at one with DOCKER_HOST",
                         engine.describe()
                     ),
                 });
@@ -121,7 +122,18 @@ pub async fn check_stack(host: Option<String>, stack: &Stack) -> Vec<Finding> {
         if let Some(build) = &s.build
             && policy != "never"
         {
-            if !build.context.is_dir() {
+            if build.is_remote() {
+                out.push(Finding {
+                    service: s.name.clone(),
+                    severity: Severity::Error,
+                    message: format!(
+                        "build context `{}` is remote, and berth builds only from a \
+                         local folder: clone it and point `build.context` at the clone, or \
+                         build the image elsewhere, load it here and set `pull_policy: never`",
+                        build.context.display()
+                    ),
+                });
+            } else if !build.context.is_dir() {
                 out.push(Finding {
                     service: s.name.clone(),
                     severity: Severity::Error,
@@ -201,5 +213,66 @@ async fn image_state(docker: &Docker, image: &str, policy: &str) -> ImageState {
     match docker.inspect_registry_image(image, None).await {
         Ok(_) => ImageState::Pullable,
         Err(e) => ImageState::Unpullable(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(yaml: &str, dir: &Path) -> Stack {
+        let opts = berth_spec::LoadOptions {
+            working_dir: dir.to_owned(),
+            ..Default::default()
+        };
+        berth_spec::load_str(Path::new("compose.yaml"), yaml, &opts)
+            .unwrap()
+            .stack
+    }
+
+    /// Regression: without an engine, each finding said "no Docker engine
+    /// answers" and how to start one twice (the driver's own error, which
+    /// already named the services and the fix, was quoted inside it).
+    #[tokio::test]
+    async fn without_an_engine_each_service_is_told_once_how_to_get_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = stack("services:\n  a: {image: x}\n  b: {image: y}\n", dir.path());
+        let sock = format!("unix://{}/none.sock", dir.path().display());
+        let findings = check_stack(Some(sock.clone()), &s).await;
+        assert_eq!(findings.len(), 2, "{findings:?}");
+        for f in &findings {
+            let text = f.to_string();
+            assert_eq!(f.severity, Severity::Error);
+            assert_eq!(
+                text.matches("no Docker engine answers").count(),
+                1,
+                "{text}"
+            );
+            assert_eq!(text.matches("DOCKER_HOST").count(), 1, "{text}");
+            assert!(text.contains(&sock), "{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_remote_build_context_is_named_as_remote_not_as_a_missing_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = stack(
+            "services:\n  web:\n    build: https://github.com/docker/compose.git\n",
+            dir.path(),
+        );
+        let sock = format!("unix://{}/none.sock", dir.path().display());
+        let findings = check_stack(Some(sock), &s).await;
+        let remote: Vec<String> = findings
+            .iter()
+            .map(ToString::to_string)
+            .filter(|t| t.contains("build context"))
+            .collect();
+        assert_eq!(remote.len(), 1, "{findings:?}");
+        assert!(
+            remote[0].contains("`https://github.com/docker/compose.git` is remote")
+                && remote[0].contains("clone it"),
+            "{}",
+            remote[0]
+        );
     }
 }
