@@ -5,13 +5,11 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use crate::http::balance::{Picked, ServiceSlot};
+use crate::http::upstream::UpBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
-use hyper::body::Incoming;
-
-use crate::http::balance::{Picked, ServiceSlot};
-use crate::http::upstream::Lease;
 
 /// A response body the router sends.
 pub enum RespBody {
@@ -23,43 +21,23 @@ pub enum RespBody {
 
 /// An instance's response body and the counters it keeps busy.
 pub struct ProxiedBody {
-    pub(crate) inner: Incoming,
+    /// Read from the instance's connection, which goes back to the pool
+    /// once the body has ended and is closed if it is dropped before.
+    pub(crate) inner: UpBody,
     pub(crate) _slot: Option<ServiceSlot>,
     pub(crate) _picked: Option<Picked>,
-    /// The connection the body arrives on: back to the pool once the body
-    /// has ended, closed if it is dropped before.
-    pub(crate) lease: Option<Lease>,
-    /// The body reported its end (a chunked body's length is not known
-    /// before that).
-    pub(crate) ended: bool,
-}
-
-impl Drop for ProxiedBody {
-    fn drop(&mut self) {
-        if (self.ended || self.inner.is_end_stream())
-            && let Some(lease) = self.lease.as_mut()
-        {
-            lease.release();
-        }
-    }
 }
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = std::io::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         match self.get_mut() {
-            RespBody::Proxied(p) => {
-                let frame = Pin::new(&mut p.inner).poll_frame(cx);
-                if let Poll::Ready(None) = frame {
-                    p.ended = true;
-                }
-                frame
-            }
+            RespBody::Proxied(p) => Pin::new(&mut p.inner).poll_frame(cx),
             RespBody::Local(f) => Pin::new(f).poll_frame(cx).map_err(|never| match never {}),
         }
     }

@@ -8,9 +8,12 @@
 //!   the bulkhead — lock-free per-request bookkeeping.
 //! - `proxy`: one request's path through the router (header rewriting,
 //!   retries, upgrades).
-//! - `upstream`: keep-alive HTTP/1.1 connections to instances, pooled per
-//!   serving thread; a connection returns to the pool when its response
-//!   body has ended.
+//! - `upstream`: the router's own HTTP/1.1 client: keep-alive connections
+//!   to instances, pooled per serving thread, driven from the request's own
+//!   task; a connection returns to the pool when its response body has
+//!   ended.
+//! - `codec`: byte-level HTTP/1.1 (response heads via `httparse`, body
+//!   framing, the chunked decoder), pure and property-tested.
 //! - `error`: the one place router failures become HTTP responses.
 //! - [`metrics`]: counters and the [`RouterMetrics`] snapshot.
 //! - [`tls`]: certificates from PEM files.
@@ -43,6 +46,7 @@
 
 mod balance;
 mod body;
+mod codec;
 mod error;
 pub mod metrics;
 mod proxy;
@@ -116,10 +120,6 @@ impl Default for RouterConfig {
         }
     }
 }
-
-/// Body type sent to instances: the client's body, or nothing (retries).
-pub(crate) type UpstreamBody =
-    http_body_util::Either<hyper::body::Incoming, http_body_util::Empty<bytes::Bytes>>;
 
 /// The HTTP router. Cheap to clone; every clone serves the same table,
 /// pools and counters. Dropping the last clone stops following the table.

@@ -10,20 +10,21 @@ use std::time::Instant;
 
 use hyper::body::{Body, Incoming};
 use hyper::header::{
-    CONNECTION, FORWARDED, HOST, HeaderMap, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, EXPECT, FORWARDED, HOST, HeaderMap, HeaderName, HeaderValue,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use hyper::http::uri::PathAndQuery;
-use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
+use crate::http::Inner;
 use crate::http::balance::{Outcome, Picked, ServiceState};
 use crate::http::body::{ProxiedBody, RespBody};
+use crate::http::codec;
 use crate::http::error::ProxyError;
 use crate::http::metrics::RequestCounters;
 use crate::http::table::{normalize_host, strip_path};
-use crate::http::upstream::{Upstream, UpstreamError};
-use crate::http::{Inner, UpstreamBody};
+use crate::http::upstream::{self, SendBody, UpBody, Upstream, UpstreamError};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -141,60 +142,67 @@ pub(crate) async fn handle(
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
         );
     let orig_uri = std::mem::take(&mut parts.uri);
-    let mut body = Some(body);
+    // A body of known length keeps it; one of unknown length (a chunked
+    // HTTP/1.1 body, an HTTP/2 body without content-length) is re-encoded
+    // as chunks.
+    let body_len = if body.is_end_stream() {
+        Some(0)
+    } else {
+        body.size_hint().exact()
+    };
+    let mut body = body;
+    let request_was_head = parts.method == Method::HEAD;
+    let mut head = Vec::with_capacity(512);
     let mut tried = 0u64;
     let mut attempt = 0u32;
     let breaker = &inner.breaker;
     let clock = &inner.clock;
-    let outcome: Result<(Response<Incoming>, _, Picked), ProxyError> = loop {
+    let outcome: Result<(upstream::Response, Picked), ProxyError> = loop {
         let Some(picked) = service.pick(tried, clock, breaker) else {
             break Err(ProxyError::NoHealthyInstance(service.id.clone()));
         };
         if picked.index < 64 {
             tried |= 1 << picked.index;
         }
-        // Origin-form: the connection already says which instance.
-        let up = Uri::from(pq.clone());
-        if !parts.headers.contains_key(HOST) {
-            // HTTP/1.0 without a Host header: name the instance.
-            if let Ok(v) = HeaderValue::from_str(picked.backend.authority.as_str()) {
-                parts.headers.insert(HOST, v);
-            }
-        }
-        let upstream_req = if retryable {
-            let mut r = Request::new(UpstreamBody::Right(http_body_util::Empty::new()));
-            *r.method_mut() = parts.method.clone();
-            *r.uri_mut() = up;
-            *r.version_mut() = Version::HTTP_11;
-            *r.headers_mut() = parts.headers.clone();
-            r
+        head.clear();
+        encode_request_head(
+            &mut head,
+            &parts.method,
+            pq.as_str(),
+            &parts.headers,
+            body_len,
+            &picked.backend.authority,
+        );
+        // Sent once only: a body is consumed by the first attempt.
+        let send_body = if body_len == Some(0) || retryable {
+            SendBody::Empty
         } else {
-            let b = body
-                .take()
-                .map(UpstreamBody::Left)
-                .unwrap_or_else(|| UpstreamBody::Right(http_body_util::Empty::new()));
-            let mut r = Request::new(b);
-            *r.method_mut() = parts.method.clone();
-            *r.uri_mut() = up;
-            *r.version_mut() = Version::HTTP_11;
-            *r.headers_mut() = std::mem::take(&mut parts.headers);
-            r
+            SendBody::Hyper {
+                body: &mut body,
+                chunked: body_len.is_none(),
+            }
         };
         let sent = tokio::time::timeout(
             inner.config.upstream_timeout,
-            conn.upstream.send(picked.backend.addr, upstream_req),
+            conn.upstream.send(
+                picked.backend.addr,
+                &head,
+                send_body,
+                request_was_head,
+                retryable || (body_len == Some(0) && idempotent(&parts.method)),
+            ),
         )
         .await;
         match sent {
-            Ok(Ok((resp, lease))) => {
-                let failed = inner.config.eject_on_5xx && resp.status().is_server_error();
+            Ok(Ok(resp)) => {
+                let failed = inner.config.eject_on_5xx && resp.head.status >= 500;
                 let o = if failed {
                     Outcome::Failure
                 } else {
                     Outcome::Success
                 };
                 report(&service, &picked, o, inner);
-                break Ok((resp, lease, picked));
+                break Ok((resp, picked));
             }
             Ok(Err(e @ UpstreamError::Connect(_))) => {
                 report(&service, &picked, Outcome::Failure, inner);
@@ -214,7 +222,10 @@ pub(crate) async fn handle(
                 });
             }
             Ok(Err(e)) => {
-                report(&service, &picked, Outcome::Failure, inner);
+                // A client whose body broke off is not the instance's fault.
+                if !matches!(e, UpstreamError::ClientBody(_)) {
+                    report(&service, &picked, Outcome::Failure, inner);
+                }
                 tracing::debug!(service = %service.id, backend = %picked.backend.addr, error = %e, "upstream request failed");
                 break Err(ProxyError::Upstream {
                     service: service.id.clone(),
@@ -228,29 +239,33 @@ pub(crate) async fn handle(
         }
     };
 
-    let (mut resp, lease, picked) = match outcome {
+    let (resp, picked) = match outcome {
         Ok(r) => r,
         Err(err) => {
             return respond_err(&counters, err, &parts.method, &host, orig_uri.path(), start);
         }
     };
-    let status = resp.status();
-    // An upgraded connection belongs to the tunnel, never to the pool.
-    let mut lease = Some(lease);
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        lease = None;
-        let upgrade_value = resp.headers().get(UPGRADE).cloned();
-        remove_hop_by_hop(resp.headers_mut());
-        if let (Some(client), Some(v)) = (client_upgrade, upgrade_value) {
-            resp.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
-            resp.headers_mut().insert(UPGRADE, v);
-            let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(client, upstream));
+    let status = StatusCode::from_u16(resp.head.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response_headers(&resp, switching && client_upgrade.is_some());
+    let backend = picked.backend.clone();
+    let body = if switching {
+        // An upgraded connection belongs to the tunnel, never to the pool.
+        if let Some(client) = client_upgrade
+            && headers.contains_key(UPGRADE)
+        {
+            let mut instance = resp.conn;
+            instance.consume(resp.head.len);
+            tokio::spawn(tunnel(client, instance));
         }
+        RespBody::Local(http_body_util::Full::default())
     } else {
-        remove_hop_by_hop(resp.headers_mut());
-    }
+        RespBody::Proxied(ProxiedBody {
+            inner: UpBody::new(resp, conn.upstream.pool().clone()),
+            _slot: Some(slot),
+            _picked: Some(picked),
+        })
+    };
     counters.record(status.as_u16(), start.elapsed());
     access_log(
         &parts.method,
@@ -258,19 +273,99 @@ pub(crate) async fn handle(
         orig_uri.path(),
         status,
         start,
-        &picked.backend.id,
+        &backend.id,
     );
-    let (rparts, rbody) = resp.into_parts();
-    Response::from_parts(
-        rparts,
-        RespBody::Proxied(ProxiedBody {
-            inner: rbody,
-            _slot: Some(slot),
-            _picked: Some(picked),
-            lease,
-            ended: false,
-        }),
+    let mut out = Response::new(body);
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     )
+}
+
+/// The request head sent to an instance: origin-form target, the client's
+/// headers (already rewritten) minus framing, then this hop's framing.
+fn encode_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    body_len: Option<u64>,
+    authority: &hyper::http::uri::Authority,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(HOST) {
+        // HTTP/1.0 without a Host header: name the instance.
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(authority.as_str().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let mut had_length = false;
+    for (name, value) in headers {
+        // The body is sent at once, so `Expect: 100-continue` has nothing
+        // to wait for on this hop.
+        if name == CONTENT_LENGTH || name == EXPECT {
+            had_length |= name == CONTENT_LENGTH;
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match body_len {
+        Some(0) => {
+            if had_length || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+        }
+        Some(n) => {
+            use std::io::Write;
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The instance's response headers minus hop-by-hop ones; for a `101`
+/// passed on to the client, `Connection: upgrade` and its `Upgrade`.
+fn response_headers(resp: &upstream::Response, upgrade: bool) -> HeaderMap {
+    let raw = resp.head_bytes();
+    let fields = &resp.head.headers;
+    let named: Vec<&[u8]> = fields
+        .iter()
+        .filter(|(n, _)| raw[n.clone()].eq_ignore_ascii_case(b"connection"))
+        .flat_map(|(_, v)| raw[v.clone()].split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .collect();
+    let mut h = HeaderMap::with_capacity(fields.len());
+    for (n, v) in fields {
+        let (name, value) = (&raw[n.clone()], &raw[v.clone()]);
+        let keep_upgrade = upgrade && name.eq_ignore_ascii_case(b"upgrade");
+        if !keep_upgrade
+            && (codec::is_hop_by_hop(name) || named.iter().any(|t| t.eq_ignore_ascii_case(name)))
+        {
+            continue;
+        }
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
+            h.append(name, value);
+        }
+    }
+    if upgrade && h.contains_key(UPGRADE) {
+        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    h
 }
 
 fn report(service: &ServiceState, picked: &Picked, o: Outcome, inner: &Inner) {
@@ -321,17 +416,26 @@ fn access_log(
     );
 }
 
-/// Both sides switched protocols: copy bytes until either closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    match tokio::try_join!(client, upstream) {
-        Ok((c, u)) => {
-            let mut c = TokioIo::new(c);
-            let mut u = TokioIo::new(u);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                tracing::debug!(error = %e, "upgraded connection ended with an error");
-            }
+/// Both sides switched protocols: copy bytes until either closes. Bytes
+/// the instance sent right after its `101` go to the client first.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, mut instance: upstream::Conn) {
+    let upgraded = match client.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "protocol upgrade failed");
+            return;
         }
-        Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+    };
+    let mut c = TokioIo::new(upgraded);
+    let early = instance.take_data();
+    let copied = async {
+        if !early.is_empty() {
+            tokio::io::AsyncWriteExt::write_all(&mut c, &early).await?;
+        }
+        tokio::io::copy_bidirectional(&mut c, &mut instance.stream).await
+    };
+    if let Err(e) = copied.await {
+        tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
 }
 
