@@ -102,12 +102,17 @@ mod tests {
     use super::*;
 
     fn status(slot: u32) -> InstanceStatus {
-        serde_json::from_value(serde_json::json!({
-            "key": {"namespace": "default", "stack": "s", "service": "web", "slot": slot},
-            "uid": "u1", "node": "local", "release": 1, "state": "running",
-            "health": "healthy", "restarts": 0, "updated_at": 1
-        }))
-        .expect("a minimal status")
+        InstanceStatus {
+            state: berth_model::InstanceState::Running,
+            health: berth_model::Health::Healthy,
+            ..InstanceStatus::new(
+                berth_model::InstanceKey::new("default", "s", "web", slot),
+                "u1",
+                "local",
+                1,
+                1,
+            )
+        }
     }
 
     #[test]

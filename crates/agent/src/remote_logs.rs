@@ -313,12 +313,7 @@ mod tests {
 
     fn line(n: usize, len: usize) -> LogLine {
         LogLine {
-            key: InstanceKey {
-                namespace: "default".into(),
-                stack: "s".into(),
-                service: "web".into(),
-                slot: 1,
-            },
+            key: InstanceKey::new("default", "s", "web", 1),
             ts_us: n as u64,
             stream: LogStream::Stdout,
             line: "x".repeat(len),

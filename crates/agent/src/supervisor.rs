@@ -162,22 +162,9 @@ fn exit_or_unknown(r: Result<Exit, DriverError>, key: &berth_model::InstanceKey)
 /// The status a supervisor starts from.
 pub fn initial_status(a: &Assignment, node: &str, address: &str) -> InstanceStatus {
     InstanceStatus {
-        key: a.key.clone(),
-        uid: a.uid.clone(),
-        node: node.to_owned(),
-        release: a.release,
-        state: InstanceState::Pending,
         health: initial_health(a),
-        pid: None,
         address: Some(address.to_owned()),
-        port: None,
-        restarts: 0,
-        last_exit: None,
-        started_at: None,
-        health_output: None,
-        limits_warning: None,
-        message: None,
-        updated_at: now_ms(),
+        ..InstanceStatus::new(a.key.clone(), a.uid.clone(), node, a.release, now_ms())
     }
 }
 

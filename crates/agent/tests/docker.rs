@@ -106,12 +106,7 @@ fn service(name: &str, command: &str, extra: Value) -> Service {
 }
 
 fn key(stack: &str, service: &str, slot: u32) -> InstanceKey {
-    InstanceKey {
-        namespace: NS.into(),
-        stack: stack.into(),
-        service: service.into(),
-        slot,
-    }
+    InstanceKey::new(NS, stack, service, slot)
 }
 
 fn assignment(key: InstanceKey, service: Service, uid: &str) -> Assignment {

@@ -213,12 +213,7 @@ mod tests {
 
     #[test]
     fn instance_keys_round_trip() {
-        let k = InstanceKey {
-            namespace: "default".into(),
-            stack: "shop".into(),
-            service: "web".into(),
-            slot: 12,
-        };
+        let k = InstanceKey::new("default", "shop", "web", 12);
         assert_eq!(parse_instance(&status(&k)), Some(k.clone()));
         assert_eq!(parse_instance(&assignment("n1", &k)), Some(k));
         assert_eq!(parse_instance("/berth/status/a/b"), None);

@@ -56,6 +56,21 @@ pub struct InstanceKey {
 }
 
 impl InstanceKey {
+    /// The key of `service.slot` of `stack` in `namespace`.
+    pub fn new(
+        namespace: impl Into<String>,
+        stack: impl Into<String>,
+        service: impl Into<String>,
+        slot: u32,
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            stack: stack.into(),
+            service: service.into(),
+            slot,
+        }
+    }
+
     /// The short display name `service.slot` used in logs and `ps`.
     pub fn short(&self) -> String {
         format!("{}.{}", self.service, self.slot)
@@ -435,6 +450,40 @@ pub struct InstanceStatus {
     pub message: Option<String>,
     /// Last update.
     pub updated_at: Millis,
+}
+
+impl InstanceStatus {
+    /// What an agent knows of incarnation `uid` of `key` on `node` before
+    /// it starts it: `Pending`, no health result, no process, address or
+    /// port, no restarts. The agent's first report starts from this, and so
+    /// do fixtures, setting what differs with struct update syntax
+    /// (`InstanceStatus { state: Running, ..InstanceStatus::new(…) }`).
+    pub fn new(
+        key: InstanceKey,
+        uid: impl Into<String>,
+        node: impl Into<String>,
+        release: u64,
+        updated_at: Millis,
+    ) -> Self {
+        Self {
+            key,
+            uid: uid.into(),
+            node: node.into(),
+            release,
+            state: InstanceState::Pending,
+            health: Health::None,
+            pid: None,
+            address: None,
+            port: None,
+            restarts: 0,
+            last_exit: None,
+            started_at: None,
+            health_output: None,
+            limits_warning: None,
+            message: None,
+            updated_at,
+        }
+    }
 }
 
 /// A machine running an agent.

@@ -143,12 +143,7 @@ fn main() {
         .flat_map(|s| {
             (1..=u32::try_from(replicas).unwrap_or(u32::MAX)).map(move |slot| {
                 (
-                    InstanceKey {
-                        namespace: "default".into(),
-                        stack: "bench".into(),
-                        service: s.name.clone(),
-                        slot,
-                    },
+                    InstanceKey::new("default", "bench", s.name.clone(), slot),
                     s,
                 )
             })

@@ -26,12 +26,7 @@ fn with_capacity(mut n: Node, cpus: u32, mem: u64) -> Node {
 }
 
 fn key(service: &str, slot: u32) -> InstanceKey {
-    InstanceKey {
-        namespace: "default".into(),
-        stack: "s".into(),
-        service: service.into(),
-        slot,
-    }
+    InstanceKey::new("default", "s", service, slot)
 }
 
 fn svc(name: &str, f: impl FnOnce(&mut Service)) -> Service {

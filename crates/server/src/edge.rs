@@ -193,31 +193,15 @@ mod tests {
             (2, "n2", "10.213.2.2", Health::Healthy),
             (3, "n3", "10.213.3.2", Health::Unhealthy),
         ] {
-            let key = InstanceKey {
-                namespace: "default".into(),
-                stack: "shop".into(),
-                service: "web".into(),
-                slot,
-            };
+            let key = InstanceKey::new("default", "shop", "web", slot);
             m.statuses.insert(
                 key.clone(),
                 InstanceStatus {
-                    key,
-                    uid: format!("u{slot}"),
-                    node: node.into(),
-                    release: 1,
                     state: InstanceState::Running,
                     health,
-                    pid: None,
                     address: Some(addr.into()),
                     port: Some(41000 + slot as u16),
-                    restarts: 0,
-                    last_exit: None,
-                    started_at: None,
-                    health_output: None,
-                    limits_warning: None,
-                    message: None,
-                    updated_at: 0,
+                    ..InstanceStatus::new(key, format!("u{slot}"), node, 1, 0)
                 },
             );
         }

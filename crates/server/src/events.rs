@@ -640,27 +640,17 @@ mod tests {
 
     fn status(slot: u32, state: InstanceState, health: Health) -> InstanceStatus {
         InstanceStatus {
-            key: InstanceKey {
-                namespace: "default".into(),
-                stack: "shop".into(),
-                service: "web".into(),
-                slot,
-            },
-            uid: "u1".into(),
-            node: "n1".into(),
-            release: 1,
             state,
             health,
             pid: Some(42),
-            address: None,
-            port: None,
-            restarts: 0,
-            last_exit: None,
             started_at: Some(1),
-            health_output: None,
-            limits_warning: None,
-            message: None,
-            updated_at: 1,
+            ..InstanceStatus::new(
+                InstanceKey::new("default", "shop", "web", slot),
+                "u1",
+                "n1",
+                1,
+                1,
+            )
         }
     }
 

@@ -241,31 +241,21 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_model::{Health, InstanceState, InstanceStatus};
+    use berth_model::{InstanceState, InstanceStatus};
 
     fn status(slot: u32, uid: &str) -> InstanceStatus {
         InstanceStatus {
-            key: InstanceKey {
-                namespace: "default".into(),
-                stack: "shop".into(),
-                service: "web".into(),
-                slot,
-            },
-            uid: uid.into(),
-            node: "n1".into(),
-            release: 1,
             state: InstanceState::Running,
-            health: Health::None,
             pid: Some(1),
-            address: None,
-            port: None,
             restarts: 2,
-            last_exit: None,
             started_at: Some(1),
-            health_output: None,
-            limits_warning: None,
-            message: None,
-            updated_at: 1,
+            ..InstanceStatus::new(
+                InstanceKey::new("default", "shop", "web", slot),
+                uid,
+                "n1",
+                1,
+                1,
+            )
         }
     }
 

@@ -270,27 +270,19 @@ mod tests {
 
     fn status(uid: &str, health: Health, updated_at: u64) -> InstanceStatus {
         InstanceStatus {
-            key: InstanceKey {
-                namespace: "default".into(),
-                stack: "shop".into(),
-                service: "web".into(),
-                slot: 1,
-            },
-            uid: uid.into(),
-            node: "n1".into(),
-            release: 1,
             state: InstanceState::Running,
             health,
             pid: Some(42),
             address: Some("127.0.0.1".into()),
             port: Some(8000),
-            restarts: 0,
-            last_exit: None,
             started_at: Some(1),
-            health_output: None,
-            limits_warning: None,
-            message: None,
-            updated_at,
+            ..InstanceStatus::new(
+                InstanceKey::new("default", "shop", "web", 1),
+                uid,
+                "n1",
+                1,
+                updated_at,
+            )
         }
     }
 

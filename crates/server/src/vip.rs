@@ -553,27 +553,17 @@ services:
         allocate(&mut m);
         let status =
             |service: &str, slot: u32, addr: &str, port: u16, health: Health| InstanceStatus {
-                key: InstanceKey {
-                    namespace: "default".into(),
-                    stack: "shop".into(),
-                    service: service.into(),
-                    slot,
-                },
-                uid: format!("u{slot}"),
-                node: "n1".into(),
-                release: 1,
                 state: InstanceState::Running,
                 health,
-                pid: None,
                 address: Some(addr.into()),
                 port: Some(port),
-                restarts: 0,
-                last_exit: None,
-                started_at: None,
-                health_output: None,
-                limits_warning: None,
-                message: None,
-                updated_at: 0,
+                ..InstanceStatus::new(
+                    InstanceKey::new("default", "shop", service, slot),
+                    format!("u{slot}"),
+                    "n1",
+                    1,
+                    0,
+                )
             };
         for s in [
             status("api", 1, "127.0.0.1", 41001, Health::Healthy),

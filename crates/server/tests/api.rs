@@ -332,12 +332,7 @@ async fn remove_deletes_the_record_and_every_release() {
 }
 
 fn key(service: &str, slot: u32) -> InstanceKey {
-    InstanceKey {
-        namespace: "default".into(),
-        stack: "shop".into(),
-        service: service.into(),
-        slot,
-    }
+    InstanceKey::new("default", "shop", service, slot)
 }
 
 #[tokio::test]
@@ -357,22 +352,16 @@ async fn instances_join_assignments_with_statuses() {
         retire_at: None,
     };
     let status = |slot: u32, uid: &str| InstanceStatus {
-        key: key("web", slot),
-        uid: uid.into(),
-        node: "n1".into(),
-        release: 1,
         state: InstanceState::Running,
         health: Health::Healthy,
         pid: Some(1234),
         address: Some("127.0.0.1".into()),
         port: Some(4000),
         restarts: 2,
-        last_exit: None,
         started_at: Some(1),
         health_output: Some("ok".into()),
         limits_warning: Some("no cgroup".into()),
-        message: None,
-        updated_at: 1,
+        ..InstanceStatus::new(key("web", slot), uid, "n1", 1, 1)
     };
     // web.1: assigned and reported; web.2: assigned only; web.3: reported
     // only (its assignment is gone: being stopped).

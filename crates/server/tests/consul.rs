@@ -123,29 +123,15 @@ impl Harness {
     }
 
     async fn status(&self, service: &str, slot: u32, port: u16, health: Health) {
-        let key = InstanceKey {
-            namespace: "default".into(),
-            stack: "shop".into(),
-            service: service.into(),
-            slot,
-        };
+        let key = InstanceKey::new("default", "shop", service, slot);
         let s = InstanceStatus {
-            key: key.clone(),
-            uid: format!("u{slot}"),
-            node: "n1".into(),
-            release: 1,
             state: InstanceState::Running,
             health,
             pid: Some(1),
             address: Some("127.0.0.1".into()),
             port: Some(port),
-            restarts: 0,
-            last_exit: None,
             started_at: Some(1),
-            health_output: None,
-            limits_warning: None,
-            message: None,
-            updated_at: 1,
+            ..InstanceStatus::new(key.clone(), format!("u{slot}"), "n1", 1, 1)
         };
         put_json(&*self.store, &keys::status(&key), &s)
             .await

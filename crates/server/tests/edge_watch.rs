@@ -56,27 +56,17 @@ async fn next_line(body: &mut Incoming, buf: &mut Vec<u8>) -> EdgeLine {
 
 fn healthy(slot: u32) -> InstanceStatus {
     InstanceStatus {
-        key: InstanceKey {
-            namespace: "default".into(),
-            stack: "shop".into(),
-            service: "web".into(),
-            slot,
-        },
-        uid: format!("u{slot}"),
-        node: "n2".into(),
-        release: 1,
         state: InstanceState::Running,
         health: Health::Healthy,
-        pid: None,
         address: Some("10.213.2.2".into()),
         port: Some(41000),
-        restarts: 0,
-        last_exit: None,
-        started_at: None,
-        health_output: None,
-        limits_warning: None,
-        message: None,
-        updated_at: 0,
+        ..InstanceStatus::new(
+            InstanceKey::new("default", "shop", "web", slot),
+            format!("u{slot}"),
+            "n2",
+            1,
+            0,
+        )
     }
 }
 

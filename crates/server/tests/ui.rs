@@ -314,29 +314,15 @@ async fn the_stack_watch_streams_a_snapshot_per_change() {
     .unwrap();
 
     // An agent reports web.1 running: the next snapshot shows it.
-    let key = InstanceKey {
-        namespace: "default".into(),
-        stack: "shop".into(),
-        service: "web".into(),
-        slot: 1,
-    };
+    let key = InstanceKey::new("default", "shop", "web", 1);
     let status = InstanceStatus {
-        key: key.clone(),
-        uid: "u1".into(),
-        node: "n1".into(),
-        release: 1,
         state: InstanceState::Running,
         health: Health::Healthy,
         pid: Some(42),
         address: Some("127.0.0.1".into()),
         port: Some(4000),
-        restarts: 0,
-        last_exit: None,
         started_at: Some(1),
-        health_output: None,
-        limits_warning: None,
-        message: None,
-        updated_at: 1,
+        ..InstanceStatus::new(key.clone(), "u1", "n1", 1, 1)
     };
     put_json(&*s.store, &keys::status(&key), &status)
         .await

@@ -223,12 +223,7 @@ mod tests {
         service.image = Some("busybox".into());
         service.extra_hosts = vec!["db=10.0.0.9".into()];
         let a = Assignment {
-            key: berth_model::InstanceKey {
-                namespace: "default".into(),
-                stack: "shop".into(),
-                service: "box".into(),
-                slot: 1,
-            },
+            key: berth_model::InstanceKey::new("default", "shop", "box", 1),
             uid: "u".into(),
             node: "n".into(),
             release: 1,

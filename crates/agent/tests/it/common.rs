@@ -15,12 +15,7 @@ use berth_model::{Assignment, DesiredState, InstanceKey, InstanceStatus, Service
 use tokio::sync::mpsc;
 
 pub fn key(service: &str, slot: u32) -> InstanceKey {
-    InstanceKey {
-        namespace: "default".into(),
-        stack: "demo".into(),
-        service: service.into(),
-        slot,
-    }
+    InstanceKey::new("default", "demo", service, slot)
 }
 
 /// A service running `command` through `sh -c`, with `extra` JSON fields.

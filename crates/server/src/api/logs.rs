@@ -295,12 +295,7 @@ fn wanted(q: &LogQuery, line: &LogLine) -> bool {
 /// on the node (the broadcast is shared), so it is an upper bound.
 fn skipped_note(q: &LogQuery, n: u64) -> LogLine {
     LogLine {
-        key: InstanceKey {
-            namespace: q.namespace.clone(),
-            stack: q.stack.clone(),
-            service: "berth".to_owned(),
-            slot: 0,
-        },
+        key: InstanceKey::new(q.namespace.clone(), q.stack.clone(), "berth", 0),
         ts_us: now_ms() * 1000,
         stream: LogStream::System,
         line: format!("up to {n} lines skipped (reader too slow)"),

@@ -1005,22 +1005,10 @@ mod tests {
                 .find(|(a, _)| a.key.service == service)
                 .unwrap();
             InstanceStatus {
-                key: a.key.clone(),
-                uid: a.uid.clone(),
-                node: "n1".into(),
-                release: 1,
                 state,
                 health,
                 pid: Some(1),
-                address: None,
-                port: None,
-                restarts: 0,
-                last_exit: None,
-                started_at: None,
-                health_output: None,
-                limits_warning: None,
-                message: None,
-                updated_at: 0,
+                ..InstanceStatus::new(a.key.clone(), a.uid.clone(), "n1", 1, 0)
             }
         };
         let db = status(&m, "db", InstanceState::Running, Health::Healthy);
@@ -1364,22 +1352,13 @@ mod tests {
 
     fn status(a: &Assignment, now: Millis, health: Health) -> InstanceStatus {
         InstanceStatus {
-            key: a.key.clone(),
-            uid: a.uid.clone(),
-            node: a.node.clone(),
-            release: a.release,
             state: InstanceState::Running,
             health,
             pid: Some(1),
             address: Some("127.0.0.1".into()),
             port: Some(1),
-            restarts: 0,
-            last_exit: None,
             started_at: Some(now),
-            health_output: None,
-            limits_warning: None,
-            message: None,
-            updated_at: now,
+            ..InstanceStatus::new(a.key.clone(), a.uid.clone(), a.node.clone(), a.release, now)
         }
     }
 

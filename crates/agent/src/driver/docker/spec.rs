@@ -238,12 +238,7 @@ mod tests {
     use super::*;
 
     fn key() -> InstanceKey {
-        InstanceKey {
-            namespace: "default".into(),
-            stack: "shop".into(),
-            service: "Web".into(),
-            slot: 2,
-        }
+        InstanceKey::new("default", "shop", "Web", 2)
     }
 
     #[test]
