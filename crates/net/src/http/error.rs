@@ -22,9 +22,12 @@ pub enum ProxyError {
         /// The request's path.
         path: String,
     },
-    /// The request had no usable host (400).
+    /// The request was not valid HTTP/1.1, or had no usable host (400).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request head was larger than the router accepts (431).
+    #[error("request header fields too large (the limit is {0} bytes for the whole head)")]
+    HeadTooLarge(usize),
     /// The service has no instance the router may use now (503).
     #[error("no healthy instance of service {0}")]
     NoHealthyInstance(ServiceId),
@@ -55,12 +58,29 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::NoHealthyInstance(_) | ProxyError::AtConcurrencyLimit { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
         }
+    }
+
+    /// The response as HTTP/1.1 bytes, appended to `out`, for the
+    /// router's own HTTP/1.1 connections.
+    pub(crate) fn write_h1(&self, out: &mut Vec<u8>, close: bool) {
+        use std::io::Write;
+        let status = self.status();
+        let body = format!("{self}\n");
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n{body}",
+            status.as_str(),
+            status.canonical_reason().unwrap_or(""),
+            body.len(),
+            if close { "connection: close\r\n" } else { "" },
+        );
     }
 
     /// The response sent to the client.

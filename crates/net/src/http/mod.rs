@@ -6,8 +6,12 @@
 //!   lookup form.
 //! - `balance`: round-robin / power-of-two-choices, the circuit breaker,
 //!   the bulkhead — lock-free per-request bookkeeping.
-//! - `proxy`: one request's path through the router (header rewriting,
-//!   retries, upgrades).
+//! - `proxy`: one request's path through the router (routing, header
+//!   rewriting, retries, the breaker, upgrades), shared by both server
+//!   sides, and the hyper (HTTP/2, TLS) server side.
+//! - `h1`: the router's own HTTP/1.1 server side for plain connections
+//!   (`httparse`, reused buffers, one timer per connection); it hands
+//!   h2c prior-knowledge connections to hyper.
 //! - `upstream`: the router's own HTTP/1.1 client: keep-alive connections
 //!   to instances, pooled per serving thread, driven from the request's own
 //!   task; a connection returns to the pool when its response body has
@@ -20,7 +24,8 @@
 //!
 //! Clients speak HTTP/1.1 or HTTP/2 (h2c prior knowledge, or ALPN over
 //! TLS); instances are reached over HTTP/1.1 with pooled keep-alive
-//! connections. The route table arrives through a `watch` channel; each
+//! connections. Plain HTTP/1.1 connections are served by the router's own
+//! codec (`h1`); hyper serves HTTP/2 and TLS connections. The route table arrives through a `watch` channel; each
 //! change is compiled once and swapped in atomically, and every request
 //! reads whichever table is current when it arrives, so a change never
 //! touches connections or requests already running.
@@ -48,6 +53,7 @@ mod balance;
 mod body;
 mod codec;
 mod error;
+mod h1;
 pub mod metrics;
 mod proxy;
 pub mod table;
@@ -350,6 +356,9 @@ impl Router {
         builder.http2().timer(TokioTimer::new());
         let builder = Arc::new(builder);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // For the router's own HTTP/1.1 connections (hyper's are told by
+        // `graceful`).
+        let (stop_tx, stop_rx) = watch::channel(false);
         let mut conns = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -373,12 +382,19 @@ impl Router {
             let builder = builder.clone();
             let watcher = graceful.watcher();
             let tls = tls.clone();
+            let stop = stop_rx.clone();
             conns.spawn(async move {
                 let _active = ActiveConnection::new(inner.clone());
                 match tls {
                     None => {
-                        serve_connection(inner, upstream, &builder, watcher, stream, peer, false)
-                            .await
+                        let serve = h1::Serve {
+                            inner,
+                            upstream,
+                            builder,
+                            watcher,
+                            stop,
+                        };
+                        h1::serve(serve, stream, peer).await
                     }
                     Some(acceptor) => {
                         let timeout = inner.config.tls_handshake_timeout;
@@ -398,10 +414,12 @@ impl Router {
         }
         drop(listener);
         let grace = self.inner.config.shutdown_grace;
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        let _ = stop_tx.send(true);
+        let drained = async {
+            graceful.shutdown().await;
+            while conns.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!(
                 remaining = conns.len(),
                 "router shutdown grace period over; closing remaining connections"
@@ -412,7 +430,7 @@ impl Router {
     }
 }
 
-async fn serve_connection<IO>(
+pub(crate) async fn serve_connection<IO>(
     inner: Arc<Inner>,
     upstream: Arc<Upstream>,
     builder: &auto::Builder<TokioExecutor>,

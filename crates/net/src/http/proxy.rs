@@ -10,10 +10,8 @@ use std::time::Instant;
 
 use hyper::body::{Body, Incoming};
 use hyper::header::{
-    CONNECTION, CONTENT_LENGTH, EXPECT, FORWARDED, HOST, HeaderMap, HeaderName, HeaderValue,
-    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    CONNECTION, CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue, UPGRADE,
 };
-use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::TokioIo;
 
@@ -24,36 +22,29 @@ use crate::http::codec;
 use crate::http::error::ProxyError;
 use crate::http::metrics::RequestCounters;
 use crate::http::table::{normalize_host, strip_path};
-use crate::http::upstream::{self, SendBody, UpBody, Upstream, UpstreamError};
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+use crate::http::upstream::{self, HyperBody, RequestBody, UpBody, Upstream, UpstreamError};
 
 /// What the router knows about a client connection, computed once.
 pub(crate) struct ConnInfo {
     /// The peer address as an `X-Forwarded-For` element.
-    peer_value: HeaderValue,
-    proto: &'static str,
+    pub(crate) peer: String,
+    pub(crate) proto: &'static str,
     /// `for=…` of the `Forwarded` element for this peer.
-    forwarded_for: String,
+    pub(crate) forwarded_for: String,
     /// The serving runtime's pool of connections to instances.
-    upstream: Arc<Upstream>,
+    pub(crate) upstream: Arc<Upstream>,
 }
 
 impl ConnInfo {
     pub(crate) fn new(peer: SocketAddr, tls: bool, upstream: Arc<Upstream>) -> Self {
         let ip = peer.ip().to_canonical();
-        let peer_value = HeaderValue::from_str(&ip.to_string())
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let peer = ip.to_string();
         let forwarded_for = match ip {
             IpAddr::V4(ip) => format!("for={ip}"),
             IpAddr::V6(ip) => format!("for=\"[{ip}]\""),
         };
         Self {
-            peer_value,
+            peer,
             proto: if tls { "https" } else { "http" },
             forwarded_for,
             upstream,
@@ -61,7 +52,325 @@ impl ConnInfo {
     }
 }
 
-/// Handle one request; never fails (errors become responses).
+/// The route a request takes, resolved once.
+pub(crate) struct Routed {
+    pub(crate) service: Arc<ServiceState>,
+    pub(crate) counters: Arc<RequestCounters>,
+    /// The target after stripping the route's prefix (with the query), if
+    /// the route strips.
+    pub(crate) stripped: Option<String>,
+}
+
+/// Find the route for `host` (normalized) and `path`; `None` counts a
+/// request without a route.
+pub(crate) fn route(inner: &Inner, host: &str, path: &str, query: Option<&str>) -> Option<Routed> {
+    let table = inner.table.load();
+    match table.lookup(host, path) {
+        Some(m) => {
+            let stripped = (m.route.strip && m.route.prefix != "/").then(|| {
+                let rest = strip_path(&m.route.prefix, path);
+                match query {
+                    Some(q) => format!("{rest}?{q}"),
+                    None => rest.to_string(),
+                }
+            });
+            Some(Routed {
+                service: m.route.service.clone(),
+                counters: m.route.counters.clone(),
+                stripped,
+            })
+        }
+        None => {
+            inner
+                .global
+                .no_route
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// A request head for instances, written once per request and completed
+/// per attempt (a request without any host names the instance).
+pub(crate) struct UpstreamHead {
+    pub(crate) buf: Vec<u8>,
+    /// Length before the per-attempt part.
+    pub(crate) base: usize,
+    pub(crate) needs_host: bool,
+}
+
+impl UpstreamHead {
+    pub(crate) fn new() -> Self {
+        Self {
+            buf: Vec::with_capacity(1024),
+            base: 0,
+            needs_host: false,
+        }
+    }
+
+    fn complete(&mut self, authority: &str) -> &[u8] {
+        self.buf.truncate(self.base);
+        if self.needs_host {
+            self.buf.extend_from_slice(b"host: ");
+            self.buf.extend_from_slice(authority.as_bytes());
+            self.buf.extend_from_slice(b"\r\n");
+        }
+        self.buf.extend_from_slice(b"\r\n");
+        &self.buf
+    }
+}
+
+/// How the request body travels on the hop to the instance.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum BodyLen {
+    /// No body; `had_length`: the client sent `Content-Length: 0`.
+    Empty {
+        had_length: bool,
+    },
+    Length(u64),
+    Chunked,
+}
+
+/// What the rewritten head needs to know besides the client's headers.
+pub(crate) struct HeadParts<'a> {
+    pub(crate) method: &'a [u8],
+    /// Origin-form target.
+    pub(crate) target: &'a [u8],
+    /// The host the client named (URI authority, else `Host`).
+    pub(crate) raw_host: Option<&'a [u8]>,
+    /// The `Upgrade` value when the client asks to switch protocols.
+    pub(crate) upgrade: Option<&'a [u8]>,
+    pub(crate) body: BodyLen,
+}
+
+/// Write the request head for an instance into `out.buf` (everything but
+/// the optional `host` line and the blank line, see
+/// [`UpstreamHead::complete`]): the client's headers minus hop-by-hop ones
+/// (RFC 9110 §7.6.1, including those `Connection` names), minus the framing
+/// (this hop has its own), with `X-Forwarded-For`/`-Proto`/`-Host` and
+/// `Forwarded` set or appended to.
+pub(crate) fn write_upstream_head<'h, I>(
+    out: &mut UpstreamHead,
+    conn: &ConnInfo,
+    p: &HeadParts<'_>,
+    headers: impl Fn() -> I,
+) where
+    I: Iterator<Item = (&'h [u8], &'h [u8])>,
+{
+    let b = &mut out.buf;
+    b.clear();
+    b.extend_from_slice(p.method);
+    b.push(b' ');
+    b.extend_from_slice(p.target);
+    b.extend_from_slice(b" HTTP/1.1\r\n");
+    // Header names `Connection` lists: usually none.
+    let mut named: Vec<&[u8]> = Vec::new();
+    for (n, v) in headers() {
+        if n.eq_ignore_ascii_case(b"connection") {
+            named.extend(v.split(|&c| c == b',').map(<[u8]>::trim_ascii));
+        }
+    }
+    let mut has_host = false;
+    let mut xff: Option<Vec<u8>> = None;
+    let mut fwd: Option<Vec<u8>> = None;
+    for (n, v) in headers() {
+        if n.eq_ignore_ascii_case(b"host") {
+            has_host = true;
+        } else if n.eq_ignore_ascii_case(b"x-forwarded-for") {
+            append_item(&mut xff, v);
+            continue;
+        } else if n.eq_ignore_ascii_case(b"forwarded") {
+            append_item(&mut fwd, v);
+            continue;
+        } else if codec::is_hop_by_hop(n)
+            || n.eq_ignore_ascii_case(b"content-length")
+            // The body is sent at once: `Expect: 100-continue` has
+            // nothing to wait for on this hop.
+            || n.eq_ignore_ascii_case(b"expect")
+            || n.eq_ignore_ascii_case(b"x-forwarded-proto")
+            || n.eq_ignore_ascii_case(b"x-forwarded-host")
+            || named.iter().any(|t| t.eq_ignore_ascii_case(n))
+        {
+            continue;
+        }
+        b.extend_from_slice(n);
+        b.extend_from_slice(b": ");
+        b.extend_from_slice(v);
+        b.extend_from_slice(b"\r\n");
+    }
+    if let Some(v) = p.upgrade {
+        b.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
+        b.extend_from_slice(v);
+        b.extend_from_slice(b"\r\n");
+    }
+    if let Some(host) = p.raw_host {
+        if !has_host {
+            b.extend_from_slice(b"host: ");
+            b.extend_from_slice(host);
+            b.extend_from_slice(b"\r\n");
+            has_host = true;
+        }
+        b.extend_from_slice(b"x-forwarded-host: ");
+        b.extend_from_slice(host);
+        b.extend_from_slice(b"\r\n");
+    }
+    b.extend_from_slice(b"x-forwarded-proto: ");
+    b.extend_from_slice(conn.proto.as_bytes());
+    b.extend_from_slice(b"\r\nx-forwarded-for: ");
+    if let Some(x) = &xff {
+        b.extend_from_slice(x);
+        b.extend_from_slice(b", ");
+    }
+    b.extend_from_slice(conn.peer.as_bytes());
+    b.extend_from_slice(b"\r\nforwarded: ");
+    if let Some(f) = &fwd {
+        b.extend_from_slice(f);
+        b.extend_from_slice(b", ");
+    }
+    b.extend_from_slice(conn.forwarded_for.as_bytes());
+    if let Some(host) = p.raw_host {
+        // Quoted: a host with a port is not a token.
+        b.extend_from_slice(b";host=\"");
+        b.extend_from_slice(host);
+        b.push(b'"');
+    }
+    b.extend_from_slice(b";proto=");
+    b.extend_from_slice(conn.proto.as_bytes());
+    b.extend_from_slice(b"\r\n");
+    match p.body {
+        BodyLen::Empty { had_length } => {
+            if had_length || matches!(p.method, b"POST" | b"PUT" | b"PATCH") {
+                b.extend_from_slice(b"content-length: 0\r\n");
+            }
+        }
+        BodyLen::Length(n) => {
+            use std::io::Write;
+            let _ = write!(b, "content-length: {n}\r\n");
+        }
+        BodyLen::Chunked => b.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.base = b.len();
+    out.needs_host = !has_host;
+}
+
+fn append_item(list: &mut Option<Vec<u8>>, v: &[u8]) {
+    let l = list.get_or_insert_with(Vec::new);
+    if !l.is_empty() {
+        l.extend_from_slice(b", ");
+    }
+    l.extend_from_slice(v);
+}
+
+/// What to send, and how it may be retried.
+pub(crate) struct Attempt<'a, B> {
+    pub(crate) body: Option<&'a mut B>,
+    pub(crate) request_was_head: bool,
+    /// Bodiless and idempotent: may be sent to another instance when
+    /// connecting fails (up to the service's retries).
+    pub(crate) retryable: bool,
+    /// May be sent again on a new connection when a reused one turns out
+    /// closed before any response byte.
+    pub(crate) repeatable: bool,
+}
+
+/// Pick instances and send until one answers with a head, or the request
+/// fails: the one place of retries, breaker reports and the upstream
+/// timeout.
+pub(crate) async fn forward<B: RequestBody>(
+    inner: &Inner,
+    up: &Upstream,
+    service: &ServiceState,
+    head: &mut UpstreamHead,
+    mut a: Attempt<'_, B>,
+) -> Result<(upstream::Response, Picked), ProxyError> {
+    let mut tried = 0u64;
+    let mut attempt = 0u32;
+    let breaker = &inner.breaker;
+    let clock = &inner.clock;
+    loop {
+        let Some(picked) = service.pick(tried, clock, breaker) else {
+            return Err(ProxyError::NoHealthyInstance(service.id.clone()));
+        };
+        if picked.index < 64 {
+            tried |= 1 << picked.index;
+        }
+        let bytes = head.complete(picked.backend.authority.as_str());
+        let sent = tokio::time::timeout(
+            inner.config.upstream_timeout,
+            up.send(
+                picked.backend.addr,
+                bytes,
+                a.body.as_deref_mut(),
+                a.request_was_head,
+                a.repeatable,
+            ),
+        )
+        .await;
+        match sent {
+            Ok(Ok(resp)) => {
+                let failed = inner.config.eject_on_5xx && resp.head.status >= 500;
+                let o = if failed {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                report(service, &picked, o, inner);
+                return Ok((resp, picked));
+            }
+            Ok(Err(e @ UpstreamError::Connect(_))) => {
+                report(service, &picked, Outcome::Failure, inner);
+                tracing::debug!(service = %service.id, backend = %picked.backend.addr, error = %e, "connect failed");
+                if a.retryable && attempt < service.retries {
+                    attempt += 1;
+                    service
+                        .shared
+                        .metrics
+                        .retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                return Err(ProxyError::Upstream {
+                    service: service.id.clone(),
+                    reason: "cannot connect to an instance",
+                });
+            }
+            Ok(Err(UpstreamError::ClientBody(e))) => {
+                // A client whose body broke off is not the instance's fault.
+                tracing::debug!(service = %service.id, error = %e, "request body not forwarded");
+                return Err(ProxyError::BadRequest("the request body could not be read"));
+            }
+            Ok(Err(e)) => {
+                report(service, &picked, Outcome::Failure, inner);
+                tracing::debug!(service = %service.id, backend = %picked.backend.addr, error = %e, "upstream request failed");
+                return Err(ProxyError::Upstream {
+                    service: service.id.clone(),
+                    reason: "the instance closed the connection or sent an invalid response",
+                });
+            }
+            Err(_elapsed) => {
+                report(service, &picked, Outcome::Failure, inner);
+                return Err(ProxyError::Timeout(service.id.clone()));
+            }
+        }
+    }
+}
+
+/// Bodiless, idempotent, not an upgrade, and another instance to try.
+pub(crate) fn retryable(
+    service: &ServiceState,
+    method: &[u8],
+    bodiless: bool,
+    upgrade: bool,
+) -> bool {
+    !upgrade && bodiless && service.retries > 0 && service.backends.len() > 1 && idempotent(method)
+}
+
+pub(crate) fn idempotent(m: &[u8]) -> bool {
+    matches!(m, b"GET" | b"HEAD" | b"OPTIONS" | b"PUT" | b"DELETE")
+}
+
+/// Handle one request from hyper (HTTP/2, TLS); never fails (errors
+/// become responses).
 pub(crate) async fn handle(
     inner: &Inner,
     conn: &ConnInfo,
@@ -80,39 +389,26 @@ pub(crate) async fn handle(
         .unwrap_or("");
     let host = normalize_host(host_str);
 
-    let (service, counters, stripped) = {
-        let table = inner.table.load();
-        let path = req.uri().path();
-        match table.lookup(&host, path) {
-            Some(m) => {
-                let stripped = (m.route.strip && m.route.prefix != "/").then(|| {
-                    let rest = strip_path(&m.route.prefix, path);
-                    let pq = match req.uri().query() {
-                        Some(q) => format!("{rest}?{q}"),
-                        None => rest.to_string(),
-                    };
-                    PathAndQuery::try_from(pq).ok()
-                });
-                (
-                    m.route.service.clone(),
-                    m.route.counters.clone(),
-                    stripped.flatten(),
-                )
-            }
-            None => {
-                inner
-                    .global
-                    .no_route
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let err = ProxyError::NoRoute {
-                    host: clip(&host),
-                    path: clip(path),
-                };
-                access_log(req.method(), &host, path, err.status(), start, "-");
-                return err.into_response();
-            }
-        }
+    let Some(routed) = route(inner, &host, req.uri().path(), req.uri().query()) else {
+        let err = ProxyError::NoRoute {
+            host: clip(&host),
+            path: clip(req.uri().path()),
+        };
+        access_log(
+            req.method(),
+            &host,
+            req.uri().path(),
+            err.status(),
+            start,
+            "-",
+        );
+        return err.into_response();
     };
+    let Routed {
+        service,
+        counters,
+        stripped,
+    } = routed;
 
     let Some(slot) = service.enter() else {
         let err = ProxyError::AtConcurrencyLimit {
@@ -127,122 +423,79 @@ pub(crate) async fn handle(
         && has_token(req.headers(), "upgrade");
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
-    let (mut parts, body) = req.into_parts();
-    let pq = stripped
-        .or_else(|| parts.uri.path_and_query().cloned())
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    rewrite_request_headers(&mut parts.headers, conn, raw_host.as_ref(), upgrade);
-    parts.version = Version::HTTP_11;
-    let retryable = !upgrade
-        && body.is_end_stream()
-        && service.retries > 0
-        && service.backends.len() > 1
-        && matches!(
-            parts.method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-        );
-    let orig_uri = std::mem::take(&mut parts.uri);
+    let (parts, mut body) = req.into_parts();
+    let target = stripped.unwrap_or_else(|| {
+        parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string())
+    });
     // A body of known length keeps it; one of unknown length (a chunked
     // HTTP/1.1 body, an HTTP/2 body without content-length) is re-encoded
     // as chunks.
     let body_len = if body.is_end_stream() {
-        Some(0)
+        BodyLen::Empty {
+            had_length: parts.headers.contains_key(CONTENT_LENGTH),
+        }
     } else {
-        body.size_hint().exact()
-    };
-    let mut body = body;
-    let request_was_head = parts.method == Method::HEAD;
-    let mut head = Vec::with_capacity(512);
-    let mut tried = 0u64;
-    let mut attempt = 0u32;
-    let breaker = &inner.breaker;
-    let clock = &inner.clock;
-    let outcome: Result<(upstream::Response, Picked), ProxyError> = loop {
-        let Some(picked) = service.pick(tried, clock, breaker) else {
-            break Err(ProxyError::NoHealthyInstance(service.id.clone()));
-        };
-        if picked.index < 64 {
-            tried |= 1 << picked.index;
-        }
-        head.clear();
-        encode_request_head(
-            &mut head,
-            &parts.method,
-            pq.as_str(),
-            &parts.headers,
-            body_len,
-            &picked.backend.authority,
-        );
-        // Sent once only: a body is consumed by the first attempt.
-        let send_body = if body_len == Some(0) || retryable {
-            SendBody::Empty
-        } else {
-            SendBody::Hyper {
-                body: &mut body,
-                chunked: body_len.is_none(),
-            }
-        };
-        let sent = tokio::time::timeout(
-            inner.config.upstream_timeout,
-            conn.upstream.send(
-                picked.backend.addr,
-                &head,
-                send_body,
-                request_was_head,
-                retryable || (body_len == Some(0) && idempotent(&parts.method)),
-            ),
-        )
-        .await;
-        match sent {
-            Ok(Ok(resp)) => {
-                let failed = inner.config.eject_on_5xx && resp.head.status >= 500;
-                let o = if failed {
-                    Outcome::Failure
-                } else {
-                    Outcome::Success
-                };
-                report(&service, &picked, o, inner);
-                break Ok((resp, picked));
-            }
-            Ok(Err(e @ UpstreamError::Connect(_))) => {
-                report(&service, &picked, Outcome::Failure, inner);
-                tracing::debug!(service = %service.id, backend = %picked.backend.addr, error = %e, "connect failed");
-                if retryable && attempt < service.retries {
-                    attempt += 1;
-                    service
-                        .shared
-                        .metrics
-                        .retries
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    continue;
-                }
-                break Err(ProxyError::Upstream {
-                    service: service.id.clone(),
-                    reason: "cannot connect to an instance",
-                });
-            }
-            Ok(Err(e)) => {
-                // A client whose body broke off is not the instance's fault.
-                if !matches!(e, UpstreamError::ClientBody(_)) {
-                    report(&service, &picked, Outcome::Failure, inner);
-                }
-                tracing::debug!(service = %service.id, backend = %picked.backend.addr, error = %e, "upstream request failed");
-                break Err(ProxyError::Upstream {
-                    service: service.id.clone(),
-                    reason: "the instance closed the connection or sent an invalid response",
-                });
-            }
-            Err(_elapsed) => {
-                report(&service, &picked, Outcome::Failure, inner);
-                break Err(ProxyError::Timeout(service.id.clone()));
-            }
+        match body.size_hint().exact() {
+            Some(n) => BodyLen::Length(n),
+            None => BodyLen::Chunked,
         }
     };
+    let bodiless = matches!(body_len, BodyLen::Empty { .. });
+    let method = parts.method.as_str().as_bytes();
+    let mut head = UpstreamHead::new();
+    write_upstream_head(
+        &mut head,
+        conn,
+        &HeadParts {
+            method,
+            target: target.as_bytes(),
+            raw_host: raw_host.as_ref().map(HeaderValue::as_bytes),
+            upgrade: if upgrade {
+                parts.headers.get(UPGRADE).map(HeaderValue::as_bytes)
+            } else {
+                None
+            },
+            body: body_len,
+        },
+        || {
+            parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()))
+        },
+    );
+    let mut hyper_body = HyperBody {
+        body: &mut body,
+        chunked: body_len == BodyLen::Chunked,
+    };
+    let outcome = forward(
+        inner,
+        &conn.upstream,
+        &service,
+        &mut head,
+        Attempt {
+            body: (!bodiless).then_some(&mut hyper_body),
+            request_was_head: parts.method == Method::HEAD,
+            retryable: retryable(&service, method, bodiless, upgrade),
+            repeatable: bodiless && idempotent(method),
+        },
+    )
+    .await;
 
     let (resp, picked) = match outcome {
         Ok(r) => r,
         Err(err) => {
-            return respond_err(&counters, err, &parts.method, &host, orig_uri.path(), start);
+            return respond_err(
+                &counters,
+                err,
+                &parts.method,
+                &host,
+                parts.uri.path(),
+                start,
+            );
         }
     };
     let status = StatusCode::from_u16(resp.head.status).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -270,7 +523,7 @@ pub(crate) async fn handle(
     access_log(
         &parts.method,
         &host,
-        orig_uri.path(),
+        parts.uri.path(),
         status,
         start,
         &backend.id,
@@ -279,61 +532,6 @@ pub(crate) async fn handle(
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out
-}
-
-fn idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-    )
-}
-
-/// The request head sent to an instance: origin-form target, the client's
-/// headers (already rewritten) minus framing, then this hop's framing.
-fn encode_request_head(
-    out: &mut Vec<u8>,
-    method: &Method,
-    target: &str,
-    headers: &HeaderMap,
-    body_len: Option<u64>,
-    authority: &hyper::http::uri::Authority,
-) {
-    out.extend_from_slice(method.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(HOST) {
-        // HTTP/1.0 without a Host header: name the instance.
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(authority.as_str().as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    let mut had_length = false;
-    for (name, value) in headers {
-        // The body is sent at once, so `Expect: 100-continue` has nothing
-        // to wait for on this hop.
-        if name == CONTENT_LENGTH || name == EXPECT {
-            had_length |= name == CONTENT_LENGTH;
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    match body_len {
-        Some(0) => {
-            if had_length || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-                out.extend_from_slice(b"content-length: 0\r\n");
-            }
-        }
-        Some(n) => {
-            use std::io::Write;
-            let _ = write!(out, "content-length: {n}\r\n");
-        }
-        None => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-    }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// The instance's response headers minus hop-by-hop ones; for a `101`
@@ -368,7 +566,7 @@ fn response_headers(resp: &upstream::Response, upgrade: bool) -> HeaderMap {
     h
 }
 
-fn report(service: &ServiceState, picked: &Picked, o: Outcome, inner: &Inner) {
+pub(crate) fn report(service: &ServiceState, picked: &Picked, o: Outcome, inner: &Inner) {
     if picked.finish(o, &inner.clock, &inner.breaker) {
         service
             .shared
@@ -397,7 +595,7 @@ fn respond_err(
     err.into_response()
 }
 
-fn access_log(
+pub(crate) fn access_log(
     method: &Method,
     host: &str,
     path: &str,
@@ -448,104 +646,8 @@ fn has_token(h: &HeaderMap, token: &str) -> bool {
     })
 }
 
-/// Drop hop-by-hop headers (RFC 9110 §7.6.1): the fixed ones and any the
-/// `Connection` header names.
-fn remove_hop_by_hop(h: &mut HeaderMap) {
-    if h.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
-        }
-        h.remove(CONNECTION);
-    }
-    for n in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &TE,
-        &TRAILER,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-        &PROXY_AUTHENTICATE,
-        &PROXY_AUTHORIZATION,
-    ] {
-        if h.contains_key(n) {
-            h.remove(n);
-        }
-    }
-}
-
-fn rewrite_request_headers(
-    h: &mut HeaderMap,
-    conn: &ConnInfo,
-    raw_host: Option<&HeaderValue>,
-    upgrade: bool,
-) {
-    let upgrade_value = if upgrade {
-        h.get(UPGRADE).cloned()
-    } else {
-        None
-    };
-    remove_hop_by_hop(h);
-    if let Some(v) = upgrade_value {
-        h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(UPGRADE, v);
-    }
-    if let Some(host) = raw_host {
-        if !h.contains_key(HOST) {
-            h.insert(HOST, host.clone());
-        }
-        h.insert(X_FORWARDED_HOST.clone(), host.clone());
-    }
-    h.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(conn.proto),
-    );
-    let xff = append_list(h, &X_FORWARDED_FOR, conn.peer_value.to_str().unwrap_or(""))
-        .unwrap_or_else(|| conn.peer_value.clone());
-    h.insert(X_FORWARDED_FOR.clone(), xff);
-
-    let host = raw_host.and_then(|v| v.to_str().ok());
-    let mut element =
-        String::with_capacity(conn.forwarded_for.len() + host.map_or(0, |h| h.len() + 8) + 12);
-    element.push_str(&conn.forwarded_for);
-    if let Some(host) = host {
-        // Quoted: a host with a port is not a token.
-        element.push_str(";host=\"");
-        element.push_str(host);
-        element.push('"');
-    }
-    element.push_str(";proto=");
-    element.push_str(conn.proto);
-    let fwd = append_list(h, &FORWARDED, &element).or_else(|| HeaderValue::from_str(&element).ok());
-    if let Some(v) = fwd {
-        h.insert(FORWARDED, v);
-    }
-}
-
-/// `existing, …, item` when the header is already present.
-fn append_list(h: &HeaderMap, name: &HeaderName, item: &str) -> Option<HeaderValue> {
-    let mut joined = String::new();
-    for v in h.get_all(name) {
-        if let Ok(s) = v.to_str() {
-            joined.push_str(s);
-            joined.push_str(", ");
-        }
-    }
-    if joined.is_empty() {
-        return None;
-    }
-    joined.push_str(item);
-    HeaderValue::from_str(&joined).ok()
-}
-
 /// Cut client-supplied text before echoing it in an error body.
-fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     const MAX: usize = 200;
     if s.len() <= MAX {
         return s.to_string();

@@ -94,30 +94,31 @@ struct Idle {
     since: Instant,
 }
 
-/// One TCP connection to an instance and its read buffer.
-pub(crate) struct Conn {
-    pub(crate) stream: TcpStream,
+/// A read buffer: bytes received and not consumed yet are
+/// `buf[start..end]`. Zero-filled once, reused for every message on its
+/// connection.
+pub(crate) struct Buffer {
     buf: Vec<u8>,
-    /// Unconsumed bytes are `buf[start..end]`.
     start: usize,
     end: usize,
-    addr: SocketAddr,
 }
 
-impl Conn {
-    fn new(stream: TcpStream, addr: SocketAddr) -> Self {
+impl Buffer {
+    pub(crate) fn new() -> Self {
         Self {
-            stream,
             buf: vec![0; READ_BUF],
             start: 0,
             end: 0,
-            addr,
         }
     }
 
     /// Bytes received and not consumed yet.
     pub(crate) fn data(&self) -> &[u8] {
         &self.buf[self.start..self.end]
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.start == self.end
     }
 
     pub(crate) fn consume(&mut self, n: usize) {
@@ -135,16 +136,20 @@ impl Conn {
         v
     }
 
-    /// Read more bytes; `Ok(0)` is end of stream.
-    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    /// Read more bytes from `io`; `Ok(0)` is end of stream. The buffer
+    /// grows (up to [`codec::MAX_HEAD`]) only while a head does not fit:
+    /// bodies are consumed as they arrive.
+    pub(crate) fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
         if self.end == self.buf.len() {
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
             } else if self.buf.len() < codec::MAX_HEAD + 1 {
-                // Only a head is ever longer than the buffer: bodies are
-                // consumed as they arrive.
                 let len = (self.buf.len() * 2).min(codec::MAX_HEAD + 1);
                 self.buf.resize(len, 0);
             } else {
@@ -152,7 +157,7 @@ impl Conn {
             }
         }
         let mut rb = ReadBuf::new(&mut self.buf[self.end..]);
-        match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+        match Pin::new(io).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
                 self.end += n;
@@ -163,15 +168,55 @@ impl Conn {
         }
     }
 
-    async fn fill(&mut self) -> io::Result<usize> {
-        poll_fn(|cx| self.poll_fill(cx)).await
+    pub(crate) async fn fill<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_fill(io, cx)).await
+    }
+}
+
+/// One TCP connection to an instance and its read buffer.
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
+    pub(crate) buf: Buffer,
+    addr: SocketAddr,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, addr: SocketAddr) -> Self {
+        Self {
+            stream,
+            buf: Buffer::new(),
+            addr,
+        }
+    }
+
+    /// Bytes received and not consumed yet.
+    pub(crate) fn data(&self) -> &[u8] {
+        self.buf.data()
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.buf.consume(n);
+    }
+
+    /// Take the unconsumed bytes (for a tunnel after `101`).
+    pub(crate) fn take_data(&mut self) -> Vec<u8> {
+        self.buf.take_data()
+    }
+
+    /// Read more bytes; `Ok(0)` is end of stream.
+    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.poll_fill(&mut self.stream, cx)
+    }
+
+    pub(crate) async fn fill(&mut self) -> io::Result<usize> {
+        self.buf.fill(&mut self.stream).await
     }
 
     /// Whether the instance closed the connection (or sent something
     /// unasked) while it was idle. Costs a system call only when the
     /// socket has become readable since the last read.
     fn is_stale(&mut self) -> bool {
-        if self.start != self.end {
+        if !self.buf.is_empty() {
             return true;
         }
         let mut cx = Context::from_waker(Waker::noop());
@@ -186,16 +231,58 @@ impl Conn {
     }
 }
 
-/// What a request sends after its head.
-pub(crate) enum SendBody<'a> {
-    /// Nothing.
-    Empty,
-    /// A body from hyper, forwarded with `Content-Length` (`chunked:
-    /// false`, the head says the length) or re-encoded as chunks.
-    Hyper {
-        body: &'a mut hyper::body::Incoming,
-        chunked: bool,
-    },
+/// A request body the router forwards after the head. The future is
+/// `Send` so that the hyper path (whose tasks may move) can use it.
+pub(crate) trait RequestBody {
+    /// Write the whole body to the instance.
+    fn forward(
+        &mut self,
+        to: &mut TcpStream,
+        scratch: &mut Vec<u8>,
+    ) -> impl std::future::Future<Output = Result<(), UpstreamError>> + Send;
+}
+
+/// A body from hyper, forwarded as it is framed on this hop: with
+/// `Content-Length` (`chunked: false`, the head says the length) or
+/// re-encoded as chunks.
+pub(crate) struct HyperBody<'a> {
+    pub(crate) body: &'a mut hyper::body::Incoming,
+    pub(crate) chunked: bool,
+}
+
+impl RequestBody for HyperBody<'_> {
+    async fn forward(
+        &mut self,
+        to: &mut TcpStream,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), UpstreamError> {
+        use http_body_util::BodyExt;
+        while let Some(frame) = self.body.frame().await {
+            let frame = frame.map_err(|e| UpstreamError::ClientBody(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers are not forwarded
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if self.chunked {
+                scratch.clear();
+                codec::chunk_header(scratch, data.len());
+                scratch.extend_from_slice(&data);
+                scratch.extend_from_slice(b"\r\n");
+                to.write_all(scratch).await
+            } else {
+                to.write_all(&data).await
+            }
+            .map_err(UpstreamError::Io)?;
+        }
+        if self.chunked {
+            to.write_all(codec::LAST_CHUNK)
+                .await
+                .map_err(UpstreamError::Io)?;
+        }
+        Ok(())
+    }
 }
 
 /// A response head from an instance, with the connection its body (if any)
@@ -245,11 +332,11 @@ impl Upstream {
     /// `repeatable`: the request may be sent again if a reused connection
     /// turns out closed before any response byte (idempotent methods).
     /// Interim `1xx` responses other than `101` are skipped.
-    pub(crate) async fn send(
+    pub(crate) async fn send<B: RequestBody>(
         &self,
         addr: SocketAddr,
         head: &[u8],
-        mut body: SendBody<'_>,
+        mut body: Option<&mut B>,
         request_was_head: bool,
         repeatable: bool,
     ) -> Result<Response, UpstreamError> {
@@ -265,9 +352,9 @@ impl Upstream {
                     .write_all(head)
                     .await
                     .map_err(UpstreamError::Io)?;
-                if let SendBody::Hyper { body, chunked } = &mut body {
+                if let Some(body) = body.as_mut() {
                     body_started = true;
-                    forward_hyper_body(&mut conn, body, *chunked, &mut chunk_buf).await?;
+                    body.forward(&mut conn.stream, &mut chunk_buf).await?;
                 }
                 Ok::<_, UpstreamError>(())
             }
@@ -317,9 +404,9 @@ enum ReadHeadError {
 }
 
 async fn read_head(conn: &mut Conn, request_was_head: bool) -> Result<ResponseHead, ReadHeadError> {
-    let mut got_any = conn.start != conn.end;
+    let mut got_any = !conn.buf.is_empty();
     loop {
-        if conn.start != conn.end {
+        if !conn.buf.is_empty() {
             match codec::parse_response(conn.data(), request_was_head) {
                 Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
                     conn.consume(h.len);
@@ -349,41 +436,6 @@ async fn read_head(conn: &mut Conn, request_was_head: bool) -> Result<ResponseHe
             Err(e) => return Err(ReadHeadError::Io(e)),
         }
     }
-}
-
-async fn forward_hyper_body(
-    conn: &mut Conn,
-    body: &mut hyper::body::Incoming,
-    chunked: bool,
-    scratch: &mut Vec<u8>,
-) -> Result<(), UpstreamError> {
-    use http_body_util::BodyExt;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| UpstreamError::ClientBody(e.to_string()))?;
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers are not forwarded
-        };
-        if data.is_empty() {
-            continue;
-        }
-        if chunked {
-            scratch.clear();
-            codec::chunk_header(scratch, data.len());
-            scratch.extend_from_slice(&data);
-            scratch.extend_from_slice(b"\r\n");
-            conn.stream.write_all(scratch).await
-        } else {
-            conn.stream.write_all(&data).await
-        }
-        .map_err(UpstreamError::Io)?;
-    }
-    if chunked {
-        conn.stream
-            .write_all(codec::LAST_CHUNK)
-            .await
-            .map_err(UpstreamError::Io)?;
-    }
-    Ok(())
 }
 
 impl Pool {
@@ -471,7 +523,7 @@ impl UpBody {
         self.state = BodyState::Done;
         if let Some(conn) = self.conn.take()
             && self.keep_alive
-            && conn.start == conn.end
+            && conn.buf.is_empty()
         {
             self.pool.put(conn);
         }
@@ -535,7 +587,7 @@ impl UpBody {
                     }
                 },
                 BodyState::Close => {
-                    if conn.start != conn.end {
+                    if !conn.buf.is_empty() {
                         let out = Bytes::copy_from_slice(conn.data());
                         conn.consume(out.len());
                         return Poll::Ready(Some(Ok(out)));

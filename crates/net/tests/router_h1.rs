@@ -1,0 +1,488 @@
+//! The router's HTTP/1.1 handling byte by byte, over real sockets on
+//! 127.0.0.1: a scripted instance that writes exact response bytes
+//! (chunked, close-delimited, HEAD/204/304, connections it closes on
+//! purpose) and raw clients that write exact request bytes (chunked
+//! bodies, pipelining, `Expect: 100-continue`, broken heads).
+
+#![allow(clippy::unwrap_used)] // tests may unwrap (COMMON.md)
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use berth_net::http::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+
+// ---------- a scripted instance ----------
+
+/// How the scripted instance treats each connection.
+#[derive(Clone, Copy)]
+struct Script {
+    /// After answering this many requests on a connection: close it.
+    close_after: Option<usize>,
+    /// Close right after the last answer (`true`), or only when the next
+    /// request arrives, without answering it (`false`: the race of an
+    /// instance closing a keep-alive connection as the router reuses it).
+    close_at_once: bool,
+}
+
+struct Instance {
+    addr: SocketAddr,
+    conns: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+async fn instance(script: Script) -> Instance {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (c, r) = (conns.clone(), requests.clone());
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(serve_script(s, script, r.clone()));
+        }
+    });
+    Instance {
+        addr,
+        conns,
+        requests,
+    }
+}
+
+async fn serve_script(mut s: TcpStream, script: Script, requests: Arc<AtomicUsize>) {
+    let mut buf = Vec::new();
+    let mut answered = 0;
+    loop {
+        let Some((head, body)) = read_request(&mut s, &mut buf).await else {
+            return;
+        };
+        if script.close_after == Some(answered) {
+            return; // closes without an answer
+        }
+        requests.fetch_add(1, Ordering::SeqCst);
+        let first = head.lines().next().unwrap_or("").to_string();
+        let path = first.split(' ').nth(1).unwrap_or("/").to_string();
+        let resp: Vec<u8> = if first.starts_with("HEAD ") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n".to_vec()
+        } else {
+            match path.as_str() {
+                "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n".to_vec(),
+                "/close" => b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end".to_vec(),
+                "/nocontent" => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+                "/notmodified" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n".to_vec(),
+                "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal".to_vec(),
+                "/garbage" => b"SSH-2.0-not-http\r\n\r\n".to_vec(),
+                _ => {
+                    // Echo what arrived: the head's framing and the body.
+                    let te = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+                    let answer = format!(
+                        "chunked={te} {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{answer}", answer.len())
+                        .into_bytes()
+                }
+            }
+        };
+        if s.write_all(&resp).await.is_err() {
+            return;
+        }
+        answered += 1;
+        if path == "/close" || path == "/garbage" {
+            return;
+        }
+        if script.close_at_once && script.close_after == Some(answered) {
+            return;
+        }
+    }
+}
+
+/// Read one request (head as text, body decoded) from `s`; `None` at EOF.
+async fn read_request(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let mut tmp = [0u8; 4096];
+        let n = s.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    buf.drain(..end);
+    let lower = head.to_ascii_lowercase();
+    let body = if lower.contains("transfer-encoding: chunked") {
+        read_chunked(s, buf).await?
+    } else if let Some(len) = header(&lower, "content-length") {
+        let len: usize = len.parse().ok()?;
+        fill(s, buf, len).await?;
+        buf.drain(..len).collect()
+    } else {
+        Vec::new()
+    };
+    Some((head, body))
+}
+
+fn header<'a>(lower_head: &'a str, name: &str) -> Option<&'a str> {
+    lower_head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        (n.trim() == name).then(|| v.trim())
+    })
+}
+
+async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> Option<()> {
+    while buf.len() < len {
+        let mut tmp = [0u8; 4096];
+        let n = s.read(&mut tmp).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+    Some(())
+}
+
+async fn read_line(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    loop {
+        if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..p]).into_owned();
+            buf.drain(..p + 2);
+            return Some(line);
+        }
+        let have = buf.len();
+        fill(s, buf, have + 1).await?;
+    }
+}
+
+async fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line = read_line(s, buf).await?;
+        let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            while !read_line(s, buf).await?.is_empty() {}
+            return Some(body);
+        }
+        fill(s, buf, size + 2).await?;
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+    }
+}
+
+// ---------- a raw client ----------
+
+struct Reply {
+    status: u16,
+    /// The head, lower-cased.
+    head: String,
+    body: Vec<u8>,
+}
+
+/// Read one response; `bodiless`: the request was HEAD (or the status
+/// has no body).
+async fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, bodiless: bool) -> Reply {
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let mut tmp = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut tmp))
+            .await
+            .expect("response within 5 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a response head: {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    buf.drain(..end);
+    let status: u16 = head[9..12].parse().unwrap();
+    let body = if bodiless || status == 204 || status == 304 || status < 200 {
+        Vec::new()
+    } else if head.contains("transfer-encoding: chunked") {
+        read_chunked(s, buf).await.unwrap()
+    } else if let Some(len) = header(&head, "content-length") {
+        let len: usize = len.parse().unwrap();
+        fill(s, buf, len).await.unwrap();
+        buf.drain(..len).collect()
+    } else {
+        // Close-delimited.
+        let mut rest = std::mem::take(buf);
+        s.read_to_end(&mut rest).await.unwrap();
+        rest
+    };
+    Reply { status, head, body }
+}
+
+async fn exchange(s: &mut TcpStream, buf: &mut Vec<u8>, request: &str) -> Reply {
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_response(s, buf, request.starts_with("HEAD ")).await
+}
+
+// ---------- the router ----------
+
+struct TestRouter {
+    addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+    _table: watch::Sender<RouteTable>,
+}
+
+async fn router_to(instances: &[SocketAddr], retries: u32) -> TestRouter {
+    let web = ServiceId::new("default", "s", "web");
+    let table = RouteTable::new(
+        vec![Route::host("web.test", web.clone())],
+        HashMap::from([(
+            web,
+            ServiceBackends {
+                backends: instances
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| Backend {
+                        addr: *a,
+                        id: format!("i{i}"),
+                    })
+                    .collect(),
+                retries,
+                ..Default::default()
+            },
+        )]),
+    );
+    let (tx, rx) = watch::channel(table);
+    let router = Router::new(rx, RouterConfig::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        router
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    TestRouter {
+        addr,
+        _stop: stop,
+        _table: tx,
+    }
+}
+
+const KEEP: Script = Script {
+    close_after: None,
+    close_at_once: false,
+};
+
+#[tokio::test]
+async fn response_framings_reach_the_client_intact_on_one_connection() {
+    let inst = instance(KEEP).await;
+    let r = router_to(&[inst.addr], 1).await;
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let req = |m: &str, p: &str| format!("{m} {p} HTTP/1.1\r\nHost: web.test\r\n\r\n");
+
+    let a = exchange(&mut c, &mut buf, &req("GET", "/chunked")).await;
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"hello world"[..]));
+    assert!(!a.head.contains("x-trailer"), "{}", a.head);
+
+    let a = exchange(&mut c, &mut buf, &req("HEAD", "/")).await;
+    assert_eq!(a.status, 200);
+    assert!(a.head.contains("content-length: 10"), "{}", a.head);
+    let a = exchange(&mut c, &mut buf, &req("GET", "/nocontent")).await;
+    assert_eq!(a.status, 204);
+    let a = exchange(&mut c, &mut buf, &req("GET", "/notmodified")).await;
+    assert_eq!(a.status, 304);
+    // An interim 100 from the instance is not passed on as the answer.
+    let a = exchange(&mut c, &mut buf, &req("GET", "/continue")).await;
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"final"[..]));
+
+    // The connection is still in step after every bodiless answer.
+    let a = exchange(&mut c, &mut buf, &req("GET", "/plain")).await;
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"chunked=false "[..]));
+
+    // Close-delimited from the instance: the client still gets all of it.
+    let a = exchange(&mut c, &mut buf, &req("GET", "/close")).await;
+    assert_eq!((a.status, a.body.as_slice()), (200, &b"until the end"[..]));
+    // All on one client connection, and instance connections were reused.
+    assert!(inst.conns.load(Ordering::SeqCst) <= 2);
+}
+
+#[tokio::test]
+async fn request_bodies_are_forwarded_chunked_or_by_length() {
+    let inst = instance(KEEP).await;
+    let r = router_to(&[inst.addr], 1).await;
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "POST /echo HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWiki\r\n5;ext\r\npedia\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(String::from_utf8_lossy(&a.body), "chunked=true Wikipedia");
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "PUT /echo HTTP/1.1\r\nHost: web.test\r\nContent-Length: 7\r\n\r\npayload",
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&a.body), "chunked=false payload");
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let inst = instance(KEEP).await;
+    let r = router_to(&[inst.addr], 1).await;
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut all = String::new();
+    for i in 0..3 {
+        all.push_str(&format!(
+            "POST /echo HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\n\r\nr{i}"
+        ));
+    }
+    c.write_all(all.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 0..3 {
+        let a = read_response(&mut c, &mut buf, false).await;
+        assert_eq!(
+            String::from_utf8_lossy(&a.body),
+            format!("chunked=false r{i}")
+        );
+    }
+}
+
+#[tokio::test]
+async fn expect_100_continue_gets_its_interim_answer_before_the_body() {
+    let inst = instance(KEEP).await;
+    let r = router_to(&[inst.addr], 1).await;
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    c.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: web.test\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let interim = read_response(&mut c, &mut buf, true).await;
+    assert_eq!(interim.status, 100);
+    c.write_all(b"body").await.unwrap();
+    let a = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(
+        (a.status, String::from_utf8_lossy(&a.body).as_ref()),
+        (200, "chunked=false body")
+    );
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_heads_are_refused_with_4xx() {
+    let inst = instance(KEEP).await;
+    let r = router_to(&[inst.addr], 1).await;
+
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: web.test\r\nX-Big: {}\r\n\r\n",
+        "x".repeat(512 * 1024)
+    );
+    // The router may answer and close before taking all of it.
+    let _ = c.write_all(huge.as_bytes()).await;
+    let a = read_response(&mut c, &mut buf, false).await;
+    assert_eq!(a.status, 431);
+
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let a = exchange(&mut c, &mut buf, "GET / HTTP/1.1\r\nHost web.test\r\n\r\n").await;
+    assert_eq!(a.status, 400);
+
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "POST / HTTP/1.1\r\nHost: web.test\r\nContent-Length: 12x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 400);
+    assert_eq!(inst.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn an_instance_answering_garbage_is_a_502() {
+    let inst = instance(KEEP).await;
+    let r = router_to(&[inst.addr], 1).await;
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "GET /garbage HTTP/1.1\r\nHost: web.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 502);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_closed_as_it_is_reused_is_retried_for_idempotent_requests() {
+    // Each connection answers one request; the next request on it is
+    // read and the connection closed without an answer.
+    let inst = instance(Script {
+        close_after: Some(1),
+        close_at_once: false,
+    })
+    .await;
+    let r = router_to(&[inst.addr], 1).await;
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let get = "GET /a HTTP/1.1\r\nHost: web.test\r\n\r\n";
+    for _ in 0..3 {
+        let a = exchange(&mut c, &mut buf, get).await;
+        assert_eq!(a.status, 200, "{}", a.head);
+    }
+    assert_eq!(inst.requests.load(Ordering::SeqCst), 3);
+    // Not repeatable: a POST that may have reached the instance is a 502.
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "POST /a HTTP/1.1\r\nHost: web.test\r\nContent-Length: 1\r\n\r\nx",
+    )
+    .await;
+    assert_eq!(a.status, 502);
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_instance_closed_while_idle_is_not_used() {
+    // Each connection answers one request and closes at once.
+    let inst = instance(Script {
+        close_after: Some(1),
+        close_at_once: true,
+    })
+    .await;
+    let r = router_to(&[inst.addr], 1).await;
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 0..3 {
+        // Give the FIN time to arrive.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let a = exchange(
+            &mut c,
+            &mut buf,
+            &format!("POST /echo HTTP/1.1\r\nHost: web.test\r\nContent-Length: 2\r\n\r\np{i}"),
+        )
+        .await;
+        assert_eq!(a.status, 200, "{}", a.head);
+        assert_eq!(
+            String::from_utf8_lossy(&a.body),
+            format!("chunked=false p{i}")
+        );
+    }
+    assert_eq!(inst.conns.load(Ordering::SeqCst), 3);
+}
