@@ -486,3 +486,74 @@ async fn a_pooled_connection_the_instance_closed_while_idle_is_not_used() {
     }
     assert_eq!(inst.conns.load(Ordering::SeqCst), 3);
 }
+
+static PANICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[tokio::test]
+async fn mangled_requests_get_an_answer_or_a_close_never_a_panic() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICKED.store(true, Ordering::SeqCst);
+        default_hook(info);
+    }));
+    let inst = instance(KEEP).await;
+    let r = router_to(&[inst.addr], 1).await;
+    let valid: &[&[u8]] = &[
+        b"POST /echo HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nWiki\r\n0\r\n\r\n",
+        b"GET /chunked HTTP/1.1\r\nHost: web.test\r\nConnection: keep-alive, Upgrade\r\nUpgrade: x\r\n\r\n",
+        b"PUT /echo HTTP/1.0\r\nHost: web.test\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc",
+        b"GET http://web.test/close?q=1 HTTP/1.1\r\n\r\n",
+    ];
+    // Deterministic: the same mutations on every run.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for case in 0..200 {
+        let mut req = valid[case % valid.len()].to_vec();
+        for _ in 0..1 + next() % 4 {
+            let at = (next() as usize) % req.len();
+            match next() % 3 {
+                0 => req[at] = next() as u8,
+                1 => req.insert(at, b"\r\n:;, \x00\x7f0"[(next() % 9) as usize]),
+                _ => {
+                    req.remove(at);
+                }
+            }
+        }
+        let mut c = TcpStream::connect(r.addr).await.unwrap();
+        let _ = c.write_all(&req).await;
+        let _ = c.shutdown().await;
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut out)).await;
+        assert!(
+            read.is_ok(),
+            "case {case}: no answer and no close for {:?}",
+            String::from_utf8_lossy(&req)
+        );
+        if !out.is_empty() {
+            assert!(
+                out.starts_with(b"HTTP/1.1 "),
+                "case {case}: {:?}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+    }
+    assert!(
+        !PANICKED.load(Ordering::SeqCst),
+        "a connection task panicked"
+    );
+    // Still serving.
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "GET /ok HTTP/1.1\r\nHost: web.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 200);
+}

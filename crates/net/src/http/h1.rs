@@ -149,6 +149,12 @@ pub(crate) async fn serve(s: Serve, stream: TcpStream, peer: SocketAddr) {
                 return;
             }
             Flow::Abort => return,
+            Flow::Tunnel(up) => {
+                // Detached, as hyper's upgrades are: a shutdown does not
+                // wait for long-lived tunnels (WebSockets).
+                tokio::spawn(tunnel(c, up));
+                return;
+            }
         }
     }
 }
@@ -215,6 +221,9 @@ enum Flow {
     Close,
     /// Broken: close at once.
     Abort,
+    /// The instance switched protocols (its `101` is in the write
+    /// buffer): splice the two connections.
+    Tunnel(upstream::Conn),
 }
 
 /// How the client's request body is framed.
@@ -575,7 +584,7 @@ async fn one(
         resp.conn.consume(resp.head.len);
         drop(picked);
         drop(slot);
-        return tunnel(c, resp.conn).await;
+        return Flow::Tunnel(resp.conn);
     }
 
     let keep_alive = p.keep_alive && body_done && !stopped;
@@ -799,7 +808,7 @@ async fn copy_body(
 
 /// After a `101`: pass on the head and whatever either side sent early,
 /// then copy bytes both ways until either closes.
-async fn tunnel(c: &mut Client, mut up: upstream::Conn) -> Flow {
+async fn tunnel(mut c: Client, mut up: upstream::Conn) {
     let early_up = up.take_data();
     c.wb.extend_from_slice(&early_up);
     let early_client = c.rb.take_data();
@@ -813,7 +822,6 @@ async fn tunnel(c: &mut Client, mut up: upstream::Conn) -> Flow {
     if let Err(e) = run.await {
         tracing::debug!(error = %e, "upgraded connection ended with an error");
     }
-    Flow::Abort
 }
 
 /// One `Sleep` per connection for a deadline that moves forward with every
