@@ -42,7 +42,7 @@ use crate::driver::docker::{DockerDriver, StatsMap};
 use crate::driver::process::ProcessDriver;
 use crate::logs::{LogConfig, LogStore};
 use crate::orphans;
-use crate::ports::PortAllocator;
+use crate::ports::{PortAllocator, PortRange};
 use crate::supervisor::{self, Backoff, Context, StatusSink};
 
 /// How the agent runs.
@@ -70,6 +70,9 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `BERTH_PORT_RANGE` is not a range of ports.
+    #[error("{0}")]
+    PortRange(String),
 }
 
 /// What an embedder may share with or configure in the agent beyond
@@ -382,6 +385,7 @@ pub async fn run_with(
         path: cfg.data_dir.clone(),
         source,
     })?;
+    let ports = PortAllocator::with_range(PortRange::from_env().map_err(AgentError::PortRange)?);
     let agent_id = orphans::agent_id(&cfg.node_id, &cfg.data_dir);
     let cgroups = Arc::new(Cgroups::detect(&agent_id));
     {
@@ -432,7 +436,7 @@ pub async fn run_with(
             docker: docker.clone(),
         }),
         logs,
-        ports: PortAllocator::new(),
+        ports,
         sink: reporter.clone(),
         node: cfg.node_id.clone(),
         address: cfg.address.clone(),
