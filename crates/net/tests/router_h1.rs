@@ -557,3 +557,69 @@ async fn mangled_requests_get_an_answer_or_a_close_never_a_panic() {
     .await;
     assert_eq!(a.status, 200);
 }
+
+#[tokio::test]
+async fn a_slow_head_is_cut_off_but_a_busy_connection_is_not() {
+    let inst = instance(KEEP).await;
+    let web = ServiceId::new("default", "s", "web");
+    let table = RouteTable::new(
+        vec![Route::host("web.test", web.clone())],
+        HashMap::from([(
+            web,
+            ServiceBackends {
+                backends: vec![Backend {
+                    addr: inst.addr,
+                    id: "i0".into(),
+                }],
+                ..Default::default()
+            },
+        )]),
+    );
+    let (_tx, rx) = watch::channel(table);
+    let timeout = Duration::from_millis(300);
+    let router = Router::new(
+        rx,
+        RouterConfig {
+            header_read_timeout: timeout,
+            ..Default::default()
+        },
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        router
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+
+    // Requests every 100 ms for over three timeouts on one connection:
+    // the deadline moves with each request.
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..10 {
+        let a = exchange(
+            &mut c,
+            &mut buf,
+            "GET /a HTTP/1.1\r\nHost: web.test\r\n\r\n",
+        )
+        .await;
+        assert_eq!(a.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then half a head and nothing more: closed after about the timeout.
+    c.write_all(b"GET /a HTTP/1.1\r\nHost: web").await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5 s");
+    assert!(n.is_err() || rest.is_empty(), "{rest:?}");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= timeout / 2 && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}

@@ -45,8 +45,6 @@ use crate::http::table::normalize_host;
 use crate::http::upstream::{self, Buffer, RequestBody, Upstream, UpstreamError};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// A client must send a whole request head within this (hyper's default).
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes gathered before a write to the client.
 const WRITE_CHUNK: usize = 64 * 1024;
 
@@ -91,7 +89,7 @@ pub(crate) async fn serve(s: Serve, stream: TcpStream, peer: SocketAddr) {
     let mut first = true;
     loop {
         // ---- read and parse a head ----
-        let deadline = tokio::time::Instant::now() + HEADER_READ_TIMEOUT;
+        let deadline = tokio::time::Instant::now() + inner.config.header_read_timeout;
         let prepared = loop {
             if !c.rb.is_empty() {
                 let data = c.rb.data();

@@ -109,6 +109,10 @@ pub struct RouterConfig {
     pub pool_idle_timeout: Duration,
     /// Longest TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// Longest wait for a request head, counted from when the router
+    /// starts waiting for it (also between requests on a kept-alive
+    /// connection): against clients that send heads slowly or never.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for RouterConfig {
@@ -123,6 +127,8 @@ impl Default for RouterConfig {
             shutdown_grace: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(60),
             tls_handshake_timeout: Duration::from_secs(10),
+            // hyper's default.
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -352,7 +358,10 @@ impl Router {
     ) -> std::io::Result<()> {
         let upstream = self.upstream();
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.inner.config.header_read_timeout);
         builder.http2().timer(TokioTimer::new());
         let builder = Arc::new(builder);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
