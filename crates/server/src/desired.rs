@@ -287,87 +287,28 @@ async fn attempt(
     now: Millis,
 ) -> Result<Option<Outcome>, DesiredError> {
     let (ns, name) = cmd.target();
-    let stack_key = keys::stack(ns, name);
-    let current = store.get(&stack_key).await?;
-    let current_rev = current.as_ref().map_or(0, |kv| kv.mod_revision);
-
+    let key = keys::stack(ns, name);
+    let kv = store.get(&key).await?;
+    let read = Read {
+        rev: kv.as_ref().map_or(0, |kv| kv.mod_revision),
+        key,
+        kv,
+    };
     match cmd {
         Command::SubmitStack {
             namespace,
             stack,
             author,
             message,
-        } => {
-            if stack.services.is_empty() {
-                return Err(DesiredError::EmptyStack {
-                    stack: stack.name.clone(),
-                });
-            }
-            for (name, service) in &stack.services {
-                check_name("service", name)?;
-                check_replicas(name, service.deploy.replicas)?;
-            }
-            let old: Option<StackRecord> = current.as_ref().map(decode).transpose()?;
-            let version = latest_release(store, namespace, &stack.name).await? + 1;
-            let config = old.as_ref().map(|o| o.config.clone()).unwrap_or_default();
-            let stack = &config.apply(stack.clone());
-            let release = Release {
-                version,
-                spec: stack.clone(),
-                created_at: now,
-                author: author.clone(),
-                message: message.clone(),
-                config: config.clone(),
-            };
-            let services = stack
-                .services
-                .iter()
-                .map(|(svc_name, svc)| {
-                    let generation = old
-                        .as_ref()
-                        .and_then(|o| o.services.get(svc_name))
-                        .map_or(0, |d| d.restart_generation);
-                    let desired = ServiceDesired {
-                        replicas: svc.deploy.replicas,
-                        stopped: false,
-                        restart_generation: generation,
-                    };
-                    (svc_name.clone(), desired)
-                })
-                .collect();
-            let mut record = StackRecord {
-                namespace: namespace.clone(),
-                name: stack.name.clone(),
-                release: version,
-                spec: stack.clone(),
-                services,
-                updated_at: now,
-                config,
-                rollout: None,
-            };
-            record.rollout = Some(rollout_started(&record, now, None));
-            let release_key = keys::release(namespace, &stack.name, version);
-            let txn = Txn {
-                compare: vec![
-                    Compare::ModRevision(stack_key.clone(), current_rev),
-                    Compare::ModRevision(release_key.clone(), 0),
-                ],
-                success: vec![
-                    Op::put(release_key.clone(), encode(&release_key, &release)?),
-                    Op::put(stack_key.clone(), encode(&stack_key, &record)?),
-                ],
-                failure: vec![],
-            };
-            commit(store, txn, Some(record)).await
-        }
+        } => submit(store, &read, namespace, stack, (author, message), now).await,
         Command::RemoveStack { namespace, stack } => {
-            if current.is_none() {
+            if read.kv.is_none() {
                 return Err(not_found(namespace, stack));
             }
             let txn = Txn {
-                compare: vec![Compare::ModRevision(stack_key.clone(), current_rev)],
+                compare: vec![Compare::ModRevision(read.key.clone(), read.rev)],
                 success: vec![
-                    Op::Delete(stack_key.clone()),
+                    Op::Delete(read.key.clone()),
                     Op::DeletePrefix(keys::releases_of(namespace, stack)),
                 ],
                 failure: vec![],
@@ -379,31 +320,9 @@ async fn attempt(
             stack,
             replicas,
         } => {
-            let mut record = existing(current.as_ref(), namespace, stack)?;
-            for (service, &n) in replicas {
-                check_replicas(service, n)?;
-                let spec = record
-                    .spec
-                    .services
-                    .get(service)
-                    .ok_or_else(|| unknown_service(&record, service))?;
-                if spec.deploy.mode == DeployMode::Global {
-                    return Err(DesiredError::GlobalService {
-                        service: service.clone(),
-                    });
-                }
-                record
-                    .services
-                    .entry(service.clone())
-                    .or_insert(ServiceDesired {
-                        replicas: 0,
-                        stopped: false,
-                        restart_generation: 0,
-                    })
-                    .replicas = n;
-            }
+            let mut record = scale(read.existing(namespace, stack)?, replicas)?;
             record.updated_at = now;
-            update(store, &stack_key, current_rev, record).await
+            read.update(store, record).await
         }
         Command::SetStopped {
             namespace,
@@ -411,21 +330,21 @@ async fn attempt(
             services,
             stopped,
         } => {
-            let mut record = existing(current.as_ref(), namespace, stack)?;
+            let mut record = read.existing(namespace, stack)?;
             for service in selected(&record, services)? {
                 if let Some(d) = record.services.get_mut(&service) {
                     d.stopped = *stopped;
                 }
             }
             record.updated_at = now;
-            update(store, &stack_key, current_rev, record).await
+            read.update(store, record).await
         }
         Command::Restart {
             namespace,
             stack,
             services,
         } => {
-            let mut record = existing(current.as_ref(), namespace, stack)?;
+            let mut record = read.existing(namespace, stack)?;
             for service in selected(&record, services)? {
                 if let Some(d) = record.services.get_mut(&service) {
                     d.restart_generation += 1;
@@ -435,7 +354,7 @@ async fn attempt(
             }
             record.updated_at = now;
             record.rollout = Some(rollout_started(&record, now, None));
-            update(store, &stack_key, current_rev, record).await
+            read.update(store, record).await
         }
         Command::Rollback {
             namespace,
@@ -445,54 +364,9 @@ async fn attempt(
             if_current,
             cause,
         } => {
-            let old = existing(current.as_ref(), namespace, stack)?;
-            if let Some(expected) = *if_current
-                && old.release != expected
-            {
-                return Err(DesiredError::Superseded {
-                    stack: stack.clone(),
-                    expected,
-                });
-            }
-            let target = match to {
-                Some(v) => *v,
-                None if old.release > 1 => old.release - 1,
-                None => {
-                    return Err(DesiredError::NothingToRollBack {
-                        stack: stack.clone(),
-                    });
-                }
-            };
-            let latest = latest_release(store, namespace, stack).await?;
-            let Some(kv) = store.get(&keys::release(namespace, stack, target)).await? else {
-                return Err(DesiredError::ReleaseNotFound {
-                    stack: stack.clone(),
-                    version: target,
-                    latest,
-                });
-            };
-            let source: Release = decode(&kv)?;
-            let message = match cause {
-                Some(c) => format!("automatic rollback of v{}: {}", c.from, c.reason),
-                None => format!("rollback to v{target}"),
-            };
-            let cause = cause.clone();
-            new_release(
-                store,
-                &stack_key,
-                current_rev,
-                old,
-                NewRelease {
-                    version: latest + 1,
-                    spec: source.spec,
-                    config: source.config,
-                    author: author.clone(),
-                    message,
-                    cause,
-                },
-                now,
-            )
-            .await
+            let old = read.existing(namespace, stack)?;
+            let new = rollback(store, &old, *to, author, *if_current, cause.as_ref()).await?;
+            new_release(store, &read, old, new, now).await
         }
         Command::SetEnv {
             namespace,
@@ -502,61 +376,10 @@ async fn attempt(
             unset,
             author,
         } => {
-            let old = existing(current.as_ref(), namespace, stack)?;
-            if set.is_empty() && unset.is_empty() {
-                return Err(DesiredError::BadEnv(
-                    "nothing to change: give KEY=VALUE to set, or KEY to unset".into(),
-                ));
-            }
-            for k in set.keys().chain(unset) {
-                if k.is_empty() || k.contains('=') || k.contains('\0') {
-                    return Err(DesiredError::BadEnv(format!(
-                        "{k:?} is not a variable name"
-                    )));
-                }
-            }
-            if let Some(s) = service
-                && !old.spec.services.contains_key(s)
-            {
-                return Err(unknown_service(&old, s));
-            }
-            let mut delta = ConfigVars::default();
-            let vars = match service {
-                Some(s) => delta.services.entry(s.clone()).or_default(),
-                None => &mut delta.all,
-            };
-            for (k, v) in set {
-                vars.insert(k.clone(), Some(v.clone()));
-            }
-            for k in unset {
-                vars.insert(k.clone(), None);
-            }
-            let mut config = old.config.clone();
-            merge_config(&mut config, &delta);
-            let spec = delta.apply(old.spec.clone());
-            let mut words: Vec<String> = set.keys().cloned().collect();
-            words.extend(unset.iter().map(|k| format!("-{k}")));
-            let scope = service
-                .as_ref()
-                .map_or(String::new(), |s| format!(" on {s}"));
-            let message = format!("env {}{scope}", words.join(" "));
-            let version = latest_release(store, namespace, stack).await? + 1;
-            new_release(
-                store,
-                &stack_key,
-                current_rev,
-                old,
-                NewRelease {
-                    version,
-                    spec,
-                    config,
-                    author: author.clone(),
-                    message,
-                    cause: None,
-                },
-                now,
-            )
-            .await
+            let old = read.existing(namespace, stack)?;
+            let mut new = set_env(&old, service.as_deref(), set, unset, author)?;
+            new.version = latest_release(store, namespace, stack).await? + 1;
+            new_release(store, &read, old, new, now).await
         }
         Command::SetRollout {
             namespace,
@@ -566,7 +389,7 @@ async fn attempt(
             state,
             message,
         } => {
-            let mut record = existing(current.as_ref(), namespace, stack)?;
+            let mut record = read.existing(namespace, stack)?;
             let still = record.release == *release
                 && generation_of(&record) == *generation
                 && record
@@ -584,9 +407,229 @@ async fn attempt(
                 r.message = message.clone();
                 r.updated_at = now;
             }
-            update(store, &stack_key, current_rev, record).await
+            read.update(store, record).await
         }
     }
+}
+
+/// The stack record as one attempt read it: every write of the attempt is
+/// compared against `rev`, so a concurrent writer makes it start again.
+struct Read {
+    key: String,
+    kv: Option<KeyValue>,
+    rev: i64,
+}
+
+impl Read {
+    /// The record, or "no such stack".
+    fn existing(&self, ns: &str, stack: &str) -> Result<StackRecord, DesiredError> {
+        match &self.kv {
+            Some(kv) => Ok(decode(kv)?),
+            None => Err(not_found(ns, stack)),
+        }
+    }
+
+    /// Write `record` back (same release).
+    async fn update(
+        &self,
+        store: &dyn Store,
+        record: StackRecord,
+    ) -> Result<Option<Outcome>, DesiredError> {
+        let txn = Txn {
+            compare: vec![Compare::ModRevision(self.key.clone(), self.rev)],
+            success: vec![Op::put(self.key.clone(), encode(&self.key, &record)?)],
+            failure: vec![],
+        };
+        commit(store, txn, Some(record)).await
+    }
+}
+
+/// A stack file submitted: the next release, with the stack's config vars
+/// applied, its scale taken from the file and its restart generations kept.
+async fn submit(
+    store: &dyn Store,
+    read: &Read,
+    namespace: &str,
+    stack: &Stack,
+    (author, message): (&str, &str),
+    now: Millis,
+) -> Result<Option<Outcome>, DesiredError> {
+    if stack.services.is_empty() {
+        return Err(DesiredError::EmptyStack {
+            stack: stack.name.clone(),
+        });
+    }
+    for (name, service) in &stack.services {
+        check_name("service", name)?;
+        check_replicas(name, service.deploy.replicas)?;
+    }
+    let old: Option<StackRecord> = read.kv.as_ref().map(decode).transpose()?;
+    let version = latest_release(store, namespace, &stack.name).await? + 1;
+    let config = old.as_ref().map(|o| o.config.clone()).unwrap_or_default();
+    let stack = config.apply(stack.clone());
+    let services = stack
+        .services
+        .iter()
+        .map(|(svc_name, svc)| {
+            let generation = old
+                .as_ref()
+                .and_then(|o| o.services.get(svc_name))
+                .map_or(0, |d| d.restart_generation);
+            let desired = ServiceDesired {
+                replicas: svc.deploy.replicas,
+                stopped: false,
+                restart_generation: generation,
+            };
+            (svc_name.clone(), desired)
+        })
+        .collect();
+    let new = NewRelease {
+        version,
+        spec: stack,
+        config,
+        author: author.to_owned(),
+        message: message.to_owned(),
+        cause: None,
+    };
+    let name = new.spec.name.clone();
+    commit_release(store, read, (namespace, &name), new, services, now).await
+}
+
+/// `record` with the replica counts of `replicas` (each checked).
+fn scale(
+    mut record: StackRecord,
+    replicas: &BTreeMap<String, u32>,
+) -> Result<StackRecord, DesiredError> {
+    for (service, &n) in replicas {
+        check_replicas(service, n)?;
+        let spec = record
+            .spec
+            .services
+            .get(service)
+            .ok_or_else(|| unknown_service(&record, service))?;
+        if spec.deploy.mode == DeployMode::Global {
+            return Err(DesiredError::GlobalService {
+                service: service.clone(),
+            });
+        }
+        record
+            .services
+            .entry(service.clone())
+            .or_insert(ServiceDesired {
+                replicas: 0,
+                stopped: false,
+                restart_generation: 0,
+            })
+            .replicas = n;
+    }
+    Ok(record)
+}
+
+/// The release a rollback makes: the spec and config vars of release `to`
+/// (default: the one before the current) as the next version.
+async fn rollback(
+    store: &dyn Store,
+    old: &StackRecord,
+    to: Option<u64>,
+    author: &str,
+    if_current: Option<u64>,
+    cause: Option<&RollbackCause>,
+) -> Result<NewRelease, DesiredError> {
+    let stack = &old.name;
+    if let Some(expected) = if_current
+        && old.release != expected
+    {
+        return Err(DesiredError::Superseded {
+            stack: stack.clone(),
+            expected,
+        });
+    }
+    let target = match to {
+        Some(v) => v,
+        None if old.release > 1 => old.release - 1,
+        None => {
+            return Err(DesiredError::NothingToRollBack {
+                stack: stack.clone(),
+            });
+        }
+    };
+    let latest = latest_release(store, &old.namespace, stack).await?;
+    let Some(kv) = store
+        .get(&keys::release(&old.namespace, stack, target))
+        .await?
+    else {
+        return Err(DesiredError::ReleaseNotFound {
+            stack: stack.clone(),
+            version: target,
+            latest,
+        });
+    };
+    let source: Release = decode(&kv)?;
+    let message = match cause {
+        Some(c) => format!("automatic rollback of v{}: {}", c.from, c.reason),
+        None => format!("rollback to v{target}"),
+    };
+    Ok(NewRelease {
+        version: latest + 1,
+        spec: source.spec,
+        config: source.config,
+        author: author.to_owned(),
+        message,
+        cause: cause.cloned(),
+    })
+}
+
+/// The release `berth env set|unset` makes (its `version` is the caller's
+/// to fill in): the stack's spec with the changed config vars.
+fn set_env(
+    old: &StackRecord,
+    service: Option<&str>,
+    set: &BTreeMap<String, String>,
+    unset: &[String],
+    author: &str,
+) -> Result<NewRelease, DesiredError> {
+    if set.is_empty() && unset.is_empty() {
+        return Err(DesiredError::BadEnv(
+            "nothing to change: give KEY=VALUE to set, or KEY to unset".into(),
+        ));
+    }
+    for k in set.keys().chain(unset) {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(DesiredError::BadEnv(format!(
+                "{k:?} is not a variable name"
+            )));
+        }
+    }
+    if let Some(s) = service
+        && !old.spec.services.contains_key(s)
+    {
+        return Err(unknown_service(old, s));
+    }
+    let mut delta = ConfigVars::default();
+    let vars = match service {
+        Some(s) => delta.services.entry(s.to_owned()).or_default(),
+        None => &mut delta.all,
+    };
+    for (k, v) in set {
+        vars.insert(k.clone(), Some(v.clone()));
+    }
+    for k in unset {
+        vars.insert(k.clone(), None);
+    }
+    let mut config = old.config.clone();
+    merge_config(&mut config, &delta);
+    let spec = delta.apply(old.spec.clone());
+    let mut words: Vec<String> = set.keys().cloned().collect();
+    words.extend(unset.iter().map(|k| format!("-{k}")));
+    let scope = service.map_or(String::new(), |s| format!(" on {s}"));
+    Ok(NewRelease {
+        version: 0,
+        spec,
+        config,
+        author: author.to_owned(),
+        message: format!("env {}{scope}", words.join(" ")),
+        cause: None,
+    })
 }
 
 /// Sum of the services' restart generations: changes when `berth restart`
@@ -643,8 +686,7 @@ struct NewRelease {
 /// or config change is not a redeploy of the file: `berth scale` stays).
 async fn new_release(
     store: &dyn Store,
-    stack_key: &str,
-    current_rev: i64,
+    read: &Read,
     old: StackRecord,
     new: NewRelease,
     now: Millis,
@@ -662,6 +704,20 @@ async fn new_release(
             (name.clone(), desired)
         })
         .collect();
+    commit_release(store, read, (&old.namespace, &old.name), new, services, now).await
+}
+
+/// Write release `new` (create-only) and make it the current one of stack
+/// `(namespace, name)`, with `services` as its scale and run flags and a
+/// rollout started.
+async fn commit_release(
+    store: &dyn Store,
+    read: &Read,
+    (namespace, name): (&str, &str),
+    new: NewRelease,
+    services: BTreeMap<String, ServiceDesired>,
+    now: Millis,
+) -> Result<Option<Outcome>, DesiredError> {
     let release = Release {
         version: new.version,
         spec: new.spec.clone(),
@@ -671,8 +727,8 @@ async fn new_release(
         config: new.config.clone(),
     };
     let mut record = StackRecord {
-        namespace: old.namespace.clone(),
-        name: old.name.clone(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
         release: new.version,
         spec: new.spec,
         services,
@@ -681,15 +737,15 @@ async fn new_release(
         rollout: None,
     };
     record.rollout = Some(rollout_started(&record, now, new.cause));
-    let release_key = keys::release(&old.namespace, &old.name, new.version);
+    let release_key = keys::release(namespace, name, new.version);
     let txn = Txn {
         compare: vec![
-            Compare::ModRevision(stack_key.to_owned(), current_rev),
+            Compare::ModRevision(read.key.clone(), read.rev),
             Compare::ModRevision(release_key.clone(), 0),
         ],
         success: vec![
             Op::put(release_key.clone(), encode(&release_key, &release)?),
-            Op::put(stack_key.to_owned(), encode(stack_key, &record)?),
+            Op::put(read.key.clone(), encode(&read.key, &record)?),
         ],
         failure: vec![],
     };
@@ -707,13 +763,6 @@ pub async fn latest_release(store: &dyn Store, ns: &str, stack: &str) -> Result<
     Ok(latest)
 }
 
-fn existing(kv: Option<&KeyValue>, ns: &str, stack: &str) -> Result<StackRecord, DesiredError> {
-    match kv {
-        Some(kv) => Ok(decode(kv)?),
-        None => Err(not_found(ns, stack)),
-    }
-}
-
 /// The services a command names, checked against the stack; all when empty.
 fn selected(record: &StackRecord, services: &[String]) -> Result<Vec<String>, DesiredError> {
     if services.is_empty() {
@@ -725,20 +774,6 @@ fn selected(record: &StackRecord, services: &[String]) -> Result<Vec<String>, De
         }
     }
     Ok(services.to_vec())
-}
-
-async fn update(
-    store: &dyn Store,
-    stack_key: &str,
-    rev: i64,
-    record: StackRecord,
-) -> Result<Option<Outcome>, DesiredError> {
-    let txn = Txn {
-        compare: vec![Compare::ModRevision(stack_key.to_owned(), rev)],
-        success: vec![Op::put(stack_key.to_owned(), encode(stack_key, &record)?)],
-        failure: vec![],
-    };
-    commit(store, txn, Some(record)).await
 }
 
 async fn commit(
@@ -806,5 +841,245 @@ pub fn namespace_or_default(ns: Option<&str>) -> &str {
     match ns {
         Some(ns) if !ns.is_empty() => ns,
         _ => DEFAULT_NAMESPACE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_store::embedded::EmbeddedStore;
+
+    fn stack(yaml: &str) -> Stack {
+        let opts = berth_spec::LoadOptions {
+            working_dir: std::env::temp_dir(),
+            project_name: Some("shop".into()),
+            ..Default::default()
+        };
+        berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
+            .unwrap()
+            .stack
+    }
+
+    const V1: &str =
+        "services:\n  web: {command: v1, deploy: {replicas: 2}}\n  db: {command: db}\n";
+    const V2: &str =
+        "services:\n  web: {command: v2, deploy: {replicas: 2}}\n  db: {command: db}\n";
+
+    fn submit(yaml: &str) -> Command {
+        Command::SubmitStack {
+            namespace: "default".into(),
+            stack: stack(yaml),
+            author: "me".into(),
+            message: "deploy".into(),
+        }
+    }
+
+    fn target() -> (String, String) {
+        ("default".into(), "shop".into())
+    }
+
+    async fn run(store: &dyn Store, cmd: Command, now: Millis) -> StackRecord {
+        apply(store, &cmd, now).await.unwrap().record.unwrap()
+    }
+
+    fn open() -> (tempfile::TempDir, EmbeddedStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.redb")).unwrap();
+        (dir, store)
+    }
+
+    /// The release-making commands (submit, env, rollback) number releases
+    /// in order and keep what they promise to keep: `berth scale` survives
+    /// an env change and a rollback, a restart generation survives a
+    /// redeploy, and a rollback restores the old spec with the old vars.
+    #[tokio::test]
+    async fn releases_keep_scale_restarts_and_config_as_promised() {
+        let (_dir, store) = open();
+        let (namespace, stack) = target();
+        let r = run(&store, submit(V1), 1).await;
+        assert_eq!((r.release, r.services["web"].replicas), (1, 2));
+        let r = run(
+            &store,
+            Command::Restart {
+                namespace: namespace.clone(),
+                stack: stack.clone(),
+                services: vec!["web".into()],
+            },
+            2,
+        )
+        .await;
+        assert_eq!(r.services["web"].restart_generation, 1);
+        assert_eq!(r.services["db"].restart_generation, 0);
+
+        let r = run(&store, submit(V2), 3).await;
+        assert_eq!(r.release, 2);
+        assert_eq!(r.services["web"].restart_generation, 1, "kept by a deploy");
+        let r = run(
+            &store,
+            Command::Scale {
+                namespace: namespace.clone(),
+                stack: stack.clone(),
+                replicas: BTreeMap::from([("web".into(), 5)]),
+            },
+            4,
+        )
+        .await;
+        assert_eq!(
+            (r.release, r.services["web"].replicas, r.updated_at),
+            (2, 5, 4)
+        );
+
+        let r = run(
+            &store,
+            Command::SetEnv {
+                namespace: namespace.clone(),
+                stack: stack.clone(),
+                service: Some("web".into()),
+                set: BTreeMap::from([("K".into(), "v".into())]),
+                unset: vec![],
+                author: "me".into(),
+            },
+            5,
+        )
+        .await;
+        assert_eq!(r.release, 3);
+        assert_eq!(
+            r.services["web"].replicas, 5,
+            "an env change keeps the scale"
+        );
+        assert_eq!(r.spec.services["web"].environment["K"], Some("v".into()));
+        assert!(!r.spec.services["db"].environment.contains_key("K"));
+
+        let r = run(
+            &store,
+            Command::Rollback {
+                namespace: namespace.clone(),
+                stack: stack.clone(),
+                to: Some(1),
+                author: "me".into(),
+                if_current: None,
+                cause: None,
+            },
+            6,
+        )
+        .await;
+        assert_eq!(r.release, 4, "a rollback is a new release");
+        assert_eq!(r.services["web"].replicas, 5, "a rollback keeps the scale");
+        assert!(
+            matches!(&r.spec.services["web"].command, Some(berth_spec::types::Command::Shell(c)) if c == "v1")
+        );
+        assert!(r.config.services.is_empty(), "v1's config vars come back");
+        assert_eq!(r.rollout.unwrap().release, 4);
+        let release: Release = decode(
+            &store
+                .get(&keys::release(&namespace, &stack, 4))
+                .await
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(release.message, "rollback to v1");
+        assert_eq!(latest_release(&store, &namespace, &stack).await.unwrap(), 4);
+    }
+
+    #[tokio::test]
+    async fn refusals_say_which_stack_service_or_release() {
+        let (_dir, store) = open();
+        let (namespace, stack) = target();
+        let scale = |service: &str, n: u32| Command::Scale {
+            namespace: namespace.clone(),
+            stack: stack.clone(),
+            replicas: BTreeMap::from([(service.into(), n)]),
+        };
+        assert!(matches!(
+            apply(&store, &scale("web", 1), 1).await,
+            Err(DesiredError::StackNotFound { .. })
+        ));
+        run(&store, submit(V1), 1).await;
+        assert!(matches!(
+            apply(&store, &scale("nope", 1), 2).await,
+            Err(DesiredError::UnknownService { service, known, .. })
+                if service == "nope" && known == ["db", "web"]
+        ));
+        assert!(matches!(
+            apply(&store, &scale("web", MAX_REPLICAS + 1), 2).await,
+            Err(DesiredError::TooManyReplicas { .. })
+        ));
+        let rollback = |to, if_current| Command::Rollback {
+            namespace: namespace.clone(),
+            stack: stack.clone(),
+            to,
+            author: "me".into(),
+            if_current,
+            cause: None,
+        };
+        assert!(matches!(
+            apply(&store, &rollback(None, None), 2).await,
+            Err(DesiredError::NothingToRollBack { .. })
+        ));
+        assert!(matches!(
+            apply(&store, &rollback(Some(7), None), 2).await,
+            Err(DesiredError::ReleaseNotFound {
+                version: 7,
+                latest: 1,
+                ..
+            })
+        ));
+        run(&store, submit(V2), 3).await;
+        // The controller's automatic rollback of v1 must not undo v2.
+        assert!(matches!(
+            apply(&store, &rollback(None, Some(1)), 4).await,
+            Err(DesiredError::Superseded { expected: 1, .. })
+        ));
+        let env = |k: &str| Command::SetEnv {
+            namespace: namespace.clone(),
+            stack: stack.clone(),
+            service: None,
+            set: BTreeMap::from([(k.into(), "v".into())]),
+            unset: vec![],
+            author: "me".into(),
+        };
+        assert!(matches!(
+            apply(&store, &env("A=B"), 5).await,
+            Err(DesiredError::BadEnv(_))
+        ));
+        assert!(matches!(
+            apply(&store, &env(""), 5).await,
+            Err(DesiredError::BadEnv(_))
+        ));
+        // Nothing refused above wrote anything.
+        assert_eq!(latest_release(&store, &namespace, &stack).await.unwrap(), 2);
+    }
+
+    /// Concurrent writers never lose an update: each attempt compares the
+    /// record's revision and starts again from a fresh read when it lost.
+    #[tokio::test]
+    async fn concurrent_commands_all_apply() {
+        let (_dir, store) = open();
+        let (namespace, stack) = target();
+        run(&store, submit(V1), 1).await;
+        let restart = Command::Restart {
+            namespace: namespace.clone(),
+            stack: stack.clone(),
+            services: vec!["db".into()],
+        };
+        let results =
+            futures::future::join_all((0..8).map(|i| apply(&store, &restart, 10 + i))).await;
+        assert!(results.iter().all(Result::is_ok));
+        let kv = store.get(&keys::stack(&namespace, &stack)).await.unwrap();
+        let record: StackRecord = decode(&kv.unwrap()).unwrap();
+        assert_eq!(record.services["db"].restart_generation, 8);
+        let removed = apply(
+            &store,
+            &Command::RemoveStack {
+                namespace: namespace.clone(),
+                stack: stack.clone(),
+            },
+            20,
+        )
+        .await
+        .unwrap();
+        assert!(removed.record.is_none());
+        assert_eq!(latest_release(&store, &namespace, &stack).await.unwrap(), 0);
     }
 }

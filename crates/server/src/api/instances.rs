@@ -146,7 +146,7 @@ pub async fn instances(
         .into_iter()
         .filter_map(|(key, (a, s))| row(key, a.as_ref(), s.as_ref(), now))
         .collect();
-    rows.extend(held.into_iter().map(|(key, why)| waiting_row(key, why)));
+    rows.extend(held.into_iter().map(|(key, why)| waiting_row(&key, why)));
     rows.sort_by(|a, b| {
         (&a.namespace, &a.stack, &a.service, a.slot).cmp(&(
             &b.namespace,
@@ -232,7 +232,19 @@ fn held_back(
 }
 
 /// The row of a slot held back by an unmet dependency.
-fn waiting_row(key: InstanceKey, why: String) -> Instance {
+/// An instance the scheduler could place nowhere (`berth ps` shows it
+/// `pending`, with why).
+fn waiting_row(key: &InstanceKey, why: String) -> Instance {
+    Instance {
+        desired: Some(DesiredState::Running),
+        message: Some(why),
+        ..unreported_row(key)
+    }
+}
+
+/// The row of an instance nothing is known of yet: what [`row`] fills in
+/// from the assignment and the status.
+fn unreported_row(key: &InstanceKey) -> Instance {
     Instance {
         namespace: key.namespace.clone(),
         stack: key.stack.clone(),
@@ -242,40 +254,7 @@ fn waiting_row(key: InstanceKey, why: String) -> Instance {
         uid: String::new(),
         node: String::new(),
         release: 0,
-        desired: Some(DesiredState::Running),
-        state: InstanceState::Pending,
-        health: Health::None,
-        current: false,
-        pid: None,
-        address: None,
-        port: None,
-        restarts: 0,
-        last_exit: None,
-        started_at: None,
-        uptime_s: None,
-        health_output: None,
-        limits_warning: None,
-        message: Some(why),
-    }
-}
-
-fn row(
-    key: InstanceKey,
-    assignment: Option<&Assignment>,
-    status: Option<&InstanceStatus>,
-    now: Millis,
-) -> Option<Instance> {
-    let desired = assignment.map(|a| a.desired);
-    let base = Instance {
-        namespace: key.namespace.clone(),
-        stack: key.stack.clone(),
-        service: key.service.clone(),
-        instance: key.short(),
-        slot: key.slot,
-        uid: String::new(),
-        node: String::new(),
-        release: 0,
-        desired,
+        desired: None,
         state: InstanceState::Pending,
         health: Health::None,
         current: false,
@@ -289,6 +268,19 @@ fn row(
         health_output: None,
         limits_warning: None,
         message: None,
+    }
+}
+
+fn row(
+    key: InstanceKey,
+    assignment: Option<&Assignment>,
+    status: Option<&InstanceStatus>,
+    now: Millis,
+) -> Option<Instance> {
+    let desired = assignment.map(|a| a.desired);
+    let base = Instance {
+        desired,
+        ..unreported_row(&key)
     };
     match (assignment, status) {
         (None, None) => None,
