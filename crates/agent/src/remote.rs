@@ -128,6 +128,10 @@ pub enum RemoteError {
 #[derive(Debug)]
 pub struct Servers {
     inner: std::sync::Mutex<ServerRing>,
+    /// Bumped whenever the current server changes, so calls and watches
+    /// still waiting on the old one give up on it at once (see
+    /// [`Servers::left`]).
+    switched: watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -148,6 +152,18 @@ impl Servers {
                 seeds,
                 current: 0,
             }),
+            switched: watch::channel(0).0,
+        }
+    }
+
+    /// Resolves once `authority` is no longer the current server.
+    pub async fn left(&self, authority: &str) {
+        // Subscribed before looking, so a switch in between is not missed.
+        let mut rx = self.switched.subscribe();
+        while self.current() == authority {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -181,7 +197,9 @@ impl Servers {
             return false;
         }
         r.current = (r.current + 1) % r.list.len();
-        tracing::warn!(from = authority, to = %r.list[r.current], "server unreachable; switching to the next one");
+        tracing::warn!(from = authority, to = %r.list[r.current], "server unreachable or not answering; switching to the next one");
+        drop(r);
+        self.switched.send_modify(|n| *n += 1);
         true
     }
 
@@ -199,11 +217,16 @@ impl Servers {
         if list.is_empty() || list == r.list {
             return;
         }
-        r.current = current
-            .and_then(|c| list.iter().position(|s| *s == c))
-            .unwrap_or(0);
+        let kept = current
+            .as_ref()
+            .and_then(|c| list.iter().position(|s| s == c));
+        r.current = kept.unwrap_or(0);
         tracing::info!(servers = ?list, "known servers");
         r.list = list;
+        drop(r);
+        if kept.is_none() {
+            self.switched.send_modify(|n| *n += 1);
+        }
     }
 }
 
@@ -213,6 +236,26 @@ pub struct ApiClient {
     servers: Arc<Servers>,
     node: String,
     secret: Option<String>,
+}
+
+/// How long connecting to a server may take. Short: a server that does
+/// not accept a connection within it is as good as down for an agent,
+/// which has others to try (and a fence to keep).
+const CONNECT_WITHIN: Duration = Duration::from_secs(3);
+/// How long a server may take to start answering a request (the headers;
+/// watches stream their body after them). A server that accepts the
+/// connection and then says nothing for this long (stopped, wedged) is
+/// left for the next one.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// Bound of a whole call, answer body included.
+const CALL_WITHIN: Duration = Duration::from_secs(30);
+
+/// A server's response, and which server gave it.
+pub(crate) struct Reply {
+    /// The server (`host:port`).
+    pub server: String,
+    /// Its response.
+    pub resp: Response<Incoming>,
 }
 
 /// A non-2xx answer, or a transport failure (`status` 0).
@@ -326,12 +369,17 @@ impl ApiClient {
         format!("/v1/agent/nodes/{}{rest}", seg(&self.node))
     }
 
+    /// Send one request to the current server. A server that refuses the
+    /// connection, does not accept it within [`CONNECT_WITHIN`] or does not
+    /// answer within [`ANSWER_WITHIN`] makes the ring move on; a request
+    /// still waiting when the ring moves on (another call found the server
+    /// dead or hung) is abandoned at once.
     pub(crate) async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-    ) -> Result<Response<Incoming>, String> {
+    ) -> Result<Reply, String> {
         let authority = self.servers.current();
         let mut builder = Request::builder()
             .method(method)
@@ -348,11 +396,11 @@ impl ApiClient {
         }
         .map_err(|e| e.to_string())?;
         let connected = tokio::time::timeout(
-            Duration::from_secs(10),
+            CONNECT_WITHIN,
             tokio::net::TcpStream::connect(authority.as_str()),
         )
         .await
-        .map_err(|_| "connect timed out".to_owned())
+        .map_err(|_| format!("not connected within {CONNECT_WITHIN:?}"))
         .and_then(|r| r.map_err(|e| e.to_string()));
         let stream = match connected {
             Ok(s) => s,
@@ -369,10 +417,24 @@ impl ApiClient {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        sender.send_request(req).await.map_err(|e| e.to_string())
+        let resp = tokio::select! {
+            r = sender.send_request(req) => r.map_err(|e| format!("{authority}: {e}"))?,
+            () = self.servers.left(&authority) => {
+                return Err(format!("{authority}: abandoned, the agent moved to {}", self.servers.current()));
+            }
+            () = tokio::time::sleep(ANSWER_WITHIN) => {
+                self.servers.failed(&authority);
+                return Err(format!("{authority}: no answer within {ANSWER_WITHIN:?}"));
+            }
+        };
+        Ok(Reply {
+            server: authority,
+            resp,
+        })
     }
 
-    /// One request with a JSON body; the whole answer, within 30 s.
+    /// One request with a JSON body; the whole answer, within
+    /// [`CALL_WITHIN`].
     async fn call(
         &self,
         method: Method,
@@ -380,19 +442,21 @@ impl ApiClient {
         body: Option<Vec<u8>>,
     ) -> Result<Answer, String> {
         let fut = async {
-            let resp = self.send(method, path, body).await?;
+            let Reply { server, resp } = self.send(method, path, body).await?;
             let status = resp.status();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
+            let body = tokio::select! {
+                b = resp.into_body().collect() => b.map_err(|e| e.to_string())?.to_bytes(),
+                () = self.servers.left(&server) => {
+                    return Err(format!("{server}: abandoned, the agent moved to {}", self.servers.current()));
+                }
+            };
             Ok(Answer { status, body })
         };
-        tokio::time::timeout(Duration::from_secs(30), fut)
-            .await
-            .map_err(|_| "the server did not answer within 30s".to_owned())?
+        let began = self.servers.current();
+        tokio::time::timeout(CALL_WITHIN, fut).await.map_err(|_| {
+            self.servers.failed(&began);
+            format!("the server did not answer within {CALL_WITHIN:?}")
+        })?
     }
 
     async fn call_json<T: for<'de> Deserialize<'de>>(
@@ -518,13 +582,29 @@ impl ApiClient {
     }
 
     /// [`ApiClient::heartbeat`] on each known server in turn until one
-    /// answers: a dead server costs one refused connection, not a
-    /// heartbeat interval.
-    pub async fn heartbeat_any(&self) -> Result<bool, RemoteError> {
+    /// answers, all within `budget`: a dead server costs one refused
+    /// connection, a hung one (it accepts connections and never answers:
+    /// stopped, wedged) half the budget when there is another to try, so
+    /// the next one still renews the lease before the node would fence.
+    pub async fn heartbeat_any(&self, budget: Duration) -> Result<bool, RemoteError> {
         let mut tries = self.servers.len().max(1);
+        let per_try = if tries > 1 { budget / 2 } else { budget };
+        let deadline = tokio::time::Instant::now() + budget;
         loop {
             let before = self.servers.current();
-            match self.heartbeat().await {
+            let bound =
+                per_try.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            let r = match tokio::time::timeout(bound, self.heartbeat()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.servers.failed(&before);
+                    Err(RemoteError::Unreachable {
+                        authority: before.clone(),
+                        message: format!("no answer to the heartbeat within {bound:?}"),
+                    })
+                }
+            };
+            match r {
                 Err(RemoteError::Unreachable { .. })
                     if tries > 1 && self.servers.current() != before =>
                 {
@@ -600,6 +680,8 @@ const WATCH_RECONNECT_FOR: Duration = Duration::from_secs(15);
 /// A watch connection and what it has delivered.
 struct WatchState {
     client: ApiClient,
+    /// The server the current connection is to.
+    server: String,
     /// Revision to resume from: the last one delivered (its events are
     /// sent again after a reconnect — the agent applies them idempotently —
     /// so a connection that broke in the middle of one transaction's events
@@ -623,10 +705,11 @@ impl WatchState {
         let path = self
             .client
             .node_path(&format!("/assignments/watch?from={}", self.from));
-        let resp = self.client.send(Method::GET, &path, None).await?;
+        let Reply { server, resp } = self.client.send(Method::GET, &path, None).await?;
         if !resp.status().is_success() {
             return Err(failure(resp).await);
         }
+        self.server = server;
         self.body = Some(resp.into_body());
         self.buf.clear();
         Ok(())
@@ -647,7 +730,15 @@ impl WatchState {
             let Some(body) = self.body.as_mut() else {
                 return Next::Broken("not connected".into());
             };
-            match tokio::time::timeout(WATCH_SILENCE, body.frame()).await {
+            let servers = self.client.servers.clone();
+            let frame = tokio::select! {
+                f = tokio::time::timeout(WATCH_SILENCE, body.frame()) => f,
+                // The others found this server dead or hung: follow them.
+                () = servers.left(&self.server) => {
+                    return Next::Broken(format!("leaving {} for {}", self.server, servers.current()));
+                }
+            };
+            match frame {
                 Err(_) => return Next::Broken("the watch went silent".into()),
                 Ok(None) => return Next::Broken("the server ended the watch".into()),
                 Ok(Some(Err(e))) => return Next::Broken(e.to_string()),
@@ -760,6 +851,7 @@ impl ControlPlane for ApiControlPlane {
         }
         let mut state = WatchState {
             client: self.client.clone(),
+            server: String::new(),
             from,
             body: None,
             buf: Vec::new(),
@@ -1098,7 +1190,7 @@ pub async fn run_remote(
             }
             _ = beat.tick() => {
                 let sent = tokio::time::Instant::now();
-                let renewed = match tokio::time::timeout(fence.call_timeout, client.heartbeat_any()).await {
+                let renewed = match tokio::time::timeout(fence.call_timeout, client.heartbeat_any(fence.call_timeout)).await {
                     Err(_) => {
                         tracing::warn!("heartbeat timed out; retrying");
                         false
@@ -1288,6 +1380,101 @@ mod tests {
         assert_eq!(s.current(), "a:1", "the seeds stay in the ring");
         let one = Servers::new(vec!["a:1".into()]);
         assert!(!one.failed("a:1"));
+    }
+
+    /// A server that accepts connections (the kernel does, into the
+    /// backlog) and never answers: a stopped or wedged process.
+    fn hung_server() -> (std::net::TcpListener, String) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap().to_string();
+        (l, a)
+    }
+
+    /// A server that answers every request with 200 and `body`.
+    async fn live_server(body: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        a
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_leaves_a_hung_server_within_its_budget() {
+        let (_hung, hung) = hung_server();
+        let live = live_server("{}").await;
+        let servers = Arc::new(Servers::new(vec![hung.clone(), live.clone()]));
+        let client = ApiClient::with_servers(servers.clone(), "n1".into(), Some("s".into()));
+        let t = tokio::time::Instant::now();
+        let renewed = client.heartbeat_any(Duration::from_millis(800)).await;
+        assert!(matches!(renewed, Ok(true)), "{renewed:?}");
+        assert_eq!(servers.current(), live);
+        // Half the budget on the hung one, then the live one answers.
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(
+            t.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            t.elapsed()
+        );
+        // With only the hung server, the whole budget is its, and it fails.
+        let alone = ApiClient::with_servers(Arc::new(Servers::new(vec![hung])), "n1".into(), None);
+        let t = tokio::time::Instant::now();
+        let r = alone.heartbeat_any(Duration::from_millis(300)).await;
+        assert!(matches!(r, Err(RemoteError::Unreachable { .. })), "{r:?}");
+        assert!(t.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn calls_waiting_on_a_server_the_ring_left_give_up_at_once() {
+        let (_hung, hung) = hung_server();
+        let live = live_server(r#"{"servers":[]}"#).await;
+        let servers = Arc::new(Servers::new(vec![hung.clone(), live.clone()]));
+        let client = ApiClient::with_servers(servers.clone(), "n1".into(), Some("s".into()));
+        let waiting = tokio::spawn({
+            let client = client.clone();
+            async move { client.list_servers().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "the hung server answered?");
+        // Another call (the heartbeat) found it hung.
+        let t = tokio::time::Instant::now();
+        assert!(servers.failed(&hung));
+        let r = waiting.await.unwrap();
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        match r {
+            Err(RemoteError::Unreachable { message, .. }) => {
+                assert!(message.contains("abandoned"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The retry goes to the live one.
+        assert_eq!(client.list_servers().await.unwrap(), Vec::<String>::new());
     }
 
     #[test]

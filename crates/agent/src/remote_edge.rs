@@ -135,10 +135,11 @@ async fn follow_once(
         Some(tag) => client.node_path(&format!("/edge/watch?have={tag}")),
         None => client.node_path("/edge/watch"),
     };
-    let resp = tokio::time::timeout(SILENCE, client.send(Method::GET, &path, None))
-        .await
-        .map_err(|_| broken(false, "connecting timed out".into()))?
-        .map_err(|e| broken(false, e))?;
+    let crate::remote::Reply { server, resp } =
+        tokio::time::timeout(SILENCE, client.send(Method::GET, &path, None))
+            .await
+            .map_err(|_| broken(false, "connecting timed out".into()))?
+            .map_err(|e| broken(false, e))?;
     if !resp.status().is_success() {
         return Err(broken(false, crate::remote::failure(resp).await));
     }
@@ -165,7 +166,14 @@ async fn follow_once(
                 }
             }
         }
-        match tokio::time::timeout(SILENCE, body.frame()).await {
+        let frame = tokio::select! {
+            f = tokio::time::timeout(SILENCE, body.frame()) => f,
+            // The agent's other calls found this server dead or hung.
+            () = client.servers().left(&server) => {
+                return Err(broken(true, format!("leaving {server} for {}", client.servers().current())));
+            }
+        };
+        match frame {
             Err(_) => return Err(broken(true, "the edge watch went silent".into())),
             Ok(None) => return Err(broken(true, "the server ended the edge watch".into())),
             Ok(Some(Err(e))) => return Err(broken(true, e.to_string())),

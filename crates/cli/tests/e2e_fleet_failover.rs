@@ -1,9 +1,11 @@
 //! An agent outlives its server: two `berth server --store etcd://…` on one
 //! real etcd, one `berth agent --join` given only the first server's URL.
 //! The agent learns the second server from the first, and when the first
-//! is `kill -9`ed it switches to the second without restarting anything:
-//! its instances keep their pids, its node stays up past the lease TTL,
-//! and work placed through the second server reaches it.
+//! is `kill -9`ed, or hangs (`kill -STOP`: it still accepts connections,
+//! and never answers), it switches to the second without restarting
+//! anything and without fencing: its instances keep their pids, its node
+//! stays up past the lease TTL, and work placed through the second server
+//! reaches it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -133,8 +135,29 @@ fn running_pids(berth: &Berth, dir: &Path) -> Vec<i64> {
     pids
 }
 
+/// Resumes a stopped process when dropped (before its harness tries to
+/// stop it), whatever the test's outcome.
+struct Resume(i32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
 #[test]
 fn an_agent_switches_server_when_its_server_dies_and_keeps_its_processes() {
+    fails_over("KILL");
+}
+
+#[test]
+fn an_agent_leaves_a_hung_server_without_fencing_and_keeps_its_processes() {
+    fails_over("STOP");
+}
+
+/// Send `sig` to the agent's server, then check the agent carries on with
+/// the other one.
+fn fails_over(sig: &str) {
     let etcd = Etcd::start();
     let (s1, api1) = server_on(&etcd, "s1");
     let (s2, api2) = server_on(&etcd, "s2");
@@ -175,9 +198,12 @@ fn an_agent_switches_server_when_its_server_dies_and_keeps_its_processes() {
     let before = running_pids(&s1, dir);
     assert_eq!(before.len(), 2, "{before:?}");
 
-    // kill -9 s1: the agent moves to s2 at its next call.
+    // kill -9 s1: the agent moves to s2 at its next call. kill -STOP: its
+    // next heartbeat gets no answer, and moves on within its bound.
     let t = Instant::now();
-    signal(s1.server_pid().unwrap(), "KILL");
+    let s1_pid = s1.server_pid().unwrap();
+    signal(s1_pid, sig);
+    let _resume = (sig == "STOP").then_some(Resume(s1_pid));
     wait_until("the agent switched to s2", Duration::from_secs(10), || {
         if agent_log().contains("switching to the next one") {
             Ok(())
@@ -185,7 +211,7 @@ fn an_agent_switches_server_when_its_server_dies_and_keeps_its_processes() {
             Err(agent_log())
         }
     });
-    eprintln!("agent switched server {:?} after kill -9", t.elapsed());
+    eprintln!("agent switched server {:?} after kill -{sig}", t.elapsed());
 
     // Past the node lease's TTL (10 s): a node that had not switched would
     // be down and fenced. Its processes are the same ones.
@@ -196,6 +222,7 @@ fn an_agent_switches_server_when_its_server_dies_and_keeps_its_processes() {
     let nodes: Vec<Value> = serde_json::from_str(&s2.ok(dir, &["nodes", "--json"])).unwrap();
     let n1 = nodes.iter().find(|n| n["id"] == "n1").unwrap();
     assert_eq!(n1["state"], "up", "{nodes:?}\nagent: {}", agent_log());
+    assert!(!agent_log().contains("fencing"), "agent: {}", agent_log());
     assert_eq!(running_pids(&s2, dir), before, "agent: {}", agent_log());
     for pid in &before {
         assert!(alive(*pid as i32), "instance {pid} was restarted");
