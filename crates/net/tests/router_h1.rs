@@ -623,3 +623,62 @@ async fn a_slow_head_is_cut_off_but_a_busy_connection_is_not() {
         "{waited:?}"
     );
 }
+
+/// After one exchange: whether the router closed the connection.
+async fn closed_after(c: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), c.read(&mut b)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test]
+async fn connection_close_and_http_1_0_are_honoured() {
+    let inst = instance(KEEP).await;
+    let r = router_to(&[inst.addr], 1).await;
+
+    // HTTP/1.1 asking to close.
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "GET /a HTTP/1.1\r\nHost: web.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(a.head.contains("connection: close"), "{}", a.head);
+    assert!(closed_after(&mut c).await);
+
+    // HTTP/1.0 without keep-alive: closed after the answer.
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "GET /a HTTP/1.0\r\nHost: web.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert!(closed_after(&mut c).await);
+
+    // HTTP/1.0 keep-alive: kept for a body of known length …
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let ka = "GET /a HTTP/1.0\r\nHost: web.test\r\nConnection: keep-alive\r\n\r\n";
+    let a = exchange(&mut c, &mut buf, ka).await;
+    assert!(a.head.contains("connection: keep-alive"), "{}", a.head);
+    let a = exchange(&mut c, &mut buf, ka).await;
+    assert_eq!(a.status, 200);
+    // … but a chunked one cannot be chunked for HTTP/1.0: it ends with the
+    // connection.
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "GET /chunked HTTP/1.0\r\nHost: web.test\r\nConnection: keep-alive\r\n\r\n",
+    )
+    .await;
+    assert!(!a.head.contains("transfer-encoding"), "{}", a.head);
+    assert_eq!(a.body, b"hello world");
+}
