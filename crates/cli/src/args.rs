@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
     about = "Run a Compose file or Procfile as supervised, discoverable services",
     after_help = concat!(
         "Example:\n  berth up -d          # start the stack in this folder in the background\n  berth ps             # see its instances\n  berth logs -f web    # follow the web service's logs\n  berth down           # stop and forget it\n\n",
-        "Exit codes:\n  0  success\n  1  generic failure\n  2  bad input (stack file errors, bad flags or arguments)\n  3  no server running / cannot connect to the server\n  4  not found (stack or service)\n  5  `up -d` failed (an instance is unhealthy, failed, or the wait timed out)\n  130  interrupted (second Ctrl-C)\n\n",
+        "Exit codes:\n  0  success\n  1  generic failure\n  2  bad input (stack file errors, bad flags or arguments)\n  3  no server running / cannot connect to the server\n  4  not found (stack or service)\n  5  `up -d` or a rollout (deploy, rollback, env set|unset) failed: an instance is unhealthy or failed, or the wait timed out\n  130  interrupted (second Ctrl-C)\n\n",
         "Environment:\n  BERTH_DATA_DIR  data dir (default $XDG_STATE_HOME/berth, else ~/.local/state/berth)\n  BERTH_ADDR      http://HOST:PORT of a remote server (instead of the data dir's socket)\n  BERTH_TOKEN     API token for BERTH_ADDR when it is not a loopback address\n  NO_COLOR        disable colours"
     )
 )]

@@ -16,7 +16,8 @@ pub const BAD_INPUT: u8 = 2;
 pub const NO_SERVER: u8 = 3;
 /// Stack or service not found.
 pub const NOT_FOUND: u8 = 4;
-/// `up -d` failed: unhealthy, failed, or timed out.
+/// `up -d` or a rollout (deploy, rollback, env) failed: unhealthy, failed,
+/// or timed out.
 pub const UP_FAILED: u8 = 5;
 /// Second Ctrl-C.
 pub const INTERRUPTED: u8 = 130;

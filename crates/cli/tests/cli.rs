@@ -69,7 +69,7 @@ fn every_subcommand_help_has_an_example() {
         "2  bad input",
         "3  no server",
         "4  not found",
-        "5  `up -d` failed",
+        "5  `up -d` or a rollout",
     ] {
         assert!(
             text.contains(code),
