@@ -34,6 +34,9 @@ pub fn service(name: &str, command: &str, extra: serde_json::Value) -> Service {
     serde_json::from_value(v).unwrap()
 }
 
+/// An assignment of `service` to `key`. Tests run in parallel in one agent
+/// id, and an instance's cgroup is named after its slot and uid: tests
+/// must not share both, or one instance's end kills the other's processes.
 pub fn assignment(key: InstanceKey, service: Service, uid: &str, node: &str) -> Assignment {
     Assignment {
         key,

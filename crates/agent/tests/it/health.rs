@@ -25,7 +25,7 @@ async fn http_check_against_a_python_server_turns_healthy() {
             "start_period_ms": 0, "start_interval_ms": 5000,
         }}),
     );
-    let sup = Supervisor::spawn(ctx, assignment(key("web", 1), svc, "u1", "n1"));
+    let sup = Supervisor::spawn(ctx, assignment(key("web", 1), svc, "u3", "n1"));
     let first = until(&mut rx, 5, "starting", |s| {
         s.state == InstanceState::Starting
     })

@@ -100,7 +100,7 @@ async fn on_failure_2_gives_up_after_two_restarts() {
         "exit 1",
         json!({"restart": {"policy": "on-failure", "max_attempts": 2}}),
     );
-    let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u1", "n1"));
+    let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u2", "n1"));
     let mut starts = 0;
     let failed = until(&mut rx, 10, "failed", |s| s.state == InstanceState::Failed).await;
     assert_eq!(failed.restarts, 2);
@@ -119,7 +119,7 @@ async fn on_failure_does_not_restart_a_clean_exit() {
     let dir = tempfile::tempdir().unwrap();
     let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
     let svc = service("job", "true", json!({"restart": {"policy": "on-failure"}}));
-    let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u1", "n1"));
+    let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u3", "n1"));
     let s = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
     assert_eq!(s.last_exit.unwrap().code, Some(0));
     sup.stop().await;
@@ -303,7 +303,7 @@ async fn setsid_grandchild_survived_stop_and_stop_waited_seconds_for_the_log_pum
         pidfile.display()
     );
     let svc = service("web", &cmd, json!({}));
-    let sup = Supervisor::spawn(ctx, assignment(key("web", 1), svc, "u1", "n1"));
+    let sup = Supervisor::spawn(ctx, assignment(key("web", 1), svc, "u2", "n1"));
     let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
     let pid = running.pid.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -352,7 +352,7 @@ async fn stopped_instance_kept_its_restarting_note_and_exited_one_its_address() 
     let dir = tempfile::tempdir().unwrap();
     let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
     let svc = service("job", "exit 3", json!({"restart": {"policy": "no"}}));
-    let sup = Supervisor::spawn(ctx.clone(), assignment(key("job", 1), svc, "u1", "n1"));
+    let sup = Supervisor::spawn(ctx.clone(), assignment(key("job", 1), svc, "u4", "n1"));
     let exited = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
     assert_eq!(exited.address, None, "{exited:?}");
     sup.stop().await;
