@@ -25,6 +25,7 @@
 //! parallel and reported `stopped`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +39,7 @@ use crate::control::{AssignmentEvent, ControlPlane};
 use crate::driver::ByKind;
 use crate::driver::cgroup::Cgroups;
 use crate::driver::command::INHERITED_VARS;
-use crate::driver::docker::{DockerDriver, StatsMap};
+use crate::driver::docker::{DockerDriver, Publish, StatsMap};
 use crate::driver::process::ProcessDriver;
 use crate::logs::{LogConfig, LogStore};
 use crate::orphans;
@@ -54,9 +55,23 @@ pub struct AgentConfig {
     /// source of the agent id.
     pub data_dir: PathBuf,
     /// Address instances are reached on (`127.0.0.1` on one machine).
+    /// Any other address means other nodes reach them: containers are then
+    /// published on it ([`publish_on`]).
     pub address: String,
     /// Log file limits (used by whoever opens the [`LogStore`]).
     pub logs: LogConfig,
+}
+
+/// The address containers' ports are published on for an agent registered
+/// with `address`: none on loopback (one machine: every router, DNS server
+/// and proxy runs on this host and reaches a container at its bridge IP),
+/// else that address (other nodes' edges connect to it; the bridge IP is
+/// reachable from this host only).
+pub fn publish_on(address: &str) -> Option<IpAddr> {
+    address
+        .parse::<IpAddr>()
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
 }
 
 /// Errors that end the agent.
@@ -418,11 +433,16 @@ pub async fn run_with(
     let inherited_env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| INHERITED_VARS.contains(&k.as_str()))
         .collect();
+    let ports = PortAllocator::new();
     let docker = Arc::new(DockerDriver::new(
         options.docker_host.clone(),
         agent_id.clone(),
         logs.clone(),
         options.container_stats.clone(),
+        publish_on(&cfg.address).map(|ip| Publish {
+            ip,
+            ports: ports.clone(),
+        }),
     ));
     let adoptable = docker.collect_adoptable().await;
     if adoptable > 0 {

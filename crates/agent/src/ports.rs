@@ -1,5 +1,7 @@
 //! Port allocation for instances: each replica of a service with ports gets
-//! its own free TCP port, handed to it as `PORT`.
+//! its own free TCP port, handed to it as `PORT`; a container published on
+//! its node's address gets one per declared port, its host ports (see
+//! `driver::docker`).
 //!
 //! Ports come from a range outside the kernel's ephemeral range
 //! (`/proc/sys/net/ipv4/ip_local_port_range`, 32768–60999 by default). The
@@ -236,6 +238,27 @@ impl PortAllocator {
             ),
         ))
     }
+
+    /// Hold `port`, which something of this agent's already uses (the host
+    /// port of an adopted container), so no other lease gets it. `None`
+    /// when another live lease, here or in another agent, holds it.
+    pub fn claim(&self, port: u16) -> Option<PortLease> {
+        let mut st = self.state.lock().ok()?;
+        if st.held.contains(&port) {
+            return None;
+        }
+        let claim = match claim_host_wide(&self.claims, port) {
+            Claim::Taken => return None,
+            Claim::Held(lock) => Some(lock),
+            Claim::Unavailable => None,
+        };
+        st.held.insert(port);
+        Some(PortLease {
+            port,
+            state: self.state.clone(),
+            _claim: claim,
+        })
+    }
 }
 
 /// Whether nothing is bound to `port` on any IPv4 address: a bind of the
@@ -388,5 +411,18 @@ mod tests {
             Some(eph),
         );
         assert_eq!(c.len(), 10);
+    }
+
+    #[test]
+    fn a_claimed_port_is_never_handed_out_again_until_released() {
+        // An adopted container's host port: claimed by the new agent, so
+        // neither it nor another agent hands it out.
+        let (a, b) = (PortAllocator::new(), PortAllocator::new());
+        let port = a.allocate().unwrap().port();
+        let claimed = a.claim(port).expect("free again once its lease is gone");
+        assert!(a.claim(port).is_none(), "held here");
+        assert!(b.claim(port).is_none(), "held host-wide");
+        drop(claimed);
+        assert!(b.claim(port).is_some());
     }
 }

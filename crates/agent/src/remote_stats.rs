@@ -232,6 +232,7 @@ mod tests {
             pid,
             address: None,
             port: None,
+            host_ports: Default::default(),
             restarts: 0,
             last_exit: None,
             started_at: Some(1),

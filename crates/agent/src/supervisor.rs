@@ -188,6 +188,10 @@ struct Run {
     a: Assignment,
     st: InstanceStatus,
     stop: watch::Receiver<bool>,
+    /// The port the instance itself listens on (its `PORT`; a container's
+    /// first declared port), which health checks use: `st.port` is where
+    /// others reach it, a host port when the container is published.
+    listen_port: Option<u16>,
 }
 
 impl Run {
@@ -256,6 +260,8 @@ impl Run {
             // Nothing listens any more: `ps` must not offer an address.
             self.st.pid = None;
             self.st.address = None;
+            self.st.port = self.listen_port;
+            self.st.host_ports.clear();
             // Nor call it healthy: its last check passed while it ran.
             if self.st.health == Health::Healthy {
                 self.st.health = Health::Unhealthy;
@@ -333,6 +339,7 @@ impl Run {
             prober,
             adopted_restarts,
             detail,
+            host_ports,
         } = started;
         let began = tokio::time::Instant::now();
         self.st.state = InstanceState::Running;
@@ -341,6 +348,8 @@ impl Run {
         self.st.limits_warning = limits_warning;
         self.st.message = None;
         self.st.address = Some(address.unwrap_or_else(|| self.ctx.address.clone()));
+        self.st.host_ports = host_ports;
+        self.st.port = self.listen_port.map(|p| self.st.port_of(p));
         if let Some(r) = adopted_restarts {
             self.st.restarts = r;
         }
@@ -370,7 +379,7 @@ impl Run {
         let (health_tx, mut health_rx) = watch::channel(None::<HealthReport>);
         let check = self.a.service.healthcheck.clone();
         let target = ProbeTarget {
-            port: self.st.port,
+            port: self.listen_port,
             env: spec.env.clone(),
             working_dir: spec.working_dir.clone(),
         };
@@ -469,6 +478,7 @@ pub async fn run(ctx: Arc<Context>, a: Assignment, stop: watch::Receiver<bool>) 
         a,
         st,
         stop,
+        listen_port: None,
     };
     run.emit();
 
@@ -484,8 +494,9 @@ pub async fn run(ctx: Arc<Context>, a: Assignment, stop: watch::Receiver<bool>) 
             .to_string());
         }
         if kind == DriverKind::Docker {
-            // A container listens on its own IP at its target port; berth's
-            // proxy publishes it, so no host port is taken here.
+            // A container listens on its own IP at its target port; the
+            // driver publishes it on a host port when other nodes must
+            // reach it (one per container, so none is taken here).
             run.st.port = run.a.service.ports.first().map(|p| p.target);
         } else if needs_port(&run.a) {
             let l = ctx
@@ -502,6 +513,7 @@ pub async fn run(ctx: Arc<Context>, a: Assignment, stop: watch::Receiver<bool>) 
         };
         launch_spec(&run.a, run.st.port, &lctx).map_err(|e| e.to_string())
     })();
+    run.listen_port = run.st.port;
     match setup {
         Ok(spec) => run.supervise(spec).await,
         Err(message) => run.fail_permanently(message).await,
@@ -511,6 +523,7 @@ pub async fn run(ctx: Arc<Context>, a: Assignment, stop: watch::Receiver<bool>) 
     run.st.state = InstanceState::Stopped;
     run.st.pid = None;
     run.st.port = None;
+    run.st.host_ports.clear();
     run.st.address = None;
     // Whatever it said before ("restarting in 30000ms") is over.
     run.st.message = None;

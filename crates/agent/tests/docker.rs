@@ -181,10 +181,16 @@ impl Harness {
     }
 
     fn start(&self, options: AgentOptions) -> Running {
+        self.start_at("127.0.0.1", options)
+    }
+
+    /// Start the agent registered with `address` (not loopback: other
+    /// nodes reach its instances, so containers are published on it).
+    fn start_at(&self, address: &str, options: AgentOptions) -> Running {
         let cfg = AgentConfig {
             node_id: "n1".into(),
             data_dir: self.data.clone(),
-            address: "127.0.0.1".into(),
+            address: address.into(),
             logs: LogConfig::default(),
         };
         let (stop, shutdown) = watch::channel(false);
@@ -398,6 +404,97 @@ async fn container_runs_healthy_restarts_after_docker_kill_and_is_adopted_not_du
     until(30, "container removed", || containers(stack).is_empty()).await;
     until(10, "network removed", || !network_exists(stack)).await;
 
+    agent.stop.send_replace(true);
+    agent.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_node_other_nodes_reach_containers_are_published_on_its_address_and_adopted_so() {
+    // The default bridge's gateway: an address of this host that is not
+    // loopback, as a node's advertise address is.
+    let (ok, ip) = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ]);
+    assert!(ok && !ip.is_empty(), "no default bridge gateway: {ip}");
+    let stack = "pub";
+    let h = Harness::new();
+    clean(stack);
+    let (k1, k2) = (key(stack, "web", 1), key(stack, "web", 2));
+    // "8080:80" style: the user's published port is the edge proxy's,
+    // never bound by the engine.
+    let web = |published: u16| {
+        let mut w = web(json!({}));
+        w.ports[0].published = Some(published);
+        w
+    };
+    h.put(&assignment(k1.clone(), web(18080), "uid-pub-1"))
+        .await;
+    h.put(&assignment(k2.clone(), web(18080), "uid-pub-2"))
+        .await;
+    let agent = h.start_at(&ip, AgentOptions::default());
+
+    let mut seen = Vec::new();
+    for k in [&k1, &k2] {
+        let st = h
+            .eventually(k, 60, "published and healthy", |s| {
+                s.state == InstanceState::Running && s.health == Health::Healthy
+            })
+            .await;
+        assert_eq!(st.address.as_deref(), Some(ip.as_str()), "{st:#?}");
+        let port = st.port.unwrap();
+        assert_ne!(port, 8080, "a host port of its own");
+        assert_ne!(port, 18080, "not the user's published port");
+        assert_eq!(st.host_ports, BTreeMap::from([(8080, port)]));
+        // Reached on the node's address at its host port.
+        assert!(http_get(&ip, port).await.contains("hello-from-web"));
+        seen.push(port);
+    }
+    assert_ne!(seen[0], seen[1], "one host port per container");
+    let ids = containers(stack);
+    let (_, bindings) = docker(&[
+        "inspect",
+        "--format",
+        "{{json .HostConfig.PortBindings}}",
+        &ids[0],
+    ]);
+    assert!(
+        bindings.contains(&format!("\"HostIp\":\"{ip}\"")),
+        "{bindings}"
+    );
+    assert!(!bindings.contains("18080"), "{bindings}");
+
+    // The agent dies; the next adopts the containers with their host
+    // ports (and holds them, so nothing else is handed them).
+    agent.task.abort();
+    let _ = agent.task.await;
+    let agent = h.start_at(&ip, AgentOptions::default());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (k, port) in [(&k1, seen[0]), (&k2, seen[1])] {
+        let st = h
+            .eventually(k, 30, "adopted with its host port", |s| {
+                s.state == InstanceState::Running
+                    && s.health == Health::Healthy
+                    && s.port == Some(port)
+            })
+            .await;
+        assert_eq!(st.host_ports, BTreeMap::from([(8080, port)]));
+    }
+    assert_eq!(containers(stack), ids, "adopted, not replaced");
+    let lines = h.lines(&k1).await;
+    assert!(
+        lines
+            .iter()
+            .any(|(_, l)| l.contains(&format!("published on {ip}:{}->8080", seen[0]))),
+        "{lines:?}"
+    );
+
+    h.remove(&k1).await;
+    h.remove(&k2).await;
+    until(30, "containers removed", || containers(stack).is_empty()).await;
     agent.stop.send_replace(true);
     agent.task.await.unwrap();
 }

@@ -428,9 +428,18 @@ pub struct InstanceStatus {
     /// Address other services reach it on (an IP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    /// Port it listens on (`PORT`), if the service has ports.
+    /// Port it is reached on at `address`, if the service has ports: a
+    /// process's `PORT`; a container's first declared port, or the host
+    /// port that port is published on (see `host_ports`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Declared container port → the port on `address` it is published on,
+    /// for a container published on its node's address so other nodes
+    /// reach it (an agent whose address is not loopback). Empty when the
+    /// instance is reached on its declared ports (processes; containers on
+    /// one machine, at their bridge IP).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_ports: BTreeMap<u16, u16>,
     /// Restarts of this incarnation.
     pub restarts: u32,
     /// How it last ended.
@@ -475,6 +484,7 @@ impl InstanceStatus {
             pid: None,
             address: None,
             port: None,
+            host_ports: BTreeMap::new(),
             restarts: 0,
             last_exit: None,
             started_at: None,
@@ -483,6 +493,13 @@ impl InstanceStatus {
             message: None,
             updated_at,
         }
+    }
+
+    /// The port on `address` that reaches declared port `target`: its host
+    /// port when the container is published ([`Self::host_ports`]), else
+    /// `target` itself.
+    pub fn port_of(&self, target: u16) -> u16 {
+        self.host_ports.get(&target).copied().unwrap_or(target)
     }
 }
 

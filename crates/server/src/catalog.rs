@@ -115,7 +115,11 @@ pub fn published_ports(mirror: &Mirror) -> Backends {
                     })
                     .filter_map(|s| {
                         let addr: IpAddr = s.address.as_deref()?.parse().ok()?;
-                        let p = if i == 0 { s.port? } else { port.target };
+                        let p = if i == 0 {
+                            s.port?
+                        } else {
+                            s.port_of(port.target)
+                        };
                         Some(SocketAddr::new(addr, p))
                     })
                     .collect();

@@ -61,18 +61,6 @@ pub enum VipChange {
     Free(ServiceVip, Revision),
 }
 
-/// The TCP ports a service declares, in order, each once: its `ports`
-/// targets (which include `expose`).
-pub fn declared_ports(service: &Service) -> Vec<u16> {
-    let mut out = Vec::new();
-    for p in &service.ports {
-        if p.protocol == "tcp" && !out.contains(&p.target) {
-            out.push(p.target);
-        }
-    }
-    out
-}
-
 /// The VIP of a service, if it has one yet.
 pub fn vip_of(mirror: &Mirror, ns: &str, stack: &str, service: &str) -> Option<Ipv4Addr> {
     mirror
@@ -297,7 +285,7 @@ pub fn instance_env(
         let host = address_for(service, target, dep, vip);
         let n = env_name(dep);
         env.insert(format!("{n}_HOST"), host.clone());
-        let ports = declared_ports(target);
+        let ports = target.tcp_ports();
         if let Some(&first) = ports.first() {
             env.insert(format!("{n}_PORT"), first.to_string());
             env.insert(
@@ -348,7 +336,7 @@ pub fn container_addresses(mirror: &Mirror) -> BTreeSet<Ipv4Addr> {
 /// Healthy instance addresses behind port number `index` of a service (the
 /// first port of a process instance is its own `PORT`; any other port, and
 /// every port of a container, is the declared port on the instance's
-/// address).
+/// address, or the host port it is published on there).
 pub fn service_backends(
     mirror: &Mirror,
     record: &StackRecord,
@@ -377,7 +365,7 @@ pub fn service_backends(
             let p = if index == 0 && !is_container {
                 s.port?
             } else {
-                target
+                s.port_of(target)
             };
             Some(SocketAddr::new(addr, p))
         })
@@ -395,7 +383,7 @@ pub fn proxy_table(mirror: &Mirror) -> Backends {
                 continue;
             };
             let caddr = vip::container_address(vip);
-            for (i, p) in declared_ports(svc).into_iter().enumerate() {
+            for (i, p) in svc.tcp_ports().into_iter().enumerate() {
                 let backends = service_backends(mirror, record, name, i, p);
                 if serve_containers.contains(&caddr) {
                     table.insert(SocketAddr::new(caddr.into(), p), backends.clone());
@@ -592,6 +580,20 @@ services:
         // container-facing address too, container services are not.
         assert!(t.contains_key(&sa(vip::container_address(api), 8000)));
         assert!(!t.contains_key(&sa(vip::container_address(cache), 6379)));
+
+        // A container published on its node's address (a node other nodes
+        // reach): the VIP forwards to that address at its host port.
+        let mut published = status("cache", 2, "10.213.1.1", 34001, Health::None);
+        published.host_ports = BTreeMap::from([(6379, 34001)]);
+        m.statuses.insert(published.key.clone(), published);
+        let t = proxy_table(&m);
+        assert_eq!(
+            t[&sa(cache, 6379)],
+            vec![
+                "172.18.0.5:6379".parse::<SocketAddr>().unwrap(),
+                "10.213.1.1:34001".parse().unwrap()
+            ]
+        );
     }
 
     #[test]

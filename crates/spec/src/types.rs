@@ -183,6 +183,19 @@ impl Service {
         }
     }
 
+    /// The TCP ports it declares, in order, each once: its `ports` targets
+    /// (which include `expose`). What its stable address forwards, and
+    /// what a container is published on when other nodes must reach it.
+    pub fn tcp_ports(&self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for p in &self.ports {
+            if p.protocol == "tcp" && !out.contains(&p.target) {
+                out.push(p.target);
+            }
+        }
+        out
+    }
+
     /// The driver this service runs on.
     pub fn driver(&self) -> Driver {
         if self.image.is_some() || self.build.is_some() {

@@ -23,14 +23,24 @@
 //! - **Stats**: a one-shot engine stats request per container every
 //!   [`STATS_EVERY`], the latest sample per instance in a [`StatsMap`].
 //!
-//! Ports: a container listens on its target port on its own IP; berth's
-//! proxy publishes it, so nothing is host-published and the instance's
-//! address is the container's IP.
+//! Ports: a container listens on its target ports on its own IP. On one
+//! machine (the agent's address is loopback) that IP is the instance's
+//! address: every router, DNS server and proxy is on this host and reaches
+//! the bridge, and nothing is host-published. When other nodes must reach
+//! the instance (a joined agent, or `berth server --advertise IP`: an
+//! address that is not loopback), each declared TCP port is published on
+//! that address ([`Publish`]) at a host port the agent allocates as it does
+//! processes' `PORT`s ([`PortAllocator`]: outside the kernel's ephemeral
+//! range, claimed host-wide), and the instance's address and ports are that address and those
+//! host ports ([`Started::host_ports`]), as Swarm and Nomad do. A user's
+//! `published` port is never bound by the engine: every node's TCP proxy
+//! serves it (towards those host ports), and two listeners would collide.
 //!
 //! Without an engine, starts fail with [`DriverError::EngineUnavailable`],
 //! naming the service and how to point berth at an engine.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,6 +63,7 @@ use tokio::task::JoinHandle;
 use super::{Capabilities, Driver, DriverError, Exit, Handle, LaunchSpec, Started};
 use crate::logs::LogStore;
 use crate::now_ms;
+use crate::ports::{PortAllocator, PortLease};
 
 mod image;
 pub mod preflight;
@@ -195,6 +206,16 @@ impl Engine {
     }
 }
 
+/// Publishing containers' ports on the node's address, for an agent whose
+/// instances other nodes reach (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Publish {
+    /// The node's advertised address: host ports are bound on it only.
+    pub ip: IpAddr,
+    /// The agent's allocator (shared with processes' `PORT`s).
+    pub ports: PortAllocator,
+}
+
 /// A running container found at start, waiting for its supervisor.
 #[derive(Debug, Clone)]
 struct Adoptable {
@@ -222,6 +243,8 @@ struct Inner {
     /// Bounds concurrent creates, starts and exec health checks
     /// ([`START_CONCURRENCY`]).
     starts: Arc<tokio::sync::Semaphore>,
+    /// Set when containers' ports are published on the node's address.
+    publish: Option<Publish>,
 }
 
 /// Runs instances as Docker containers. Cheap to clone.
@@ -242,8 +265,16 @@ impl std::fmt::Debug for DockerDriver {
 impl DockerDriver {
     /// A driver for the engine at `host` (`None`: `DOCKER_HOST`, else the
     /// default socket), labelling containers with `agent_id`, writing build
-    /// output to `logs` and samples to `stats`. Connects on first use.
-    pub fn new(host: Option<String>, agent_id: String, logs: LogStore, stats: StatsMap) -> Self {
+    /// output to `logs` and samples to `stats`, publishing containers' ports
+    /// as `publish` says (`None`: reached at their bridge IP). Connects on
+    /// first use.
+    pub fn new(
+        host: Option<String>,
+        agent_id: String,
+        logs: LogStore,
+        stats: StatsMap,
+        publish: Option<Publish>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 engine: Engine {
@@ -259,6 +290,7 @@ impl DockerDriver {
                 networks: Mutex::new(HashSet::new()),
                 builds: image::Builds::default(),
                 starts: Arc::new(tokio::sync::Semaphore::new(START_CONCURRENCY)),
+                publish,
             }),
         }
     }
@@ -495,15 +527,47 @@ impl Inner {
         }
     }
 
+    /// Host ports for the container's declared TCP ports, when they are
+    /// published: what to bind, and the leases that keep them while the
+    /// container lives.
+    fn host_ports(
+        &self,
+        spec: &LaunchSpec,
+    ) -> Result<(Option<spec::Published>, Vec<PortLease>), DriverError> {
+        let Some(publish) = &self.publish else {
+            return Ok((None, Vec::new()));
+        };
+        let mut ports = BTreeMap::new();
+        let mut leases = Vec::new();
+        for target in spec.service.tcp_ports() {
+            // Free on every IPv4 address of the host, the advertised one
+            // included (the allocator checks with a bind on 0.0.0.0).
+            let lease = publish.ports.allocate().map_err(|e| {
+                DriverError::Engine(format!(
+                    "service `{}`: no host port to publish container port {target} on {}: {e}",
+                    spec.key.service, publish.ip
+                ))
+            })?;
+            ports.insert(target, lease.port());
+            leases.push(lease);
+        }
+        let published = spec::Published {
+            ip: publish.ip,
+            ports,
+        };
+        Ok((Some(published), leases))
+    }
+
     async fn create(
         &self,
         docker: &Docker,
         spec: &LaunchSpec,
         image: &str,
-    ) -> Result<String, DriverError> {
+    ) -> Result<(String, Vec<PortLease>), DriverError> {
         let network = network_name(&spec.key.namespace, &spec.key.stack);
         let name = container_name(&spec.key, &spec.uid);
-        let body = spec::container_body(spec, image, &self.agent_id, &network);
+        let (published, leases) = self.host_ports(spec)?;
+        let body = spec::container_body(spec, image, &self.agent_id, &network, published.as_ref());
         let _slot = self
             .starts
             .acquire()
@@ -533,7 +597,7 @@ impl Inner {
                             .await;
                         return Err(engine_error(&format!("starting container {name}"), e));
                     }
-                    return Ok(r.id);
+                    return Ok((r.id, leases));
                 }
                 // A container of this incarnation whose removal was missed
                 // (the agent died between its end and its removal).
@@ -642,7 +706,16 @@ impl Driver for DockerDriver {
         let inner = &self.inner;
         let docker = inner.engine.client(&spec.key.service).await?;
         if let Some(a) = inner.take_adoptable(&spec.key, &spec.uid) {
-            match attach(inner.clone(), docker.clone(), spec, &a.id, Some(a.restarts)).await {
+            let adopted = attach(
+                inner.clone(),
+                docker.clone(),
+                spec,
+                &a.id,
+                Some(a.restarts),
+                Vec::new(),
+            )
+            .await;
+            match adopted {
                 Ok(s) => return Ok(s),
                 // It ended between the listing and now: start afresh.
                 Err(e) => {
@@ -653,8 +726,8 @@ impl Driver for DockerDriver {
         }
         let result = async {
             let image = image::ensure(&docker, spec, &inner.logs, &inner.builds).await?;
-            let id = inner.create(&docker, spec, &image).await?;
-            attach(inner.clone(), docker.clone(), spec, &id, None).await
+            let (id, leases) = inner.create(&docker, spec, &image).await?;
+            attach(inner.clone(), docker.clone(), spec, &id, None, leases).await
         }
         .await;
         if let Err(DriverError::Engine(_)) = &result {
@@ -666,13 +739,15 @@ impl Driver for DockerDriver {
 }
 
 /// Attach to a started (or adopted) container: its logs, its stats, its
-/// end.
+/// end. `leases` hold the host ports it was created with; an adopted one's
+/// are read from the engine and claimed here.
 async fn attach(
     inner: Arc<Inner>,
     docker: Docker,
     spec: &LaunchSpec,
     id: &str,
     adopted: Option<u32>,
+    mut leases: Vec<PortLease>,
 ) -> Result<Started, DriverError> {
     let info = docker
         .inspect_container(id, None)
@@ -686,12 +761,46 @@ async fn attach(
     }
     let pid = state.pid.filter(|p| *p > 0).map(|p| p as u32);
     let network = network_name(&spec.key.namespace, &spec.key.stack);
-    let address = info
-        .network_settings
-        .and_then(|n| n.networks)
+    let settings = info.network_settings.unwrap_or_default();
+    let container_ip = settings
+        .networks
         .and_then(|mut n| n.remove(&network))
         .and_then(|e| e.ip_address)
         .filter(|ip| !ip.is_empty());
+    // Published: the engine's bindings are the truth (an adopted container
+    // keeps the host ports it was created with).
+    let host_ports = match &inner.publish {
+        None => BTreeMap::new(),
+        Some(p) => {
+            let targets = spec.service.tcp_ports();
+            let bound = settings
+                .ports
+                .as_ref()
+                .and_then(|ports| spec::bound_ports(ports, p.ip, &targets));
+            let Some(bound) = bound else {
+                return Err(DriverError::Engine(format!(
+                    "container {id} has no host port on {} for each of its ports {targets:?}",
+                    p.ip
+                )));
+            };
+            if adopted.is_some() {
+                for port in bound.values() {
+                    match p.ports.claim(*port) {
+                        Some(l) => leases.push(l),
+                        None => {
+                            tracing::warn!(container = %id, port, "an adopted container's host port is held by another lease")
+                        }
+                    }
+                }
+            }
+            bound
+        }
+    };
+    let publish_ip = inner.publish.as_ref().map(|p| p.ip);
+    let address = match publish_ip {
+        Some(ip) => Some(ip.to_string()),
+        None => container_ip.clone(),
+    };
     let short: String = id.chars().take(12).collect();
 
     let (out_w, out_r) = tokio::io::duplex(64 * 1024);
@@ -718,7 +827,11 @@ async fn attach(
     let prober = probe::ContainerProber {
         docker: docker.clone(),
         id: id.to_owned(),
-        host: address.clone().unwrap_or_else(|| "127.0.0.1".to_owned()),
+        // Checks run on this node: straight to the container, on its
+        // declared ports.
+        host: container_ip
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".to_owned()),
         slots: inner.starts.clone(),
     };
     Ok(Started {
@@ -731,19 +844,36 @@ async fn attach(
             logs_task: Some(logs_task),
             stats_task,
             exit: None,
+            _host_ports: leases,
         }),
         stdout: Some(Box::pin(out_r)),
         stderr: Some(Box::pin(err_r)),
         limits_warning: None,
-        address: address.clone(),
+        address,
         prober: Some(Arc::new(prober)),
         adopted_restarts: adopted,
         detail: Some(format!(
-            "container {short}{}{}",
-            address.map(|a| format!(" at {a}")).unwrap_or_default(),
+            "container {short}{}{}{}",
+            container_ip.map(|a| format!(" at {a}")).unwrap_or_default(),
+            published_detail(publish_ip, &host_ports),
             if adopted.is_some() { " (adopted)" } else { "" }
         )),
+        host_ports,
     })
+}
+
+/// `, published on IP:PORT[, IP:PORT…]` for the `started …` log line.
+fn published_detail(ip: Option<IpAddr>, ports: &BTreeMap<u16, u16>) -> String {
+    match ip {
+        Some(ip) if !ports.is_empty() => {
+            let list: Vec<String> = ports
+                .iter()
+                .map(|(target, host)| format!("{}->{target}", std::net::SocketAddr::new(ip, *host)))
+                .collect();
+            format!(", published on {}", list.join(", "))
+        }
+        _ => String::new(),
+    }
 }
 
 async fn pump_logs(
@@ -864,6 +994,8 @@ struct ContainerHandle {
     logs_task: Option<JoinHandle<()>>,
     stats_task: JoinHandle<()>,
     exit: Option<Exit>,
+    /// The host ports it is published on, held until it is gone.
+    _host_ports: Vec<PortLease>,
 }
 
 impl ContainerHandle {

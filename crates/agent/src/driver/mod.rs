@@ -66,7 +66,7 @@ pub struct Started {
     /// Why resource limits could not be applied, if they could not.
     pub limits_warning: Option<String>,
     /// The address the instance is reached on, when it is not the node's
-    /// (a container's IP on its network).
+    /// (a container's IP on its bridge network, when it is not published).
     pub address: Option<String>,
     /// How health checks reach the instance, when not as a local process
     /// (containers: exec through the engine, HTTP/TCP to the container IP).
@@ -76,6 +76,10 @@ pub struct Started {
     pub adopted_restarts: Option<u32>,
     /// What was started, for the `started …` log line (default `pid N`).
     pub detail: Option<String>,
+    /// Declared port → the port on `address` that reaches it, for a
+    /// container published on its node's address (empty: reached on its
+    /// declared ports).
+    pub host_ports: BTreeMap<u16, u16>,
 }
 
 /// How an instance ended.

@@ -212,6 +212,7 @@ impl Driver for ProcessDriver {
             prober: None,
             adopted_restarts: None,
             detail: None,
+            host_ports: Default::default(),
         })
     }
 }

@@ -1,13 +1,14 @@
 //! From a launch spec to the engine's container configuration: names,
 //! labels, mounts, limits, networking. Pure functions: no I/O, no clock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 
 use berth_model::InstanceKey;
 use berth_spec::types::{Command, Service};
 use bollard::models::{
     ContainerCreateBody, EndpointSettings, HostConfig, Mount, MountType, MountVolumeOptions,
-    NetworkingConfig, RestartPolicy, RestartPolicyNameEnum,
+    NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 
 use crate::driver::LaunchSpec;
@@ -107,12 +108,45 @@ fn extra_host(h: &str) -> String {
     }
 }
 
-/// The container configuration of one instance.
+/// Where a container's declared ports are published on its node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The node's advertised address (the host IP of every binding).
+    pub ip: IpAddr,
+    /// Declared port → host port.
+    pub ports: BTreeMap<u16, u16>,
+}
+
+/// The host ports a running container's declared TCP ports are bound to on
+/// `ip`, from the engine's `NetworkSettings.Ports`; `None` when one of
+/// `targets` has no binding there (the container was not created to be
+/// reached from other nodes).
+pub fn bound_ports(
+    ports: &bollard::models::PortMap,
+    ip: IpAddr,
+    targets: &[u16],
+) -> Option<BTreeMap<u16, u16>> {
+    let mut out = BTreeMap::new();
+    for t in targets {
+        let bindings = ports.get(&format!("{t}/tcp"))?.as_ref()?;
+        let host = bindings.iter().find_map(|b| {
+            let bip: IpAddr = b.host_ip.as_deref()?.parse().ok()?;
+            (bip == ip).then_some(())?;
+            b.host_port.as_deref()?.parse::<u16>().ok()
+        })?;
+        out.insert(*t, host);
+    }
+    Some(out)
+}
+
+/// The container configuration of one instance; `published`: bind its
+/// declared ports there (a node whose instances other nodes reach).
 pub fn container_body(
     spec: &LaunchSpec,
     image: &str,
     agent_id: &str,
     network: &str,
+    published: Option<&Published>,
 ) -> ContainerCreateBody {
     let svc = &spec.service;
     let key = &spec.key;
@@ -197,6 +231,22 @@ pub fn container_body(
             maximum_retry_count: None,
         }),
         network_mode: Some(network.to_owned()),
+        // Never the user's `published` port: the edge's TCP proxy serves
+        // that on every node, so a host port here would collide with it.
+        port_bindings: published.map(|p| {
+            p.ports
+                .iter()
+                .map(|(target, host)| {
+                    (
+                        format!("{target}/tcp"),
+                        Some(vec![PortBinding {
+                            host_ip: Some(p.ip.to_string()),
+                            host_port: Some(host.to_string()),
+                        }]),
+                    )
+                })
+                .collect()
+        }),
         ..Default::default()
     };
     let exposed: Vec<String> = svc
@@ -254,5 +304,75 @@ mod tests {
         assert_eq!(volume_name("shop", "data"), "shop_data");
         assert_eq!(extra_host("db=10.0.0.2"), "db:10.0.0.2");
         assert_eq!(extra_host("db:10.0.0.2"), "db:10.0.0.2");
+    }
+
+    fn launch(ports: serde_json::Value) -> LaunchSpec {
+        let service: Service = serde_json::from_value(serde_json::json!({
+            "name": "Web",
+            "image": "img",
+            "restart": {"policy": "always"},
+            "deploy": {"mode": "replicated", "replicas": 1},
+            "stop_signal": "SIGTERM",
+            "stop_grace_period_ms": 1000,
+            "ports": ports,
+        }))
+        .expect("a service");
+        LaunchSpec {
+            key: key(),
+            uid: "u".into(),
+            argv: vec![],
+            env: Default::default(),
+            working_dir: "/".into(),
+            limits: Default::default(),
+            service,
+            release: 1,
+            restarts: 0,
+        }
+    }
+
+    #[test]
+    fn published_containers_bind_their_tcp_ports_on_the_node_address_only() {
+        // "8080:80" and a second port: the engine binds host ports the
+        // agent chose, on the advertise address; never the user's 8080
+        // (the edge's TCP proxy listens there) and never UDP.
+        let spec = launch(serde_json::json!([
+            {"target": 80, "published": 8080, "protocol": "tcp"},
+            {"target": 9000, "protocol": "tcp"},
+            {"target": 80, "protocol": "tcp"},
+            {"target": 53, "protocol": "udp"},
+        ]));
+        assert_eq!(spec.service.tcp_ports(), vec![80, 9000]);
+        let ip: IpAddr = "10.213.1.1".parse().unwrap();
+        let published = Published {
+            ip,
+            ports: BTreeMap::from([(80, 41001), (9000, 41002)]),
+        };
+        let body = container_body(&spec, "img", "agent", "net", Some(&published));
+        let bindings = body.host_config.unwrap().port_bindings.unwrap();
+        assert_eq!(bindings.len(), 2);
+        let b80 = bindings["80/tcp"].as_ref().unwrap();
+        assert_eq!(b80[0].host_ip.as_deref(), Some("10.213.1.1"));
+        assert_eq!(b80[0].host_port.as_deref(), Some("41001"));
+        assert_eq!(
+            bindings["9000/tcp"].as_ref().unwrap()[0]
+                .host_port
+                .as_deref(),
+            Some("41002")
+        );
+        // What the engine reports back reads as the same map; a binding on
+        // another address, or a missing one, is not a publication there.
+        assert_eq!(
+            bound_ports(&bindings, ip, &[80, 9000]),
+            Some(published.ports)
+        );
+        assert_eq!(
+            bound_ports(&bindings, "10.0.0.9".parse().unwrap(), &[80]),
+            None
+        );
+        assert_eq!(bound_ports(&bindings, ip, &[80, 7000]), None);
+
+        // One machine: nothing is host-published.
+        let body = container_body(&spec, "img", "agent", "net", None);
+        assert!(body.host_config.unwrap().port_bindings.is_none());
     }
 }
