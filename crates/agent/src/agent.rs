@@ -433,7 +433,6 @@ pub async fn run_with(
     let inherited_env: BTreeMap<String, String> = std::env::vars()
         .filter(|(k, _)| INHERITED_VARS.contains(&k.as_str()))
         .collect();
-    let ports = PortAllocator::new();
     let docker = Arc::new(DockerDriver::new(
         options.docker_host.clone(),
         agent_id.clone(),

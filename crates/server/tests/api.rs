@@ -357,7 +357,6 @@ async fn instances_join_assignments_with_statuses() {
         pid: Some(1234),
         address: Some("127.0.0.1".into()),
         port: Some(4000),
-        host_ports: Default::default(),
         restarts: 2,
         started_at: Some(1),
         health_output: Some("ok".into()),
