@@ -753,11 +753,20 @@ pub fn parse_port_spec(spec: &str) -> Result<Vec<Port>, String> {
             "a published range ({p0}-{p1}) for a single target port is not supported; pick one port"
         ));
     }
+    // A single published port for a target range stands for the range that
+    // starts there, which must end within the port numbers.
+    if let Some((p0, _)) = published
+        && u32::from(p0) + u32::from(t1 - t0) > u32::from(u16::MAX)
+    {
+        return Err(format!(
+            "published ports {p0}-{} for target range {t0}-{t1} run past 65535",
+            u32::from(p0) + u32::from(t1 - t0)
+        ));
+    }
     Ok((t0..=t1)
-        .enumerate()
-        .map(|(i, t)| Port {
+        .map(|t| Port {
             target: t,
-            published: published.map(|(p0, _)| p0 + i as u16),
+            published: published.map(|(p0, _)| p0 + (t - t0)),
             host_ip: host_ip.clone(),
             protocol: protocol.clone(),
             app_protocol: None,

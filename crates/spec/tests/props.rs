@@ -1,4 +1,4 @@
-//! Property tests: the loader and interpolation never panic, `$$` escapes
+//! Property tests: the loader, interpolation and port specs never panic, `$$` escapes
 //! round-trip, and `to_yaml` output reads back to the same stack.
 #![allow(clippy::unwrap_used)] // tests unwrap what they control
 
@@ -36,6 +36,26 @@ proptest! {
         let text = String::from_utf8_lossy(&bytes);
         let _ = load_str(Path::new("compose.yaml"), &text, &opts());
         let _ = load_str(Path::new("Procfile"), &text, &opts());
+    }
+
+    /// Port specs near the top of the port numbers (where a range's end
+    /// can overflow `u16`) are either refused or give ports in range.
+    #[test]
+    fn port_ranges_never_overflow(
+        p0 in 60000u32..70000, p1 in 60000u32..70000,
+        t0 in 1u32..2000, len in 0u32..2000, published_range in any::<bool>(),
+    ) {
+        let spec = if published_range {
+            format!("{p0}-{p1}:{t0}-{}", t0 + len)
+        } else {
+            format!("{p0}:{t0}-{}", t0 + len)
+        };
+        if let Ok(ports) = berth_spec::parse_port_spec(&spec) {
+            prop_assert_eq!(ports.len() as u32, len + 1);
+            for (i, p) in ports.iter().enumerate() {
+                prop_assert_eq!(p.published.map(u32::from), Some(p0 + i as u32));
+            }
+        }
     }
 
     #[test]

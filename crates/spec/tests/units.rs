@@ -134,4 +134,22 @@ fn short_ports() {
     ] {
         assert!(parse_port_spec(bad).is_err(), "{bad}");
     }
+    // One published port for a target range starts the published range.
+    let p = parse_port_spec("8000:80-82").unwrap();
+    assert_eq!(
+        p.iter().map(|p| p.published).collect::<Vec<_>>(),
+        [Some(8000), Some(8001), Some(8002)]
+    );
+}
+
+/// Regression: `65535:1-100` overflowed the published port (a panic in
+/// debug builds, a silent wrap to port 0.. in release).
+#[test]
+fn a_published_range_past_65535_is_an_error_not_an_overflow() {
+    let e = parse_port_spec("65535:1-100").unwrap_err();
+    assert!(
+        e.contains("65535-65634") && e.contains("run past 65535"),
+        "{e}"
+    );
+    assert_eq!(parse_port_spec("65435:1-100").unwrap().len(), 100);
 }
