@@ -564,6 +564,14 @@ async fn every_route_is_in_the_openapi_document_and_back() {
     let (status, v) = h.json(Method::GET, "/v1/nope", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(v["error"].as_str().unwrap().contains("no such API route"));
+    // A path parameter that does not parse gets the API's JSON error too
+    // (it was axum's plain text).
+    let (status, v) = h
+        .json(Method::GET, "/v1/stacks/default/shop/releases/v3", None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(v["error"].as_str().unwrap().starts_with("bad path"), "{v}");
+    assert!(v["hint"].as_str().unwrap().contains("openapi"), "{v}");
     h.shutdown().await;
 }
 

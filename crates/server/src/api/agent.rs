@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use berth_model::api::{
@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Deserialize;
 
-use super::{ApiContext, ApiError, ApiJson, ApiQuery, bearer_token, now_ms};
+use super::{ApiContext, ApiError, ApiJson, ApiPath, ApiQuery, bearer_token, now_ms};
 use crate::join::{self, NodeAuthError, NodeCredential};
 
 /// How often an idle watch sends a progress line.
@@ -60,7 +60,7 @@ pub(crate) async fn join_cluster(
 /// `PUT /v1/agent/nodes/{node}`: register or refresh the node record.
 pub(crate) async fn register(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(record): ApiJson<Node>,
 ) -> Result<axum::Json<RegisterResponse>, ApiError> {
@@ -87,7 +87,7 @@ pub(crate) async fn register(
 /// for the agent to fail over to.
 pub(crate) async fn servers(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<axum::Json<berth_model::api::ServerList>, ApiError> {
     auth(&ctx, &node, &headers).await?;
@@ -100,7 +100,7 @@ pub(crate) async fn servers(
 /// `POST /v1/agent/nodes/{node}/heartbeat`: 409 when the registration expired.
 pub(crate) async fn heartbeat(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     auth(&ctx, &node, &headers).await?;
@@ -119,7 +119,7 @@ fn decode_assignment(kv: &berth_store::KeyValue) -> Option<Assignment> {
 /// `GET /v1/agent/nodes/{node}/assignments`.
 pub(crate) async fn assignments(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<axum::Json<AssignmentList>, ApiError> {
     auth(&ctx, &node, &headers).await?;
@@ -168,7 +168,7 @@ fn lines_of(batch: Vec<WatchEvent>) -> Vec<Bytes> {
 /// `resync` line (then the end) when `from` was compacted away.
 pub(crate) async fn watch(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
     ApiQuery(params): ApiQuery<WatchParams>,
 ) -> Result<Response, ApiError> {
@@ -228,7 +228,7 @@ pub(crate) async fn watch(
 /// the node's lease.
 pub(crate) async fn statuses(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(batch): ApiJson<Vec<InstanceStatus>>,
 ) -> Result<StatusCode, ApiError> {
@@ -283,7 +283,7 @@ async fn owned_status(
 /// the node stopped (no-op when absent; refused when another node's).
 pub(crate) async fn forget(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(instance): ApiJson<InstanceKey>,
 ) -> Result<StatusCode, ApiError> {
@@ -315,7 +315,7 @@ pub(crate) async fn forget(
 /// arrive after its status is gone, and retrying them could never succeed.
 pub(crate) async fn logs(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(batch): ApiJson<LogBatch>,
 ) -> Result<axum::Json<LogBatchResponse>, ApiError> {
@@ -385,7 +385,7 @@ fn progress_line() -> Bytes {
 /// line, so a removed node stops getting tables at once.
 pub(crate) async fn edge_watch(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
     ApiQuery(params): ApiQuery<EdgeWatchParams>,
     feed: Option<axum::Extension<crate::edge::EdgeFeed>>,
@@ -448,7 +448,7 @@ pub(crate) async fn edge_watch(
 /// assigned to the node nor last reported by it are left out.
 pub(crate) async fn stats(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(mut report): ApiJson<NodeStats>,
 ) -> Result<StatusCode, ApiError> {

@@ -18,7 +18,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -29,9 +29,9 @@ use berth_store::{Revision, StoreError, WatchEvent};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 
-use super::ApiContext;
 use super::consul::{Params, blocking, index_headers, json, namespace};
 use super::error::ConsulError;
+use super::{ApiContext, ApiPath};
 use crate::kv::{self, Pair, PutOptions};
 
 /// A pair as Consul prints it.
@@ -53,13 +53,13 @@ pub async fn get_root(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ConsulError> {
-    get(ctx, Path(String::new()), uri, headers).await
+    get(ctx, ApiPath(String::new()), uri, headers).await
 }
 
 /// `GET /v1/kv/<key>`.
 pub async fn get(
     State(ctx): State<ApiContext>,
-    Path(key): Path<String>,
+    ApiPath(key): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ConsulError> {
@@ -120,7 +120,7 @@ pub async fn get(
 /// `PUT /v1/kv/<key>`.
 pub async fn put(
     State(ctx): State<ApiContext>,
-    Path(key): Path<String>,
+    ApiPath(key): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
@@ -143,7 +143,7 @@ pub async fn put(
 /// `DELETE /v1/kv/<key>`.
 pub async fn delete(
     State(ctx): State<ApiContext>,
-    Path(key): Path<String>,
+    ApiPath(key): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ConsulError> {
@@ -160,7 +160,7 @@ pub async fn delete_root(
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ConsulError> {
-    delete(ctx, Path(String::new()), uri, headers).await
+    delete(ctx, ApiPath(String::new()), uri, headers).await
 }
 
 fn event_of(ns: &str, e: &WatchEvent) -> Option<Event> {

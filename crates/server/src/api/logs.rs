@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use futures::stream::{self, Stream, StreamExt};
 use tokio::sync::broadcast;
 
 use super::time::parse_since;
-use super::{ApiContext, ApiError, now_ms};
+use super::{ApiContext, ApiError, ApiPath, now_ms};
 use crate::desired::DesiredError;
 
 /// Query of the logs route. `service` may repeat.
@@ -50,7 +50,7 @@ pub struct LogsParams {
 
 pub(crate) async fn stream(
     State(ctx): State<ApiContext>,
-    Path((ns, stack)): Path<(String, String)>,
+    ApiPath((ns, stack)): ApiPath<(String, String)>,
     raw_query: axum::extract::RawQuery,
 ) -> Result<Response, ApiError> {
     let params = parse_params(raw_query.0.as_deref().unwrap_or(""))?;

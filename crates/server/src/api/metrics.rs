@@ -7,13 +7,13 @@
 //! answers 500 saying so.
 
 use axum::Extension;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use berth_model::history::StackHistory;
 use serde::Deserialize;
 
-use super::{ApiContext, ApiError, ApiQuery};
+use super::{ApiContext, ApiError, ApiPath, ApiQuery};
 use crate::desired::DesiredError;
 use crate::metrics::{CONTENT_TYPE, Telemetry};
 
@@ -44,7 +44,7 @@ pub struct HistoryParams {
 pub(crate) async fn history(
     State(ctx): State<ApiContext>,
     ext: Option<Extension<Telemetry>>,
-    Path((ns, stack)): Path<(String, String)>,
+    ApiPath((ns, stack)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<HistoryParams>,
 ) -> Result<axum::Json<StackHistory>, ApiError> {
     let t = telemetry(ext)?;

@@ -91,6 +91,21 @@ pub struct ApiJson<T>(pub T);
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct ApiQuery<T>(pub T);
 
+/// Path extractor whose rejections go through [`ApiError`] (a
+/// `releases/v3` where a number belongs, or a segment that is not UTF-8).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
+
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(e: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::bad_request(
+            format!("bad path: {}", e.body_text()),
+            "see GET /v1/openapi.json for the routes and their parameters",
+        )
+    }
+}
+
 impl From<axum::extract::rejection::JsonRejection> for ApiError {
     fn from(e: axum::extract::rejection::JsonRejection) -> Self {
         ApiError::bad_request(

@@ -5,12 +5,12 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use berth_model::api::{JoinTokenResponse, NodeChangeResponse, NodeInfo, NodeState};
 use berth_model::{Node, keys};
 use berth_store::decode;
 
-use super::{ApiContext, ApiError};
+use super::{ApiContext, ApiError, ApiPath};
 use crate::join::{self, NodeCredential};
 
 /// `GET /v1/nodes`: every live node, then joined nodes that are down,
@@ -83,7 +83,7 @@ pub(crate) async fn list(
 /// `POST /v1/nodes/{node}/drain`.
 pub(crate) async fn drain(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
 ) -> Result<axum::Json<NodeChangeResponse>, ApiError> {
     Ok(axum::Json(
         join::set_draining(ctx.store.as_ref(), &node, true).await?,
@@ -93,7 +93,7 @@ pub(crate) async fn drain(
 /// `POST /v1/nodes/{node}/activate`.
 pub(crate) async fn activate(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
 ) -> Result<axum::Json<NodeChangeResponse>, ApiError> {
     Ok(axum::Json(
         join::set_draining(ctx.store.as_ref(), &node, false).await?,
@@ -103,7 +103,7 @@ pub(crate) async fn activate(
 /// `DELETE /v1/nodes/{node}`.
 pub(crate) async fn remove(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
 ) -> Result<axum::Json<NodeChangeResponse>, ApiError> {
     Ok(axum::Json(join::remove(ctx.store.as_ref(), &node).await?))
 }

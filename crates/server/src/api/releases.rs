@@ -3,7 +3,7 @@
 //! [`desired::apply`](crate::desired::apply) like every other route.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use berth_model::api::{
     DeployPlan, EnvRequest, ReleaseSummary, ReleasesResponse, RollbackRequest, StackChangeResponse,
     SubmitStackRequest,
@@ -11,7 +11,7 @@ use berth_model::api::{
 use berth_model::{Release, StackRecord, keys};
 use berth_store::decode;
 
-use super::{ApiContext, ApiError, ApiJson, now_ms};
+use super::{ApiContext, ApiError, ApiJson, ApiPath, now_ms};
 use crate::desired::{self, Command, DesiredError};
 use crate::diff;
 
@@ -46,7 +46,7 @@ pub(crate) async fn plan(
 /// `GET /v1/stacks/{ns}/{stack}/releases`.
 pub(crate) async fn list(
     State(ctx): State<ApiContext>,
-    Path((ns, stack)): Path<(String, String)>,
+    ApiPath((ns, stack)): ApiPath<(String, String)>,
 ) -> Result<Json<ReleasesResponse>, ApiError> {
     let kv = ctx
         .store
@@ -84,7 +84,7 @@ pub(crate) async fn list(
 /// `POST /v1/stacks/{ns}/{stack}/rollback`.
 pub(crate) async fn rollback(
     State(ctx): State<ApiContext>,
-    Path((namespace, stack)): Path<(String, String)>,
+    ApiPath((namespace, stack)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<RollbackRequest>,
 ) -> Result<Json<StackChangeResponse>, ApiError> {
     let cmd = Command::Rollback {
@@ -101,7 +101,7 @@ pub(crate) async fn rollback(
 /// `POST /v1/stacks/{ns}/{stack}/env`.
 pub(crate) async fn env(
     State(ctx): State<ApiContext>,
-    Path((namespace, stack)): Path<(String, String)>,
+    ApiPath((namespace, stack)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<EnvRequest>,
 ) -> Result<Json<StackChangeResponse>, ApiError> {
     let cmd = Command::SetEnv {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use berth_model::api::{
     RemoveStackResponse, ScaleRequest, ServiceSummary, ServicesRequest, StackChangeResponse,
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::instances::{InstanceFilter, instances};
-use super::{ApiContext, ApiError, ApiJson, ApiQuery, now_ms};
+use super::{ApiContext, ApiError, ApiJson, ApiPath, ApiQuery, now_ms};
 use crate::desired::{self, Command, DesiredError};
 
 /// Query of `GET /v1/stacks`.
@@ -108,7 +108,7 @@ pub(crate) async fn submit(
 
 pub(crate) async fn detail(
     State(ctx): State<ApiContext>,
-    Path((ns, stack)): Path<(String, String)>,
+    ApiPath((ns, stack)): ApiPath<(String, String)>,
 ) -> Result<Json<StackDetail>, ApiError> {
     let kv =
         ctx.store
@@ -145,7 +145,7 @@ fn yes() -> bool {
 
 pub(crate) async fn remove(
     State(ctx): State<ApiContext>,
-    Path((ns, stack)): Path<(String, String)>,
+    ApiPath((ns, stack)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<RemoveQuery>,
 ) -> Result<Json<RemoveStackResponse>, ApiError> {
     let cmd = Command::RemoveStack {
@@ -206,7 +206,7 @@ async fn change(ctx: &ApiContext, cmd: Command) -> Result<Json<StackChangeRespon
 
 pub(crate) async fn scale(
     State(ctx): State<ApiContext>,
-    Path((namespace, stack)): Path<(String, String)>,
+    ApiPath((namespace, stack)): ApiPath<(String, String)>,
     ApiJson(req): ApiJson<ScaleRequest>,
 ) -> Result<Json<StackChangeResponse>, ApiError> {
     if req.replicas.is_empty() {
@@ -225,7 +225,7 @@ pub(crate) async fn scale(
 
 pub(crate) async fn stop(
     State(ctx): State<ApiContext>,
-    Path((namespace, stack)): Path<(String, String)>,
+    ApiPath((namespace, stack)): ApiPath<(String, String)>,
     body: Bytes,
 ) -> Result<Json<StackChangeResponse>, ApiError> {
     set_stopped(&ctx, namespace, stack, &body, true).await
@@ -233,7 +233,7 @@ pub(crate) async fn stop(
 
 pub(crate) async fn start(
     State(ctx): State<ApiContext>,
-    Path((namespace, stack)): Path<(String, String)>,
+    ApiPath((namespace, stack)): ApiPath<(String, String)>,
     body: Bytes,
 ) -> Result<Json<StackChangeResponse>, ApiError> {
     set_stopped(&ctx, namespace, stack, &body, false).await
@@ -259,7 +259,7 @@ async fn set_stopped(
 
 pub(crate) async fn restart(
     State(ctx): State<ApiContext>,
-    Path((namespace, stack)): Path<(String, String)>,
+    ApiPath((namespace, stack)): ApiPath<(String, String)>,
     body: Bytes,
 ) -> Result<Json<StackChangeResponse>, ApiError> {
     let services = services_of(&body)?;

@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use berth_model::api::StackDetail;
 use berth_model::{StackRecord, keys};
@@ -25,7 +25,7 @@ use futures::FutureExt;
 use futures::stream::{self, Stream, StreamExt};
 
 use super::instances::{InstanceFilter, instances};
-use super::{ApiContext, ApiError, now_ms};
+use super::{ApiContext, ApiError, ApiPath, now_ms};
 use crate::desired::DesiredError;
 
 /// How long a burst of store events is gathered into one snapshot.
@@ -42,7 +42,7 @@ struct Follow {
 
 pub(crate) async fn stack(
     State(ctx): State<ApiContext>,
-    Path((namespace, stack)): Path<(String, String)>,
+    ApiPath((namespace, stack)): ApiPath<(String, String)>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     if ctx
         .store

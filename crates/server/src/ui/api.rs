@@ -6,12 +6,12 @@
 //!   same functions the router and DNS tables are built from.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use berth_model::{Release, keys};
 use berth_store::{WatchEvent, decode};
 use serde::Serialize;
 
-use crate::api::{ApiContext, ApiError};
+use crate::api::{ApiContext, ApiError, ApiPath};
 use crate::desired::DesiredError;
 use crate::mirror::Mirror;
 use crate::{catalog, traffic};
@@ -19,7 +19,7 @@ use crate::{catalog, traffic};
 /// `GET /v1/stacks/{ns}/{stack}/releases/{version}`.
 pub(crate) async fn release(
     State(ctx): State<ApiContext>,
-    Path((namespace, stack, version)): Path<(String, String, u64)>,
+    ApiPath((namespace, stack, version)): ApiPath<(String, String, u64)>,
 ) -> Result<Json<Release>, ApiError> {
     let Some(kv) = ctx
         .store

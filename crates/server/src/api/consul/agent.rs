@@ -6,7 +6,7 @@
 //! accepted and not run).
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use berth_model::keys;
@@ -14,8 +14,8 @@ use serde_json::{Map, Value, json};
 
 use super::catalog::External;
 use super::{DATACENTER, Params, json, namespace};
-use crate::api::ApiContext;
 use crate::api::error::{ApiError, ConsulError};
+use crate::api::{ApiContext, ApiPath};
 
 /// The elected berth server's API address, as Consul gives its Raft
 /// leader's (`""` while there is none, as Consul does).
@@ -163,7 +163,7 @@ pub async fn register(
 /// `PUT /v1/agent/service/deregister/<id>`.
 pub async fn deregister(
     State(ctx): State<ApiContext>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ConsulError> {

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use berth_model::{CatalogEntry, keys};
@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{Blocking, DATACENTER, Params, blocking, json, namespace};
-use crate::api::ApiContext;
 use crate::api::error::ConsulError;
+use crate::api::{ApiContext, ApiPath};
 use crate::mirror::Mirror;
 
 /// A service registered from outside (`PUT /v1/agent/service/register`),
@@ -219,7 +219,7 @@ pub async fn services(
 /// `GET /v1/catalog/service/<name>`: its instances, healthy or not.
 pub async fn service(
     State(ctx): State<ApiContext>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ConsulError> {
@@ -261,7 +261,7 @@ pub async fn service(
 /// `GET /v1/health/service/<name>` (`?passing` keeps healthy ones only).
 pub async fn health_service(
     State(ctx): State<ApiContext>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ConsulError> {

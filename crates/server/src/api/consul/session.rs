@@ -5,13 +5,13 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use super::{go_secs, json};
-use crate::api::ApiContext;
 use crate::api::error::{ApiError, ConsulError};
+use crate::api::{ApiContext, ApiPath};
 use crate::kv::{self, Behavior, KvError, SessionInfo, SessionRequest, TTL_RANGE};
 
 /// A session as Consul prints it.
@@ -108,7 +108,7 @@ pub async fn create(State(ctx): State<ApiContext>, body: Bytes) -> Result<Respon
 /// `PUT /v1/session/destroy/<id>` → `true`.
 pub async fn destroy(
     State(ctx): State<ApiContext>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ConsulError> {
     kv::destroy_session(&*ctx.store, &id).await?;
     json(ctx.store.revision().await?, &true)
@@ -117,7 +117,7 @@ pub async fn destroy(
 /// `GET /v1/session/info/<id>` → `[session]`, or `[]` when unknown.
 pub async fn info(
     State(ctx): State<ApiContext>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ConsulError> {
     let (info, rev) = kv::session(&*ctx.store, &id).await?;
     let body: Vec<Value> = info.iter().map(session_json).collect();
@@ -127,7 +127,7 @@ pub async fn info(
 /// `PUT /v1/session/renew/<id>` → `[session]`; 404 once it is gone.
 pub async fn renew(
     State(ctx): State<ApiContext>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ConsulError> {
     match kv::renew_session(&*ctx.store, &id).await {
         Ok(info) => json(ctx.store.revision().await?, &[session_json(&info)]),
@@ -147,7 +147,7 @@ pub async fn list(State(ctx): State<ApiContext>) -> Result<Response, ConsulError
 /// `GET /v1/session/node/<node>`.
 pub async fn node(
     State(ctx): State<ApiContext>,
-    Path(node): Path<String>,
+    ApiPath(node): ApiPath<String>,
 ) -> Result<Response, ConsulError> {
     let (all, rev) = kv::sessions(&*ctx.store).await?;
     let mine: Vec<Value> = all
