@@ -605,8 +605,13 @@ impl ApiClient {
                 }
             };
             match r {
+                // The next server, if the budget has time left for it (a
+                // try with none would count a server it never asked as
+                // failed).
                 Err(RemoteError::Unreachable { .. })
-                    if tries > 1 && self.servers.current() != before =>
+                    if tries > 1
+                        && self.servers.current() != before
+                        && tokio::time::Instant::now() < deadline =>
                 {
                     tries -= 1;
                 }
@@ -1438,6 +1443,16 @@ mod tests {
             "{:?}",
             t.elapsed()
         );
+        // Two hung servers use up a beat's budget; the third is not
+        // counted as failed for it, and answers the next beat.
+        let (_hung2, hung2) = hung_server();
+        let three = Arc::new(Servers::new(vec![hung.clone(), hung2, live.clone()]));
+        let client3 = ApiClient::with_servers(three.clone(), "n1".into(), Some("s".into()));
+        let r = client3.heartbeat_any(Duration::from_millis(400)).await;
+        assert!(matches!(r, Err(RemoteError::Unreachable { .. })), "{r:?}");
+        assert_eq!(three.current(), live);
+        let r = client3.heartbeat_any(Duration::from_millis(400)).await;
+        assert!(matches!(r, Ok(true)), "{r:?}");
         // With only the hung server, the whole budget is its, and it fails.
         let alone = ApiClient::with_servers(Arc::new(Servers::new(vec![hung])), "n1".into(), None);
         let t = tokio::time::Instant::now();
