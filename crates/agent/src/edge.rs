@@ -11,14 +11,18 @@
 //! The tables are only ever replaced, never cleared: a node cut off from
 //! the servers keeps serving the last ones it had.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
+use berth_model::api::{DnsStats, EdgeStats, RouteStats, RouterServiceStats, RouterStats};
 use berth_model::edge::{EdgeTables, ServiceRef};
 use berth_net::Backends;
-use berth_net::dns::{DnsMetrics, DnsServer, Instance as DnsInstance, Zone};
-use berth_net::http::{Backend, Route, RouteTable, Router, ServiceBackends, ServiceId};
+use berth_net::dns::{DnsMetrics, DnsMetricsSnapshot, DnsServer, Instance as DnsInstance, Zone};
+use berth_net::http::metrics::LATENCY_BUCKETS_US;
+use berth_net::http::{
+    Backend, Route, RouteTable, Router, RouterMetrics, ServiceBackends, ServiceId,
+};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -102,6 +106,97 @@ pub fn zone(t: &EdgeTables) -> Zone {
     b.build()
 }
 
+/// Handles on an edge's counters: what its node reports and exports.
+/// Cheap to clone.
+#[derive(Clone, Default)]
+pub struct EdgeMeters {
+    /// The HTTP router, when it listens.
+    pub router: Option<Router>,
+    /// The DNS server's counters, when it listens.
+    pub dns: Option<DnsMetrics>,
+}
+
+impl EdgeMeters {
+    /// The counters now (`None` when the node runs neither a router nor
+    /// a DNS server).
+    pub fn stats(&self) -> Option<EdgeStats> {
+        if self.router.is_none() && self.dns.is_none() {
+            return None;
+        }
+        Some(EdgeStats {
+            router: self.router.as_ref().map(|r| router_stats(&r.metrics())),
+            dns: self.dns.as_ref().map(|d| dns_stats(&d.snapshot())),
+        })
+    }
+}
+
+/// The router's counters as reported and exported.
+pub fn router_stats(m: &RouterMetrics) -> RouterStats {
+    RouterStats {
+        connections_accepted: m.connections_accepted,
+        connections_active: m.connections_active,
+        no_route: m.no_route,
+        latency_bounds_us: LATENCY_BUCKETS_US.to_vec(),
+        services: m
+            .services
+            .iter()
+            .map(|s| RouterServiceStats {
+                service: ServiceRef {
+                    namespace: s.service.namespace.clone(),
+                    stack: s.service.stack.clone(),
+                    service: s.service.service.clone(),
+                },
+                in_flight: s.in_flight,
+                ejections: s.ejections,
+                instances_ejected: s.instances_ejected,
+                retries: s.retries,
+                routes: s
+                    .routes
+                    .iter()
+                    .map(|r| RouteStats {
+                        route: r.route.clone(),
+                        requests_by_class: r.requests_by_class,
+                        latency_buckets: r.latency_buckets.to_vec(),
+                        latency_sum_us: r.latency_sum_us,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The DNS server's counters as reported and exported, keyed by the
+/// metrics' label values.
+pub fn dns_stats(d: &DnsMetricsSnapshot) -> DnsStats {
+    let map = |rows: &[(&str, u64)]| {
+        rows.iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect::<BTreeMap<String, u64>>()
+    };
+    let (t, r) = (&d.by_type, &d.by_rcode);
+    DnsStats {
+        queries: map(&[("udp", d.udp_queries), ("tcp", d.tcp_queries)]),
+        by_type: map(&[
+            ("A", t.a),
+            ("AAAA", t.aaaa),
+            ("SRV", t.srv),
+            ("SOA", t.soa),
+            ("ANY", t.any),
+            ("other", t.other),
+        ]),
+        by_rcode: map(&[
+            ("NOERROR", r.noerror),
+            ("FORMERR", r.formerr),
+            ("NXDOMAIN", r.nxdomain),
+            ("NOTIMP", r.notimp),
+            ("REFUSED", r.refused),
+            ("BADVERS", r.badvers),
+        ]),
+        truncated: d.truncated,
+        dropped: d.dropped,
+    }
+}
+
 /// A running edge: its router and DNS counters (for metrics), and the
 /// tasks to wait for.
 pub struct RunningEdge {
@@ -115,6 +210,14 @@ pub struct RunningEdge {
 }
 
 impl RunningEdge {
+    /// Handles on its counters.
+    pub fn meters(&self) -> EdgeMeters {
+        EdgeMeters {
+            router: self.router.clone(),
+            dns: self.dns.clone(),
+        }
+    }
+
     /// Wait until every part has stopped (after `stop` turned true); the
     /// first failure, if any.
     pub async fn wait(mut self) -> std::io::Result<()> {
@@ -459,6 +562,19 @@ mod tests {
         drop(tx);
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(get().await.starts_with("HTTP/1.1 200"));
+        // What the node reports: the 404 before the route existed, the
+        // 200s through it, no DNS server.
+        let stats = edge.meters().stats().unwrap();
+        assert_eq!(stats.dns, None);
+        let router = stats.router.unwrap();
+        assert_eq!(router.no_route, 1);
+        assert_eq!(router.latency_bounds_us, LATENCY_BUCKETS_US);
+        let service = &router.services[0];
+        assert_eq!(service.service, web());
+        let route = &service.routes[0];
+        assert_eq!(route.route, "web.shop.localhost/");
+        assert!(route.requests_by_class[1] >= 2, "{route:?}");
+        assert_eq!(route.requests(), route.latency_buckets.iter().sum::<u64>());
         stop_tx.send_replace(true);
         edge.wait().await.unwrap();
     }

@@ -1138,7 +1138,12 @@ pub async fn run_remote(
     let stats = crate::remote_stats::StatsShipper::start(
         client.clone(),
         reported,
-        (container_stats.clone(), health_stats.clone()),
+        (
+            (container_stats.clone(), health_stats.clone()),
+            edge.as_ref()
+                .map(crate::remote_edge::RemoteEdge::meters)
+                .unwrap_or_default(),
+        ),
         cfg.stats_every,
     );
     let start_agent = || {

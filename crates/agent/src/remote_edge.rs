@@ -21,7 +21,7 @@ use hyper::Method;
 use hyper::body::Incoming;
 use tokio::sync::watch;
 
-use crate::edge::{EdgeConfig, RunningEdge};
+use crate::edge::{EdgeConfig, EdgeMeters, RunningEdge};
 use crate::remote::ApiClient;
 
 /// How long the watch may stay silent: the server sends a progress line
@@ -61,6 +61,14 @@ impl RemoteEdge {
             stop,
             parts: Some((edge, follower)),
         })
+    }
+
+    /// Handles on its router's and DNS server's counters.
+    pub fn meters(&self) -> EdgeMeters {
+        self.parts
+            .as_ref()
+            .map(|(edge, _)| edge.meters())
+            .unwrap_or_default()
     }
 
     /// Stop the router, DNS and proxy (connections in flight get the

@@ -4,7 +4,9 @@
 //! agent does) and POSTs the report to `/v1/agent/nodes/{node}/stats`. The
 //! server keeps the latest report per node on the node's lease, so a dead
 //! node's figures vanish with it, and every server's `/metrics`, built-in
-//! history and `berth top` show them.
+//! history and `berth top` show them. The report also carries the counters
+//! of the node's own router and DNS server ([`EdgeMeters`]), which the
+//! leader's `/metrics` exports with the node's label.
 //!
 //! Which instances run, and with which pid, the agent learns from the
 //! statuses it reports: [`Tapped`] wraps its control plane and keeps the
@@ -23,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::control::{AssignmentStream, ControlError, ControlPlane};
 use crate::driver::docker::StatsMap;
+use crate::edge::EdgeMeters;
 use crate::health::HealthStatsMap;
 use crate::remote::ApiClient;
 
@@ -114,7 +117,11 @@ pub fn sample(
         })
         .collect();
     instances.sort_by(|a, b| a.key.cmp(&b.key));
-    NodeStats { at, instances }
+    NodeStats {
+        at,
+        instances,
+        edge: None,
+    }
 }
 
 /// The running reporter; [`StatsShipper::stop`] ends it (dropping it
@@ -136,11 +143,11 @@ impl StatsShipper {
     pub fn start(
         client: ApiClient,
         statuses: ReportedStatuses,
-        stats: (StatsMap, HealthStatsMap),
+        (stats, edge): ((StatsMap, HealthStatsMap), EdgeMeters),
         every: Duration,
     ) -> Self {
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(ship(client, statuses, stats, every, rx));
+        let task = tokio::spawn(ship(client, statuses, (stats, edge), every, rx));
         Self {
             stop,
             task: Some(task),
@@ -161,7 +168,7 @@ impl StatsShipper {
 async fn ship(
     client: ApiClient,
     statuses: ReportedStatuses,
-    stats: (StatsMap, HealthStatsMap),
+    (stats, edge): ((StatsMap, HealthStatsMap), EdgeMeters),
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -177,7 +184,7 @@ async fn ship(
         let snapshot = statuses.snapshot();
         let (containers, health) = stats.clone();
         // /proc reads are blocking file I/O.
-        let report = match tokio::task::spawn_blocking(move || {
+        let mut report = match tokio::task::spawn_blocking(move || {
             sample(&snapshot, (&containers, &health), crate::now_ms())
         })
         .await
@@ -188,6 +195,7 @@ async fn ship(
                 continue;
             }
         };
+        report.edge = edge.stats();
         // Bounded by the interval: a report later than the next is useless.
         let sent = tokio::time::timeout(every, client.ship_stats(&report)).await;
         match sent {

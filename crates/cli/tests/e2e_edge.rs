@@ -9,9 +9,15 @@
 //!   router reaches the one on n3 and the server's `api`;
 //! - n1's DNS answers with the instances' node addresses;
 //! - the published port on n1's loopback forwards to another node;
+//! - the server's `/metrics` has each node's router and DNS counters with
+//!   the node's label (from the agents' stats reports), counting exactly
+//!   the requests made through n1's router, and the built-in history's
+//!   request rates include them (the server runs no router of its own);
 //! - n1 cut off from the server (its agent fences itself) keeps serving
 //!   the last tables through its router, past the registration TTL, with
-//!   no error; reconnected, it follows the tables again (a scale-up shows).
+//!   no error, and its series leave `/metrics` with its registration;
+//!   reconnected, it follows the tables again (a scale-up shows) and its
+//!   series come back with every request it served while cut off.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -83,6 +89,9 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         }
     };
     let mut b = Berth::new();
+    // For the request rates of the history (checked below).
+    b.env
+        .insert("BERTH_HISTORY_INTERVAL".into(), "500ms".into());
     // The server runs work too (`api`, on managers only), registered with
     // its address on n1's link so the nodes reach it.
     let mut args = vec![
@@ -133,6 +142,9 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
                     &format!("{}:8080", n.addr),
                     "--dns",
                     &format!("{}:8600", n.addr),
+                    // Router and DNS counters reach /metrics this often.
+                    "--stats-every",
+                    "300ms",
                 ])
                 .start()
         })
@@ -219,6 +231,47 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
     assert_eq!(api_host.map(|h| h.0), Some(&*net.nodes[0].host.to_string()));
     assert_eq!(get(n2, 8080, "api.edg.localhost").unwrap(), "api.1");
 
+    // The server's /metrics (it is the leader) counts what each node's
+    // router and DNS served, with the node's label. The counters reach it
+    // with the agents' stats reports: first wait until n1's have settled
+    // (nothing else uses n1's edge now), then make exactly 10 requests
+    // and one DNS query there.
+    let metrics = || http_get(ports[0], "/metrics");
+    let web_n1 = |name: &str| {
+        format!(
+            "{name}{{namespace=\"default\",stack=\"edg\",service=\"web\",route=\"web.edg.localhost/\",node=\"n1\"{}}}",
+            if name.ends_with("_total") {
+                ",code=\"2xx\""
+            } else {
+                ""
+            }
+        )
+    };
+    let (ok_n1, count_n1) = (
+        web_n1("berth_router_requests_total"),
+        web_n1("berth_router_request_seconds_count"),
+    );
+    let a_n1 = "berth_dns_queries_by_type_total{type=\"A\",node=\"n1\"}";
+    let edge_n1 = |m: &str| Some((metric(m, &ok_n1)?, metric(m, &count_n1)?, metric(m, a_n1)?));
+    let mut last = None;
+    let mut before = (0.0, 0.0, 0.0);
+    wait_until(
+        "n1's edge counters settled",
+        Duration::from_secs(20),
+        || {
+            std::thread::sleep(Duration::from_millis(700));
+            let now = edge_n1(&metrics()?).ok_or("no n1 series yet")?;
+            if last.replace(now) == Some(now) {
+                before = now;
+                Ok(())
+            } else {
+                Err(format!("still moving: {now:?}"))
+            }
+        },
+    );
+    assert!(before.0 >= 6.0, "n1 served 6 requests above: {before:?}");
+    served(n1, 8080, 10).unwrap();
+
     // n1's DNS answers with the instances' node addresses.
     let dns = Command::new("dig")
         .args([
@@ -242,6 +295,40 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         .map(ToString::to_string)
         .collect();
     assert_eq!(answers, want_addrs, "{}", agents[0].log());
+    let after = (before.0 + 10.0, before.1 + 10.0, before.2 + 1.0);
+    wait_until(
+        "n1's 10 requests and 1 query on the server's /metrics",
+        Duration::from_secs(10),
+        || match edge_n1(&metrics()?) {
+            Some(now) if now == after => Ok(()),
+            got => Err(format!("{got:?}, want {after:?}")),
+        },
+    );
+    // n2's router is there too, under its own node.
+    let m = metrics().unwrap();
+    let ok_n2 = ok_n1.replace("node=\"n1\"", "node=\"n2\"");
+    assert!(metric(&m, &ok_n2).is_some_and(|n| n >= 6.0), "{m}");
+    // The history's request rates count the nodes' routers (the server
+    // has none of its own).
+    wait_until(
+        "web's request rate in the history",
+        Duration::from_secs(10),
+        || {
+            let out = http_get(ports[0], "/v1/stacks/default/edg/history")?;
+            let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+            let h: Value = serde_json::from_str(body).map_err(|e| format!("{e}: {out}"))?;
+            let rated = h["services"].as_array().is_some_and(|s| {
+                s.iter().any(|s| {
+                    s["service"] == "web"
+                        && s["points"].as_array().is_some_and(|p| {
+                            p.iter()
+                                .any(|p| p["requests_per_second"].as_f64() > Some(0.0))
+                        })
+                })
+            });
+            if rated { Ok(()) } else { Err(body.to_owned()) }
+        },
+    );
 
     // The published port, on n1's own loopback, forwards to another node.
     // curl (scripts/deps installs it): busybox's static wget crashes in a
@@ -283,6 +370,15 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         cut.elapsed()
     );
     assert!(errors.is_empty(), "{errors:?}\n{}", agents[0].log());
+    // Its report went with its registration: none of its series is left.
+    wait_until("n1's series gone", Duration::from_secs(10), || {
+        let m = metrics()?;
+        if m.contains("node=\"n1\"") {
+            Err(m)
+        } else {
+            Ok(())
+        }
+    });
 
     // Reconnected, n1 follows the tables again: a third instance appears
     // behind its router.
@@ -297,6 +393,17 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         agents[0].log().contains("fencing"),
         "n1 should have fenced itself: {}",
         agents[0].log()
+    );
+
+    // Its series are back, counting what it served while cut off.
+    let total = after.0 + requests as f64;
+    wait_until(
+        "n1's series back",
+        Duration::from_secs(10),
+        || match metric(&metrics()?, &ok_n1) {
+            Some(n) if n == total => Ok(()),
+            got => Err(format!("{got:?}, want {total}")),
+        },
     );
 
     b.ok(dir, &["scale", "-p", "edg", "web=3"]);

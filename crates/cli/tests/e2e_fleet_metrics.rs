@@ -12,13 +12,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// The value of the series whose line starts with `name{labels}`.
-fn series(metrics: &str, name_and_labels: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-}
-
 #[test]
 fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
     let mut berth = Berth::new();
@@ -70,16 +63,16 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
             Duration::from_secs(20),
             || {
                 let m = http_get(port, "/metrics")?;
-                let mem = series(&m, &format!("berth_instance_memory_bytes{labels}"));
-                let cpu = series(&m, &format!("berth_instance_cpu_seconds_total{labels}"));
-                let running = series(
+                let mem = metric(&m, &format!("berth_instance_memory_bytes{labels}"));
+                let cpu = metric(&m, &format!("berth_instance_cpu_seconds_total{labels}"));
+                let running = metric(
                     &m,
                     &format!(
                         "berth_instance_state{{namespace=\"default\",stack=\"{stack}\",service=\"spin\",instance=\"{i}\",node=\"n1\",state=\"running\"}}"
                     ),
                 );
                 // The agent's health checks, counted where they run.
-                let checks = series(&m, &format!("berth_instance_health_checks_total{labels}"));
+                let checks = metric(&m, &format!("berth_instance_health_checks_total{labels}"));
                 match (mem, cpu, running, checks) {
                     (Some(mem), Some(cpu), Some(r), Some(c))
                         if mem > 0.0 && cpu > 0.0 && r == 1.0 && c > 0.0 =>

@@ -581,4 +581,95 @@ pub struct NodeStats {
     pub at: Millis,
     /// Its running instances.
     pub instances: Vec<InstanceUsage>,
+    /// The counters of the node's own router and DNS server. Absent from
+    /// agents older than these counters (and from nodes that run neither),
+    /// so a server accepts reports with or without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<EdgeStats>,
+}
+
+/// What a node's edge ([`crate::edge`]) counted since it started: its HTTP
+/// router and its DNS server, each absent when the node does not run it.
+/// `GET /metrics` exports these with the node's label, for the server's
+/// own node and (from the leader) for joined nodes, whose agents send them
+/// in their [`NodeStats`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EdgeStats {
+    /// The HTTP router's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<RouterStats>,
+    /// The DNS server's counters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStats>,
+}
+
+/// An HTTP router's counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouterStats {
+    /// Client connections accepted since start.
+    pub connections_accepted: u64,
+    /// Client connections open now.
+    pub connections_active: u64,
+    /// Requests answered 404 because no route matched.
+    pub no_route: u64,
+    /// Upper bounds of the latency histogram's buckets, in microseconds;
+    /// each route's `latency_buckets` has one more entry, for the slower
+    /// requests. Sent with the counts so a reader never assumes its own.
+    pub latency_bounds_us: Vec<u64>,
+    /// Per service the router has seen.
+    pub services: Vec<RouterServiceStats>,
+}
+
+/// One service's counters in a [`RouterStats`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouterServiceStats {
+    /// The service.
+    #[serde(flatten)]
+    pub service: crate::edge::ServiceRef,
+    /// Requests being proxied now.
+    pub in_flight: u64,
+    /// Times an instance was ejected by the circuit breaker.
+    pub ejections: u64,
+    /// Instances ejected now.
+    pub instances_ejected: u64,
+    /// Requests re-sent to another instance after a connect failure.
+    pub retries: u64,
+    /// Per route reaching it.
+    pub routes: Vec<RouteStats>,
+}
+
+/// One route's counters in a [`RouterServiceStats`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteStats {
+    /// Host then path prefix: `web.shop.localhost/`, `*/static`.
+    pub route: String,
+    /// Responses by status class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub requests_by_class: [u64; 5],
+    /// Requests per latency bucket (see [`RouterStats::latency_bounds_us`]).
+    pub latency_buckets: Vec<u64>,
+    /// Sum of the latencies, in microseconds.
+    pub latency_sum_us: u64,
+}
+
+impl RouteStats {
+    /// Total responses.
+    pub fn requests(&self) -> u64 {
+        self.requests_by_class.iter().sum()
+    }
+}
+
+/// A DNS server's counters. Each map is keyed by the label value the
+/// metric carries (`udp`, `SRV`, `NXDOMAIN`…).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DnsStats {
+    /// Queries received, by transport.
+    pub queries: BTreeMap<String, u64>,
+    /// Queries by question type.
+    pub by_type: BTreeMap<String, u64>,
+    /// Replies by response code.
+    pub by_rcode: BTreeMap<String, u64>,
+    /// UDP replies cut short with the TC bit.
+    pub truncated: u64,
+    /// Messages dropped unanswered.
+    pub dropped: u64,
 }

@@ -15,7 +15,8 @@ pub struct StackHistory {
     pub retention_ms: u64,
     /// Per instance, sorted by service then slot.
     pub instances: Vec<InstanceHistory>,
-    /// Per service that the HTTP router serves, sorted by name.
+    /// Per service that a node's HTTP router serves (summed over the
+    /// server's own router and joined nodes' reports), sorted by name.
     pub services: Vec<ServiceHistory>,
 }
 

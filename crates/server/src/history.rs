@@ -24,7 +24,7 @@ pub const INTERVAL: Duration = Duration::from_secs(10);
 pub const POINTS: usize = 360;
 
 /// `(namespace, stack, service)`.
-type ServiceKey = (String, String, String);
+pub type ServiceKey = (String, String, String);
 
 struct InstanceSeries {
     node: String,

@@ -36,7 +36,11 @@
 //!   built-in history holds every node's instances on every server (each
 //!   dashboard shows the whole cluster).
 //! - Router and DNS: their own counters ([`berth_net::http::Router::metrics`],
-//!   [`berth_net::dns::DnsMetrics`]), registered once they listen.
+//!   [`berth_net::dns::DnsMetrics`]), registered once they listen, read
+//!   through [`EdgeMeters`] like a joined agent reads its own. Joined
+//!   nodes' routers and DNS servers: the [`EdgeStats`] in their stats
+//!   reports, exported (by the leader, as their instances) with the node's
+//!   label; every router and DNS series carries `node`.
 //!
 //! Every instance series has the labels `namespace`, `stack`, `service`,
 //! `instance` (`web.2`) and `node`.
@@ -47,8 +51,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use berth_agent::driver::docker::StatsMap;
+use berth_agent::edge::EdgeMeters;
 use berth_agent::health::HealthStatsMap;
-use berth_model::api::{InstanceUsage, NodeStats};
+use berth_model::api::{
+    DnsStats, EdgeStats, InstanceUsage, NodeStats, RouteStats, RouterServiceStats, RouterStats,
+};
+use berth_model::edge::ServiceRef;
 use berth_model::{EventKind, InstanceKey, InstanceState, InstanceStatus, keys};
 use berth_store::{
     LeaseId, Revision, Store, StoreError, Txn, TxnResult, WatchEvent, WatchStream, decode,
@@ -529,19 +537,46 @@ impl Telemetry {
                     })
                 })
                 .collect();
-            let mut requests = HashMap::new();
-            if let Some(router) = sources.router.get() {
-                for s in router.metrics().services {
-                    let id = s.service.clone();
-                    requests.insert(
-                        (id.namespace, id.stack, id.service),
-                        (s.requests(), s.requests_by_class[4]),
-                    );
-                }
-            }
+            let requests = service_requests(
+                sources.edge_meters().stats().as_ref(),
+                remote
+                    .iter()
+                    .filter(|(node, _)| **node != sources.node)
+                    .filter_map(|(_, r)| r.edge.as_ref()),
+            );
             self.0.history.record(now, &samples, &requests);
         }
     }
+}
+
+/// Responses and 5xx per service, summed over every node's router: this
+/// server's own (counted now) and joined nodes' (as last reported), so
+/// the history's request rates count whichever node's router served. A
+/// joined node's counters move only when it reports (every
+/// `--stats-every`), and a sum that goes down (a node gone or restarted)
+/// skips one point of the rate (see [`History::record`]).
+fn service_requests<'a>(
+    local: Option<&'a EdgeStats>,
+    remote: impl Iterator<Item = &'a EdgeStats>,
+) -> HashMap<crate::history::ServiceKey, (u64, u64)> {
+    let mut requests: HashMap<_, (u64, u64)> = HashMap::new();
+    for router in local
+        .into_iter()
+        .chain(remote)
+        .filter_map(|e| e.router.as_ref())
+    {
+        for s in &router.services {
+            let id = &s.service;
+            let sum = requests
+                .entry((id.namespace.clone(), id.stack.clone(), id.service.clone()))
+                .or_default();
+            for r in &s.routes {
+                sum.0 += r.requests();
+                sum.1 += r.requests_by_class[4];
+            }
+        }
+    }
+    requests
 }
 
 /// The store timing of a [`MeteredStore`], registered by [`Telemetry::new`].
@@ -571,6 +606,14 @@ fn reported_usage(report: &NodeStats, s: &InstanceStatus) -> Option<Usage> {
 }
 
 impl Sources {
+    /// This server's own router and DNS server, once they listen.
+    fn edge_meters(&self) -> EdgeMeters {
+        EdgeMeters {
+            router: self.router.get().cloned(),
+            dns: self.dns.get().cloned(),
+        }
+    }
+
     fn remote(&self) -> Arc<BTreeMap<String, NodeStats>> {
         self.remote
             .read()
@@ -678,7 +721,7 @@ fn instance_labels(key: &InstanceKey, node: &str) -> Labels {
     ]
 }
 
-fn service_labels(id: &berth_net::http::ServiceId) -> Labels {
+fn service_labels(id: &ServiceRef) -> Labels {
     vec![
         ("namespace", id.namespace.clone()),
         ("stack", id.stack.clone()),
@@ -891,39 +934,77 @@ impl Collector for ScrapeCollector {
             [(Labels::new(), ConstGauge::new(me.rss_bytes as i64))],
         )?;
 
-        if let Some(router) = src.router.get() {
-            encode_router(&mut enc, &router.metrics())?;
+        // Every node's edge: this server's own, and (like their instances,
+        // from the leader only) joined nodes', as their agents last
+        // reported them.
+        let local = src.edge_meters().stats();
+        let mut edges: Vec<(&str, &EdgeStats)> = Vec::new();
+        if let Some(e) = &local {
+            edges.push((&src.node, e));
         }
-        if let Some(dns) = src.dns.get() {
-            encode_dns(&mut enc, &dns.snapshot())?;
+        for (node, report) in remote.iter() {
+            if *node != src.node
+                && let Some(e) = &report.edge
+            {
+                edges.push((node, e));
+            }
+        }
+        let routers: Vec<(&str, &RouterStats)> = edges
+            .iter()
+            .filter_map(|(n, e)| Some((*n, e.router.as_ref()?)))
+            .collect();
+        if !routers.is_empty() {
+            encode_router(&mut enc, &routers)?;
+        }
+        let dns: Vec<(&str, &DnsStats)> = edges
+            .iter()
+            .filter_map(|(n, e)| Some((*n, e.dns.as_ref()?)))
+            .collect();
+        if !dns.is_empty() {
+            encode_dns(&mut enc, &dns)?;
         }
         Ok(())
     }
 }
 
+/// `labels` with the node's.
+fn on_node(mut labels: Labels, node: &str) -> Labels {
+    labels.push(("node", node.to_owned()));
+    labels
+}
+
 fn encode_router(
     enc: &mut DescriptorEncoder<'_>,
-    m: &berth_net::http::RouterMetrics,
+    routers: &[(&str, &RouterStats)],
 ) -> Result<(), std::fmt::Error> {
     const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-    let routes = || {
-        m.services
+    let services = || {
+        routers
             .iter()
-            .flat_map(|s| s.routes.iter().map(move |r| (&s.service, r)))
+            .flat_map(|(node, m)| m.services.iter().map(move |s| (*node, s)))
     };
-    let route_labels = |id: &berth_net::http::ServiceId, r: &berth_net::http::RouteSnapshot| {
+    let routes = || {
+        routers.iter().flat_map(|(node, m)| {
+            m.services.iter().flat_map(move |s| {
+                s.routes
+                    .iter()
+                    .map(move |r| (*node, &s.service, r, &m.latency_bounds_us))
+            })
+        })
+    };
+    let route_labels = |node: &str, id: &ServiceRef, r: &RouteStats| {
         let mut l = service_labels(id);
         l.push(("route", r.route.clone()));
-        l
+        on_node(l, node)
     };
     family(
         enc,
         "berth_router_requests",
         "Responses of the HTTP router, by route and status class",
         MetricType::Counter,
-        routes().flat_map(|(id, r)| {
+        routes().flat_map(|(node, id, r, _)| {
             CLASSES.iter().enumerate().map(move |(i, class)| {
-                let mut l = route_labels(id, r);
+                let mut l = route_labels(node, id, r);
                 l.push(("code", (*class).to_owned()));
                 (l, ConstCounter::new(r.requests_by_class[i]))
             })
@@ -936,9 +1017,13 @@ fn encode_router(
             None,
             MetricType::Histogram,
         )?;
-        for (id, r) in routes() {
-            let labels = route_labels(id, r);
-            let mut buckets: Vec<(f64, u64)> = berth_net::http::metrics::LATENCY_BUCKETS_US
+        for (node, id, r, bounds) in routes() {
+            // One count per bound, then the slower ones; a report of
+            // another shape is not exported rather than misread.
+            if r.latency_buckets.len() != bounds.len() + 1 {
+                continue;
+            }
+            let mut buckets: Vec<(f64, u64)> = bounds
                 .iter()
                 .zip(&r.latency_buckets)
                 .map(|(us, n)| (*us as f64 / 1e6, *n))
@@ -947,43 +1032,38 @@ fn encode_router(
                 f64::INFINITY,
                 r.latency_buckets.last().copied().unwrap_or(0),
             ));
-            h.encode_family(&labels)?.encode_histogram::<Labels>(
-                r.latency_sum_us as f64 / 1e6,
-                r.requests(),
-                &buckets,
-                None,
-            )?;
+            h.encode_family(&route_labels(node, id, r))?
+                .encode_histogram::<Labels>(
+                    r.latency_sum_us as f64 / 1e6,
+                    r.requests(),
+                    &buckets,
+                    None,
+                )?;
         }
     }
+    let per_service = |n: &str, s: &RouterServiceStats| on_node(service_labels(&s.service), n);
     family(
         enc,
         "berth_router_in_flight_requests",
         "Requests being proxied now, by service",
         MetricType::Gauge,
-        m.services.iter().map(|s| {
-            (
-                service_labels(&s.service),
-                ConstGauge::new(s.in_flight as i64),
-            )
-        }),
+        services().map(|(n, s)| (per_service(n, s), ConstGauge::new(s.in_flight as i64))),
     )?;
     family(
         enc,
         "berth_router_ejections",
         "Times the circuit breaker ejected an instance of the service",
         MetricType::Counter,
-        m.services
-            .iter()
-            .map(|s| (service_labels(&s.service), ConstCounter::new(s.ejections))),
+        services().map(|(n, s)| (per_service(n, s), ConstCounter::new(s.ejections))),
     )?;
     family(
         enc,
         "berth_router_ejected_instances",
         "Instances of the service ejected by the circuit breaker now",
         MetricType::Gauge,
-        m.services.iter().map(|s| {
+        services().map(|(n, s)| {
             (
-                service_labels(&s.service),
+                per_service(n, s),
                 ConstGauge::new(s.instances_ejected as i64),
             )
         }),
@@ -993,91 +1073,91 @@ fn encode_router(
         "berth_router_retries",
         "Requests re-sent to another instance after a connect failure",
         MetricType::Counter,
-        m.services
-            .iter()
-            .map(|s| (service_labels(&s.service), ConstCounter::new(s.retries))),
+        services().map(|(n, s)| (per_service(n, s), ConstCounter::new(s.retries))),
     )?;
+    let node = |n: &str| on_node(Labels::new(), n);
     family(
         enc,
         "berth_router_active_connections",
         "Client connections open on the HTTP router",
         MetricType::Gauge,
-        [(Labels::new(), ConstGauge::new(m.connections_active as i64))],
+        routers
+            .iter()
+            .map(|(n, m)| (node(n), ConstGauge::new(m.connections_active as i64))),
     )?;
     family(
         enc,
         "berth_router_connections",
         "Client connections accepted by the HTTP router",
         MetricType::Counter,
-        [(Labels::new(), ConstCounter::new(m.connections_accepted))],
+        routers
+            .iter()
+            .map(|(n, m)| (node(n), ConstCounter::new(m.connections_accepted))),
     )?;
     family(
         enc,
         "berth_router_no_route",
         "Requests answered 404 because no route matched",
         MetricType::Counter,
-        [(Labels::new(), ConstCounter::new(m.no_route))],
+        routers
+            .iter()
+            .map(|(n, m)| (node(n), ConstCounter::new(m.no_route))),
     )
 }
 
 fn encode_dns(
     enc: &mut DescriptorEncoder<'_>,
-    d: &berth_net::dns::DnsMetricsSnapshot,
+    servers: &[(&str, &DnsStats)],
 ) -> Result<(), std::fmt::Error> {
-    let t = &d.by_type;
-    let r = &d.by_rcode;
-    let row = |k: &'static str, v: &str, n: u64| (vec![(k, v.to_owned())], ConstCounter::new(n));
+    // One row per node and label value of a keyed counter.
+    let keyed = |label: &'static str, pick: fn(&DnsStats) -> &BTreeMap<String, u64>| {
+        servers.iter().flat_map(move |(node, d)| {
+            pick(d).iter().map(move |(k, v)| {
+                (
+                    on_node(vec![(label, k.clone())], node),
+                    ConstCounter::new(*v),
+                )
+            })
+        })
+    };
     family(
         enc,
         "berth_dns_queries",
         "DNS queries received, by transport",
         MetricType::Counter,
-        [
-            row("transport", "udp", d.udp_queries),
-            row("transport", "tcp", d.tcp_queries),
-        ],
+        keyed("transport", |d| &d.queries),
     )?;
     family(
         enc,
         "berth_dns_queries_by_type",
         "DNS queries by question type",
         MetricType::Counter,
-        [
-            row("type", "A", t.a),
-            row("type", "AAAA", t.aaaa),
-            row("type", "SRV", t.srv),
-            row("type", "SOA", t.soa),
-            row("type", "ANY", t.any),
-            row("type", "other", t.other),
-        ],
+        keyed("type", |d| &d.by_type),
     )?;
     family(
         enc,
         "berth_dns_responses",
         "DNS replies by response code",
         MetricType::Counter,
-        [
-            row("rcode", "NOERROR", r.noerror),
-            row("rcode", "FORMERR", r.formerr),
-            row("rcode", "NXDOMAIN", r.nxdomain),
-            row("rcode", "NOTIMP", r.notimp),
-            row("rcode", "REFUSED", r.refused),
-            row("rcode", "BADVERS", r.badvers),
-        ],
+        keyed("rcode", |d| &d.by_rcode),
     )?;
     family(
         enc,
         "berth_dns_truncated",
         "UDP replies cut short with the TC bit",
         MetricType::Counter,
-        [(Labels::new(), ConstCounter::new(d.truncated))],
+        servers
+            .iter()
+            .map(|(n, d)| (on_node(Labels::new(), n), ConstCounter::new(d.truncated))),
     )?;
     family(
         enc,
         "berth_dns_dropped",
         "DNS messages dropped unanswered",
         MetricType::Counter,
-        [(Labels::new(), ConstCounter::new(d.dropped))],
+        servers
+            .iter()
+            .map(|(n, d)| (on_node(Labels::new(), n), ConstCounter::new(d.dropped))),
     )
 }
 
@@ -1085,6 +1165,142 @@ fn encode_dns(
 mod tests {
     use super::*;
     use berth_store::{Op, embedded::EmbeddedStore};
+
+    /// A router report of one route of `default/shop/web`: 3 × 2xx and
+    /// 1 × 5xx, two within 250 µs and two within 1 ms.
+    fn edge_report() -> EdgeStats {
+        let mut latency_buckets = vec![0; berth_net::http::metrics::LATENCY_BUCKETS_US.len() + 1];
+        latency_buckets[0] = 2;
+        latency_buckets[2] = 2;
+        EdgeStats {
+            router: Some(RouterStats {
+                connections_accepted: 7,
+                connections_active: 1,
+                no_route: 2,
+                latency_bounds_us: berth_net::http::metrics::LATENCY_BUCKETS_US.to_vec(),
+                services: vec![RouterServiceStats {
+                    service: ServiceRef {
+                        namespace: "default".into(),
+                        stack: "shop".into(),
+                        service: "web".into(),
+                    },
+                    in_flight: 0,
+                    ejections: 0,
+                    instances_ejected: 0,
+                    retries: 1,
+                    routes: vec![RouteStats {
+                        route: "web.shop.localhost/".into(),
+                        requests_by_class: [0, 3, 0, 0, 1],
+                        latency_buckets,
+                        latency_sum_us: 2_000,
+                    }],
+                }],
+            }),
+            dns: Some(DnsStats {
+                queries: [("udp".to_owned(), 4), ("tcp".to_owned(), 0)].into(),
+                by_type: [("SRV".to_owned(), 4)].into(),
+                by_rcode: [("NOERROR".to_owned(), 4)].into(),
+                truncated: 0,
+                dropped: 0,
+            }),
+        }
+    }
+
+    /// A scrape of a server on node `s1` with no router of its own, which
+    /// has a report from `n2` with router and DNS counters and one from an
+    /// agent that sends no edge counters (`n3`, an older agent).
+    async fn scrape_with_reports(leader: bool) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let (store, handle) = Telemetry::metered_store(store);
+        let events = Arc::new(EventLog::open(store.clone(), 10).await.unwrap());
+        let (_live_tx, live) = watch::channel(Arc::new(Live::default()));
+        let (_lead_tx, leadership) = watch::channel(leader.then_some(1));
+        let t = Telemetry::new(
+            "s1".into(),
+            store,
+            handle,
+            events,
+            (live, leadership),
+            Default::default(),
+            Duration::from_secs(10),
+        );
+        let mut reports = BTreeMap::new();
+        let with_edge = NodeStats {
+            at: 1,
+            instances: vec![],
+            edge: Some(edge_report()),
+        };
+        let put = |node: &str, json: Vec<u8>| {
+            WatchEvent::Put(berth_store::KeyValue {
+                key: keys::node_stats(node),
+                value: Bytes::from(json),
+                create_revision: 1,
+                mod_revision: 1,
+                version: 1,
+                lease: 0,
+            })
+        };
+        apply_stats(
+            &mut reports,
+            &put("n2", serde_json::to_vec(&with_edge).unwrap()),
+        );
+        // What an agent without edge counters sends.
+        apply_stats(
+            &mut reports,
+            &put("n3", br#"{"at":1,"instances":[]}"#.to_vec()),
+        );
+        assert_eq!(reports.len(), 2, "the older report is accepted");
+        assert_eq!(reports["n3"].edge, None);
+        *t.0.sources.remote.write().unwrap() = Arc::new(reports);
+        t.encode().unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_leader_exports_joined_nodes_routers_and_dns_with_their_node() {
+        let out = scrape_with_reports(true).await;
+        let web = r#"namespace="default",stack="shop",service="web",route="web.shop.localhost/",node="n2""#;
+        for line in [
+            format!(r#"berth_router_requests_total{{{web},code="2xx"}} 3"#),
+            format!(r#"berth_router_requests_total{{{web},code="5xx"}} 1"#),
+            format!(r#"berth_router_request_seconds_count{{{web}}} 4"#),
+            format!(r#"berth_router_request_seconds_bucket{{le="0.00025",{web}}} 2"#),
+            format!(r#"berth_router_request_seconds_bucket{{le="0.001",{web}}} 4"#),
+            format!(r#"berth_router_request_seconds_bucket{{le="+Inf",{web}}} 4"#),
+            r#"berth_router_retries_total{namespace="default",stack="shop",service="web",node="n2"} 1"#.into(),
+            r#"berth_router_connections_total{node="n2"} 7"#.into(),
+            r#"berth_router_no_route_total{node="n2"} 2"#.into(),
+            r#"berth_dns_queries_total{transport="udp",node="n2"} 4"#.into(),
+            r#"berth_dns_queries_by_type_total{type="SRV",node="n2"} 4"#.into(),
+            r#"berth_dns_responses_total{rcode="NOERROR",node="n2"} 4"#.into(),
+        ] {
+            assert!(out.lines().any(|l| l == line), "no {line} in:\n{out}");
+        }
+        assert!(!out.contains(r#"node="n3""#), "{out}");
+    }
+
+    #[tokio::test]
+    async fn a_follower_leaves_joined_nodes_edges_to_the_leader() {
+        let out = scrape_with_reports(false).await;
+        assert!(!out.contains("berth_router_"), "{out}");
+        assert!(!out.contains("berth_dns_"), "{out}");
+    }
+
+    #[test]
+    fn history_request_counts_add_every_nodes_router() {
+        let local = edge_report();
+        let mut other = edge_report();
+        other.router.as_mut().unwrap().services[0].routes[0].requests_by_class = [0, 10, 0, 0, 0];
+        // A node without a router adds nothing.
+        let dns_only = EdgeStats {
+            router: None,
+            ..edge_report()
+        };
+        let sums = service_requests(Some(&local), [&other, &dns_only].into_iter());
+        let key = ("default".to_owned(), "shop".to_owned(), "web".to_owned());
+        assert_eq!(sums[&key], (14, 1));
+    }
 
     #[tokio::test]
     async fn watch_lag_counts_the_revisions_this_server_wrote() {

@@ -233,6 +233,14 @@ pub fn server_tcp_addresses(data: &Path) -> Vec<String> {
     apis
 }
 
+/// The value of the series whose line in a `/metrics` text starts with
+/// `name{labels}` (labels in the order the server writes them).
+pub fn metric(metrics: &str, name_and_labels: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

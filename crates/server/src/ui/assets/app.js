@@ -769,7 +769,7 @@ function fmtRate(p) {
 async function networkPage(main) {
   const body = h('div');
   fill(main, h('h1', {}, 'Network'),
-    h('p', { class: 'muted' }, 'Router rules → services → instances. Only healthy instances receive traffic and appear in DNS. Request rates are what the HTTP router served per service (all its rules), from the built-in history (one sample every 10 s by default).'), body);
+    h('p', { class: 'muted' }, 'Router rules → services → instances. Only healthy instances receive traffic and appear in DNS. Request rates are what the HTTP routers of every node served per service (all its rules; joined nodes as of their last stats report), from the built-in history (one sample every 10 s by default).'), body);
   const rates = new Map(); // ns/stack/service -> latest history point
   const draw = async () => {
     const net = await api('GET', '/v1/network');
