@@ -14,26 +14,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn docker(args: &[&str]) -> String {
-    let out = Command::new("docker")
-        .args(args)
-        .output()
-        .expect("docker CLI");
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {} (run scripts/docker-up)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn test_image() {
-    let status = Command::new(repo().join("scripts/test-image"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "scripts/test-image failed");
-}
-
 /// Full ids of the stack's containers, running or not, sorted.
 fn container_ids(stack: &str, all: bool) -> Vec<String> {
     let label = format!("label=berth.stack={stack}");

@@ -24,7 +24,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -58,25 +57,6 @@ fn stack(published: u16) -> String {
       healthcheck: {{ http: /, interval: 1s, start_interval: 100ms }}
 "#
     )
-}
-
-/// GET `/` with `Host: host` through the router at `addr:port`; the body
-/// on a 200.
-fn get(addr: Ipv4Addr, port: u16, host: &str) -> Result<String, String> {
-    let page = http_get_host_at(addr.into(), port, host, "/")?;
-    Ok(page
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .trim()
-        .to_owned())
-}
-
-/// The instances that answered `n` requests through a router.
-fn served(addr: Ipv4Addr, port: u16, n: usize) -> Result<BTreeSet<String>, String> {
-    (0..n)
-        .map(|_| get(addr, port, "web.edg.localhost"))
-        .collect()
 }
 
 #[test]
@@ -214,7 +194,7 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         "n1's router reaches web on n2 and n3",
         Duration::from_secs(20),
         || {
-            let got = served(n1, 8080, 6)?;
+            let got = served_at(n1.into(), 8080, "web.edg.localhost", 6)?;
             if got == want {
                 Ok(())
             } else {
@@ -223,13 +203,19 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         },
     );
     // n2's router reaches the instance on n3 as well as its own.
-    assert_eq!(served(n2, 8080, 6).unwrap(), want);
+    assert_eq!(
+        served_at(n2.into(), 8080, "web.edg.localhost", 6).unwrap(),
+        want
+    );
     // ... and the server's own instance, on the address it advertises.
     let api = instances(&ps, "api")[0];
     assert_eq!(api["node"], "s1", "{api}");
     let api_host = api["address"].as_str().and_then(|a| a.rsplit_once(':'));
     assert_eq!(api_host.map(|h| h.0), Some(&*net.nodes[0].host.to_string()));
-    assert_eq!(get(n2, 8080, "api.edg.localhost").unwrap(), "api.1");
+    assert_eq!(
+        router_body_at(n2.into(), 8080, "api.edg.localhost").unwrap(),
+        "api.1"
+    );
 
     // The server's /metrics (it is the leader) counts what each node's
     // router and DNS served, with the node's label. The counters reach it
@@ -357,7 +343,7 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
     let mut errors = Vec::new();
     while cut.elapsed() < TTL + Duration::from_secs(5) {
         requests += 1;
-        if let Err(e) = get(n1, 8080, "web.edg.localhost") {
+        if let Err(e) = router_body_at(n1.into(), 8080, "web.edg.localhost") {
             errors.push((cut.elapsed(), e));
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -415,7 +401,7 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         "n1's router reaches 3 instances",
         Duration::from_secs(20),
         || {
-            let got = served(n1, 8080, 9)?;
+            let got = served_at(n1.into(), 8080, "web.edg.localhost", 9)?;
             if got == want3 {
                 Ok(())
             } else {

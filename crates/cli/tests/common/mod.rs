@@ -317,11 +317,62 @@ pub fn http_get_host_at(
     }
 }
 
+/// The body of a 200 answer to `GET /` with `Host: host` through the router
+/// at `ip:port`.
+pub fn router_body_at(ip: std::net::IpAddr, port: u16, host: &str) -> Result<String, String> {
+    let page = http_get_host_at(ip, port, host, "/")?;
+    Ok(page
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
+/// The bodies (instance names) of `n` answers for `host` through the router
+/// at `ip:port`.
+pub fn served_at(
+    ip: std::net::IpAddr,
+    port: u16,
+    host: &str,
+    n: usize,
+) -> Result<std::collections::BTreeSet<String>, String> {
+    (0..n).map(|_| router_body_at(ip, port, host)).collect()
+}
+
+/// Make sure the Docker tests' local image exists (`scripts/test-image`).
+pub fn test_image() {
+    let status = Command::new(repo().join("scripts/test-image"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/test-image failed");
+}
+
+/// Run the docker CLI; its stdout (panics when it fails).
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI");
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {} (run scripts/docker-up)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `dig +short` against berth's DNS; one answer per line.
 pub fn dig(dns_port: u16, name: &str, qtype: &str) -> Vec<String> {
+    dig_at(std::net::Ipv4Addr::LOCALHOST.into(), dns_port, name, qtype)
+}
+
+/// [`dig`] against a DNS server on another address (a node's).
+pub fn dig_at(ip: std::net::IpAddr, dns_port: u16, name: &str, qtype: &str) -> Vec<String> {
+    let server = format!("@{ip}");
     let out = Command::new("dig")
         .args([
-            "@127.0.0.1",
+            server.as_str(),
             "-p",
             &dns_port.to_string(),
             name,
