@@ -46,6 +46,23 @@ pub fn flush() {
     }
 }
 
+/// Log to buffered stderr, at the level `BERTH_LOG` sets (default
+/// `info`), in colour when stderr is a terminal (an autostarted server
+/// writes to `server.log`: no colour codes there). Keep the guard for as
+/// long as the process logs.
+pub fn init_tracing() -> FlushGuard {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = buffered_stderr();
+    // Only the first call installs a subscriber (tests may run several).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    guard
+}
+
 /// The `MakeWriter` for the log subscriber, and the guard that stops the
 /// flushing thread and writes out the rest when dropped. Also installs a
 /// panic hook that flushes before the panic message.

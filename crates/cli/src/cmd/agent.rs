@@ -1,7 +1,6 @@
 //! `berth agent --join URL[,URL…]`: this machine becomes a node of a fleet.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -89,15 +88,8 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
 /// Run until SIGINT or SIGTERM (then stop every instance), or until the
 /// node is removed from the cluster.
 pub async fn run(settings: &Settings, args: &AgentArgs) -> anyhow::Result<u8> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Buffered: the node's router logs a line per request (see logbuf).
-    let (writer, _flush) = crate::logbuf::buffered_stderr();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    let _flush = crate::logbuf::init_tracing();
     let node_id = args
         .node_id
         .clone()

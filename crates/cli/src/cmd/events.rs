@@ -2,12 +2,12 @@
 //! and with `-f` followed live over the server's SSE stream.
 
 use clap::Args;
-use http_body_util::BodyExt;
 use hyper::Method;
 use hyper::body::Incoming;
 
+use super::read_frame;
 use crate::client::{check, enc};
-use crate::exit::{self, Failure};
+use crate::exit;
 use crate::output::{paint, print_line};
 use crate::settings::Settings;
 use berth_model::Event;
@@ -158,19 +158,8 @@ impl SseReader {
                 }
                 // `id:`, `event:` and `:` comments (keep-alives) need nothing.
             }
-            match self.body.frame().await {
-                None => return Ok(None),
-                Some(Err(e)) => {
-                    return Err(Failure::with_code(
-                        exit::NO_SERVER,
-                        format!("lost the connection to the berth server: {e}"),
-                    ));
-                }
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
+            if !read_frame(&mut self.body, &mut self.buf).await? {
+                return Ok(None);
             }
         }
     }

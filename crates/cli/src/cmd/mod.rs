@@ -29,6 +29,24 @@ pub mod top;
 pub mod up;
 pub mod version;
 
+/// Append the next frame of a streamed response to `buf`; `false` at the
+/// end of the stream. A broken stream is the server gone (exit code 3).
+pub(crate) async fn read_frame(body: &mut Incoming, buf: &mut Vec<u8>) -> anyhow::Result<bool> {
+    match body.frame().await {
+        None => Ok(false),
+        Some(Err(e)) => Err(Failure::with_code(
+            exit::NO_SERVER,
+            format!("lost the connection to the berth server: {e}"),
+        )),
+        Some(Ok(frame)) => {
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+            }
+            Ok(true)
+        }
+    }
+}
+
 /// Reads NDJSON log lines off a streaming response body.
 pub struct LineReader {
     body: Incoming,
@@ -57,19 +75,8 @@ impl LineReader {
                     .map_err(|e| anyhow::anyhow!("bad log line from the server: {e}"))?;
                 return Ok(Some(parsed));
             }
-            match self.body.frame().await {
-                None => return Ok(None),
-                Some(Err(e)) => {
-                    return Err(Failure::with_code(
-                        exit::NO_SERVER,
-                        format!("lost the connection to the berth server: {e}"),
-                    ));
-                }
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.buf.extend_from_slice(&data);
-                    }
-                }
+            if !read_frame(&mut self.body, &mut self.buf).await? {
+                return Ok(None);
             }
         }
     }

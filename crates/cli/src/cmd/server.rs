@@ -1,23 +1,13 @@
 //! `berth server`: the server in the foreground.
 
-use std::io::IsTerminal;
-
 use crate::args::ServerArgs;
 use crate::exit;
 use crate::settings::Settings;
 
 /// Run until SIGINT or SIGTERM, then stop every instance and exit.
 pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Buffered: the router logs a line per request (see logbuf).
-    let (writer, _flush) = crate::logbuf::buffered_stderr();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        // An autostarted server writes to server.log: no colour codes there.
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    let _flush = crate::logbuf::init_tracing();
     let node_id = args
         .node_id
         .clone()

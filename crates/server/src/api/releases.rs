@@ -11,7 +11,8 @@ use berth_model::api::{
 use berth_model::{Release, StackRecord, keys};
 use berth_store::decode;
 
-use super::{ApiContext, ApiError, ApiJson, ApiPath, now_ms};
+use super::stacks::change;
+use super::{ApiContext, ApiError, ApiJson, ApiPath};
 use crate::desired::{self, Command, DesiredError};
 use crate::diff;
 
@@ -113,17 +114,4 @@ pub(crate) async fn env(
         author: req.author.unwrap_or_else(|| "berth".into()),
     };
     change(&ctx, cmd).await
-}
-
-async fn change(ctx: &ApiContext, cmd: Command) -> Result<Json<StackChangeResponse>, ApiError> {
-    let outcome = desired::apply(&*ctx.store, &cmd, now_ms()).await?;
-    let record = outcome
-        .record
-        .ok_or_else(|| ApiError::Internal("command wrote no stack record".into()))?;
-    Ok(Json(StackChangeResponse {
-        namespace: record.namespace,
-        stack: record.name,
-        release: record.release,
-        services: record.services,
-    }))
 }

@@ -191,7 +191,11 @@ async fn remove_volumes(ns: &str, stack: &str) -> Result<Vec<String>, ApiError> 
     }
 }
 
-async fn change(ctx: &ApiContext, cmd: Command) -> Result<Json<StackChangeResponse>, ApiError> {
+/// Apply `cmd` and answer with the stack record it left.
+pub(crate) async fn change(
+    ctx: &ApiContext,
+    cmd: Command,
+) -> Result<Json<StackChangeResponse>, ApiError> {
     let outcome = desired::apply(&*ctx.store, &cmd, now_ms()).await?;
     let record = outcome
         .record
