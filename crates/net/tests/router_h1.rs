@@ -78,6 +78,10 @@ async fn serve_script(mut s: TcpStream, script: Script, requests: Arc<AtomicUsiz
                 "/notmodified" => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n".to_vec(),
                 "/continue" => b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal".to_vec(),
                 "/garbage" => b"SSH-2.0-not-http\r\n\r\n".to_vec(),
+                "/slow" => {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow".to_vec()
+                }
                 _ => {
                     // Echo what arrived: the head's framing and the body.
                     let te = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
@@ -681,4 +685,49 @@ async fn connection_close_and_http_1_0_are_honoured() {
     .await;
     assert!(!a.head.contains("transfer-encoding"), "{}", a.head);
     assert_eq!(a.body, b"hello world");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_request() {
+    let inst = instance(KEEP).await;
+    let web = ServiceId::new("default", "s", "web");
+    let table = RouteTable::new(
+        vec![Route::host("web.test", web.clone())],
+        HashMap::from([(
+            web,
+            ServiceBackends {
+                backends: vec![Backend {
+                    addr: inst.addr,
+                    id: "i0".into(),
+                }],
+                max_concurrent: Some(1),
+                ..Default::default()
+            },
+        )]),
+    );
+    let (_tx, rx) = watch::channel(table);
+    let router = Router::new(rx, RouterConfig::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        router
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: web.test\r\n\r\n");
+
+    // The one bulkhead slot is taken while /slow runs …
+    let mut a = TcpStream::connect(addr).await.unwrap();
+    a.write_all(get("/slow").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut b = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(exchange(&mut b, &mut buf, &get("/a")).await.status, 503);
+    // … and freed as soon as its client goes away, long before /slow ends.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(exchange(&mut b, &mut buf, &get("/a")).await.status, 200);
 }

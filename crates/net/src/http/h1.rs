@@ -47,6 +47,9 @@ use crate::http::upstream::{self, Buffer, RequestBody, Upstream, UpstreamError};
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Bytes gathered before a write to the client.
 const WRITE_CHUNK: usize = 64 * 1024;
+/// How much of a pipelined next request is read while a request is
+/// forwarded (reading is how a closed client is noticed).
+const PIPELINE_READ_AHEAD: usize = 8 * 1024;
 
 /// What the connection task needs from the router.
 pub(crate) struct Serve {
@@ -528,27 +531,56 @@ async fn one(
         return error_response(c, &err, !p.keep_alive || has_body).await;
     };
     let method = p.method.as_str().as_bytes();
-    let mut body = ClientBody {
-        stream: &mut c.stream,
-        rb: &mut c.rb,
-        framing: p.body,
-        expect_continue: p.expect_continue,
-        done: !has_body,
+    let attempt = |body| Attempt {
+        body,
+        request_was_head: p.method == Method::HEAD,
+        retryable: proxy::retryable(&service, method, !has_body, p.upgrade),
+        repeatable: !has_body && proxy::idempotent(method),
     };
-    let outcome = proxy::forward(
-        inner,
-        &conn.upstream,
-        &service,
-        &mut st.head,
-        Attempt {
-            body: has_body.then_some(&mut body),
-            request_was_head: p.method == Method::HEAD,
-            retryable: proxy::retryable(&service, method, !has_body, p.upgrade),
-            repeatable: !has_body && proxy::idempotent(method),
-        },
-    )
-    .await;
-    let body_done = body.done;
+    let (outcome, body_done) = if has_body {
+        let mut body = ClientBody {
+            stream: &mut c.stream,
+            rb: &mut c.rb,
+            framing: p.body,
+            expect_continue: p.expect_continue,
+            done: false,
+        };
+        let outcome = proxy::forward(
+            inner,
+            &conn.upstream,
+            &service,
+            &mut st.head,
+            attempt(Some(&mut body)),
+        )
+        .await;
+        (outcome, body.done)
+    } else {
+        // Watch the client while the instance works: a client that goes
+        // away cancels the request (the instance's connection is closed,
+        // the bulkhead slot freed), as hyper does. Bytes of a pipelined
+        // next request are kept. No system call while nothing arrives.
+        let forwarding = proxy::forward(
+            inner,
+            &conn.upstream,
+            &service,
+            &mut st.head,
+            attempt(None::<&mut ClientBody<'_>>),
+        );
+        tokio::pin!(forwarding);
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                o = &mut forwarding => break o,
+                r = c.rb.fill(&mut c.stream), if c.rb.data().len() < PIPELINE_READ_AHEAD => {
+                    if matches!(r, Ok(0) | Err(_)) {
+                        tracing::debug!(service = %service.id, "client went away; request cancelled");
+                        return Flow::Abort;
+                    }
+                }
+            }
+        };
+        (outcome, true)
+    };
     let (mut resp, picked) = match outcome {
         Ok(r) => r,
         Err(err) => {
