@@ -256,7 +256,7 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         },
     );
     assert!(before.0 >= 6.0, "n1 served 6 requests above: {before:?}");
-    served(n1, 8080, 10).unwrap();
+    served_at(n1.into(), 8080, "web.edg.localhost", 10).unwrap();
 
     // n1's DNS answers with the instances' node addresses.
     let dns = Command::new("dig")
