@@ -200,18 +200,7 @@ pub async fn run(
         );
     }
 
-    let store: Arc<dyn Store> = match &cfg.store {
-        StoreLocation::Embedded => Arc::new(
-            EmbeddedStore::open(&cfg.data_dir.join("state.redb"))
-                .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
-        ),
-        StoreLocation::Etcd(etcd) => Arc::new(
-            berth_store::etcd::EtcdStore::connect((**etcd).clone())
-                .await
-                .context("connecting to etcd")?,
-        ),
-    };
-    let (store, store_metrics) = metrics::Telemetry::metered_store(store);
+    let (store, store_metrics) = metrics::Telemetry::metered_store(open_store(&cfg).await?);
     let token = api::load_or_create_token(&cfg.data_dir).context("loading the API token")?;
     let logs = berth_agent::logs::LogStore::open(cfg.data_dir.join("logs"), cfg.logs.clone())
         .context("opening the log store")?;
@@ -299,72 +288,14 @@ pub async fn run(
         tasks.spawn(async move { running.wait().await.context("this node's edge") });
     }
 
-    // Listeners.
-    let ctx = |token: Option<String>| api::ApiContext {
+    let parts = ApiParts {
         store: store.clone(),
         logs: logs.clone(),
-        data_dir: cfg.data_dir.clone(),
-        node_id: cfg.node_id.clone(),
         token,
+        telemetry: telemetry.clone(),
+        edge_feed,
     };
-    let socket = cfg.data_dir.join(SOCKET_NAME);
-    {
-        let router = api::router(ctx(None))
-            .layer(axum::Extension(telemetry.clone()))
-            .layer(axum::Extension(edge_feed.clone()));
-        let socket = socket.clone();
-        let rx = stop_rx.clone();
-        tasks.spawn(async move {
-            api::serve_unix(&socket, router, stopped(rx))
-                .await
-                .context("API socket")
-        });
-    }
-    let mut bound = Vec::new();
-    for addr in &cfg.listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!(
-                "binding the API to {addr} (is another server using it? pick another with --listen)"
-            )
-        })?;
-        let local = listener.local_addr()?;
-        bound.push(local);
-        // Only loopback listeners are open without the token.
-        let need_token = (!addr.ip().is_loopback()).then(|| token.clone());
-        let guard = ui::Guard {
-            token: token.clone(),
-            loopback: addr.ip().is_loopback(),
-            auth: cfg.dashboard_auth,
-        };
-        let router = ui::with_dashboard(
-            api::router(ctx(need_token))
-                .layer(axum::Extension(telemetry.clone()))
-                .layer(axum::Extension(edge_feed.clone())),
-            guard,
-        );
-        let rx = stop_rx.clone();
-        tasks.spawn(async move {
-            api::serve_tcp(listener, router, stopped(rx))
-                .await
-                .context("API listener")
-        });
-    }
-    if let Some(addr) = cfg.consul {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!(
-                "binding the Consul API to {addr} (is Consul running? pick another with --consul-listen)"
-            )
-        })?;
-        let need_token = (!addr.ip().is_loopback()).then(|| token.clone());
-        let router = api::consul_router(ctx(need_token));
-        tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "Consul API listening");
-        let rx = stop_rx.clone();
-        tasks.spawn(async move {
-            api::serve_tcp(listener, router, stopped(rx))
-                .await
-                .context("Consul API listener")
-        });
-    }
+    let (socket, bound) = serve_api(&cfg, &parts, &mut tasks, &stop_rx).await?;
     let info = ServerInfo {
         pid: std::process::id(),
         socket,
@@ -419,7 +350,126 @@ pub async fn run(
     write_info(&cfg.data_dir, &info)?;
     tracing::info!(data_dir = %cfg.data_dir.display(), api = ?bound, "berth server ready");
 
-    // Wait for shutdown or for a task to fail.
+    let result = run_until(shutdown, tasks, &stop_tx).await;
+    if cfg.run_agent
+        && let Ok(Some(kv)) = store.get(&keys::node(&cfg.node_id)).await
+        && kv.lease != 0
+    {
+        let _ = store.lease_revoke(kv.lease).await;
+    }
+    let _ = fs::remove_file(cfg.data_dir.join("server.json"));
+    result
+}
+
+/// The store `cfg` names: the embedded file in the data dir, or etcd.
+async fn open_store(cfg: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &cfg.store {
+        StoreLocation::Embedded => Arc::new(
+            EmbeddedStore::open(&cfg.data_dir.join("state.redb"))
+                .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?,
+        ),
+        StoreLocation::Etcd(etcd) => Arc::new(
+            berth_store::etcd::EtcdStore::connect((**etcd).clone())
+                .await
+                .context("connecting to etcd")?,
+        ),
+    })
+}
+
+/// What every API listener serves from.
+struct ApiParts {
+    store: Arc<dyn Store>,
+    logs: berth_agent::logs::LogStore,
+    /// The admin token (required on non-loopback listeners).
+    token: String,
+    telemetry: metrics::Telemetry,
+    edge_feed: edge::EdgeFeed,
+}
+
+/// Bind and serve the API: the Unix socket, every `--listen` address (with
+/// the dashboard), and the Consul subset on `--consul-listen`. Returns the
+/// socket's path and the bound TCP addresses.
+async fn serve_api(
+    cfg: &ServerConfig,
+    parts: &ApiParts,
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    stop_rx: &watch::Receiver<bool>,
+) -> anyhow::Result<(PathBuf, Vec<SocketAddr>)> {
+    let ctx = |token: Option<String>| api::ApiContext {
+        store: parts.store.clone(),
+        logs: parts.logs.clone(),
+        data_dir: cfg.data_dir.clone(),
+        node_id: cfg.node_id.clone(),
+        token,
+    };
+    let socket = cfg.data_dir.join(SOCKET_NAME);
+    {
+        let router = api::router(ctx(None))
+            .layer(axum::Extension(parts.telemetry.clone()))
+            .layer(axum::Extension(parts.edge_feed.clone()));
+        let socket = socket.clone();
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            api::serve_unix(&socket, router, stopped(rx))
+                .await
+                .context("API socket")
+        });
+    }
+    let mut bound = Vec::new();
+    for addr in &cfg.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "binding the API to {addr} (is another server using it? pick another with --listen)"
+            )
+        })?;
+        let local = listener.local_addr()?;
+        bound.push(local);
+        // Only loopback listeners are open without the token.
+        let need_token = (!addr.ip().is_loopback()).then(|| parts.token.clone());
+        let guard = ui::Guard {
+            token: parts.token.clone(),
+            loopback: addr.ip().is_loopback(),
+            auth: cfg.dashboard_auth,
+        };
+        let router = ui::with_dashboard(
+            api::router(ctx(need_token))
+                .layer(axum::Extension(parts.telemetry.clone()))
+                .layer(axum::Extension(parts.edge_feed.clone())),
+            guard,
+        );
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            api::serve_tcp(listener, router, stopped(rx))
+                .await
+                .context("API listener")
+        });
+    }
+    if let Some(addr) = cfg.consul {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "binding the Consul API to {addr} (is Consul running? pick another with --consul-listen)"
+            )
+        })?;
+        let need_token = (!addr.ip().is_loopback()).then(|| parts.token.clone());
+        let router = api::consul_router(ctx(need_token));
+        tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "Consul API listening");
+        let rx = stop_rx.clone();
+        tasks.spawn(async move {
+            api::serve_tcp(listener, router, stopped(rx))
+                .await
+                .context("Consul API listener")
+        });
+    }
+    Ok((socket, bound))
+}
+
+/// Wait for `shutdown` or the first task to fail, then stop every task and
+/// wait for them all. The first failure is the result.
+async fn run_until(
+    shutdown: impl std::future::Future<Output = ()>,
+    mut tasks: JoinSet<anyhow::Result<()>>,
+    stop_tx: &watch::Sender<bool>,
+) -> anyhow::Result<()> {
     let failure = tokio::select! {
         _ = shutdown => None,
         Some(res) = tasks.join_next() => Some(flatten(res)),
@@ -437,13 +487,6 @@ pub async fn run(
             }
         }
     }
-    if cfg.run_agent
-        && let Ok(Some(kv)) = store.get(&keys::node(&cfg.node_id)).await
-        && kv.lease != 0
-    {
-        let _ = store.lease_revoke(kv.lease).await;
-    }
-    let _ = fs::remove_file(cfg.data_dir.join("server.json"));
     result
 }
 
