@@ -214,8 +214,9 @@ pub async fn list(
 /// endpoint and the history sampler.
 #[derive(Debug, Default)]
 pub struct Live {
-    /// Every instance status, by instance.
-    pub statuses: BTreeMap<InstanceKey, InstanceStatus>,
+    /// Every instance status, by instance (shared with the observer's own
+    /// copy: one clone of the statuses per pass, not two).
+    pub statuses: Arc<BTreeMap<InstanceKey, InstanceStatus>>,
     /// The store revision this view is at.
     pub revision: Revision,
 }
@@ -258,7 +259,7 @@ impl StackView {
 #[derive(Debug, Default)]
 struct Seen {
     stacks: BTreeMap<(String, String), StackView>,
-    statuses: BTreeMap<InstanceKey, InstanceStatus>,
+    statuses: Arc<BTreeMap<InstanceKey, InstanceStatus>>,
     nodes: BTreeSet<String>,
 }
 
@@ -270,7 +271,7 @@ impl Seen {
                 .values()
                 .map(|(r, _)| ((r.namespace.clone(), r.name.clone()), StackView::of(r)))
                 .collect(),
-            statuses: m.statuses.clone(),
+            statuses: Arc::new(m.statuses.clone()),
             nodes: m.nodes.keys().cloned().collect(),
         }
     }
@@ -418,10 +419,10 @@ fn diff(before: &Seen, now: &Seen, at: u64) -> Vec<Event> {
             ));
         }
     }
-    for (key, new) in &now.statuses {
+    for (key, new) in now.statuses.iter() {
         instance_diff(before.statuses.get(key), new, at, &mut out);
     }
-    for (key, old) in &before.statuses {
+    for (key, old) in before.statuses.iter() {
         if !now.statuses.contains_key(key) {
             out.push(instance_event(
                 EventKind::InstanceRemoved,
@@ -656,7 +657,7 @@ mod tests {
 
     fn seen(statuses: Vec<InstanceStatus>) -> Seen {
         Seen {
-            statuses: statuses.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            statuses: Arc::new(statuses.into_iter().map(|s| (s.key.clone(), s)).collect()),
             ..Default::default()
         }
     }
