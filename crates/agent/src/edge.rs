@@ -128,6 +128,30 @@ impl EdgeMeters {
             dns: self.dns.as_ref().map(|d| dns_stats(&d.snapshot())),
         })
     }
+
+    /// The counters as a joined node sends them: [`EdgeMeters::stats`]
+    /// without the routes that never served a request, and without the
+    /// services left with no route and nothing to count. Every node's
+    /// router has every route of the cluster, so a report of all of them
+    /// would grow with the cluster rather than with the node's traffic; the
+    /// cost is that a route's series appears with its first request.
+    pub fn report(&self) -> Option<EdgeStats> {
+        self.stats().map(without_idle_routes)
+    }
+}
+
+/// `stats` without the routes that served nothing, and without the
+/// services then left with no route and nothing else counted.
+fn without_idle_routes(mut stats: EdgeStats) -> EdgeStats {
+    if let Some(router) = &mut stats.router {
+        for s in &mut router.services {
+            s.routes.retain(|r| r.requests() > 0);
+        }
+        router
+            .services
+            .retain(|s| !s.routes.is_empty() || s.in_flight + s.ejections + s.retries > 0);
+    }
+    stats
 }
 
 /// The router's counters as reported and exported.
@@ -509,6 +533,60 @@ mod tests {
         let z = zone(&t);
         assert_eq!(z.services().len(), 1);
         assert!(z.names().any(|n| n == "web.shop.default.berth"));
+    }
+
+    #[test]
+    fn a_report_leaves_out_routes_that_served_nothing() {
+        let route = |name: &str, n: u64| RouteStats {
+            route: name.into(),
+            requests_by_class: [0, n, 0, 0, 0],
+            latency_buckets: vec![n],
+            latency_sum_us: n,
+        };
+        let service = |name: &str, routes: Vec<RouteStats>, retries: u64| RouterServiceStats {
+            service: ServiceRef {
+                service: name.into(),
+                ..web()
+            },
+            in_flight: 0,
+            ejections: 0,
+            instances_ejected: 0,
+            retries,
+            routes,
+        };
+        let stats = EdgeStats {
+            router: Some(RouterStats {
+                services: vec![
+                    service("web", vec![route("web/", 3), route("idle/", 0)], 0),
+                    // Nothing counted at all: left out.
+                    service("quiet", vec![route("quiet/", 0)], 0),
+                    // No request served, but a retry counted: kept.
+                    service("flaky", vec![route("flaky/", 0)], 1),
+                ],
+                ..RouterStats::default()
+            }),
+            dns: None,
+        };
+        let report = without_idle_routes(stats);
+        let services: Vec<(String, Vec<String>)> = report
+            .router
+            .unwrap()
+            .services
+            .into_iter()
+            .map(|s| {
+                (
+                    s.service.service,
+                    s.routes.into_iter().map(|r| r.route).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            services,
+            [
+                ("web".to_owned(), vec!["web/".to_owned()]),
+                ("flaky".to_owned(), vec![])
+            ]
+        );
     }
 
     /// A node keeps serving the last tables when its feed ends (the server

@@ -5,8 +5,9 @@
 //! server keeps the latest report per node on the node's lease, so a dead
 //! node's figures vanish with it, and every server's `/metrics`, built-in
 //! history and `berth top` show them. The report also carries the counters
-//! of the node's own router and DNS server ([`EdgeMeters`]), which the
-//! leader's `/metrics` exports with the node's label.
+//! of the node's own router and DNS server ([`EdgeMeters::report`]: the
+//! routes that served a request), which the leader's `/metrics` exports
+//! with the node's label.
 //!
 //! Which instances run, and with which pid, the agent learns from the
 //! statuses it reports: [`Tapped`] wraps its control plane and keeps the
@@ -195,7 +196,7 @@ async fn ship(
                 continue;
             }
         };
-        report.edge = edge.stats();
+        report.edge = edge.report();
         // Bounded by the interval: a report later than the next is useless.
         let sent = tokio::time::timeout(every, client.ship_stats(&report)).await;
         match sent {
