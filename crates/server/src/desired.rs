@@ -849,16 +849,7 @@ mod tests {
     use super::*;
     use berth_store::embedded::EmbeddedStore;
 
-    fn stack(yaml: &str) -> Stack {
-        let opts = berth_spec::LoadOptions {
-            working_dir: std::env::temp_dir(),
-            project_name: Some("shop".into()),
-            ..Default::default()
-        };
-        berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
-            .unwrap()
-            .stack
-    }
+    use crate::test_util::stack;
 
     const V1: &str =
         "services:\n  web: {command: v1, deploy: {replicas: 2}}\n  db: {command: db}\n";

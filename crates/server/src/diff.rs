@@ -209,18 +209,7 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn load(yaml: &str) -> Stack {
-        let opts = berth_spec::LoadOptions {
-            files: vec![],
-            working_dir: std::env::temp_dir(),
-            project_name: Some("shop".into()),
-            profiles: vec![],
-            env: BTreeMap::new(),
-        };
-        berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
-            .expect("test stack loads")
-            .stack
-    }
+    use crate::test_util::stack as load;
 
     fn record(stack: Stack) -> StackRecord {
         let services = stack

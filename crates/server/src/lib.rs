@@ -54,6 +54,8 @@ pub mod leader;
 pub mod metrics;
 pub mod mirror;
 pub mod servers;
+#[cfg(test)]
+mod test_util;
 pub mod traffic;
 pub mod ui;
 pub mod vip;

@@ -401,18 +401,7 @@ pub(crate) mod tests {
     use berth_model::{Health, InstanceKey, InstanceState, InstanceStatus};
     use berth_store::{KeyValue, WatchEvent};
 
-    fn load(yaml: &str) -> berth_spec::types::Stack {
-        let opts = berth_spec::LoadOptions {
-            files: vec![],
-            working_dir: std::env::temp_dir(),
-            project_name: Some("shop".into()),
-            profiles: vec![],
-            env: BTreeMap::new(),
-        };
-        berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
-            .unwrap()
-            .stack
-    }
+    use crate::test_util::stack as load;
 
     /// A mirror holding stack `shop` of namespace `default` from `yaml`
     /// (shared with the edge tables' tests).

@@ -894,15 +894,6 @@ mod tests {
 
     fn stack(replicas: u32) -> StackRecord {
         let yaml = "services:\n  web:\n    command: sleep 100\n  db:\n    command: sleep 100\n";
-        let opts = berth_spec::LoadOptions {
-            files: vec![],
-            working_dir: std::env::temp_dir(),
-            project_name: Some("shop".into()),
-            profiles: vec![],
-            env: BTreeMap::new(),
-        };
-        let loaded = berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
-            .expect("test stack loads");
         let mut services = BTreeMap::new();
         services.insert(
             "web".to_owned(),
@@ -916,7 +907,7 @@ mod tests {
             namespace: "default".into(),
             name: "shop".into(),
             release: 1,
-            spec: loaded.stack,
+            spec: crate::test_util::stack(yaml),
             services,
             updated_at: 0,
             config: Default::default(),
@@ -964,14 +955,7 @@ mod tests {
     #[test]
     fn start_after_stop_waits_for_healthy_dependencies() {
         let yaml = "services:\n  db:\n    command: sleep 100\n  app:\n    command: sleep 100\n    depends_on:\n      db: { condition: service_healthy }\n";
-        let opts = berth_spec::LoadOptions {
-            working_dir: std::env::temp_dir(),
-            project_name: Some("shop".into()),
-            ..Default::default()
-        };
-        let spec = berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
-            .expect("test stack loads")
-            .stack;
+        let spec = load(yaml);
         let mut record = stack(1);
         record.spec = spec;
         record.services.clear();
@@ -1160,18 +1144,7 @@ mod tests {
 
     const WEB: &str = "services:\n  web:\n    command: sleep 100\n    ports: ['18080:80']\n    environment: {VERSION: '1'}\n";
 
-    fn load(yaml: &str) -> berth_spec::types::Stack {
-        let opts = berth_spec::LoadOptions {
-            files: vec![],
-            working_dir: std::env::temp_dir(),
-            project_name: Some("shop".into()),
-            profiles: vec![],
-            env: BTreeMap::new(),
-        };
-        berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
-            .expect("test stack loads")
-            .stack
-    }
+    use crate::test_util::stack as load;
 
     /// A simulated cluster: the mirror, a clock, uids, and an "agent" that
     /// reports statuses for assignments.

@@ -22,15 +22,8 @@ fn node(id: &str) -> Node {
 }
 
 fn mirror(yaml: &str, nodes: &[&str]) -> Mirror {
-    let opts = berth_spec::LoadOptions {
-        working_dir: std::env::temp_dir(),
-        project_name: Some("shop".into()),
-        ..Default::default()
-    };
-    let loaded = berth_spec::load_str(std::path::Path::new("compose.yaml"), yaml, &opts)
-        .expect("test stack loads");
-    let services = loaded
-        .stack
+    let stack = crate::test_util::stack(yaml);
+    let services = stack
         .services
         .iter()
         .map(|(n, s)| {
@@ -46,7 +39,7 @@ fn mirror(yaml: &str, nodes: &[&str]) -> Mirror {
         namespace: "default".into(),
         name: "shop".into(),
         release: 1,
-        spec: loaded.stack,
+        spec: stack,
         services,
         updated_at: 0,
         config: Default::default(),
