@@ -114,6 +114,16 @@ impl<'a> Loader<'a> {
                     Some(n) => Diagnostic::at(&n.pos, msg),
                     None => Diagnostic::file(path, msg),
                 };
+                let d = match e.kind() {
+                    std::io::ErrorKind::NotFound => d.hint(
+                        "fix the path: a relative one is relative to the folder of the file \
+                         that names it",
+                    ),
+                    std::io::ErrorKind::PermissionDenied => {
+                        d.hint("make the file readable by the user running berth")
+                    }
+                    _ => d,
+                };
                 self.diags.error(d);
                 None
             }
