@@ -327,60 +327,17 @@ pub fn service(
             // Declared like an unpublished `ports` entry (which is what
             // `expose` means to berth: the service listens there, nothing is
             // published), added after `ports` so the first port stays first.
-            "expose" => match &v.value {
-                Value::Seq(items) => {
-                    for it in items {
-                        let Some(s) = conv.string(it, key) else {
-                            continue;
-                        };
-                        match parse_port_spec(&s) {
-                            Ok(ps) if ps.iter().all(|p| p.published.is_none()) => {
-                                exposed.extend(ps);
-                            }
-                            Ok(_) => conv.error_hint(
-                                it,
-                                key,
-                                format!("`expose` takes container ports only, got {s:?}"),
-                                "publish a port under `ports:` instead",
-                            ),
-                            Err(e) => conv.error(it, key, format!("invalid port {s:?}: {e}")),
-                        }
-                    }
-                }
-                _ => conv.expect(v, key, "a list of ports"),
-            },
+            "expose" => expose(conv, v, &mut exposed),
             "depends_on" => depends_on(conv, v, &mut svc, &mut meta),
-            "links" => {
-                if let Some(items) = v.as_seq() {
-                    for it in items {
-                        if let Some(s) = conv.string(it, key) {
-                            let target = s.split(':').next().unwrap_or_default().to_string();
-                            meta.links.insert(target.clone(), it.pos.clone());
-                            if !svc.links.contains(&target) {
-                                svc.links.push(target);
-                            }
-                        }
-                    }
-                } else {
-                    conv.expect(v, key, "a list of service names");
-                }
-            }
+            "links" => links(conv, v, &mut svc, &mut meta),
             "healthcheck" => {
                 meta.compose_healthcheck = Some(k.pos.clone());
                 svc.healthcheck = healthcheck(conv, v);
             }
             "restart" => {
                 restart_given = true;
-                if let Some(s) = conv.string(v, key) {
-                    match restart_policy(&s) {
-                        Some(p) => svc.restart = p,
-                        None => conv.error_hint(
-                            v,
-                            key,
-                            format!("invalid restart policy {s:?}"),
-                            "use one of: no, always, on-failure, on-failure:N, unless-stopped",
-                        ),
-                    }
+                if let Some(p) = restart(conv, v) {
+                    svc.restart = p;
                 }
             }
             "deploy" => deploy(conv, v, &mut svc),
@@ -390,16 +347,8 @@ pub fn service(
                 }
             }
             "stop_signal" => {
-                if let Some(s) = conv.string(v, key) {
-                    match normalize_signal(&s) {
-                        Some(sig) => svc.stop_signal = sig,
-                        None => conv.error_hint(
-                            v,
-                            key,
-                            format!("unknown signal {s:?}"),
-                            "use a signal name such as SIGTERM, SIGINT or SIGQUIT",
-                        ),
-                    }
+                if let Some(sig) = stop_signal(conv, v) {
+                    svc.stop_signal = sig;
                 }
             }
             "stop_grace_period" => {
@@ -416,21 +365,7 @@ pub fn service(
             "volumes" => volumes(conv, v, &mut svc, &mut meta, project_dir),
             "tmpfs" => svc.tmpfs = conv.string_or_list(v, key),
             "networks" => networks(conv, v, &mut svc, &mut meta),
-            "extra_hosts" => match &v.value {
-                Value::Map(_) => {
-                    for (h, ip, _) in conv.list_or_dict(v, key) {
-                        svc.extra_hosts
-                            .push(format!("{h}:{}", ip.unwrap_or_default()));
-                    }
-                }
-                _ => {
-                    svc.extra_hosts = conv
-                        .strings(v, key)
-                        .into_iter()
-                        .map(|s| s.replacen('=', ":", 1))
-                        .collect()
-                }
-            },
+            "extra_hosts" => svc.extra_hosts = extra_hosts(conv, v),
             "init" => svc.init = conv.boolean(v, key),
             "read_only" => svc.read_only = conv.boolean(v, key).unwrap_or(false),
             "cap_add" => svc.cap_add = conv.strings(v, key),
@@ -477,37 +412,139 @@ pub fn service(
         svc.restart = RestartPolicy::No;
     }
     if svc.driver() == Driver::Process {
-        if svc.working_dir.is_none() {
-            svc.working_dir = Some(project_dir.to_path_buf());
+        process_defaults(conv, key, &entries, &mut svc, project_dir);
+    }
+    (svc, meta)
+}
+
+/// `expose:` entries: unpublished ports, kept apart until `ports` is read.
+fn expose(conv: &mut Conv<'_, '_>, v: &Node, exposed: &mut Vec<Port>) {
+    let key = "expose";
+    let Value::Seq(items) = &v.value else {
+        conv.expect(v, key, "a list of ports");
+        return;
+    };
+    for it in items {
+        let Some(s) = conv.string(it, key) else {
+            continue;
+        };
+        match parse_port_spec(&s) {
+            Ok(ps) if ps.iter().all(|p| p.published.is_none()) => exposed.extend(ps),
+            Ok(_) => conv.error_hint(
+                it,
+                key,
+                format!("`expose` takes container ports only, got {s:?}"),
+                "publish a port under `ports:` instead",
+            ),
+            Err(e) => conv.error(it, key, format!("invalid port {s:?}: {e}")),
         }
-        if svc.command.is_none() && svc.entrypoint.is_none() {
-            // Compose would refuse a service without image or build; berth
-            // runs it as a process, which needs a program. A warning, not an
-            // error: `berth config` and later `-f` files may still fill it.
-            let d = conv
-                .err(key, "", "this service has no `command`, `entrypoint`, `image` or `build`: its instances will fail to start")
-                .hint("give it a `command:` to run as a process");
-            conv.diags().warn(d);
-        }
-        // Accepted for containers, but a plain process has no use for them:
-        // say so rather than drop them silently.
-        for (k, _) in &entries {
-            let key = k.as_str().unwrap_or_default();
-            if schema::DOCKER_ONLY.contains(&key) {
-                let d = conv
-                    .err(
-                        k,
-                        key,
-                        format!(
-                            "`{key}` only applies to containers; this service runs as a process (no `image` or `build`), so it is ignored"
-                        ),
-                    )
-                    .hint("remove it, or give the service an `image:` to run it on the Docker driver");
-                conv.diags().warn(d);
+    }
+}
+
+/// `links:` (`service` or `service:alias`): the services named, in order.
+fn links(conv: &mut Conv<'_, '_>, v: &Node, svc: &mut Service, meta: &mut ServiceMeta) {
+    let key = "links";
+    let Some(items) = v.as_seq() else {
+        conv.expect(v, key, "a list of service names");
+        return;
+    };
+    for it in items {
+        if let Some(s) = conv.string(it, key) {
+            let target = s.split(':').next().unwrap_or_default().to_string();
+            meta.links.insert(target.clone(), it.pos.clone());
+            if !svc.links.contains(&target) {
+                svc.links.push(target);
             }
         }
     }
-    (svc, meta)
+}
+
+/// `restart:` (`no`, `always`, `on-failure[:N]`, `unless-stopped`).
+fn restart(conv: &mut Conv<'_, '_>, v: &Node) -> Option<RestartPolicy> {
+    let s = conv.string(v, "restart")?;
+    let policy = restart_policy(&s);
+    if policy.is_none() {
+        conv.error_hint(
+            v,
+            "restart",
+            format!("invalid restart policy {s:?}"),
+            "use one of: no, always, on-failure, on-failure:N, unless-stopped",
+        );
+    }
+    policy
+}
+
+/// `stop_signal:` as a signal name (`SIGTERM`).
+fn stop_signal(conv: &mut Conv<'_, '_>, v: &Node) -> Option<String> {
+    let s = conv.string(v, "stop_signal")?;
+    let sig = normalize_signal(&s);
+    if sig.is_none() {
+        conv.error_hint(
+            v,
+            "stop_signal",
+            format!("unknown signal {s:?}"),
+            "use a signal name such as SIGTERM, SIGINT or SIGQUIT",
+        );
+    }
+    sig
+}
+
+/// `extra_hosts:` as `host:ip` strings, from a mapping or a list
+/// (`host=ip` or `host:ip`).
+fn extra_hosts(conv: &mut Conv<'_, '_>, v: &Node) -> Vec<String> {
+    match &v.value {
+        Value::Map(_) => conv
+            .list_or_dict(v, "extra_hosts")
+            .into_iter()
+            .map(|(h, ip, _)| format!("{h}:{}", ip.unwrap_or_default()))
+            .collect(),
+        _ => conv
+            .strings(v, "extra_hosts")
+            .into_iter()
+            .map(|s| s.replacen('=', ":", 1))
+            .collect(),
+    }
+}
+
+/// What a service run as a process gets by default (the project folder as
+/// its working dir), and warnings for what it lacks (a program) or has no
+/// use for (container-only fields).
+fn process_defaults(
+    conv: &mut Conv<'_, '_>,
+    key: &Node,
+    entries: &[(Node, Node)],
+    svc: &mut Service,
+    project_dir: &Path,
+) {
+    if svc.working_dir.is_none() {
+        svc.working_dir = Some(project_dir.to_path_buf());
+    }
+    if svc.command.is_none() && svc.entrypoint.is_none() {
+        // Compose would refuse a service without image or build; berth
+        // runs it as a process, which needs a program. A warning, not an
+        // error: `berth config` and later `-f` files may still fill it.
+        let d = conv
+            .err(key, "", "this service has no `command`, `entrypoint`, `image` or `build`: its instances will fail to start")
+            .hint("give it a `command:` to run as a process");
+        conv.diags().warn(d);
+    }
+    // Accepted for containers, but a plain process has no use for them:
+    // say so rather than drop them silently.
+    for (k, _) in entries {
+        let key = k.as_str().unwrap_or_default();
+        if schema::DOCKER_ONLY.contains(&key) {
+            let d = conv
+                .err(
+                    k,
+                    key,
+                    format!(
+                        "`{key}` only applies to containers; this service runs as a process (no `image` or `build`), so it is ignored"
+                    ),
+                )
+                .hint("remove it, or give the service an `image:` to run it on the Docker driver");
+            conv.diags().warn(d);
+        }
+    }
 }
 
 fn restart_policy(s: &str) -> Option<RestartPolicy> {
