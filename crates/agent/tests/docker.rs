@@ -500,6 +500,32 @@ async fn on_a_node_other_nodes_reach_containers_are_published_on_its_address_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_advertise_address_the_engine_cannot_bind_is_named_in_the_instances_message() {
+    // TEST-NET-3: not an address of this host, as when the agent runs in
+    // another network namespace than dockerd.
+    let stack = "badadv";
+    let h = Harness::new();
+    clean(stack);
+    let k = key(stack, "web", 1);
+    h.put(&assignment(k.clone(), web(json!({})), "uid-badadv-1"))
+        .await;
+    let agent = h.start_at("203.0.113.77", AgentOptions::default());
+    let st = h
+        .eventually(&k, 30, "a start failure that says why", |s| {
+            s.message
+                .as_deref()
+                .is_some_and(|m| m.contains("203.0.113.77") && m.contains("--advertise"))
+        })
+        .await;
+    // Not a restart loop: the address is fixed for the agent's life.
+    assert_eq!(st.state, InstanceState::Failed, "{st:#?}");
+    h.remove(&k).await;
+    until(30, "containers removed", || containers(stack).is_empty()).await;
+    agent.stop.send_replace(true);
+    agent.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_reach_each_other_by_name_with_limits_and_a_kept_named_volume() {
     let stack = "net";
     let h = Harness::new();

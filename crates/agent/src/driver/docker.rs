@@ -595,6 +595,17 @@ impl Inner {
                                 }),
                             )
                             .await;
+                        if let Some(p) = &self.publish
+                            && e.to_string().contains("cannot assign requested address")
+                        {
+                            return Err(DriverError::NodeConfig(format!(
+                                "service `{}`: the engine cannot publish the container's \
+                                 ports on {}, this node's advertise address ({e}): it must be \
+                                 an address of the host (network namespace) dockerd runs in \
+                                 that other nodes reach; give the agent one with `--advertise`",
+                                spec.key.service, p.ip
+                            )));
+                        }
                         return Err(engine_error(&format!("starting container {name}"), e));
                     }
                     return Ok((r.id, leases));

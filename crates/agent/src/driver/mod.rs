@@ -153,6 +153,11 @@ pub enum DriverError {
     /// pull or build): retrying the same incarnation will not help.
     #[error("{0}")]
     Image(String),
+    /// This node cannot run it as configured (a container's ports cannot
+    /// be published on the node's advertise address): retrying will not
+    /// help until the agent is restarted with another configuration.
+    #[error("{0}")]
+    NodeConfig(String),
 }
 
 impl DriverError {
@@ -161,7 +166,10 @@ impl DriverError {
     pub fn is_permanent(&self) -> bool {
         matches!(
             self,
-            Self::Unsupported { .. } | Self::EngineUnavailable(_) | Self::Image(_)
+            Self::Unsupported { .. }
+                | Self::EngineUnavailable(_)
+                | Self::Image(_)
+                | Self::NodeConfig(_)
         )
     }
 }
