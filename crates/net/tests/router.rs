@@ -825,7 +825,8 @@ async fn tls_is_terminated_with_certificates_from_files() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config));
+    // No ALPN: HTTP/1.1, served by the router's own codec.
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config.clone()));
     let tcp = TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("web.test").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
@@ -842,6 +843,29 @@ async fn tls_is_terminated_with_certificates_from_files() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["x-seen-x-forwarded-proto"], "https");
     assert_eq!(resp.headers()["x-seen-path"], "/secure");
+
+    // ALPN h2: served as HTTP/2.
+    let mut h2_config = client_config.clone();
+    h2_config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(h2_config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("web.test").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri("https://web.test/secure2")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-seen-x-forwarded-proto"], "https");
+    assert_eq!(resp.headers()["x-seen-path"], "/secure2");
 
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();

@@ -1,6 +1,6 @@
 //! The router's own HTTP/1.1 server side, for plain TCP connections (the
 //! common case: browsers behind TLS terminated elsewhere, load generators,
-//! other services).
+//! other services) and TLS connections whose ALPN did not choose h2.
 //!
 //! A connection task reads a request head into one reused buffer, parses
 //! it with `httparse`, routes it, writes the rewritten head for the
@@ -13,7 +13,7 @@
 //!
 //! Hyper still serves what it is good at: a connection whose first bytes
 //! are the HTTP/2 preface (h2c prior knowledge) is handed to hyper with
-//! those bytes replayed, and TLS connections (ALPN h2 or http/1.1) never
+//! those bytes replayed, and TLS connections whose ALPN chose h2 never
 //! come here.
 //!
 //! Timers: the header-read timeout (against clients that send a head
@@ -63,7 +63,11 @@ pub(crate) struct Serve {
 }
 
 /// Serve one plain TCP connection until it closes.
-pub(crate) async fn serve(s: Serve, stream: TcpStream, peer: SocketAddr) {
+/// `tls`: the connection was TLS (its ALPN chose HTTP/1.1 or nothing).
+pub(crate) async fn serve<S>(s: Serve, stream: S, peer: SocketAddr, tls: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Serve {
         inner,
         upstream,
@@ -74,7 +78,7 @@ pub(crate) async fn serve(s: Serve, stream: TcpStream, peer: SocketAddr) {
     if *stop.borrow_and_update() {
         return;
     }
-    let conn = ConnInfo::new(peer, false, upstream.clone());
+    let conn = ConnInfo::new(peer, tls, upstream.clone());
     let mut c = Client {
         stream,
         rb: Buffer::new(),
@@ -104,7 +108,7 @@ pub(crate) async fn serve(s: Serve, stream: TcpStream, peer: SocketAddr) {
                             io: c.stream,
                         };
                         crate::http::serve_connection(
-                            inner, upstream, &builder, watcher, rewind, peer, false,
+                            inner, upstream, &builder, watcher, rewind, peer, tls,
                         )
                         .await;
                         return;
@@ -164,13 +168,13 @@ fn access_log_err(e: &ProxyError, st: &Scratch, start: Instant) {
     access_log(&Method::GET, &st.host, &st.path, e.status(), start, "-");
 }
 
-struct Client {
-    stream: TcpStream,
+struct Client<S> {
+    stream: S,
     rb: Buffer,
     wb: Vec<u8>,
 }
 
-impl Client {
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.wb.is_empty() {
             self.stream.write_all(&self.wb).await?;
@@ -422,8 +426,8 @@ fn strip_scheme(target: &str) -> Option<&str> {
 }
 
 /// The client's body, read from the connection as it is forwarded.
-struct ClientBody<'a> {
-    stream: &'a mut TcpStream,
+struct ClientBody<'a, S> {
+    stream: &'a mut S,
     rb: &'a mut Buffer,
     framing: ReqBody,
     expect_continue: bool,
@@ -432,7 +436,7 @@ struct ClientBody<'a> {
     done: bool,
 }
 
-impl RequestBody for ClientBody<'_> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> RequestBody for ClientBody<'_, S> {
     async fn forward(
         &mut self,
         to: &mut TcpStream,
@@ -499,10 +503,10 @@ impl RequestBody for ClientBody<'_> {
 }
 
 /// Forward one parsed request and copy the answer back.
-async fn one(
+async fn one<S: AsyncRead + AsyncWrite + Unpin + Send>(
     inner: &Inner,
     conn: &ConnInfo,
-    c: &mut Client,
+    c: &mut Client<S>,
     st: &mut Scratch,
     p: Prepared,
     stopped: bool,
@@ -564,7 +568,7 @@ async fn one(
             &conn.upstream,
             &service,
             &mut st.head,
-            attempt(None::<&mut ClientBody<'_>>),
+            attempt(None::<&mut ClientBody<'_, S>>),
         );
         tokio::pin!(forwarding);
         let outcome = loop {
@@ -641,7 +645,11 @@ async fn one(
     }
 }
 
-async fn error_response(c: &mut Client, err: &ProxyError, close: bool) -> Flow {
+async fn error_response<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut Client<S>,
+    err: &ProxyError,
+    close: bool,
+) -> Flow {
     c.wb.clear();
     err.write_h1(&mut c.wb, close);
     if close {
@@ -728,11 +736,11 @@ enum CopyError {
 /// Copy the response body from the instance to the client (the head is
 /// already in `c.wb`). Returns whether the instance's connection ended the
 /// body cleanly (reusable).
-async fn copy_body(
+async fn copy_body<S: AsyncRead + AsyncWrite + Unpin>(
     up: &mut upstream::Conn,
     framing: Framing,
     chunk_out: bool,
-    c: &mut Client,
+    c: &mut Client<S>,
 ) -> Result<bool, CopyError> {
     let truncated = || {
         CopyError::Instance(std::io::Error::new(
@@ -838,7 +846,7 @@ async fn copy_body(
 
 /// After a `101`: pass on the head and whatever either side sent early,
 /// then copy bytes both ways until either closes.
-async fn tunnel(mut c: Client, mut up: upstream::Conn) {
+async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(mut c: Client<S>, mut up: upstream::Conn) {
     let early_up = up.take_data();
     c.wb.extend_from_slice(&early_up);
     let early_client = c.rb.take_data();
@@ -884,13 +892,13 @@ impl Deadline {
 
 /// A stream whose first bytes were already read: they are read again
 /// first (for handing an h2c connection to hyper).
-struct Rewind {
+struct Rewind<S> {
     pre: Vec<u8>,
     pos: usize,
-    io: TcpStream,
+    io: S,
 }
 
-impl AsyncRead for Rewind {
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -907,7 +915,7 @@ impl AsyncRead for Rewind {
     }
 }
 
-impl AsyncWrite for Rewind {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -8,10 +8,10 @@
 //!   the bulkhead — lock-free per-request bookkeeping.
 //! - `proxy`: one request's path through the router (routing, header
 //!   rewriting, retries, the breaker, upgrades), shared by both server
-//!   sides, and the hyper (HTTP/2, TLS) server side.
-//! - `h1`: the router's own HTTP/1.1 server side for plain connections
-//!   (`httparse`, reused buffers, one timer per connection); it hands
-//!   h2c prior-knowledge connections to hyper.
+//!   sides, and the hyper (HTTP/2) server side.
+//! - `h1`: the router's own HTTP/1.1 server side (`httparse`, reused
+//!   buffers, one timer per connection); it hands h2c prior-knowledge
+//!   connections to hyper.
 //! - `upstream`: the router's own HTTP/1.1 client: keep-alive connections
 //!   to instances, pooled per serving thread, driven from the request's own
 //!   task; a connection returns to the pool when its response body has
@@ -24,8 +24,8 @@
 //!
 //! Clients speak HTTP/1.1 or HTTP/2 (h2c prior knowledge, or ALPN over
 //! TLS); instances are reached over HTTP/1.1 with pooled keep-alive
-//! connections. Plain HTTP/1.1 connections are served by the router's own
-//! codec (`h1`); hyper serves HTTP/2 and TLS connections. The route table arrives through a `watch` channel; each
+//! connections. HTTP/1.1 connections (plain, or TLS without ALPN h2) are
+//! served by the router's own codec (`h1`); hyper serves HTTP/2. The route table arrives through a `watch` channel; each
 //! change is compiled once and swapped in atomically, and every request
 //! reads whichever table is current when it arrives, so a change never
 //! touches connections or requests already running.
@@ -403,14 +403,24 @@ impl Router {
                             watcher,
                             stop,
                         };
-                        h1::serve(serve, stream, peer).await
+                        h1::serve(serve, stream, peer, false).await
                     }
                     Some(acceptor) => {
                         let timeout = inner.config.tls_handshake_timeout;
                         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(s)) => {
+                            Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
                                 serve_connection(inner, upstream, &builder, watcher, s, peer, true)
                                     .await
+                            }
+                            Ok(Ok(s)) => {
+                                let serve = h1::Serve {
+                                    inner,
+                                    upstream,
+                                    builder,
+                                    watcher,
+                                    stop,
+                                };
+                                h1::serve(serve, s, peer, true).await
                             }
                             Ok(Err(e)) => {
                                 tracing::debug!(%peer, error = %e, "TLS handshake failed")

@@ -369,7 +369,7 @@ pub(crate) fn idempotent(m: &[u8]) -> bool {
     matches!(m, b"GET" | b"HEAD" | b"OPTIONS" | b"PUT" | b"DELETE")
 }
 
-/// Handle one request from hyper (HTTP/2, TLS); never fails (errors
+/// Handle one request from hyper (HTTP/2); never fails (errors
 /// become responses).
 pub(crate) async fn handle(
     inner: &Inner,
