@@ -223,32 +223,20 @@ async fn ship(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_model::{Health, InstanceState};
+    use berth_model::InstanceState;
 
     fn status(slot: u32, pid: Option<u32>, state: InstanceState) -> InstanceStatus {
         InstanceStatus {
-            key: InstanceKey {
-                namespace: "default".into(),
-                stack: "s".into(),
-                service: "web".into(),
-                slot,
-            },
-            uid: format!("u{slot}"),
-            node: "n1".into(),
-            release: 1,
             state,
-            health: Health::None,
             pid,
-            address: None,
-            port: None,
-            host_ports: Default::default(),
-            restarts: 0,
-            last_exit: None,
             started_at: Some(1),
-            health_output: None,
-            limits_warning: None,
-            message: None,
-            updated_at: 1,
+            ..InstanceStatus::new(
+                InstanceKey::new("default", "s", "web", slot),
+                format!("u{slot}"),
+                "n1",
+                1,
+                1,
+            )
         }
     }
 
