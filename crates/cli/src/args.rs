@@ -413,7 +413,7 @@ pub struct ConfigArgs {
 pub struct ServerArgs {
     /// TCP address for the API (repeatable). Non-loopback addresses require the
     /// token. Default: a free port on 127.0.0.1, written to <data-dir>/server.json.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0", value_parser = parse_addr)]
     pub listen: Vec<SocketAddr>,
     /// Only the Unix socket, no TCP listener.
     #[arg(long, conflicts_with = "listen")]
@@ -431,7 +431,8 @@ pub struct ServerArgs {
         long,
         value_name = "ADDR",
         env = "BERTH_HTTP",
-        default_value = "127.0.0.1:8080"
+        default_value = "127.0.0.1:8080",
+        value_parser = parse_addr
     )]
     pub http: SocketAddr,
     /// No HTTP router.
@@ -442,7 +443,8 @@ pub struct ServerArgs {
         long,
         value_name = "ADDR",
         env = "BERTH_DNS",
-        default_value = "127.0.0.1:8600"
+        default_value = "127.0.0.1:8600",
+        value_parser = parse_addr
     )]
     pub dns: SocketAddr,
     /// No DNS server.
@@ -452,7 +454,7 @@ pub struct ServerArgs {
     /// agent) on this address, e.g. 127.0.0.1:8500, where Consul clients and
     /// Prometheus's consul_sd look by default. Off unless given; the same
     /// routes are always on the API listeners.
-    #[arg(long, value_name = "ADDR", env = "BERTH_CONSUL_LISTEN")]
+    #[arg(long, value_name = "ADDR", env = "BERTH_CONSUL_LISTEN", value_parser = parse_addr)]
     pub consul_listen: Option<SocketAddr>,
     /// Where state lives: `embedded` (a file in the data dir) or
     /// `etcd://host:2379,host2:2379[/prefix]?ca=..&cert=..&key=..&user=..&password-file=..`.
@@ -551,6 +553,17 @@ pub fn parse_var(s: &str) -> Result<(String, String), String> {
             "{s:?} is not KEY=VALUE (e.g. LOG_LEVEL=debug; use `berth env unset KEY` to remove)"
         )),
     }
+}
+
+/// `127.0.0.1:8080`, `[::1]:8080`, `0.0.0.0:80` → a socket address. A host
+/// name is refused: a listener binds an address, not a name.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!(
+            "{s:?} is not IP:PORT (e.g. 127.0.0.1:7777, 0.0.0.0:80 for every interface, \
+             [::1]:7777; port 0 picks a free one)"
+        )
+    })
 }
 
 /// `90s`, `1m30s`, `2m`, `1h`, `500ms`: the stack file's duration syntax

@@ -143,6 +143,23 @@ fn scale_syntax_is_checked_before_any_server_is_asked() {
 }
 
 #[test]
+fn listener_addresses_are_checked_with_an_example() {
+    for args in [
+        &["server", "--listen", "localhost:7777"][..],
+        &["server", "--http", "1.2.3.4:99999"],
+        &["agent", "--join", "http://127.0.0.1:1", "--dns", "8600"],
+    ] {
+        let out = berth(&fixtures().join("good"), args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&out).contains("is not IP:PORT (e.g. 127.0.0.1:7777"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+#[test]
 fn commands_without_a_server_say_so_and_exit_3() {
     for args in [
         &["ps"][..],

@@ -43,13 +43,23 @@ pub struct AgentArgs {
     pub advertise: Option<std::net::IpAddr>,
     /// Address of this node's HTTP router, which forwards to healthy
     /// instances on every node (use `0.0.0.0:80` behind a load balancer).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8080",
+        value_parser = crate::args::parse_addr
+    )]
     pub http: std::net::SocketAddr,
     /// No HTTP router on this node.
     #[arg(long)]
     pub no_http: bool,
     /// Address of this node's DNS server for `<service>.<stack>.<namespace>.berth`.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8600")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:8600",
+        value_parser = crate::args::parse_addr
+    )]
     pub dns: std::net::SocketAddr,
     /// No DNS server on this node.
     #[arg(long)]
