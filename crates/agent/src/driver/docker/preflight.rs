@@ -85,15 +85,26 @@ pub async fn check_stack(host: Option<String>, stack: &Stack) -> Vec<Finding> {
     let docker = match engine.connect().await {
         Ok(d) => Some(d),
         Err(e) => {
-            for s in &services {
-                out.push(Finding {
-                    service: s.name.clone(),
-                    severity: Severity::Error,
-                    message: format!(
+            // Every container service gets a finding (`berth up` counts
+            // them), but the reason and the fix are said once.
+            let first = services.first().map_or("", |s| s.name.as_str());
+            for (i, s) in services.iter().enumerate() {
+                let message = if i == 0 {
+                    format!(
                         "no Docker engine answers at {} ({e}): start one (`dockerd`, or \
                          `scripts/docker-up`) or point berth at one with DOCKER_HOST",
                         engine.describe()
-                    ),
+                    )
+                } else {
+                    format!(
+                        "no Docker engine answers at {} (see service `{first}`)",
+                        engine.describe()
+                    )
+                };
+                out.push(Finding {
+                    service: s.name.clone(),
+                    severity: Severity::Error,
+                    message,
                 });
             }
             None
@@ -248,9 +259,16 @@ mod tests {
                 1,
                 "{text}"
             );
-            assert_eq!(text.matches("DOCKER_HOST").count(), 1, "{text}");
             assert!(text.contains(&sock), "{text}");
         }
+        // How to get an engine is said once, not once per service.
+        let text: Vec<String> = findings.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            text.join("\n").matches("DOCKER_HOST").count(),
+            1,
+            "{text:?}"
+        );
+        assert!(text[1].ends_with("(see service `a`)"), "{text:?}");
     }
 
     #[tokio::test]
