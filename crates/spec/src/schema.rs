@@ -300,6 +300,21 @@ pub const BERTH_HEALTHCHECK: &[&str] = &[
     "start_interval",
 ];
 
+/// What berth supports in place of an unsupported service key, when
+/// something does the same job.
+fn instead(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "mem_limit" => "use `deploy.resources.limits.memory`, which berth applies",
+        "mem_reservation" => {
+            "use `deploy.resources.reservations.memory`, which the scheduler counts"
+        }
+        "cpus" => "use `deploy.resources.limits.cpus`, which berth applies",
+        "pids_limit" => "use `deploy.resources.limits.pids`, which berth applies",
+        "container_name" => "berth names every instance itself (`web.1`); remove it",
+        _ => return None,
+    })
+}
+
 /// Checks the keys of mapping `node` (at dotted `path`): `x-*` keys are left
 /// to the caller; keys in `known` but not `supported` warn; others are errors.
 pub fn check_keys(
@@ -329,6 +344,10 @@ pub fn check_keys(
         }
         if known.contains(&key) {
             d.message = format!("`{key}` is not supported by berth and is ignored");
+            // Only keys of the service itself (`services.<name>.<key>`).
+            if service.is_some_and(|s| path.strip_prefix("services.") == Some(s)) {
+                d.hint = instead(key).map(str::to_owned);
+            }
             diags.warn(d);
         } else {
             d.message = format!("unknown key `{key}`");

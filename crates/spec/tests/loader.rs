@@ -143,6 +143,17 @@ fn a_missing_included_or_extended_file_says_where_it_was_named_and_how_to_fix_it
 }
 
 #[test]
+fn an_unsupported_key_with_a_supported_equivalent_names_it() {
+    let l = ok("services:\n  web:\n    command: x\n    mem_limit: 512m\n");
+    let w: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        w.iter().any(|w| w.contains("`mem_limit` is not supported")
+            && w.contains("(hint: use `deploy.resources.limits.memory`")),
+        "{w:?}"
+    );
+}
+
+#[test]
 fn an_environment_entry_without_a_name_is_an_error() {
     let e = err("services:\n  web:\n    command: x\n    environment:\n      - =foo\n");
     assert_eq!(
