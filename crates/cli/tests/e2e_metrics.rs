@@ -350,16 +350,27 @@ fn events_top_and_log_search_follow_what_happens() {
     let (berth, dir, stack, _) = setup("obs");
     let dir = dir.path();
 
-    // The deploy and the instances starting are in the log.
-    let past: Vec<Value> = berth
-        .ok(dir, &["events", "--json", "-p", &stack, "--tail", "1000"])
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let kinds: Vec<&str> = past.iter().map(|e| e["kind"].as_str().unwrap()).collect();
-    for k in ["deploy_started", "instance_started", "instance_healthy"] {
-        assert!(kinds.contains(&k), "{k} missing from {kinds:?}");
-    }
+    // The deploy and the instances starting are in the log. The observer
+    // records them after the store has the state `up -d` waited for, so
+    // the last of them may trail its return by a moment.
+    let wanted = ["deploy_started", "instance_started", "instance_healthy"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let past: Vec<Value> = loop {
+        let past: Vec<Value> = berth
+            .ok(dir, &["events", "--json", "-p", &stack, "--tail", "1000"])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let kinds: Vec<&str> = past.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+        if wanted.iter().all(|k| kinds.contains(k)) {
+            break past;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{wanted:?} not all in {kinds:?} after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let ids: Vec<u64> = past.iter().map(|e| e["id"].as_u64().unwrap()).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
 
