@@ -355,6 +355,18 @@ impl<'a> Loader<'a> {
                     return None;
                 }
                 let p = resolve(&at.pos.base, &f);
+                if !self.in_memory.contains_key(&p) && !p.exists() {
+                    self.diags.error(
+                        Diagnostic::at(&at.pos, format!("`{}` does not exist", p.display()))
+                            .service(name)
+                            .field(format!("{field}.file"))
+                            .hint(
+                                "fix the path: a relative one is relative to the folder of \
+                                 the file that names it",
+                            ),
+                    );
+                    return None;
+                }
                 let loaded = match self.extends_cache.get(&p) {
                     Some(n) => n.clone(),
                     None => {
