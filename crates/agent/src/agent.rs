@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -122,9 +123,29 @@ struct Reporter {
     pending: Mutex<HashMap<InstanceKey, Pending>>,
     notify: Notify,
     local: Option<crate::local::LocalStatuses>,
+    /// The last [`InstanceStatus::seq`] given out.
+    seq: AtomicU64,
 }
 
 impl Reporter {
+    /// The next report's [`InstanceStatus::seq`]: above every one given
+    /// before, and at least the clock in µs, so that a restarted agent
+    /// (whose counter starts over) still reports above what it sent before.
+    fn next_seq(&self) -> u64 {
+        let now = crate::now_us();
+        let mut prev = self.seq.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(prev.saturating_add(1));
+            match self
+                .seq
+                .compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(p) => prev = p,
+            }
+        }
+    }
+
     fn put(&self, key: InstanceKey, p: Pending) {
         if let Some(local) = &self.local {
             match &p {
@@ -220,7 +241,11 @@ impl Reporter {
 }
 
 impl StatusSink for Reporter {
-    fn update(&self, status: InstanceStatus) {
+    fn update(&self, mut status: InstanceStatus) {
+        // Stamped here, in emission order, not when sent: a batch that is
+        // put back and retried keeps its stamps, so a server that applies
+        // the first attempt late cannot win over anything emitted since.
+        status.seq = self.next_seq();
         self.put(status.key.clone(), Pending::Status(Box::new(status)));
     }
 }
@@ -426,6 +451,7 @@ pub async fn run_with(
         pending: Mutex::new(HashMap::new()),
         notify: Notify::new(),
         local: options.local_statuses.clone(),
+        seq: AtomicU64::new(0),
     });
     let (reporter_done, reporter_rx) = watch::channel(false);
     let reporter_task = tokio::spawn(reporter.clone().run(control.clone(), reporter_rx));
@@ -550,4 +576,37 @@ pub async fn run_with(
         tracing::error!(error = %e, "status reporter failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_stamps_grow_and_start_at_the_clock() {
+        let r = Reporter {
+            pending: Mutex::new(HashMap::new()),
+            notify: Notify::new(),
+            local: None,
+            seq: AtomicU64::new(0),
+        };
+        let before = crate::now_us();
+        let key = InstanceKey::new("d", "s", "web", 1);
+        let mut last = 0;
+        for _ in 0..1000 {
+            r.update(InstanceStatus::new(key.clone(), "u", "n", 1, 0));
+            let Some(Pending::Status(s)) = r.take().remove(&key) else {
+                panic!("a pending status")
+            };
+            assert!(s.seq > last, "{} after {last}", s.seq);
+            last = s.seq;
+        }
+        assert!(last >= before + 999);
+        // A counter ahead of the clock (a clock stepped back) still grows.
+        r.seq.store(u64::MAX / 2, Ordering::Relaxed);
+        r.update(InstanceStatus::new(key.clone(), "u", "n", 1, 0));
+        assert!(
+            matches!(r.take().remove(&key), Some(Pending::Status(s)) if s.seq == u64::MAX / 2 + 1)
+        );
+    }
 }

@@ -11,7 +11,10 @@
 //! log) rather than growing memory or blocking the instances' pipes.
 //! Batches are sent one at a time, in capture order, and retried until the
 //! server takes them, so shipping resumes where it stopped after a
-//! reconnect.
+//! reconnect. Each batch says where its lines sit in this shipper's stream
+//! (`LogBatch::stream`, `offset`): a batch sent again, after the agent gave
+//! up on a hung server that then resumed and stored it anyway, is not
+//! stored twice (the servers keep each node's position in the store).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -231,6 +234,9 @@ async fn send_loop(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), RemoteError> {
     let mut reported_dropped = 0u64;
+    // This run's stream: a restarted agent numbers its lines from 0 again,
+    // under another stream, so none of them passes for one already stored.
+    let stream = crate::now_us().max(1);
     let mut backoff = Duration::ZERO;
     let mut warned = false;
     loop {
@@ -251,8 +257,11 @@ async fn send_loop(
         };
         let dropped_total = shared.stats.dropped.load(Ordering::Relaxed);
         let batch = LogBatch {
+            // The lines of a batch are consecutive in the stream.
+            offset: (last + 1).saturating_sub(lines.len() as u64),
             lines,
             dropped: dropped_total - reported_dropped,
+            stream,
         };
         match client.ship_logs(&batch).await {
             Ok(answer) => {

@@ -511,6 +511,27 @@ pub struct LogBatch {
     /// unreachable) since its previous accepted batch.
     #[serde(default)]
     pub dropped: u64,
+    /// The shipper's stream: one per run of the agent's log shipper
+    /// (0: not given, by agents before it; such a batch is stored as is).
+    #[serde(default)]
+    pub stream: u64,
+    /// Position in `stream` of the first line (the stream numbers its
+    /// lines 0, 1, 2, …, and a batch holds consecutive ones). Servers keep
+    /// how far each node's stream was stored (under
+    /// [`crate::keys::log_position`]), so a batch sent again (after a
+    /// server hung and resumed, or its answer was lost) stores only the
+    /// lines not stored yet, whichever server stored them.
+    #[serde(default)]
+    pub offset: u64,
+}
+
+/// How far a node's log stream was stored ([`crate::keys::log_position`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPosition {
+    /// [`LogBatch::stream`].
+    pub stream: u64,
+    /// Position of the first line not stored yet.
+    pub next: u64,
 }
 
 /// Answer to [`LogBatch`].
@@ -521,6 +542,10 @@ pub struct LogBatchResponse {
     /// Lines of instances neither assigned to the node nor reported by it
     /// (not stored).
     pub refused: u64,
+    /// Lines of the batch stored before (it was sent again), not stored
+    /// twice.
+    #[serde(default)]
+    pub duplicates: u64,
 }
 
 /// Resource use of one instance at one moment (`GET /metrics`, the

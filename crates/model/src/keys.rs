@@ -85,6 +85,16 @@ pub fn node_stats(id: &str) -> String {
     format!("{NODE_STATS}{id}")
 }
 
+/// Prefix of how far each node's log stream was stored
+/// ([`crate::api::LogPosition`]): written once per log batch, so outside
+/// [`ROOT`] like [`NODE_STATS`].
+pub const LOG_POSITIONS: &str = "/berth-logs/nodes/";
+
+/// `/berth-logs/nodes/<id>`
+pub fn log_position(id: &str) -> String {
+    format!("{LOG_POSITIONS}{id}")
+}
+
 /// Prefix of the stable per-service addresses ([`crate::vip::ServiceVip`]).
 pub const VIPS: &str = "/berth/vips/";
 /// Prefix of the reverse index address → service, whose create-only writes

@@ -459,6 +459,21 @@ pub struct InstanceStatus {
     pub message: Option<String>,
     /// Last update.
     pub updated_at: Millis,
+    /// Where this report stands among the reporting agent's reports: it
+    /// only grows within an agent (a hybrid clock: the next value is
+    /// `max(previous + 1, now in µs)`, so it also grows across restarts of
+    /// an agent whose clock is not stepped back). Servers write a joined
+    /// agent's status only over an older one from the same node (see
+    /// `server::api::agent::statuses`), so a report that a hung server
+    /// applies late never replaces a newer one the agent sent elsewhere
+    /// meanwhile. 0: not ordered (agents before this field, fixtures),
+    /// written unconditionally.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl InstanceStatus {
@@ -492,6 +507,7 @@ impl InstanceStatus {
             limits_warning: None,
             message: None,
             updated_at,
+            seq: 0,
         }
     }
 

@@ -377,8 +377,8 @@ pub async fn set_draining(
 }
 
 /// Remove a joined node: revoke its credential, delete its assignments (the
-/// controller places them elsewhere), its drain mark and its registration
-/// (and with its lease, its statuses).
+/// controller places them elsewhere), its drain mark, its log position and
+/// its registration (and with its lease, its statuses).
 pub async fn remove(store: &dyn Store, node: &str) -> Result<NodeChangeResponse, NodeAuthError> {
     let live = store.get(&keys::node(node)).await?;
     let joined = store.get(&keys::node_cred(node)).await?;
@@ -396,6 +396,7 @@ pub async fn remove(store: &dyn Store, node: &str) -> Result<NodeChangeResponse,
                 Op::Delete(keys::node_drain(node)),
                 Op::DeletePrefix(keys::assignments_of(node)),
                 Op::Delete(keys::node(node)),
+                Op::Delete(keys::log_position(node)),
             ],
             failure: vec![],
         })

@@ -225,7 +225,17 @@ pub(crate) async fn watch(
 }
 
 /// `POST /v1/agent/nodes/{node}/statuses`: a batch of statuses, written on
-/// the node's lease.
+/// the node's lease, each only over an older report of the same node.
+///
+/// An agent that gives up on a hung server sends the batch again elsewhere
+/// and goes on reporting there; the hung server, once resumed, still
+/// applies the batch it had received. So each write is conditional: the
+/// stored record is read and the put is a compare-and-swap on its mod
+/// revision, skipped when the stored status is the same node's with a
+/// [`InstanceStatus::seq`] at least as high (the late copy, or a duplicate).
+/// When another server wrote one of the keys in between, the batch is read
+/// and judged again. A status without `seq` (an older agent) is written as
+/// before, unconditionally.
 pub(crate) async fn statuses(
     State(ctx): State<ApiContext>,
     ApiPath(node): ApiPath<String>,
@@ -239,29 +249,113 @@ pub(crate) async fn statuses(
     let lease = join::node_lease(ctx.store.as_ref(), &node).await?;
     let (assigned, _) = ctx.store.range(&keys::assignments_of(&node)).await?;
     let mine: std::collections::HashSet<String> = assigned.into_iter().map(|kv| kv.key).collect();
-    let mut parts = Vec::with_capacity(batch.len());
-    for s in &batch {
-        let key = keys::status(&s.key);
-        let allowed = s.node == node
-            && (mine.contains(&keys::assignment(&node, &s.key))
-                || owned_status(&ctx, &key, &node).await?.is_some());
-        if !allowed {
-            return Err(NodeAuthError::Forbidden {
-                node,
-                what: format!("report on instance {} (not assigned to it)", s.key),
+    let batch = latest_per_instance(batch);
+    for attempt in 1..=STATUS_WRITE_TRIES {
+        let stored = read_statuses(&ctx, &batch).await?;
+        let mut parts = Vec::with_capacity(batch.len());
+        for (s, kv) in batch.iter().zip(stored) {
+            let key = keys::status(&s.key);
+            let old = kv.as_ref().and_then(|kv| decode::<InstanceStatus>(kv).ok());
+            let allowed = s.node == node
+                && (mine.contains(&keys::assignment(&node, &s.key))
+                    || old.as_ref().is_some_and(|o| o.node == node));
+            if !allowed {
+                return Err(NodeAuthError::Forbidden {
+                    node,
+                    what: format!("report on instance {} (not assigned to it)", s.key),
+                }
+                .into());
             }
-            .into());
+            if !supersedes(s, old.as_ref()) {
+                continue;
+            }
+            let put = Op::Put {
+                value: encode(&key, s)?,
+                key: key.clone(),
+                lease,
+            };
+            parts.push(if s.seq == 0 {
+                Part::op(put)
+            } else {
+                let rev = kv.as_ref().map_or(0, |kv| kv.mod_revision);
+                Part::guarded(Compare::ModRevision(key, rev), put)
+            });
         }
-        parts.push(Part::op(Op::Put {
-            value: encode(&key, s)?,
-            key,
-            lease,
-        }));
+        if parts.is_empty() {
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        // In chunks: etcd refuses a transaction of more than 128 ops, and a
+        // node starting a few hundred instances reports them in one batch.
+        let done = berth_store::chunk::commit(ctx.store.as_ref(), &[], parts).await?;
+        if done.complete() {
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        tracing::debug!(%node, attempt, "a status changed under a batch; judging it again");
     }
-    // In chunks: etcd refuses a transaction of more than 128 ops, and a
-    // node starting a few hundred instances reports them in one batch.
-    berth_store::chunk::commit(ctx.store.as_ref(), &[], parts).await?;
-    Ok(StatusCode::NO_CONTENT)
+    // The agent keeps the batch and sends it again.
+    Err(ApiError::Internal(format!(
+        "the statuses of node {node} kept changing while this batch was written ({STATUS_WRITE_TRIES} tries)"
+    )))
+}
+
+/// How many times a status batch is read and judged again when another
+/// writer changed one of its keys between the read and the write (only two
+/// servers applying copies of the same agent's reports race here).
+const STATUS_WRITE_TRIES: usize = 5;
+
+/// How many stored statuses are read at once: a batch of a few hundred
+/// costs a few round trips to etcd, not one per status.
+const STATUS_READS_AT_ONCE: usize = 32;
+
+/// One status per instance: the highest `seq` (the last one on a tie, as
+/// when each was written in turn).
+fn latest_per_instance(batch: Vec<InstanceStatus>) -> Vec<InstanceStatus> {
+    let mut out: Vec<InstanceStatus> = Vec::with_capacity(batch.len());
+    let mut at: std::collections::HashMap<InstanceKey, usize> = Default::default();
+    for s in batch {
+        match at.get(&s.key) {
+            Some(&i) => {
+                if s.seq >= out[i].seq {
+                    out[i] = s;
+                }
+            }
+            None => {
+                at.insert(s.key.clone(), out.len());
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+/// The stored record of each status's key, in the batch's order.
+async fn read_statuses(
+    ctx: &ApiContext,
+    batch: &[InstanceStatus],
+) -> Result<Vec<Option<berth_store::KeyValue>>, ApiError> {
+    let reads: Vec<_> = batch
+        .iter()
+        .map(|s| {
+            let store = ctx.store.clone();
+            let key = keys::status(&s.key);
+            async move { store.get(&key).await }
+        })
+        .collect();
+    let reads = futures::stream::iter(reads).buffered(STATUS_READS_AT_ONCE);
+    Ok(futures::TryStreamExt::try_collect(reads).await?)
+}
+
+/// Whether `incoming` may replace `stored`, the status at its key: not
+/// when both are ordered reports of the same node and the stored one is
+/// not older (statuses of another node, or unordered ones, cannot be
+/// compared and are replaced as before).
+fn supersedes(incoming: &InstanceStatus, stored: Option<&InstanceStatus>) -> bool {
+    match stored {
+        Some(old) => {
+            incoming.seq == 0 || old.seq == 0 || old.node != incoming.node || incoming.seq > old.seq
+        }
+        None => true,
+    }
 }
 
 /// The status at `key` if `node` wrote it (its mod revision).
@@ -313,11 +407,16 @@ pub(crate) async fn forget(
 /// are not stored but counted as refused, rather than failing the batch:
 /// the last lines of an instance the node just stopped and forgot may
 /// arrive after its status is gone, and retrying them could never succeed.
+///
+/// A batch sent again (the agent gave up on a hung server that then
+/// resumed, or an answer was lost) is not stored twice: the batch's place
+/// in the agent's stream is claimed first (see [`claim_log_lines`]), and
+/// only the lines past what any server claimed are stored.
 pub(crate) async fn logs(
     State(ctx): State<ApiContext>,
     ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
-    ApiJson(batch): ApiJson<LogBatch>,
+    ApiJson(mut batch): ApiJson<LogBatch>,
 ) -> Result<axum::Json<LogBatchResponse>, ApiError> {
     auth(&ctx, &node, &headers).await?;
     if batch.dropped > 0 {
@@ -327,8 +426,26 @@ pub(crate) async fn logs(
         return Ok(axum::Json(LogBatchResponse {
             accepted: 0,
             refused: 0,
+            duplicates: 0,
         }));
     }
+    let claim = if batch.stream == 0 {
+        None
+    } else {
+        let claim = claim_log_lines(&ctx, &node, &batch).await?;
+        let skip = usize::try_from(claim.duplicates).unwrap_or(usize::MAX);
+        batch.lines.drain(..skip.min(batch.lines.len()));
+        if batch.lines.is_empty() {
+            tracing::debug!(%node, duplicates = claim.duplicates, "a log batch sent again was stored before");
+            return Ok(axum::Json(LogBatchResponse {
+                accepted: 0,
+                refused: 0,
+                duplicates: claim.duplicates,
+            }));
+        }
+        Some(claim)
+    };
+    let duplicates = claim.as_ref().map_or(0, |c| c.duplicates);
     let (assigned, _) = ctx.store.range(&keys::assignments_of(&node)).await?;
     let mine: std::collections::HashSet<String> = assigned.into_iter().map(|kv| kv.key).collect();
     // One decision per instance, not per line.
@@ -353,14 +470,96 @@ pub(crate) async fn logs(
     if accepted < total {
         tracing::debug!(%node, refused = total - accepted, "log lines of instances not on this node refused");
     }
-    ctx.logs
-        .ingest(lines)
-        .await
-        .map_err(|e| ApiError::Internal(format!("storing log lines: {e}")))?;
+    if let Err(e) = ctx.logs.ingest(lines).await {
+        if let Some(claim) = claim {
+            // Not stored after all: give the lines back, so the agent's
+            // next attempt (here or elsewhere) stores them.
+            if let Err(undo) = ctx.store.txn(claim.undo).await {
+                tracing::warn!(%node, error = %undo, "cannot give back a log batch's claim; its lines are lost");
+            }
+        }
+        return Err(ApiError::Internal(format!("storing log lines: {e}")));
+    }
     Ok(axum::Json(LogBatchResponse {
         accepted,
         refused: total - accepted,
+        duplicates,
     }))
+}
+
+/// What [`claim_log_lines`] claimed.
+struct LogClaim {
+    /// Leading lines of the batch already stored (by any server).
+    duplicates: u64,
+    /// Puts the position back as it was (if still the claimed one).
+    undo: Txn,
+}
+
+/// How many times a log batch's claim is tried again when another server
+/// moved the node's position in between.
+const LOG_CLAIM_TRIES: usize = 5;
+
+/// Move the node's stored log position past `batch` (a compare-and-swap on
+/// [`keys::log_position`], shared by every server), and say how many of its
+/// leading lines an earlier copy stored. The position moves before the
+/// lines are stored, so two servers holding copies of one batch never
+/// both store it; a server that then fails to store them puts it back.
+async fn claim_log_lines(
+    ctx: &ApiContext,
+    node: &str,
+    batch: &LogBatch,
+) -> Result<LogClaim, ApiError> {
+    let key = keys::log_position(node);
+    let end = batch.offset.saturating_add(batch.lines.len() as u64);
+    for _ in 0..LOG_CLAIM_TRIES {
+        let kv = ctx.store.get(&key).await?;
+        let stored = kv
+            .as_ref()
+            .and_then(|kv| decode::<berth_model::api::LogPosition>(kv).ok());
+        let rev = kv.as_ref().map_or(0, |kv| kv.mod_revision);
+        let next = match stored {
+            Some(p) if p.stream == batch.stream => p.next,
+            // Another stream (the agent restarted): its lines are new.
+            _ => 0,
+        };
+        let duplicates = next.saturating_sub(batch.offset).min(end - batch.offset);
+        if next >= end {
+            return Ok(LogClaim {
+                duplicates,
+                undo: Txn::default(),
+            });
+        }
+        let position = berth_model::api::LogPosition {
+            stream: batch.stream,
+            next: end,
+        };
+        let claimed = ctx
+            .store
+            .txn(Txn {
+                compare: vec![Compare::ModRevision(key.clone(), rev)],
+                success: vec![Op::put(key.clone(), encode(&key, &position)?)],
+                failure: vec![],
+            })
+            .await?;
+        if claimed.succeeded {
+            let restore = match &kv {
+                Some(kv) => Op::put(key.clone(), kv.value.clone()),
+                None => Op::Delete(key.clone()),
+            };
+            return Ok(LogClaim {
+                duplicates,
+                undo: Txn {
+                    compare: vec![Compare::ModRevision(key, claimed.revision)],
+                    success: vec![restore],
+                    failure: vec![],
+                },
+            });
+        }
+    }
+    // The agent sends the batch again.
+    Err(ApiError::Internal(format!(
+        "the log position of node {node} kept changing while this batch was claimed ({LOG_CLAIM_TRIES} tries)"
+    )))
 }
 
 /// Query of the edge watch route.
@@ -470,4 +669,46 @@ pub(crate) async fn stats(
     let key = keys::node_stats(&node);
     ctx.store.put(&key, encode(&key, &report)?, lease).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(slot: u32, seq: u64, node: &str) -> InstanceStatus {
+        InstanceStatus {
+            seq,
+            ..InstanceStatus::new(InstanceKey::new("d", "s", "web", slot), "u", node, 1, 0)
+        }
+    }
+
+    #[test]
+    fn a_batch_keeps_the_newest_status_of_each_instance_in_first_seen_order() {
+        let out = latest_per_instance(vec![
+            status(2, 5, "n1"),
+            status(1, 9, "n1"),
+            status(2, 3, "n1"),
+            status(1, 9, "n2"),
+        ]);
+        let got: Vec<_> = out
+            .iter()
+            .map(|s| (s.key.slot, s.seq, s.node.as_str()))
+            .collect();
+        // slot 2: the higher seq wins although it came first; slot 1: a
+        // tie goes to the later one, as if each were written in turn.
+        assert_eq!(got, [(2, 5, "n1"), (1, 9, "n2")]);
+    }
+
+    #[test]
+    fn only_an_older_ordered_status_of_the_same_node_is_replaced() {
+        let old = status(1, 10, "n1");
+        assert!(supersedes(&status(1, 11, "n1"), Some(&old)));
+        assert!(!supersedes(&status(1, 10, "n1"), Some(&old)));
+        assert!(!supersedes(&status(1, 9, "n1"), Some(&old)));
+        // Not comparable: another node's status, or an unordered one.
+        assert!(supersedes(&status(1, 9, "n2"), Some(&old)));
+        assert!(supersedes(&status(1, 0, "n1"), Some(&old)));
+        assert!(supersedes(&status(1, 9, "n1"), Some(&status(1, 0, "n1"))));
+        assert!(supersedes(&status(1, 1, "n1"), None));
+    }
 }
