@@ -115,7 +115,8 @@ const RETRY: Duration = Duration::from_millis(500);
 
 enum Pending {
     Status(Box<InstanceStatus>),
-    Forget,
+    /// With its stamp (as a status's `seq`).
+    Forget(u64),
 }
 
 /// Keeps the latest status per instance and writes it out.
@@ -150,7 +151,7 @@ impl Reporter {
         if let Some(local) = &self.local {
             match &p {
                 Pending::Status(s) => local.publish(s),
-                Pending::Forget => local.forget(&key),
+                Pending::Forget(_) => local.forget(&key),
             }
         }
         if let Ok(mut m) = self.pending.lock() {
@@ -184,12 +185,15 @@ impl Reporter {
             .values()
             .filter_map(|p| match p {
                 Pending::Status(s) => Some((**s).clone()),
-                Pending::Forget => None,
+                Pending::Forget(_) => None,
             })
             .collect();
-        let forgets: Vec<&InstanceKey> = batch
+        let forgets: Vec<(&InstanceKey, u64)> = batch
             .iter()
-            .filter_map(|(k, p)| matches!(p, Pending::Forget).then_some(k))
+            .filter_map(|(k, p)| match p {
+                Pending::Forget(seq) => Some((k, *seq)),
+                Pending::Status(_) => None,
+            })
             .collect();
         let mut ok = true;
         match control.report_many(&statuses).await {
@@ -204,8 +208,8 @@ impl Reporter {
                 ok = false;
             }
         }
-        for k in &forgets {
-            if let Err(e) = control.forget(k).await {
+        for (k, seq) in &forgets {
+            if let Err(e) = control.forget(k, *seq).await {
                 tracing::warn!(instance = %k, error = %e, "cannot forget instance status; will retry");
                 ok = false;
             }
@@ -290,7 +294,8 @@ impl Agent {
     }
 
     fn forget(&mut self, key: &InstanceKey) {
-        self.reporter.put(key.clone(), Pending::Forget);
+        let seq = self.reporter.next_seq();
+        self.reporter.put(key.clone(), Pending::Forget(seq));
         let logs = self.ctx.logs.clone();
         let key = key.clone();
         // Only releases the file handle; cheap and nothing waits on it.

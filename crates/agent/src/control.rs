@@ -63,7 +63,9 @@ pub trait ControlPlane: Send + Sync + 'static {
         Ok(())
     }
     /// Remove an instance's status (its assignment is gone and it stopped).
-    async fn forget(&self, key: &InstanceKey) -> Result<(), ControlError>;
+    /// `seq` orders the forget among the agent's reports
+    /// ([`InstanceStatus::seq`]): a status stamped later is kept.
+    async fn forget(&self, key: &InstanceKey, seq: u64) -> Result<(), ControlError>;
 }
 
 /// The control plane straight on a store (the single-machine server).
@@ -163,7 +165,8 @@ impl ControlPlane for StoreControlPlane {
         Ok(())
     }
 
-    async fn forget(&self, key: &InstanceKey) -> Result<(), ControlError> {
+    async fn forget(&self, key: &InstanceKey, _seq: u64) -> Result<(), ControlError> {
+        // In process, straight on the store: nothing can apply it late.
         self.store.delete(&keys::status(key)).await?;
         Ok(())
     }

@@ -895,8 +895,12 @@ impl ControlPlane for ApiControlPlane {
         Ok(())
     }
 
-    async fn forget(&self, key: &InstanceKey) -> Result<(), ControlError> {
-        let body = serde_json::to_vec(key).map_err(unavailable)?;
+    async fn forget(&self, key: &InstanceKey, seq: u64) -> Result<(), ControlError> {
+        let body = serde_json::to_vec(&berth_model::api::ForgetRequest {
+            key: key.clone(),
+            seq,
+        })
+        .map_err(unavailable)?;
         expect_ok(
             self.client
                 .call(Method::POST, &self.client.node_path("/forget"), Some(body))

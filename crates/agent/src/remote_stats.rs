@@ -91,9 +91,9 @@ impl ControlPlane for Tapped {
         }
         self.inner.report_many(statuses).await
     }
-    async fn forget(&self, key: &InstanceKey) -> Result<(), ControlError> {
+    async fn forget(&self, key: &InstanceKey, seq: u64) -> Result<(), ControlError> {
         self.seen.lock().remove(key);
-        self.inner.forget(key).await
+        self.inner.forget(key, seq).await
     }
 }
 

@@ -525,6 +525,22 @@ pub struct LogBatch {
     pub offset: u64,
 }
 
+/// `POST /v1/agent/nodes/{node}/forget`: remove the status of an instance
+/// the node stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetRequest {
+    /// The instance (its fields at the top level, as the body was before
+    /// `seq`).
+    #[serde(flatten)]
+    pub key: crate::InstanceKey,
+    /// The agent's stamp of the forget, from the same clock as
+    /// [`crate::InstanceStatus::seq`]: the status is removed only if older
+    /// (a forget a hung server applies late must not remove the status of
+    /// the slot's next instance on the node). 0: unordered, removed as before.
+    #[serde(default)]
+    pub seq: u64,
+}
+
 /// How far a node's log stream was stored ([`crate::keys::log_position`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogPosition {

@@ -266,6 +266,41 @@ async fn concurrent_copies_on_two_servers_leave_the_newest() {
     }
 }
 
+#[tokio::test]
+async fn a_forget_applied_late_keeps_the_status_reported_after_it() {
+    let c = Cluster::start(2, 1).await;
+    let forget = |seq: u64| {
+        serde_json::to_vec(&berth_model::api::ForgetRequest { key: key(1), seq }).unwrap()
+    };
+    // The slot's next instance on this node reported (s1) after the agent
+    // forgot the previous one (a copy of that forget sits in hung s0).
+    c.report(1, &[status(1, 2_000, Health::Healthy)]).await;
+    let (code, _) = c.post(0, "/forget", forget(1_000)).await;
+    assert_eq!(code, StatusCode::NO_CONTENT);
+    assert_eq!(
+        c.stored(1).await.0.seq,
+        2_000,
+        "a late forget removed a newer status"
+    );
+    // A forget stamped after it removes it.
+    let (code, _) = c.post(0, "/forget", forget(3_000)).await;
+    assert_eq!(code, StatusCode::NO_CONTENT);
+    let gone = get_json::<InstanceStatus>(c.store.as_ref(), &keys::status(&key(1)))
+        .await
+        .unwrap();
+    assert!(gone.is_none());
+    // An older agent's forget (the bare instance key, no stamp) removes as before.
+    c.report(1, &[status(1, 4_000, Health::Healthy)]).await;
+    let (code, _) = c
+        .post(1, "/forget", serde_json::to_vec(&key(1)).unwrap())
+        .await;
+    assert_eq!(code, StatusCode::NO_CONTENT);
+    let gone = get_json::<InstanceStatus>(c.store.as_ref(), &keys::status(&key(1)))
+        .await
+        .unwrap();
+    assert!(gone.is_none());
+}
+
 /// Lines `from..to` of a shipper's stream, as the agent numbers them.
 fn batch(stream: u64, from: u64, to: u64) -> LogBatch {
     LogBatch {

@@ -374,24 +374,33 @@ async fn owned_status(
 }
 
 /// `POST /v1/agent/nodes/{node}/forget`: remove the status of an instance
-/// the node stopped (no-op when absent; refused when another node's).
+/// the node stopped (no-op when absent; refused when another node's), and
+/// only if the stored status is older than the forget (its `seq`): a forget
+/// a hung server applies after it resumed must not remove the status the
+/// slot's next instance on this node reported since.
 pub(crate) async fn forget(
     State(ctx): State<ApiContext>,
     ApiPath(node): ApiPath<String>,
     headers: HeaderMap,
-    ApiJson(instance): ApiJson<InstanceKey>,
+    ApiJson(req): ApiJson<berth_model::api::ForgetRequest>,
 ) -> Result<StatusCode, ApiError> {
     auth(&ctx, &node, &headers).await?;
-    let key = keys::status(&instance);
-    // Absent, or another node's status for the same slot (the instance
-    // moved): nothing of this node's is left to forget.
-    let Some(rev) = owned_status(&ctx, &key, &node).await? else {
+    let key = keys::status(&req.key);
+    let Some(kv) = ctx.store.get(&key).await? else {
         return Ok(StatusCode::NO_CONTENT);
     };
-    // Only if it is still the one this node wrote.
+    // Another node's status for the same slot (the instance moved), or a
+    // report stamped after the forget: nothing of this node's to forget.
+    let Ok(stored) = decode::<InstanceStatus>(&kv) else {
+        return Ok(StatusCode::NO_CONTENT);
+    };
+    if stored.node != node || (req.seq != 0 && stored.seq != 0 && stored.seq > req.seq) {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    // Only if it is still the one judged here.
     ctx.store
         .txn(Txn {
-            compare: vec![Compare::ModRevision(key.clone(), rev)],
+            compare: vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
             success: vec![Op::Delete(key)],
             failure: vec![],
         })
