@@ -1073,13 +1073,18 @@ pub async fn run_remote(
     // Join (or reuse the stored credential), then register; a stored
     // credential the server refuses is replaced once if a token was given.
     let mut cred = credential(&cfg, &servers).await?;
-    let node_record = |facts| Node {
-        id: cfg.node_id.clone(),
-        address: address.clone(),
-        labels: cfg.labels.clone(),
-        facts,
-        draining: false,
-        updated_at: crate::now_ms(),
+    // Owns what it needs: the renewal and facts calls run as futures of
+    // their own (see the loop below).
+    let node_record = {
+        let (id, address, labels) = (cfg.node_id.clone(), address.clone(), cfg.labels.clone());
+        move |facts| Node {
+            id: id.clone(),
+            address: address.clone(),
+            labels: labels.clone(),
+            facts,
+            draining: false,
+            updated_at: crate::now_ms(),
+        }
     };
     let mut client = ApiClient::with_servers(
         servers.clone(),
@@ -1087,12 +1092,14 @@ pub async fn run_remote(
         Some(cred.secret.clone()),
     );
     let mut rejoined = false;
-    let registered = loop {
+    let (registered, registered_at) = loop {
+        // The lease was granted after this instant: the fence counts from it.
+        let sent = tokio::time::Instant::now();
         match client
             .register(&node_record(crate::facts::collect(&cfg.data_dir)))
             .await
         {
-            Ok(r) => break r,
+            Ok(r) => break (r, sent),
             Err(RemoteError::Revoked { .. }) if cfg.token.is_some() && !rejoined => {
                 let _ = std::fs::remove_file(cfg.data_dir.join(CREDENTIAL_FILE));
                 cred = credential(&cfg, &servers).await?;
@@ -1174,11 +1181,17 @@ pub async fn run_remote(
     // Measured from when the last successful renewal was *sent*: the
     // server renewed the lease after that instant, so the agent's deadline
     // is never later than the server's expiry.
-    let mut last_renewal = tokio::time::Instant::now();
+    let mut last_renewal = registered_at;
     let mut beat = tokio::time::interval(beat_every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut facts = tokio::time::interval(cfg.facts_every);
     facts.tick().await;
+    // The calls to the servers run beside the loop, never in a branch's
+    // body: the fence deadline is polled all the while, so a slow or
+    // hung call (a dropped network, a loaded machine) cannot hold the
+    // fence back past the TTL, whatever the calls' own bounds add up to.
+    let mut renewing: Option<InFlight<(tokio::time::Instant, Renewal)>> = None;
+    let mut refreshing: Option<InFlight<Result<(), RemoteError>>> = None;
     let mut outcome: Result<(), RemoteError> = Ok(());
     loop {
         tokio::select! {
@@ -1202,47 +1215,28 @@ pub async fn run_remote(
                 }
                 tracing::warn!(node = %cfg.node_id, "fenced; instances start again once a server accepts this node's heartbeat");
             }
-            _ = beat.tick() => {
+            _ = beat.tick(), if renewing.is_none() => {
                 let sent = tokio::time::Instant::now();
-                let renewed = match tokio::time::timeout(fence.call_timeout, client.heartbeat_any(fence.call_timeout)).await {
-                    Err(_) => {
-                        tracing::warn!("heartbeat timed out; retrying");
-                        false
-                    }
-                    Ok(Ok(true)) => true,
-                    Ok(Ok(false)) => {
-                        tracing::warn!("registration expired on the server; registering again");
-                        let node = node_record(crate::facts::collect(&cfg.data_dir));
-                        match tokio::time::timeout(fence.call_timeout, client.register(&node)).await {
-                            Ok(Ok(_)) => true,
-                            Ok(Err(e @ RemoteError::Revoked { .. })) => {
-                                outcome = Err(e);
-                                break;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::warn!(error = %e, "cannot register again; retrying");
-                                false
-                            }
-                            Err(_) => {
-                                tracing::warn!("registering again timed out; retrying");
-                                false
-                            }
+                let (client, node_record, dir) = (client.clone(), node_record.clone(), cfg.data_dir.clone());
+                let call_timeout = fence.call_timeout;
+                renewing = Some(Box::pin(async move {
+                    (sent, renew(&client, call_timeout, node_record, dir).await)
+                }));
+            }
+            (sent, renewal) = in_flight(&mut renewing) => {
+                renewing = None;
+                match renewal {
+                    Renewal::Renewed => {
+                        last_renewal = last_renewal.max(sent);
+                        if agent.is_none() {
+                            tracing::info!(node = %cfg.node_id, "the servers accept this node again: unfencing (running its assignments)");
+                            agent = Some(start_agent());
                         }
                     }
-                    Ok(Err(e @ RemoteError::Revoked { .. })) => {
+                    Renewal::Failed => {}
+                    Renewal::Revoked(e) => {
                         outcome = Err(e);
                         break;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "heartbeat failed; retrying");
-                        false
-                    }
-                };
-                if renewed {
-                    last_renewal = sent;
-                    if agent.is_none() {
-                        tracing::info!(node = %cfg.node_id, "the servers accept this node again: unfencing (running its assignments)");
-                        agent = Some(start_agent());
                     }
                 }
             }
@@ -1252,17 +1246,25 @@ pub async fn run_remote(
                     break;
                 }
             }
-            _ = facts.tick() => {
-                let dir = cfg.data_dir.clone();
-                let f = tokio::task::spawn_blocking(move || crate::facts::collect(&dir)).await.unwrap_or_default();
-                match tokio::time::timeout(fence.call_timeout, client.register(&node_record(f))).await {
-                    Ok(Ok(_)) => learn_servers(&client).await,
-                    Ok(Err(e @ RemoteError::Revoked { .. })) => {
-                        outcome = Err(e);
-                        break;
+            _ = facts.tick(), if refreshing.is_none() => {
+                let (client, node_record, dir) = (client.clone(), node_record.clone(), cfg.data_dir.clone());
+                let call_timeout = fence.call_timeout;
+                refreshing = Some(Box::pin(async move {
+                    let f = tokio::task::spawn_blocking(move || crate::facts::collect(&dir)).await.unwrap_or_default();
+                    match tokio::time::timeout(call_timeout, client.register(&node_record(f))).await {
+                        Ok(Ok(_)) => learn_servers(&client).await,
+                        Ok(Err(e @ RemoteError::Revoked { .. })) => return Err(e),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh facts; retrying"),
+                        Err(_) => tracing::warn!("refreshing facts timed out; retrying"),
                     }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot refresh facts; retrying"),
-                    Err(_) => tracing::warn!("refreshing facts timed out; retrying"),
+                    Ok(())
+                }));
+            }
+            res = in_flight(&mut refreshing) => {
+                refreshing = None;
+                if let Err(e) = res {
+                    outcome = Err(e);
+                    break;
                 }
             }
         }
@@ -1315,6 +1317,69 @@ impl RunningAgent {
     }
 }
 
+/// A call to the servers running beside the agent's main loop.
+type InFlight<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// The result of `call` once it ends, or never when there is none (a
+/// `select!` branch that waits on it stays quiet meanwhile).
+async fn in_flight<T>(call: &mut Option<InFlight<T>>) -> T {
+    match call {
+        Some(c) => c.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What one heartbeat (and, when the lease had expired, registering again)
+/// did.
+enum Renewal {
+    /// A server renewed (or re-created) the node's lease.
+    Renewed,
+    /// No server did; the next beat tries again.
+    Failed,
+    /// The node was removed from the cluster.
+    Revoked(RemoteError),
+}
+
+/// One heartbeat, each call bounded by `call_timeout`; registers again
+/// when the server no longer has the registration (it expired).
+async fn renew(
+    client: &ApiClient,
+    call_timeout: Duration,
+    node_record: impl FnOnce(BTreeMap<String, serde_json::Value>) -> Node,
+    data_dir: PathBuf,
+) -> Renewal {
+    match tokio::time::timeout(call_timeout, client.heartbeat_any(call_timeout)).await {
+        Err(_) => {
+            tracing::warn!("heartbeat timed out; retrying");
+            Renewal::Failed
+        }
+        Ok(Ok(true)) => Renewal::Renewed,
+        Ok(Ok(false)) => {
+            tracing::warn!("registration expired on the server; registering again");
+            let facts = tokio::task::spawn_blocking(move || crate::facts::collect(&data_dir))
+                .await
+                .unwrap_or_default();
+            match tokio::time::timeout(call_timeout, client.register(&node_record(facts))).await {
+                Ok(Ok(_)) => Renewal::Renewed,
+                Ok(Err(e @ RemoteError::Revoked { .. })) => Renewal::Revoked(e),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot register again; retrying");
+                    Renewal::Failed
+                }
+                Err(_) => {
+                    tracing::warn!("registering again timed out; retrying");
+                    Renewal::Failed
+                }
+            }
+        }
+        Ok(Err(e @ RemoteError::Revoked { .. })) => Renewal::Revoked(e),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "heartbeat failed; retrying");
+            Renewal::Failed
+        }
+    }
+}
+
 /// The end of the agent task, or never while fenced.
 async fn agent_done(
     agent: &mut Option<RunningAgent>,
@@ -1329,10 +1394,12 @@ async fn agent_done(
 ///
 /// The servers reschedule a node's instances `--reschedule-after` after its
 /// registration lease (TTL) expired. The agent stops its instances once
-/// no renewal succeeded for `after` = TTL − one heartbeat interval, and
-/// every call to a server is bounded by that interval, so the stop begins
-/// no later than TTL after the last renewal the server saw: before the
-/// lease can expire, hence before any replacement exists.
+/// no renewal succeeded for `after` = TTL − one heartbeat interval, a
+/// deadline on the monotonic clock from when the last successful renewal
+/// was sent, polled while the calls to the servers are in flight (they
+/// never hold it back, however slow). The heartbeat interval is left as
+/// slack for a loaded machine: the stop begins before the lease can
+/// expire, hence before any replacement exists.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Fence {
     /// Silence after which the node fences itself.
@@ -1362,7 +1429,7 @@ mod tests {
         let f = Fence::new(Duration::from_secs(10), Duration::from_millis(2_500));
         assert_eq!(f.after, Duration::from_millis(7_500));
         assert_eq!(f.call_timeout, Duration::from_millis(2_500));
-        // A blocked call delays the check by at most call_timeout.
+        // One heartbeat interval of slack before the lease can expire.
         assert!(f.after + f.call_timeout <= Duration::from_secs(10));
         let tiny = Fence::new(Duration::from_millis(600), Duration::from_millis(500));
         assert_eq!(tiny.after, Duration::from_millis(300));

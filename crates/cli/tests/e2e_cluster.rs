@@ -319,6 +319,19 @@ fn served_pid(page: &str) -> Option<i32> {
         .ok()
 }
 
+/// An agent's log lines about its lease (heartbeats, registering, fencing),
+/// which say when it stopped being renewed and when it fenced.
+fn fence_lines(log: &str) -> String {
+    log.lines()
+        .filter(|l| {
+            ["fenc", "heartbeat", "regist"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
     let net = match Netns::create(3) {
@@ -544,7 +557,14 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
             agents[cut].log()
         )
     });
-    assert!(fenced_after <= TTL, "fenced only after {fenced_after:?}");
+    // The agent fences at TTL − one heartbeat after the last renewal it
+    // sent (before the cut), so solo is gone before the lease can expire.
+    assert!(
+        fenced_after <= TTL,
+        "partition of {cut_node}: solo (pid {old_pid}) still ran {fenced_after:?} after the cut, \
+         past the lease TTL {TTL:?}; the agent's renewals and fencing:\n{}",
+        fence_lines(&agents[cut].log())
+    );
     assert!(
         copies_max_after_ttl <= 1,
         "{copies_max_after_ttl} copies of solo after TTL"
