@@ -544,8 +544,15 @@ fn a_real_cluster_places_survives_node_loss_partition_and_etcd_leader_loss() {
         .iter()
         .find(|(_, p)| *p != old_pid)
         .map(|(t, _)| *t);
+    // The agent's own account: how long it had gone unrenewed (silent_for)
+    // when it fenced, TTL − one heartbeat (7.5 s) when on time.
+    let fencing = agents[cut].log();
+    let fencing = fencing
+        .lines()
+        .find(|l| l.contains("fencing (stopping"))
+        .unwrap_or("no fencing line");
     eprintln!(
-        "partition of {cut_node}: solo fenced after {fenced_after:?}, old copy last served at {last_old:?}, new copy first served at {first_new:?}, at most {copies_max} solo process(es) at once"
+        "partition of {cut_node}: solo fenced after {fenced_after:?}, old copy last served at {last_old:?}, new copy first served at {first_new:?}, at most {copies_max} solo process(es) at once; agent: {fencing}"
     );
     assert!(
         agents[cut].child.try_wait().unwrap().is_none(),
