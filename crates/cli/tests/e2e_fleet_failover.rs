@@ -11,65 +11,18 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-/// One etcd member on loopback, killed on drop.
-struct Etcd {
-    child: Child,
-    client: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let url = |p: u16| format!("http://127.0.0.1:{p}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &url(client)])
-            .args(["--advertise-client-urls", &url(client)])
-            .args(["--listen-peer-urls", &url(peer)])
-            .args(["--initial-advertise-peer-urls", &url(peer)])
-            .args(["--initial-cluster", &format!("default={}", url(peer))])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("etcd is not installed: run scripts/deps");
-        wait_until("etcd healthy", Duration::from_secs(30), || {
-            http_get(client, "/health").map(|_| ())
-        });
-        Self {
-            child,
-            client,
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// `berth server --store etcd://… --no-agent` with its own data dir;
 /// (harness, API address).
 fn server_on(etcd: &Etcd, node: &str) -> (Berth, String) {
     let mut b = Berth::new();
     let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
-    let store = format!("etcd://127.0.0.1:{}/failover", etcd.client);
+    let store = format!("etcd://127.0.0.1:{}/failover", etcd.port);
     let child = b
         .command(
             b.data.path(),
@@ -106,23 +59,7 @@ fn server_on(etcd: &Etcd, node: &str) -> (Berth, String) {
 /// GET with the admin token; (status, body).
 fn admin_get(berth: &Berth, api: &str, path: &str) -> (u16, String) {
     let token = std::fs::read_to_string(berth.data.path().join("token")).unwrap();
-    let mut s = TcpStream::connect(api).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {api}\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
-        token.trim()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
+    api_request(api, "GET", path, Some(token.trim()))
 }
 
 fn running_pids(berth: &Berth, dir: &Path) -> Vec<i64> {
