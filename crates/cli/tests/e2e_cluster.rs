@@ -176,7 +176,6 @@ fn start_agent(
 fn server(etcd: &EtcdCluster, net: &Netns, node: &str, prefix: &str) -> (Berth, Vec<String>, u16) {
     let mut b = Berth::new();
     let http = free_port();
-    let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
     let store = format!("etcd://{}/{prefix}", etcd.endpoints());
     let mut args: Vec<String> = [
         "server",
@@ -200,13 +199,7 @@ fn server(etcd: &EtcdCluster, net: &Netns, node: &str, prefix: &str) -> (Berth, 
         args.push(format!("{}:0", n.host));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let child = b
-        .command(b.data.path(), &args)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    b.servers.push(child);
+    b.spawn_server(&args);
     let apis = server_tcp_addresses(b.data.path());
     (b, apis, http)
 }

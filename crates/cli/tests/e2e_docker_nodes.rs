@@ -69,27 +69,17 @@ fn a_joined_agents_containers_are_served_by_another_nodes_router_dns_and_proxy()
     // the CLI) and on n1's link.
     let mut b = Berth::new();
     let server_http = free_port();
-    let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
-    let child = b
-        .command(
-            b.data.path(),
-            &[
-                "server",
-                "--no-agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--listen",
-                &format!("{}:0", node.host),
-                "--http",
-                &format!("127.0.0.1:{server_http}"),
-                "--no-dns",
-            ],
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    b.servers.push(child);
+    b.spawn_server(&[
+        "server",
+        "--no-agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        &format!("{}:0", node.host),
+        "--http",
+        &format!("127.0.0.1:{server_http}"),
+        "--no-dns",
+    ]);
     let apis = server_tcp_addresses(b.data.path());
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();

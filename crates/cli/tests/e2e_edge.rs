@@ -90,14 +90,7 @@ fn every_nodes_edge_reaches_instances_on_other_nodes_and_outlives_the_server() {
         args.push(format!("{}:0", n.host));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
-    let child = b
-        .command(b.data.path(), &args)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    b.servers.push(child);
+    b.spawn_server(&args);
     let apis = server_tcp_addresses(b.data.path());
     let ports: Vec<u16> = apis
         .iter()

@@ -21,38 +21,20 @@ use serde_json::Value;
 /// (harness, API address).
 fn server_on(etcd: &Etcd, node: &str) -> (Berth, String) {
     let mut b = Berth::new();
-    let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
     let store = format!("etcd://127.0.0.1:{}/failover", etcd.port);
-    let child = b
-        .command(
-            b.data.path(),
-            &[
-                "server",
-                "--store",
-                &store,
-                "--node-id",
-                node,
-                "--no-agent",
-                "--listen",
-                "127.0.0.1:0",
-                "--no-http",
-                "--no-dns",
-            ],
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    b.servers.push(child);
-    let mut api = String::new();
-    wait_until(node, Duration::from_secs(30), || {
-        let info: Value = serde_json::from_slice(
-            &std::fs::read(b.data.path().join("server.json")).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
-        api = info["tcp"][0].as_str().ok_or("no tcp")?.to_owned();
-        Ok(())
-    });
+    b.spawn_server(&[
+        "server",
+        "--store",
+        &store,
+        "--node-id",
+        node,
+        "--no-agent",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-http",
+        "--no-dns",
+    ]);
+    let api = server_tcp_addresses(b.data.path()).swap_remove(0);
     (b, api)
 }
 

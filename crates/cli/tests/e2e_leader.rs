@@ -15,26 +15,16 @@ use serde_json::Value;
 /// A `berth server` with its own data dir and node id on the shared etcd.
 fn server(etcd: &Etcd, node: &str) -> Berth {
     let mut b = Berth::new();
-    let log = std::fs::File::create(b.data.path().join("server.log")).unwrap();
     let store = format!("etcd://127.0.0.1:{}/{}", etcd.port, std::process::id());
-    let child = b
-        .command(
-            b.data.path(),
-            &[
-                "server",
-                "--store",
-                &store,
-                "--node-id",
-                node,
-                "--no-http",
-                "--no-dns",
-            ],
-        )
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    b.servers.push(child);
+    b.spawn_server(&[
+        "server",
+        "--store",
+        &store,
+        "--node-id",
+        node,
+        "--no-http",
+        "--no-dns",
+    ]);
     wait_until("server is up", Duration::from_secs(30), || {
         b.server_pid().map(|_| ()).ok_or_else(|| b.server_log())
     });

@@ -26,35 +26,31 @@ impl Berth {
     /// and no DNS, logging to `<data>/server.log`; returns its API URL
     /// once it answers.
     pub fn start_server_without_agent(&mut self, http: u16) -> String {
+        self.spawn_server(&[
+            "server",
+            "--no-agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--no-dns",
+        ]);
+        server_tcp_addresses(self.data.path()).swap_remove(0)
+    }
+
+    /// Spawn `berth ARGS` (`args` starts with `server`) as this harness's
+    /// server, logging to `<data>/server.log` and stopped on drop. It
+    /// returns at once: wait with [`server_tcp_addresses`] or
+    /// [`Berth::server_pid`].
+    pub fn spawn_server(&mut self, args: &[&str]) {
         let log = std::fs::File::create(self.data.path().join("server.log")).unwrap();
-        let server = self
-            .command(
-                self.data.path(),
-                &[
-                    "server",
-                    "--no-agent",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--http",
-                    &format!("127.0.0.1:{http}"),
-                    "--no-dns",
-                ],
-            )
+        let child = self
+            .command(self.data.path(), args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        self.servers.push(server);
-        let mut api = String::new();
-        wait_until("the server", Duration::from_secs(30), || {
-            let info: Value = serde_json::from_slice(
-                &std::fs::read(self.data.path().join("server.json")).map_err(|e| e.to_string())?,
-            )
-            .map_err(|e| e.to_string())?;
-            api = info["tcp"][0].as_str().ok_or("no tcp")?.to_owned();
-            Ok(())
-        });
-        api
+        self.servers.push(child);
     }
 
     pub fn new() -> Self {
