@@ -20,16 +20,7 @@ async fn runs_logs_and_restarts_after_kill_9() {
     let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
     let pid = running.pid.expect("pid");
     assert_eq!(running.restarts, 0);
-    let line = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let l = live.recv().await.unwrap();
-            if l.stream == LogStream::Stdout {
-                return l;
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let line = next_stdout(&mut live).await;
     assert_eq!(line.line, "hi");
     assert_eq!(line.key, key("web", 1));
 
@@ -50,6 +41,9 @@ async fn runs_logs_and_restarts_after_kill_9() {
     assert!(group_members(pid).is_empty());
 
     let new_pid = again.pid.unwrap();
+    // "Running" is reported at spawn; stopping before the second incarnation
+    // has echoed would race its output (CI saw exactly that once).
+    assert_eq!(next_stdout(&mut live).await.line, "hi");
     sup.stop().await;
     let mut last_state = None;
     while let Ok(s) = rx.try_recv() {
@@ -73,6 +67,21 @@ async fn runs_logs_and_restarts_after_kill_9() {
         "{texts:?}"
     );
     assert!(texts.contains(&"killed by SIGKILL"), "{texts:?}");
+}
+
+async fn next_stdout(
+    live: &mut tokio::sync::broadcast::Receiver<berth_model::LogLine>,
+) -> berth_model::LogLine {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let l = live.recv().await.expect("log stream open");
+            if l.stream == LogStream::Stdout {
+                return l;
+            }
+        }
+    })
+    .await
+    .expect("a stdout line within 5 s")
 }
 
 #[tokio::test]
