@@ -27,7 +27,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,6 +88,9 @@ pub enum AgentError {
     /// `BERTH_PORT_RANGE` is not a range of ports.
     #[error("{0}")]
     PortRange(String),
+    /// The status order mark in the data directory cannot be used.
+    #[error(transparent)]
+    StatusSeq(#[from] crate::seq::SeqError),
 }
 
 /// What an embedder may share with or configure in the agent beyond
@@ -108,6 +110,11 @@ pub struct AgentOptions {
     /// store write (for the router, DNS and TCP proxy in the same process;
     /// see [`crate::local`]).
     pub local_statuses: Option<crate::local::LocalStatuses>,
+    /// The wall clock, in µs since the epoch, that statuses' `seq` never
+    /// fall below (`None`: the system clock). Tests set it apart from the
+    /// system's to show that the order across restarts does not rest on
+    /// it (see [`crate::seq`]).
+    pub wall_clock_us: Option<fn() -> u64>,
 }
 
 /// Wait before retrying the control plane.
@@ -124,27 +131,14 @@ struct Reporter {
     pending: Mutex<HashMap<InstanceKey, Pending>>,
     notify: Notify,
     local: Option<crate::local::LocalStatuses>,
-    /// The last [`InstanceStatus::seq`] given out.
-    seq: AtomicU64,
+    /// Stamps every report's [`InstanceStatus::seq`]: above every one
+    /// this node gave before, in this run or an earlier one.
+    seq: crate::seq::StatusSeq,
 }
 
 impl Reporter {
-    /// The next report's [`InstanceStatus::seq`]: above every one given
-    /// before, and at least the clock in µs, so that a restarted agent
-    /// (whose counter starts over) still reports above what it sent before.
     fn next_seq(&self) -> u64 {
-        let now = crate::now_us();
-        let mut prev = self.seq.load(Ordering::Relaxed);
-        loop {
-            let next = now.max(prev.saturating_add(1));
-            match self
-                .seq
-                .compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
-                Ok(_) => return next,
-                Err(p) => prev = p,
-            }
-        }
+        self.seq.next()
     }
 
     fn put(&self, key: InstanceKey, p: Pending) {
@@ -452,11 +446,17 @@ pub async fn run_with(
         }
     }
 
+    // Before anything is reported: the mark in the data dir is moved ahead
+    // of every stamp this run will hand out until it is moved again.
+    let seq = crate::seq::StatusSeq::open(
+        &cfg.data_dir,
+        options.wall_clock_us.unwrap_or(crate::now_us),
+    )?;
     let reporter = Arc::new(Reporter {
         pending: Mutex::new(HashMap::new()),
         notify: Notify::new(),
         local: options.local_statuses.clone(),
-        seq: AtomicU64::new(0),
+        seq,
     });
     let (reporter_done, reporter_rx) = watch::channel(false);
     let reporter_task = tokio::spawn(reporter.clone().run(control.clone(), reporter_rx));
@@ -589,11 +589,12 @@ mod tests {
 
     #[test]
     fn status_stamps_grow_and_start_at_the_clock() {
+        let dir = tempfile::tempdir().unwrap();
         let r = Reporter {
             pending: Mutex::new(HashMap::new()),
             notify: Notify::new(),
             local: None,
-            seq: AtomicU64::new(0),
+            seq: crate::seq::StatusSeq::open(dir.path(), crate::now_us).unwrap(),
         };
         let before = crate::now_us();
         let key = InstanceKey::new("d", "s", "web", 1);
@@ -607,11 +608,5 @@ mod tests {
             last = s.seq;
         }
         assert!(last >= before + 999);
-        // A counter ahead of the clock (a clock stepped back) still grows.
-        r.seq.store(u64::MAX / 2, Ordering::Relaxed);
-        r.update(InstanceStatus::new(key.clone(), "u", "n", 1, 0));
-        assert!(
-            matches!(r.take().remove(&key), Some(Pending::Status(s)) if s.seq == u64::MAX / 2 + 1)
-        );
     }
 }

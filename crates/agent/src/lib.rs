@@ -20,6 +20,8 @@
 //! - [`logs`]: [`LogStore`], rotating per-instance log files and a live stream.
 //! - [`ports`]: free-port allocation for instances.
 //! - [`orphans`]: the agent id, and killing what a killed agent left behind.
+//! - [`seq`]: the stamps a node's reports are ordered by, kept above every
+//!   earlier run's through a mark in the data dir.
 //! - [`facts`]: what the scheduler reads about a node (`node.facts.<name>`).
 //! - [`metrics_proc`]: CPU and memory of instances (process trees from
 //!   `/proc`, containers from the engine's samples).
@@ -65,6 +67,7 @@ pub mod remote;
 pub mod remote_edge;
 pub mod remote_logs;
 pub mod remote_stats;
+pub mod seq;
 pub mod supervisor;
 
 pub use agent::{AgentConfig, AgentError, AgentOptions, run, run_with};

@@ -380,3 +380,117 @@ async fn concurrent_copies_of_log_batches_on_two_servers_store_each_line_once() 
     want.sort();
     assert_eq!(got, want);
 }
+
+// ---------- a real agent across a restart whose clock went back ----------
+
+fn wall_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// The clock of a machine whose time is an hour ahead (it is set back
+/// before the agent's next run).
+fn an_hour_ahead() -> u64 {
+    wall_us() + 3_600_000_000
+}
+
+/// Run the real agent (process driver, reports over the API to server 0)
+/// on `data_dir` with `clock` until the store holds a running status of a
+/// process other than `not_pid`; then stop it. Returns that status.
+async fn run_agent_until_running(
+    c: &Cluster,
+    data_dir: &std::path::Path,
+    clock: fn() -> u64,
+    not_pid: Option<u32>,
+) -> InstanceStatus {
+    use futures::StreamExt;
+    let client = berth_agent::remote::ApiClient::new(
+        c.servers[0].to_string(),
+        "n1".into(),
+        Some(c.secret.clone()),
+    );
+    let cfg = berth_agent::AgentConfig {
+        node_id: "n1".into(),
+        data_dir: data_dir.to_owned(),
+        address: "127.0.0.1".into(),
+        logs: Default::default(),
+    };
+    let logs = LogStore::open(data_dir.join("logs"), Default::default()).unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let options = berth_agent::AgentOptions {
+        wall_clock_us: Some(clock),
+        ..Default::default()
+    };
+    // Watch before the agent starts, so no write is missed.
+    let status_key = keys::status(&key(1));
+    let from = c.store.revision().await.unwrap() + 1;
+    let mut watch = c.store.watch(&status_key, from).await.unwrap();
+    let agent = tokio::spawn(berth_agent::run_with(
+        cfg,
+        Arc::new(berth_agent::remote::ApiControlPlane::new(client)),
+        logs,
+        rx,
+        options,
+    ));
+    let mut last: Option<InstanceStatus> = None;
+    let wanted = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            if let Some((s, _)) = get_json::<InstanceStatus>(c.store.as_ref(), &status_key)
+                .await
+                .unwrap()
+            {
+                if s.state == InstanceState::Running && s.pid.is_some() && s.pid != not_pid {
+                    return s;
+                }
+                last = Some(s);
+            }
+            watch.next().await.expect("the watch goes on").unwrap();
+        }
+    })
+    .await;
+    let Ok(status) = wanted else {
+        panic!(
+            "no running status of a new process stored within 30 s (the server kept refusing this run's reports as older?); last stored: {last:?}"
+        );
+    };
+    stop.send_replace(true);
+    tokio::time::timeout(std::time::Duration::from_secs(30), agent)
+        .await
+        .expect("the agent stops within 30 s")
+        .unwrap()
+        .unwrap();
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_whose_clock_was_set_back_still_gets_its_statuses_written() {
+    let c = Cluster::start(1, 1).await;
+    // Keeps n1's lease (which its statuses live on) alive whatever the
+    // machine's load.
+    let beat = {
+        let client = berth_agent::remote::ApiClient::new(
+            c.servers[0].to_string(),
+            "n1".into(),
+            Some(c.secret.clone()),
+        );
+        tokio::spawn(async move {
+            loop {
+                let _ = client.heartbeat().await;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // The first run stamps its reports from a clock an hour ahead, and
+    // reports `stopped` with such a stamp when it stops.
+    let first = run_agent_until_running(&c, dir.path(), an_hour_ahead, None).await;
+    assert!(first.seq > wall_us() + 3_000_000_000, "{}", first.seq);
+    // The clock is set back by an hour; the agent starts again on the same
+    // data dir. Its new process's statuses must be written, not refused as
+    // older than the first run's.
+    let second = run_agent_until_running(&c, dir.path(), wall_us, first.pid).await;
+    assert!(second.seq > first.seq, "{} after {}", second.seq, first.seq);
+    beat.abort();
+}
