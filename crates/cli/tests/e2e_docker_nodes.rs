@@ -36,8 +36,8 @@ fn stack(published: u16) -> String {
   web:
     image: berth-test/busybox:latest
     pull_policy: never
-    command: ["sh", "-c", "mkdir -p /w && echo $$BERTH_INSTANCE > /w/index.html && exec httpd -f -p 8000 -h /w"]
-    ports: ["{published}:8000"]
+    command: ["sh", "-c", "mkdir -p /w && echo $$BERTH_INSTANCE > /w/index.html && httpd -p 9000 -h /w && exec httpd -f -p 8000 -h /w"]
+    ports: ["{published}:8000", "9000"]
     # httpd as pid 1 ignores SIGTERM: do not wait 10 s for it at `down`.
     stop_grace_period: 1s
     deploy:
@@ -139,6 +139,7 @@ fn a_joined_agents_containers_are_served_by_another_nodes_router_dns_and_proxy()
     // Registered with d1's advertised address and a host port each.
     let ps = b.ps(dir, "dockn");
     let mut host_ports = BTreeSet::new();
+    let mut second_ports = BTreeSet::new();
     for i in instances(&ps, "web") {
         assert_eq!(i["node"], "d1", "{i}");
         let (ip, port) = i["address"]
@@ -150,19 +151,34 @@ fn a_joined_agents_containers_are_served_by_another_nodes_router_dns_and_proxy()
         assert_eq!(i["port"].as_u64(), Some(u64::from(port)), "{i}");
         assert!(port != 8000 && port != published, "{i}");
         host_ports.insert(port);
+        // Every declared port with its host port (`ps --json` showed only
+        // the first one before).
+        let map = i["host_ports"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no host_ports: {i}"));
+        assert_eq!(map.len(), 2, "{i}");
+        assert_eq!(map["8000"].as_u64(), Some(u64::from(port)), "{i}");
+        let second = map["9000"].as_u64().unwrap_or_else(|| panic!("{i}"));
+        second_ports.insert(u16::try_from(second).unwrap());
     }
     assert_eq!(host_ports.len(), 2, "one host port per container");
+    assert_eq!(second_ports.len(), 2, "one host port per container");
+    assert!(host_ports.is_disjoint(&second_ports));
     // The engine binds exactly those, on that address.
-    let mut bound = BTreeSet::new();
-    for id in docker(&["ps", "-q", "--filter", "label=berth.stack=dockn"]).lines() {
-        let out = docker(&["port", id, "8000/tcp"]);
-        for line in out.lines() {
-            let (ip, port) = line.trim().rsplit_once(':').unwrap();
-            assert_eq!(ip, node.host.to_string(), "{out}");
-            bound.insert(port.parse::<u16>().unwrap());
+    let bound_of = |target: &str| {
+        let mut bound = BTreeSet::new();
+        for id in docker(&["ps", "-q", "--filter", "label=berth.stack=dockn"]).lines() {
+            let out = docker(&["port", id, target]);
+            for line in out.lines() {
+                let (ip, port) = line.trim().rsplit_once(':').unwrap();
+                assert_eq!(ip, node.host.to_string(), "{out}");
+                bound.insert(port.parse::<u16>().unwrap());
+            }
         }
-    }
-    assert_eq!(bound, host_ports);
+        bound
+    };
+    assert_eq!(bound_of("8000/tcp"), host_ports);
+    assert_eq!(bound_of("9000/tcp"), second_ports);
 
     // n1's router serves both containers (HTTP 200 from each).
     let want: BTreeSet<String> = ["web.1".to_owned(), "web.2".to_owned()].into();
@@ -223,6 +239,23 @@ fn a_joined_agents_containers_are_served_by_another_nodes_router_dns_and_proxy()
         want.contains(String::from_utf8_lossy(&out.stdout).trim()),
         "{out:?}"
     );
+    // So does each container's second declared port, at the host port
+    // `ps --json` shows for it.
+    for port in &second_ports {
+        let mut direct = Command::new("curl");
+        direct.args(["-sS", "-m", "3", &format!("http://{host_ip}:{port}/")]);
+        wait_until("the second port answers", Duration::from_secs(10), || {
+            let out = net
+                .command(0, &direct)
+                .output()
+                .map_err(|e| e.to_string())?;
+            if want.contains(String::from_utf8_lossy(&out.stdout).trim()) {
+                Ok(())
+            } else {
+                Err(format!("{out:?}"))
+            }
+        });
+    }
 
     b.ok(dir, &["down", "-p", "dockn"]);
     wait_until("the containers gone", Duration::from_secs(30), || {

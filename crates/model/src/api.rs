@@ -184,6 +184,12 @@ pub struct Instance {
     pub address: Option<String>,
     /// Its port (`PORT`).
     pub port: Option<u16>,
+    /// Every declared port of a container published on its node's address
+    /// (a node other nodes reach), with the host port it is published on
+    /// there: declared → host (the first one's host port is `port`).
+    /// Empty otherwise: the instance is reached at its declared ports.
+    #[serde(default)]
+    pub host_ports: BTreeMap<u16, u16>,
     /// Restarts of this incarnation.
     pub restarts: u32,
     /// How it last ended.

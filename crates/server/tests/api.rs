@@ -375,13 +375,17 @@ async fn instances_join_assignments_with_statuses() {
         .unwrap();
     }
     for (slot, uid) in [(1, "a"), (3, "c")] {
-        put_json(
-            &*h.store,
-            &keys::status(&key("web", slot)),
-            &status(slot, uid),
-        )
-        .await
-        .unwrap();
+        let mut st = status(slot, uid);
+        if slot == 3 {
+            // A container published on its node: every declared port has
+            // a host port.
+            st.address = Some("10.0.0.7".into());
+            st.port = Some(20417);
+            st.host_ports = [(80, 20417), (9000, 20418)].into();
+        }
+        put_json(&*h.store, &keys::status(&key("web", slot)), &st)
+            .await
+            .unwrap();
     }
     let (status_code, v) = h
         .json(
@@ -403,11 +407,23 @@ async fn instances_join_assignments_with_statuses() {
     assert!(!rows[2].current);
     // ps --json's contract: these keys are always present.
     for k in [
-        "stack", "service", "instance", "state", "health", "pid", "address", "restarts",
+        "stack",
+        "service",
+        "instance",
+        "state",
+        "health",
+        "pid",
+        "address",
+        "host_ports",
+        "restarts",
     ] {
         assert!(v[0].get(k).is_some(), "missing {k}");
         assert!(v[1].get(k).is_some(), "missing {k}");
     }
+    // All of a published container's ports, not only the first.
+    assert_eq!(v[2]["address"], json!("10.0.0.7:20417"));
+    assert_eq!(v[2]["host_ports"], json!({"80": 20417, "9000": 20418}));
+    assert_eq!(v[0]["host_ports"], json!({}));
     let (_, v) = h
         .json(Method::GET, "/v1/instances?service=worker", None)
         .await;

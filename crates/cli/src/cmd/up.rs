@@ -452,6 +452,7 @@ mod tests {
             pid: None,
             address: None,
             port: None,
+            host_ports: Default::default(),
             restarts,
             last_exit: None,
             started_at: None,
