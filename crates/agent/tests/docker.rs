@@ -499,6 +499,126 @@ async fn on_a_node_other_nodes_reach_containers_are_published_on_its_address_and
     agent.task.await.unwrap();
 }
 
+/// A UDP echo in the network namespace of process `pid` (a container's
+/// init): binds `port` there, says so on `ready`, then answers every
+/// datagram with `echo:` and its bytes until it gets `bye` or none comes
+/// for 30 s. The busybox image has no UDP server; the echo runs in this
+/// process, on a thread moved into the container's namespace.
+fn udp_echo_in_netns(
+    pid: u32,
+    port: u16,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) -> std::thread::JoinHandle<()> {
+    use std::os::fd::AsRawFd;
+    std::thread::spawn(move || {
+        let ns = match std::fs::File::open(format!("/proc/{pid}/ns/net")) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = ready.send(Err(format!("/proc/{pid}/ns/net: {e}")));
+                return;
+            }
+        };
+        // SAFETY: setns on a valid, open namespace fd; it moves only this
+        // thread, which then does nothing but the echo.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            let _ = ready.send(Err(format!("setns: {}", std::io::Error::last_os_error())));
+            return;
+        }
+        let sock = match std::net::UdpSocket::bind(("0.0.0.0", port)) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = ready.send(Err(format!("bind :{port} in the container: {e}")));
+                return;
+            }
+        };
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let _ = ready.send(Ok(()));
+        let mut buf = [0u8; 512];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            if &buf[..n] == b"bye" {
+                return;
+            }
+            let mut reply = b"echo:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = sock.send_to(&reply, from);
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_udp_port_reaches_the_container_on_a_publishing_node() {
+    // "PORT:53/udp" on a node other nodes reach (the bridge gateway as its
+    // advertise address): no proxy carries UDP, so the engine binds the
+    // published port on 127.0.0.1 (no host_ip) and datagrams sent there
+    // reach the container's port 53. Before, nothing was bound.
+    let (ok, ip) = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ]);
+    assert!(ok && !ip.is_empty(), "no default bridge gateway: {ip}");
+    let stack = "udp";
+    let h = Harness::new();
+    clean(stack);
+    let published = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let k = key(stack, "dns", 1);
+    let svc = service(
+        "dns",
+        "exec sleep 1000",
+        json!({"ports": [{"target": 53, "published": published, "protocol": "udp"}]}),
+    );
+    h.put(&assignment(k.clone(), svc, "uid-udp-1")).await;
+    let agent = h.start_at(&ip, AgentOptions::default());
+    h.eventually(&k, 60, "running", |s| s.state == InstanceState::Running)
+        .await;
+    let ids = containers(stack);
+    assert_eq!(ids.len(), 1);
+    let (ok, bound) = docker(&["port", &ids[0], "53/udp"]);
+    assert!(ok, "{bound}");
+    assert_eq!(bound, format!("127.0.0.1:{published}"));
+
+    let (_, pid) = docker(&["inspect", "--format", "{{.State.Pid}}", &ids[0]]);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let echo = udp_echo_in_netns(pid.parse().unwrap(), 53, ready_tx);
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the echo starts within 10 s")
+        .unwrap();
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(("127.0.0.1", published)).await.unwrap();
+    // A datagram can be lost: send again until the answer comes (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut buf = [0u8; 64];
+    let reply = loop {
+        client.send(b"ping").await.unwrap();
+        if let Ok(Ok(n)) =
+            tokio::time::timeout(Duration::from_millis(500), client.recv(&mut buf)).await
+        {
+            break buf[..n].to_vec();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer through 127.0.0.1:{published}/udp within 15 s"
+        );
+    };
+    assert_eq!(reply, b"echo:ping");
+    client.send(b"bye").await.unwrap();
+    tokio::task::spawn_blocking(move || echo.join().unwrap())
+        .await
+        .unwrap();
+
+    h.remove(&k).await;
+    until(30, "container removed", || containers(stack).is_empty()).await;
+    agent.stop.send_replace(true);
+    agent.task.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_advertise_address_the_engine_cannot_bind_is_named_in_the_instances_message() {
     // TEST-NET-3: not an address of this host, as when the agent runs in

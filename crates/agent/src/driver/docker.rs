@@ -33,8 +33,10 @@
 //! processes' `PORT`s ([`PortAllocator`]: outside the kernel's ephemeral
 //! range, claimed host-wide), and the instance's address and ports are that address and those
 //! host ports ([`Started::host_ports`]), as Swarm and Nomad do. A user's
-//! `published` port is never bound by the engine: every node's TCP proxy
+//! `published` TCP port is never bound by the engine: every node's TCP proxy
 //! serves it (towards those host ports), and two listeners would collide.
+//! A published UDP port is (no proxy carries UDP): the engine binds it on
+//! the node that runs the container (see `spec::port_bindings`).
 //!
 //! Without an engine, starts fail with [`DriverError::EngineUnavailable`],
 //! naming the service and how to point berth at an engine.

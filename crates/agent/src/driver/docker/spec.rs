@@ -139,6 +139,49 @@ pub fn bound_ports(
     Some(out)
 }
 
+/// What the engine binds on the host for a container:
+/// - its declared TCP ports at the agent's host ports on the advertise
+///   address when `published` (a node other nodes reach); never the user's
+///   `published` TCP port: the edge's TCP proxy serves that on every node,
+///   so a host port here would collide with it;
+/// - its published UDP ports (`"5353:53/udp"`) at `host_ip:published`
+///   (127.0.0.1 without `host_ip`, as for TCP), on whatever node it runs:
+///   the edge proxies no UDP, so the engine is what makes the port reach
+///   the container, as with `docker compose`. One instance per node can
+///   hold such a port.
+fn port_bindings(svc: &Service, published: Option<&Published>) -> Option<bollard::models::PortMap> {
+    let mut map = bollard::models::PortMap::new();
+    if let Some(p) = published {
+        for (target, host) in &p.ports {
+            map.insert(
+                format!("{target}/tcp"),
+                Some(vec![PortBinding {
+                    host_ip: Some(p.ip.to_string()),
+                    host_port: Some(host.to_string()),
+                }]),
+            );
+        }
+    }
+    for port in svc.ports.iter().filter(|p| p.protocol == "udp") {
+        let Some(host) = port.published else {
+            continue;
+        };
+        let binding = PortBinding {
+            host_ip: Some(port.host_ip.clone().unwrap_or_else(|| "127.0.0.1".into())),
+            host_port: Some(host.to_string()),
+        };
+        match map.entry(format!("{}/udp", port.target)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.get_mut().get_or_insert_with(Vec::new).push(binding);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Some(vec![binding]));
+            }
+        }
+    }
+    (!map.is_empty() || published.is_some()).then_some(map)
+}
+
 /// The container configuration of one instance; `published`: bind its
 /// declared ports there (a node whose instances other nodes reach).
 pub fn container_body(
@@ -231,22 +274,7 @@ pub fn container_body(
             maximum_retry_count: None,
         }),
         network_mode: Some(network.to_owned()),
-        // Never the user's `published` port: the edge's TCP proxy serves
-        // that on every node, so a host port here would collide with it.
-        port_bindings: published.map(|p| {
-            p.ports
-                .iter()
-                .map(|(target, host)| {
-                    (
-                        format!("{target}/tcp"),
-                        Some(vec![PortBinding {
-                            host_ip: Some(p.ip.to_string()),
-                            host_port: Some(host.to_string()),
-                        }]),
-                    )
-                })
-                .collect()
-        }),
+        port_bindings: port_bindings(svc, published),
         ..Default::default()
     };
     let exposed: Vec<String> = svc
@@ -374,5 +402,56 @@ mod tests {
         // One machine: nothing is host-published.
         let body = container_body(&spec, "img", "agent", "net", None);
         assert!(body.host_config.unwrap().port_bindings.is_none());
+    }
+
+    #[test]
+    fn published_udp_ports_are_bound_by_the_engine_on_any_node() {
+        // No proxy carries UDP: "5353:53/udp" is the engine's to bind, at
+        // host_ip (127.0.0.1 by default) and the published port, whether
+        // or not the node publishes its TCP ports.
+        let spec = launch(serde_json::json!([
+            {"target": 80, "published": 8080, "protocol": "tcp"},
+            {"target": 53, "published": 5353, "protocol": "udp"},
+            {"target": 53, "published": 5354, "protocol": "udp", "host_ip": "0.0.0.0"},
+            {"target": 9999, "protocol": "udp"},
+        ]));
+        let udp53 = |body: ContainerCreateBody| {
+            let bindings = body.host_config.unwrap().port_bindings.unwrap();
+            assert!(!bindings.contains_key("9999/udp"), "{bindings:?}");
+            assert!(!bindings.contains_key("8080/tcp"), "{bindings:?}");
+            bindings["53/udp"]
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{}:{}",
+                        b.host_ip.as_deref().unwrap(),
+                        b.host_port.as_deref().unwrap()
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let want = vec!["127.0.0.1:5353".to_owned(), "0.0.0.0:5354".to_owned()];
+        assert_eq!(
+            udp53(container_body(&spec, "img", "agent", "net", None)),
+            want
+        );
+        let published = Published {
+            ip: "10.213.1.1".parse().unwrap(),
+            ports: BTreeMap::from([(80, 41001)]),
+        };
+        let body = container_body(&spec, "img", "agent", "net", Some(&published));
+        let tcp = body
+            .host_config
+            .as_ref()
+            .unwrap()
+            .port_bindings
+            .as_ref()
+            .unwrap()["80/tcp"]
+            .clone()
+            .unwrap();
+        assert_eq!(tcp[0].host_port.as_deref(), Some("41001"));
+        assert_eq!(udp53(body), want);
     }
 }
