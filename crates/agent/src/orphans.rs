@@ -23,6 +23,9 @@ use crate::driver::command::AGENT_ID_VAR;
 
 /// How long orphans get to exit after SIGTERM before SIGKILL.
 const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+/// How long killed orphans get to be gone before the agent goes on anyway
+/// (only a process stuck in the kernel outlives SIGKILL that long).
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// FNV-1a, 64 bit: a hash that is stable across Rust versions and runs
 /// (`DefaultHasher` is not), so the id survives upgrades of berth.
@@ -92,8 +95,9 @@ fn is_zombie(pid: u32) -> bool {
 }
 
 /// Kill every process carrying this agent's marker: SIGTERM to their process
-/// groups, up to [`ORPHAN_GRACE`] to exit, then SIGKILL. Blocking; returns
-/// how many processes were found.
+/// groups, up to [`ORPHAN_GRACE`] to exit, then SIGKILL, and up to
+/// [`KILL_WAIT`] until none is left. Blocking; returns how many processes
+/// were found.
 pub fn kill_orphans(agent_id: &str) -> usize {
     let pids = find_marked(agent_id);
     if pids.is_empty() {
@@ -123,9 +127,27 @@ pub fn kill_orphans(agent_id: &str) -> usize {
         std::thread::sleep(Duration::from_millis(20));
     }
     signal_all(Signal::SIGKILL);
-    // Stragglers forked between the scans.
-    for p in find_marked(agent_id) {
-        let _ = kill(p, Signal::SIGKILL);
+    // SIGKILL takes effect when the process next runs: on a loaded machine a
+    // killed orphan can live on (holding its ports and files) after the
+    // signal was sent. Wait until none is left, so the fresh instances
+    // started next do not race them; kill stragglers forked between scans.
+    let deadline = Instant::now() + KILL_WAIT;
+    loop {
+        let left = find_marked(agent_id);
+        if left.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                pids = ?left,
+                "processes left by a previous run still alive {KILL_WAIT:?} after SIGKILL"
+            );
+            break;
+        }
+        for p in left {
+            let _ = kill(p, Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     pids.len()
 }
