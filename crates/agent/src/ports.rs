@@ -20,7 +20,10 @@
 //! agents sharing a host start apart. A candidate is taken only when
 //! - no live lease of this allocator holds it,
 //! - a socket without `SO_REUSEADDR` can bind it on every IPv4 address
-//!   (nothing listens on it, nothing is bound to it on any address), and
+//!   and, IPv6-only, on every IPv6 address (nothing listens on it, nothing
+//!   is bound to it on any address of either family: a container may be
+//!   published on an IPv6 advertise address, a process may listen on
+//!   `[::]`), and
 //! - it can be claimed host-wide: several agents can share one host (a
 //!   server's local agent next to a joined one, tests, benchmarks), each
 //!   knowing only its own ports (measured: 1 instance in 300 failed with
@@ -31,7 +34,7 @@
 //!   processes lock different files for one port.
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 /// The range instances' ports are taken from unless configured.
@@ -261,15 +264,27 @@ impl PortAllocator {
     }
 }
 
-/// Whether nothing is bound to `port` on any IPv4 address: a bind of the
-/// wildcard address conflicts with any of them. Without `SO_REUSEADDR`,
-/// so a port that still has connections in TIME_WAIT is passed over too.
+/// Whether nothing is bound to `port` on any IPv4 or IPv6 address: a bind
+/// of a family's wildcard address conflicts with any address of that
+/// family (an IPv4 one alone misses a listener on an IPv6 address).
+/// Without `SO_REUSEADDR`, so a port that still has connections in
+/// TIME_WAIT is passed over too.
 fn bindable(port: u16) -> bool {
+    let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     let Ok(sock) = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) else {
         return false;
     };
-    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-    sock.bind(&addr.into()).is_ok()
+    if sock.bind(&v4.into()).is_err() {
+        return false;
+    }
+    match socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None) {
+        // IPv6-only, so this checks the IPv6 side alone (the IPv4 one is
+        // held by `sock` meanwhile).
+        Ok(sock6) => sock6.set_only_v6(true).is_ok() && sock6.bind(&v6.into()).is_ok(),
+        // No IPv6 on this host: nothing can be bound there.
+        Err(_) => true,
+    }
 }
 
 enum Claim {
@@ -358,6 +373,34 @@ mod tests {
         let err = a.allocate().unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
         assert!(err.to_string().contains(&format!("{port}-{port}")), "{err}");
+        drop(busy);
+        assert_eq!(a.allocate().unwrap().port(), port);
+    }
+
+    #[test]
+    fn a_port_something_listens_on_over_ipv6_only_is_passed_over() {
+        // A listener on an IPv6 address (an IPv6 advertise address, a
+        // program on [::1]): a bind on 0.0.0.0 alone would not see it.
+        let busy = match std::net::TcpListener::bind("[::1]:0") {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("SKIPPED: no IPv6 loopback on this host ({e})");
+                return;
+            }
+        };
+        let port = busy.local_addr().unwrap().port();
+        assert!(
+            std::net::TcpListener::bind(("0.0.0.0", port)).is_ok(),
+            "the IPv4 side of {port} is free: only an IPv6 check can see the listener"
+        );
+        let range = PortRange {
+            low: port,
+            high: port,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let a = PortAllocator::build(range, vec![port], dir.path().to_path_buf());
+        let err = a.allocate().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
         drop(busy);
         assert_eq!(a.allocate().unwrap().port(), port);
     }

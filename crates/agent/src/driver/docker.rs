@@ -542,8 +542,9 @@ impl Inner {
         let mut ports = BTreeMap::new();
         let mut leases = Vec::new();
         for target in spec.service.tcp_ports() {
-            // Free on every IPv4 address of the host, the advertised one
-            // included (the allocator checks with a bind on 0.0.0.0).
+            // Free on every address of the host, the advertised one
+            // included, IPv4 or IPv6 (the allocator checks with binds on
+            // 0.0.0.0 and [::]).
             let lease = publish.ports.allocate().map_err(|e| {
                 DriverError::Engine(format!(
                     "service `{}`: no host port to publish container port {target} on {}: {e}",
