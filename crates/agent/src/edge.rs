@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use berth_model::api::{DnsStats, EdgeStats, RouteStats, RouterServiceStats, RouterStats};
 use berth_model::edge::{EdgeTables, ServiceRef};
+use berth_model::vip::CONTAINER_DNS;
 use berth_net::Backends;
 use berth_net::dns::{DnsMetrics, DnsMetricsSnapshot, DnsServer, Instance as DnsInstance, Zone};
 use berth_net::http::metrics::LATENCY_BUCKETS_US;
@@ -33,8 +34,9 @@ pub struct EdgeConfig {
     pub http: Option<SocketAddr>,
     /// The DNS server's address (`None`: no DNS).
     pub dns: Option<SocketAddr>,
-    /// Run the TCP proxy (published ports and `VIP:port`) and put the
-    /// container-facing addresses on `lo`.
+    /// Run the TCP proxy (published ports and `VIP:port`), put the
+    /// container-facing addresses on `lo` and, next to a local Docker
+    /// engine, serve berth's DNS for containers ([`CONTAINER_DNS`]).
     pub proxy: bool,
 }
 
@@ -85,6 +87,27 @@ pub fn port_table(t: &EdgeTables) -> Backends {
         .iter()
         .map(|p| (p.listen, p.backends.clone()))
         .collect()
+}
+
+/// The zone of berth's DNS for containers: each service's
+/// container-facing address under the service's names.
+pub fn container_zone(t: &EdgeTables) -> Zone {
+    let mut b = Zone::builder();
+    for n in &t.container_names {
+        b.push(
+            &n.service.namespace,
+            &n.service.stack,
+            &n.service.service,
+            DnsInstance {
+                // `vip.<service>.<stack>.<namespace>.berth` too; no SRV.
+                instance: format!("{}.vip", n.service.service),
+                addr: n.addr.into(),
+                port: None,
+                node: String::new(),
+            },
+        );
+    }
+    b.build()
 }
 
 /// The DNS zone.
@@ -270,11 +293,13 @@ pub async fn start(
     let (routes_tx, routes_rx) = watch::channel(route_table(&first));
     let (zone_tx, zone_rx) = watch::channel(Arc::new(zone(&first)));
     let (ports_tx, ports_rx) = watch::channel(port_table(&first));
+    let (containers_tx, containers_rx) = watch::channel(Arc::new(container_zone(&first)));
     let mut tasks = JoinSet::new();
     let publisher = Publisher {
         routes: routes_tx,
         zone: zone_tx,
         ports: ports_tx,
+        containers: containers_tx,
         lo: cfg.proxy.then(LoAddresses::default),
     };
     tasks.spawn(publisher.run(tables, stop.clone()));
@@ -291,6 +316,10 @@ pub async fn start(
             berth_net::tcp::PortProxy::new(ports_rx).run(stop).await;
             Ok(())
         });
+    }
+    if cfg.proxy && local_docker_engine() {
+        out.tasks
+            .spawn(serve_container_dns(containers_rx, stop.clone()));
     }
     if let Some(addr) = cfg.http {
         start_router(&mut out, addr, routes_rx, stop.clone());
@@ -354,11 +383,77 @@ fn start_router(
     });
 }
 
-/// Turns each new [`EdgeTables`] into the three components' tables.
+/// Whether containers run on this host: the default Docker socket exists,
+/// or `DOCKER_HOST` names a Unix socket (an engine elsewhere runs its
+/// containers on another host, which this node's addresses do not serve).
+fn local_docker_engine() -> bool {
+    match std::env::var("DOCKER_HOST") {
+        Ok(h) if !h.is_empty() => h.starts_with("unix://"),
+        _ => std::path::Path::new("/var/run/docker.sock").exists(),
+    }
+}
+
+/// How often a node tries again to serve berth's DNS for containers when
+/// another process holds its port.
+const CONTAINER_DNS_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// berth's DNS for containers: [`CONTAINER_DNS`] on `lo`, port 53 (UDP and
+/// TCP; the engine gives containers servers without a port), answering
+/// each service's names with its container-facing address
+/// ([`container_zone`]). Containers get it from the Docker driver
+/// (`driver::docker::dns`).
+///
+/// Without root the address cannot be added, nor port 53 bound: said once,
+/// and containers keep the engine's DNS (other services by name on their
+/// own node only). A port held by another process (another berth on this
+/// host, which then serves it) is tried again every
+/// [`CONTAINER_DNS_RETRY`]. The address stays on `lo` after the node
+/// stops: a container's query to it is then refused at once and the
+/// engine asks its next server, where an absent address would make every
+/// lookup wait for a timeout.
+async fn serve_container_dns(
+    zone: watch::Receiver<Arc<Zone>>,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let addr = SocketAddr::new(CONTAINER_DNS.into(), 53);
+    let fallback = "containers find other services by name only when those have \
+                    containers on the same node (the stack network's aliases)";
+    let mut said = false;
+    let server = loop {
+        if let Err(e) = ip_addr("add", CONTAINER_DNS).await {
+            tracing::warn!(%addr, error = %e, "berth's DNS for containers not served: cannot add its address to lo (needs root / CAP_NET_ADMIN and iproute2's `ip`); {fallback}");
+            return Ok(());
+        }
+        match DnsServer::bind(addr).await {
+            Ok(server) => break server,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::warn!(%addr, error = %e, "berth's DNS for containers not served: port 53 needs root (CAP_NET_BIND_SERVICE); {fallback}");
+                return Ok(());
+            }
+            Err(e) => {
+                if !said {
+                    said = true;
+                    tracing::info!(%addr, error = %e, "berth's DNS for containers: cannot listen yet (another berth on this host may serve it); retrying");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(CONTAINER_DNS_RETRY) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+            }
+        }
+    };
+    tracing::info!(%addr, "DNS for containers listening");
+    server.run(zone, stop).await;
+    Ok(())
+}
+
+/// Turns each new [`EdgeTables`] into the components' tables.
 struct Publisher {
     routes: watch::Sender<RouteTable>,
     zone: watch::Sender<Arc<Zone>>,
     ports: watch::Sender<Backends>,
+    /// berth's DNS for containers.
+    containers: watch::Sender<Arc<Zone>>,
     /// `None` when this node runs no TCP proxy.
     lo: Option<LoAddresses>,
 }
@@ -417,13 +512,21 @@ impl Publisher {
             }
             changed
         });
+        let containers = container_zone(t);
+        self.containers.send_if_modified(|current| {
+            let changed = current.services() != containers.services();
+            if changed {
+                *current = Arc::new(containers);
+            }
+            changed
+        });
     }
 }
 
 /// Container-facing addresses on `lo`: added when a stack needs them,
 /// removed when no stack does any more (and at shutdown). Only addresses
 /// this node added are ever removed. Needs `CAP_NET_ADMIN` (root); without
-/// it, says once why containers cannot reach process services.
+/// it, says once why containers cannot reach services through them.
 #[derive(Debug, Default)]
 pub struct LoAddresses {
     added: BTreeSet<Ipv4Addr>,
@@ -441,7 +544,7 @@ impl LoAddresses {
                 Err(e) => {
                     if !self.warned {
                         self.warned = true;
-                        tracing::warn!(address = %a, error = %e, "cannot add a container-facing service address to lo (needs root / CAP_NET_ADMIN and iproute2's `ip`): containers cannot reach this node's process services by name");
+                        tracing::warn!(address = %a, error = %e, "cannot add a container-facing service address to lo (needs root / CAP_NET_ADMIN and iproute2's `ip`): containers cannot reach services on other nodes, nor process services, by name");
                     }
                 }
             }
@@ -456,7 +559,8 @@ impl LoAddresses {
     }
 }
 
-/// `ip addr add|del A/32 dev lo`; an address already there counts as added.
+/// `ip addr add|del A/32 dev lo`; an address already there counts as added
+/// (iproute2 says "File exists", or since 6.x "Address already assigned").
 async fn ip_addr(verb: &str, a: Ipv4Addr) -> Result<(), String> {
     let out = tokio::process::Command::new("ip")
         .args(["addr", verb, &format!("{a}/32"), "dev", "lo"])
@@ -464,7 +568,8 @@ async fn ip_addr(verb: &str, a: Ipv4Addr) -> Result<(), String> {
         .await
         .map_err(|e| format!("running `ip`: {e}"))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() || (verb == "add" && stderr.contains("File exists")) {
+    let there = stderr.contains("File exists") || stderr.contains("already assigned");
+    if out.status.success() || (verb == "add" && there) {
         Ok(())
     } else {
         Err(stderr.trim().to_owned())
@@ -512,6 +617,7 @@ mod tests {
                 node: "n2".into(),
             }],
             lo_addresses: vec![],
+            container_names: vec![],
         }
     }
 

@@ -85,6 +85,16 @@ pub struct DnsRecord {
     pub node: String,
 }
 
+/// A service's container-facing address, as berth's DNS for containers
+/// publishes it (`<service>.<stack>.<namespace>.berth` → the address).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerName {
+    /// The service.
+    pub service: ServiceRef,
+    /// Its container-facing address (`198.19.x.y`).
+    pub addr: Ipv4Addr,
+}
+
 /// Everything a node's edge serves.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EdgeTables {
@@ -97,8 +107,14 @@ pub struct EdgeTables {
     /// DNS records, sorted by service and instance.
     pub dns: Vec<DnsRecord>,
     /// Container-facing service addresses (`198.19.x.y`) each node puts on
-    /// `lo`, so its containers reach process services through the proxy.
+    /// `lo`, so its containers reach services through the proxy.
     pub lo_addresses: Vec<Ipv4Addr>,
+    /// The names berth's DNS for containers answers (on
+    /// [`crate::vip::CONTAINER_DNS`]), sorted by service: services with a
+    /// container-facing address and a declared TCP port. Absent from the
+    /// tables of servers before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub container_names: Vec<ContainerName>,
 }
 
 impl EdgeTables {

@@ -8,10 +8,13 @@
 //! address a client is given never changes while instances come, go and move.
 //!
 //! Linux routes all of `127.0.0.0/8` to `lo`, so binding a VIP needs no
-//! configuration. Containers cannot reach the host's loopback, so a process
-//! service that containers of its stack may call also gets a
+//! configuration. Containers cannot reach the host's loopback, so every
+//! service of a stack that runs containers also gets a
 //! [`container_address`] in [`CONTAINER_NET`], derived from its VIP (same
-//! last two octets), which the node adds to `lo` and proxies the same way.
+//! last two octets), which the node adds to `lo` and proxies the same way:
+//! a container's packet to it goes to its default gateway, the host, which
+//! owns the address. Containers find those addresses by name through
+//! [`CONTAINER_DNS`].
 
 use std::net::Ipv4Addr;
 
@@ -26,6 +29,16 @@ pub const VIP_PREFIX: u8 = 16;
 /// of the benchmarking block `198.18.0.0/15` (RFC 2544), which no public
 /// host uses and which Docker never picks for its networks.
 pub const CONTAINER_NET: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
+
+/// Where each node serves berth's DNS for containers (UDP and TCP port 53,
+/// on `lo`): `198.18.0.53`, in the lower half of the benchmarking block,
+/// outside [`CONTAINER_NET`] so it is never a service's address. The Docker
+/// driver gives it to containers as their first DNS server (Docker's
+/// embedded DNS forwards it the names the stack network does not know) and
+/// `<stack>.<namespace>.berth` as their first search domain, so a name
+/// whose service has no container on the node's stack network resolves to
+/// its container-facing address.
+pub const CONTAINER_DNS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 53);
 
 /// One service's stable address, as stored under [`crate::keys::vip`] (and,
 /// under [`crate::keys::vip_addr`], the same record keyed by address).

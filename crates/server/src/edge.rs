@@ -5,7 +5,8 @@
 //! - [`tables`] is a pure function of the [`Mirror`]: routes and backends
 //!   of every service (routes as in `traffic.rs`), the published ports and
 //!   `VIP:port` proxies (`catalog.rs`, `vip.rs`), the DNS records of healthy
-//!   instances, and the container-facing addresses nodes put on `lo`.
+//!   instances, the container-facing addresses nodes put on `lo` and the
+//!   names berth's DNS for containers answers with them.
 //! - [`Tables`] follows the state watch and publishes new tables only when
 //!   they differ, so a health change reaches every edge in one watch
 //!   round-trip (no polling): to this server's node through a channel
@@ -106,6 +107,7 @@ pub fn tables(mirror: &Mirror) -> EdgeTables {
         });
     }
     out.lo_addresses = vip::container_addresses(mirror).into_iter().collect();
+    out.container_names = vip::container_names(mirror);
     out
 }
 

@@ -19,15 +19,20 @@
 //! - **Proxy table** ([`proxy_table`]): `VIP:port` for every port a service
 //!   declares → its healthy instances, part of the edge tables (`edge.rs`)
 //!   that every node's TCP proxy serves, beside the published ports.
-//!   Process services of stacks that also run containers are served on
-//!   their container-facing address too (`198.19.x.y`, which each node adds
-//!   to `lo`: [`container_addresses`], `berth_agent::edge::LoAddresses`),
-//!   because a container cannot reach the host's `127.77.x.y`.
+//!   The services of stacks that run containers are served on their
+//!   container-facing address too (`198.19.x.y`, which each node adds to
+//!   `lo`: [`container_addresses`], `berth_agent::edge::LoAddresses`),
+//!   because a container cannot reach the host's `127.77.x.y`: process
+//!   services (containers are given their names as `extra_hosts`) and
+//!   container services with a declared TCP port (found by name through
+//!   berth's DNS for containers, [`container_names`], when the stack
+//!   network of the container's own node has no such service).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use berth_model::edge::{ContainerName, ServiceRef};
 use berth_model::vip::{self, ServiceVip};
 use berth_model::{StackRecord, keys};
 use berth_net::Backends;
@@ -235,7 +240,9 @@ fn scheme(service: &Service, port: u16) -> String {
 /// Where an instance of `consumer` reaches service `target` of the same
 /// stack: a process goes through the VIP; a container reaches a process
 /// service on its container-facing address and a container service by name
-/// (the stack network's DNS).
+/// (the stack network's aliases when the service has containers on the
+/// same node, otherwise berth's DNS for containers, which answers the
+/// service's container-facing address).
 fn address_for(consumer: &Service, target: &Service, name: &str, vip: Ipv4Addr) -> String {
     match (consumer.driver(), target.driver()) {
         (Driver::Process, _) => vip.to_string(),
@@ -304,7 +311,7 @@ pub fn instance_env(
     env
 }
 
-/// Whether a stack runs containers (its process services then need
+/// Whether a stack runs containers (its services then need
 /// container-facing addresses).
 fn has_containers(record: &StackRecord) -> bool {
     record
@@ -314,22 +321,52 @@ fn has_containers(record: &StackRecord) -> bool {
         .any(|s| s.driver() == Driver::Docker)
 }
 
-/// The container-facing addresses this node must serve: those of process
-/// services in stacks that also run containers.
-pub fn container_addresses(mirror: &Mirror) -> BTreeSet<Ipv4Addr> {
-    let mut out = BTreeSet::new();
+/// The services containers reach on a container-facing address, with it:
+/// in stacks that run containers, every process service, and every
+/// container service that declares a TCP port (the proxy has nothing to
+/// forward for one that declares none; its own node's containers still
+/// find it on the stack network).
+fn container_facing(mirror: &Mirror) -> Vec<(ServiceRef, &Service, Ipv4Addr)> {
+    let mut out = Vec::new();
     for (record, _) in mirror.stacks.values() {
         if !has_containers(record) {
             continue;
         }
         for (name, svc) in &record.spec.services {
-            if svc.driver() == Driver::Process
-                && let Some(v) = vip_of(mirror, &record.namespace, &record.name, name)
-            {
-                out.insert(vip::container_address(v));
+            if svc.driver() == Driver::Docker && svc.tcp_ports().is_empty() {
+                continue;
+            }
+            if let Some(v) = vip_of(mirror, &record.namespace, &record.name, name) {
+                let id = ServiceRef {
+                    namespace: record.namespace.clone(),
+                    stack: record.name.clone(),
+                    service: name.clone(),
+                };
+                out.push((id, svc, vip::container_address(v)));
             }
         }
     }
+    out
+}
+
+/// The container-facing addresses every node must serve (see
+/// [`container_facing`]).
+pub fn container_addresses(mirror: &Mirror) -> BTreeSet<Ipv4Addr> {
+    container_facing(mirror)
+        .into_iter()
+        .map(|(_, _, a)| a)
+        .collect()
+}
+
+/// What berth's DNS for containers answers: each service with a
+/// container-facing address and a declared TCP port, sorted by service.
+pub fn container_names(mirror: &Mirror) -> Vec<ContainerName> {
+    let mut out: Vec<ContainerName> = container_facing(mirror)
+        .into_iter()
+        .filter(|(_, svc, _)| !svc.tcp_ports().is_empty())
+        .map(|(service, _, addr)| ContainerName { service, addr })
+        .collect();
+    out.sort_by(|a, b| a.service.cmp(&b.service));
     out
 }
 
@@ -565,10 +602,31 @@ services:
             t[&sa(cache, 6379)],
             vec!["172.18.0.5:6379".parse::<SocketAddr>().unwrap()]
         );
-        // The stack runs containers: process services are served on their
-        // container-facing address too, container services are not.
+        // The stack runs containers: its services are served on their
+        // container-facing address too, containers' like processes'.
         assert!(t.contains_key(&sa(vip::container_address(api), 8000)));
-        assert!(!t.contains_key(&sa(vip::container_address(cache), 6379)));
+        assert_eq!(
+            t[&sa(vip::container_address(cache), 6379)],
+            vec!["172.18.0.5:6379".parse::<SocketAddr>().unwrap()]
+        );
+        // berth's DNS for containers names the services with a declared
+        // TCP port: not `box` (a container with none) nor `web` (a process
+        // with none, which still gets its address for `extra_hosts`).
+        let names: Vec<(String, Ipv4Addr)> = container_names(&m)
+            .into_iter()
+            .map(|n| (n.service.service, n.addr))
+            .collect();
+        let caddr = |s: &str| vip::container_address(vip_of(&m, "default", "shop", s).unwrap());
+        assert_eq!(
+            names,
+            [
+                ("api".to_owned(), caddr("api")),
+                ("cache".to_owned(), caddr("cache")),
+                ("db".to_owned(), caddr("db")),
+            ]
+        );
+        let lo = container_addresses(&m);
+        assert!(lo.contains(&caddr("web")) && !lo.contains(&caddr("box")));
 
         // A container published on its node's address (a node other nodes
         // reach): the VIP forwards to that address at its host port.

@@ -67,6 +67,7 @@ use crate::logs::LogStore;
 use crate::now_ms;
 use crate::ports::{PortAllocator, PortLease};
 
+pub mod dns;
 mod image;
 pub mod preflight;
 mod probe;
@@ -247,6 +248,8 @@ struct Inner {
     starts: Arc<tokio::sync::Semaphore>,
     /// Set when containers' ports are published on the node's address.
     publish: Option<Publish>,
+    /// Whether the log already said that containers get no berth DNS.
+    dns_said: std::sync::atomic::AtomicBool,
 }
 
 /// Runs instances as Docker containers. Cheap to clone.
@@ -293,6 +296,7 @@ impl DockerDriver {
                 builds: image::Builds::default(),
                 starts: Arc::new(tokio::sync::Semaphore::new(START_CONCURRENCY)),
                 publish,
+                dns_said: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -561,6 +565,37 @@ impl Inner {
         Ok((Some(published), leases))
     }
 
+    /// berth's DNS settings for a container of `key`'s stack when this host
+    /// serves berth's DNS for containers (see [`dns`]); otherwise the
+    /// engine's defaults, and the log says once what that means.
+    fn container_dns(&self, key: &InstanceKey) -> Option<dns::ContainerDns> {
+        // A remote engine's containers are on another host: this one's
+        // addresses say nothing about what they reach.
+        let host = self.engine.describe();
+        let local = host.starts_with("unix://") || host.starts_with('/');
+        if local && dns::served_here() {
+            return Some(dns::container_dns(
+                &key.namespace,
+                &key.stack,
+                &dns::host_upstream(),
+            ));
+        }
+        if !self
+            .dns_said
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                engine = %host,
+                dns = %berth_model::vip::CONTAINER_DNS,
+                "containers find other services by name only when those have containers on \
+                 this node (the stack network's aliases): berth's DNS for containers is not \
+                 an address of this host (the node's edge adds it to lo when it runs its TCP \
+                 proxy as root, next to a local engine)"
+            );
+        }
+        None
+    }
+
     async fn create(
         &self,
         docker: &Docker,
@@ -570,7 +605,15 @@ impl Inner {
         let network = network_name(&spec.key.namespace, &spec.key.stack);
         let name = container_name(&spec.key, &spec.uid);
         let (published, leases) = self.host_ports(spec)?;
-        let body = spec::container_body(spec, image, &self.agent_id, &network, published.as_ref());
+        let dns = self.container_dns(&spec.key);
+        let body = spec::container_body(
+            spec,
+            image,
+            &self.agent_id,
+            &network,
+            published.as_ref(),
+            dns.as_ref(),
+        );
         let _slot = self
             .starts
             .acquire()

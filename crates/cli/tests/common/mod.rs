@@ -411,6 +411,8 @@ struct AgentSpec {
     /// The network namespace it runs in and its index in the test's
     /// [`netns::Netns`] (`None`: the host's).
     netns: Option<(String, usize)>,
+    /// Environment variables set for it.
+    env: Vec<(String, String)>,
 }
 
 /// A `berth agent --join` being set up: see [`spawn_agent`].
@@ -447,6 +449,7 @@ pub fn spawn_agent<'a>(berth: &'a Berth, join: &str, token: &str, node: &str) ->
             node: node.to_owned(),
             args: Vec::new(),
             netns: None,
+            env: Vec::new(),
         },
     }
 }
@@ -469,6 +472,12 @@ impl AgentBuilder<'_> {
     /// 127.0.0.1:8080/8600, and they race for the same VIP listeners).
     pub fn no_edge(self) -> Self {
         self.args(&["--no-http", "--no-dns", "--no-proxy"])
+    }
+
+    /// Set an environment variable (`DOCKER_HOST` of a node's own engine).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.spec.env.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Run it in node `i`'s network namespace.
@@ -510,7 +519,8 @@ impl AgentSpec {
             state.to_str().unwrap(),
         ];
         args.extend(self.args.iter().map(String::as_str));
-        let cmd = berth.command(dir, &args);
+        let mut cmd = berth.command(dir, &args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut cmd = match &self.netns {
             Some((ns, _)) => netns::exec_in(ns, &cmd),
             None => cmd,

@@ -11,6 +11,7 @@ use bollard::models::{
     NetworkingConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
 };
 
+use super::dns::ContainerDns;
 use crate::driver::LaunchSpec;
 
 /// Label: the stack's namespace.
@@ -183,13 +184,15 @@ fn port_bindings(svc: &Service, published: Option<&Published>) -> Option<bollard
 }
 
 /// The container configuration of one instance; `published`: bind its
-/// declared ports there (a node whose instances other nodes reach).
+/// declared ports there (a node whose instances other nodes reach); `dns`:
+/// berth's DNS settings (see [`super::dns`]; `None`: the engine's).
 pub fn container_body(
     spec: &LaunchSpec,
     image: &str,
     agent_id: &str,
     network: &str,
     published: Option<&Published>,
+    dns: Option<&ContainerDns>,
 ) -> ContainerCreateBody {
     let svc = &spec.service;
     let key = &spec.key;
@@ -274,6 +277,8 @@ pub fn container_body(
             maximum_retry_count: None,
         }),
         network_mode: Some(network.to_owned()),
+        dns: dns.map(|d| d.servers.clone()),
+        dns_search: dns.map(|d| d.search.clone()),
         port_bindings: port_bindings(svc, published),
         ..Default::default()
     };
@@ -375,7 +380,7 @@ mod tests {
             ip,
             ports: BTreeMap::from([(80, 41001), (9000, 41002)]),
         };
-        let body = container_body(&spec, "img", "agent", "net", Some(&published));
+        let body = container_body(&spec, "img", "agent", "net", Some(&published), None);
         let bindings = body.host_config.unwrap().port_bindings.unwrap();
         assert_eq!(bindings.len(), 2);
         let b80 = bindings["80/tcp"].as_ref().unwrap();
@@ -400,8 +405,25 @@ mod tests {
         assert_eq!(bound_ports(&bindings, ip, &[80, 7000]), None);
 
         // One machine: nothing is host-published.
-        let body = container_body(&spec, "img", "agent", "net", None);
-        assert!(body.host_config.unwrap().port_bindings.is_none());
+        let body = container_body(&spec, "img", "agent", "net", None, None);
+        let host = body.host_config.unwrap();
+        assert!(host.port_bindings.is_none());
+        // Without berth's DNS, the engine's own settings.
+        assert_eq!((host.dns, host.dns_search), (None, None));
+    }
+
+    #[test]
+    fn berths_dns_settings_go_to_the_engine() {
+        let spec = launch(serde_json::json!([]));
+        let dns = ContainerDns {
+            servers: vec!["198.18.0.53".into(), "10.0.0.2".into()],
+            search: vec!["shop.default.berth".into()],
+        };
+        let host = container_body(&spec, "img", "agent", "net", None, Some(&dns))
+            .host_config
+            .unwrap();
+        assert_eq!(host.dns, Some(dns.servers));
+        assert_eq!(host.dns_search, Some(dns.search));
     }
 
     #[test]
@@ -434,14 +456,14 @@ mod tests {
         };
         let want = vec!["127.0.0.1:5353".to_owned(), "0.0.0.0:5354".to_owned()];
         assert_eq!(
-            udp53(container_body(&spec, "img", "agent", "net", None)),
+            udp53(container_body(&spec, "img", "agent", "net", None, None)),
             want
         );
         let published = Published {
             ip: "10.213.1.1".parse().unwrap(),
             ports: BTreeMap::from([(80, 41001)]),
         };
-        let body = container_body(&spec, "img", "agent", "net", Some(&published));
+        let body = container_body(&spec, "img", "agent", "net", Some(&published), None);
         let tcp = body
             .host_config
             .as_ref()
