@@ -17,27 +17,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// `berth server --store etcd://… --no-agent` with its own data dir;
-/// (harness, API address).
-fn server_on(etcd: &Etcd, node: &str) -> (Berth, String) {
-    let mut b = Berth::new();
-    let store = format!("etcd://127.0.0.1:{}/failover", etcd.port);
-    b.spawn_server(&[
-        "server",
-        "--store",
-        &store,
-        "--node-id",
-        node,
-        "--no-agent",
-        "--listen",
-        "127.0.0.1:0",
-        "--no-http",
-        "--no-dns",
-    ]);
-    let api = server_tcp_addresses(b.data.path()).swap_remove(0);
-    (b, api)
-}
-
 /// GET with the admin token; (status, body).
 fn admin_get(berth: &Berth, api: &str, path: &str) -> (u16, String) {
     let token = std::fs::read_to_string(berth.data.path().join("token")).unwrap();
@@ -78,8 +57,9 @@ fn an_agent_leaves_a_hung_server_without_fencing_and_keeps_its_processes() {
 /// the other one.
 fn fails_over(sig: &str) {
     let etcd = Etcd::start();
-    let (s1, api1) = server_on(&etcd, "s1");
-    let (s2, api2) = server_on(&etcd, "s2");
+    let no_agent = ["--no-agent", "--listen", "127.0.0.1:0"];
+    let (s1, api1) = etcd.server("failover", "s1", &no_agent);
+    let (s2, api2) = etcd.server("failover", "s2", &no_agent);
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
 

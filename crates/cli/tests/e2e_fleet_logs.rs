@@ -125,20 +125,7 @@ fn logs_of_an_agents_instances_are_shown_and_followed_on_the_server() {
             .spawn()
             .unwrap(),
     );
-    let seen = Arc::new(Mutex::new(String::new()));
-    let mut out = follow.0.stdout.take().unwrap();
-    let sink = seen.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
+    let seen = collect(follow.0.stdout.take().unwrap());
     wait_until(
         "`logs -f` printed the past lines",
         Duration::from_secs(20),
@@ -176,4 +163,214 @@ fn logs_of_an_agents_instances_are_shown_and_followed_on_the_server() {
     assert_eq!(status, 401);
 
     berth.ok(dir, &["down", "-p", "flogs"]);
+}
+
+/// Appends `line` to the file an instance `tail -F`s.
+fn append(path: &std::path::Path, line: &str) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    writeln!(f, "{line}").unwrap();
+}
+
+/// Collects a child's stdout or stderr into a string, on a thread.
+fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let seen = Arc::new(Mutex::new(String::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    seen
+}
+
+fn wait_for_text(what: &str, seen: &Mutex<String>, text: &str) {
+    wait_until(what, Duration::from_secs(20), || {
+        let s = seen.lock().unwrap();
+        if s.contains(text) {
+            Ok(())
+        } else {
+            Err(s.clone())
+        }
+    });
+}
+
+/// Two servers on one real etcd, each with its local agent running one
+/// service, whose lines stay on that server. `berth logs` (past, `--tail`,
+/// `--grep`, `-f`) asked of s1 shows s2's lines too; with s2 killed, s1
+/// still answers, with a warning naming s2.
+#[test]
+fn logs_asked_of_one_server_include_every_servers_lines() {
+    let etcd = Etcd::start();
+    // Each with its own local agent.
+    let (s1, api1) = etcd.server("fanout", "s1", &[]);
+    let (s2, _) = etcd.server("fanout", "s2", &[]);
+    wait_until("both servers listed", Duration::from_secs(15), || {
+        let (_, body) = api_request(&api1, "GET", "/v1/servers", None);
+        if body.contains("\"s1\"") && body.contains("\"s2\"") {
+            Ok(())
+        } else {
+            Err(body)
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let fed = dir.join("b.txt");
+    std::fs::write(&fed, "b-line-1\n").unwrap();
+    // Each instance ends with its server (`--pid`: the server is its
+    // parent), so killing s2 leaves nothing behind.
+    std::fs::write(
+        dir.join("compose.yaml"),
+        format!(
+            concat!(
+                "services:\n",
+                "  a:\n",
+                "    command: [\"sh\", \"-c\", \"echo a-says-hello; exec tail -f /dev/null --pid=$$PPID\"]\n",
+                "    deploy: {{ placement: {{ constraints: [\"node.id == s1\"] }} }}\n",
+                "  b:\n",
+                "    command: [\"sh\", \"-c\", \"exec tail -n +1 -F {} --pid=$$PPID\"]\n",
+                "    deploy: {{ placement: {{ constraints: [\"node.id == s2\"] }} }}\n",
+            ),
+            fed.display()
+        ),
+    )
+    .unwrap();
+    s1.ok(dir, &["up", "-d", "-p", "fanlogs"]);
+
+    // Each server holds only its own node's lines...
+    let held = |b: &Berth, service: &str| {
+        std::fs::read_to_string(
+            b.data
+                .path()
+                .join(format!("logs/default/fanlogs/{service}.1/current.log")),
+        )
+        .unwrap_or_default()
+    };
+    wait_until("b's line stored on s2", Duration::from_secs(20), || {
+        if held(&s2, "b").contains("b-line-1") {
+            Ok(())
+        } else {
+            Err(s2.server_log())
+        }
+    });
+    assert!(!held(&s1, "b").contains("b-line-1"), "{}", held(&s1, "b"));
+    // ... and either one answers with both.
+    for (name, s) in [("s1", &s1), ("s2", &s2)] {
+        wait_until(
+            &format!("both lines via {name}"),
+            Duration::from_secs(20),
+            || {
+                let out = s.run(dir, &["logs", "-p", "fanlogs"]);
+                let (stdout, stderr) = (
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr),
+                );
+                assert!(out.status.success(), "{stdout}\n{stderr}");
+                if stderr.is_empty()
+                    && stdout.contains("a-says-hello")
+                    && stdout.contains("b-line-1")
+                {
+                    Ok(())
+                } else {
+                    Err(stdout.into_owned())
+                }
+            },
+        );
+    }
+
+    // Limits and searches hold over the merge: the newest line is s2's.
+    append(&fed, "b-line-2");
+    wait_until("b-line-2 via s1", Duration::from_secs(20), || {
+        let out = s1.ok(dir, &["logs", "-p", "fanlogs", "--tail", "1"]);
+        if out.contains("b-line-2") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    });
+    let last = s1.ok(
+        dir,
+        &["logs", "-p", "fanlogs", "--tail", "1", "--no-prefix"],
+    );
+    assert_eq!(last.trim(), "b-line-2");
+    let found = s1.ok(
+        dir,
+        &[
+            "logs",
+            "-p",
+            "fanlogs",
+            "--grep",
+            "line|hello",
+            "--no-prefix",
+        ],
+    );
+    let mut got: Vec<&str> = found.lines().collect();
+    let (b1, b2) = (
+        got.iter().position(|l| *l == "b-line-1"),
+        got.iter().position(|l| *l == "b-line-2"),
+    );
+    assert!(b1 < b2, "{found}");
+    got.sort_unstable();
+    assert_eq!(got, ["a-says-hello", "b-line-1", "b-line-2"], "{found}");
+    let json = s1.ok(dir, &["logs", "-p", "fanlogs", "--json"]);
+    let stamps: Vec<u64> = json
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["ts_us"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{json}");
+
+    // Following s1: a line printed on s2's side arrives.
+    let mut follow = s1
+        .command(dir, &["logs", "-f", "-p", "fanlogs", "--no-prefix"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen = collect(follow.stdout.take().unwrap());
+    let warned = collect(follow.stderr.take().unwrap());
+    let follow = Proc(follow);
+    wait_for_text("`logs -f` printed the past", &seen, "b-line-2");
+    let t = Instant::now();
+    append(&fed, "b-line-3");
+    wait_for_text("s2's new line in `logs -f` on s1", &seen, "b-line-3");
+    eprintln!(
+        "a line on s2 reached `logs -f` on s1 within {:?}",
+        t.elapsed()
+    );
+
+    // s2 dies: the follow says so, and s1 still answers, naming s2.
+    signal(s2.server_pid().unwrap(), "KILL");
+    wait_for_text(
+        "`logs -f` says s2 stopped answering",
+        &seen,
+        "server s2 stopped answering",
+    );
+    let out = s1.run(dir, &["logs", "-p", "fanlogs"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("a-says-hello"), "{stdout}");
+    assert!(
+        stderr.contains("warning: server s2 did not answer"),
+        "(s2's record outlives it by its lease, 7.5 s at least)\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        warned.lock().unwrap().is_empty(),
+        "{}",
+        warned.lock().unwrap()
+    );
+    // No `down`: it would wait for s2's node lease to expire and for s1 to
+    // lead; the instances end with their servers (`--pid`).
+    drop(follow);
 }

@@ -14,21 +14,7 @@ use serde_json::Value;
 
 /// A `berth server` with its own data dir and node id on the shared etcd.
 fn server(etcd: &Etcd, node: &str) -> Berth {
-    let mut b = Berth::new();
-    let store = format!("etcd://127.0.0.1:{}/{}", etcd.port, std::process::id());
-    b.spawn_server(&[
-        "server",
-        "--store",
-        &store,
-        "--node-id",
-        node,
-        "--no-http",
-        "--no-dns",
-    ]);
-    wait_until("server is up", Duration::from_secs(30), || {
-        b.server_pid().map(|_| ()).ok_or_else(|| b.server_log())
-    });
-    b
+    etcd.server(&std::process::id().to_string(), node, &[]).0
 }
 
 fn api_port(b: &Berth) -> u16 {

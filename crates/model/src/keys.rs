@@ -30,6 +30,9 @@ pub const EXTERNAL: &str = "/berth/external/";
 pub const EVENTS: &str = "/berth/events/";
 /// The cluster's join token (`berth agent --join URL --token T`).
 pub const JOIN_TOKEN: &str = "/berth/cluster/join-token";
+/// The secret servers present to each other (the logs fan-out): only
+/// readers of the store know it.
+pub const PEER_TOKEN: &str = "/berth/cluster/peer-token";
 /// Prefix of joined nodes' credentials (hashed secrets; no lease: they
 /// outlive the node's registration until `berth node rm`).
 pub const NODE_CREDS: &str = "/berth/node-creds/";

@@ -156,15 +156,33 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The cluster's join token, created by the first server that asks.
 pub async fn ensure_join_token(store: &dyn Store) -> Result<String, NodeAuthError> {
+    ensure_secret(store, keys::JOIN_TOKEN, "berth-join-").await
+}
+
+/// The secret servers present to each other (`/v1/peer/…` routes, see
+/// [`crate::peers`]), created by the first server that asks. Only what can
+/// read the store (servers) knows it: agents never see the store, and
+/// admins hold their server's own token, not this one.
+pub async fn ensure_peer_token(store: &dyn Store) -> Result<String, NodeAuthError> {
+    ensure_secret(store, keys::PEER_TOKEN, "berth-peer-").await
+}
+
+/// The random secret at `key`, created (`prefix` + 48 hex digits) when
+/// absent; when two servers race, the first write wins for both.
+async fn ensure_secret(
+    store: &dyn Store,
+    key: &str,
+    prefix: &str,
+) -> Result<String, NodeAuthError> {
     loop {
-        if let Some(kv) = store.get(keys::JOIN_TOKEN).await? {
+        if let Some(kv) = store.get(key).await? {
             return Ok(String::from_utf8_lossy(&kv.value).into_owned());
         }
-        let token = format!("berth-join-{}", random_hex(24)?);
+        let token = format!("{prefix}{}", random_hex(24)?);
         let created = store
             .txn(Txn {
-                compare: vec![Compare::ModRevision(keys::JOIN_TOKEN.to_owned(), 0)],
-                success: vec![Op::put(keys::JOIN_TOKEN, token.clone())],
+                compare: vec![Compare::ModRevision(key.to_owned(), 0)],
+                success: vec![Op::put(key, token.clone())],
                 failure: vec![],
             })
             .await?;

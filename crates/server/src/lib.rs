@@ -16,6 +16,7 @@
 //! - [`metrics`], [`history`], [`events`]: `GET /metrics`, the in-memory
 //!   history of instance resource use, and the event log derived from state
 //!   changes (bundled as [`metrics::Telemetry`]).
+//! - [`peers`]: servers asking each other (the logs fan-out).
 //! - [`vip`]: stable per-service addresses, discovery env and the `VIP:port` proxy table.
 //! - [`run`]: opens the store, registers this node, starts the local agent,
 //!   the controller and the listeners, and stops them all on shutdown.
@@ -53,6 +54,7 @@ pub mod kv;
 pub mod leader;
 pub mod metrics;
 pub mod mirror;
+pub mod peers;
 pub mod servers;
 #[cfg(test)]
 mod test_util;
@@ -290,12 +292,24 @@ pub async fn run(
         tasks.spawn(async move { running.wait().await.context("this node's edge") });
     }
 
+    // Other servers on the same store hold log lines of their own; a logs
+    // request asks them (an embedded store has no other server).
+    let peers = match cfg.store {
+        StoreLocation::Embedded => None,
+        StoreLocation::Etcd(_) => {
+            let token = join::ensure_peer_token(store.as_ref())
+                .await
+                .context("creating the servers' peer token")?;
+            Some(peers::Peers::new(store.clone(), cfg.node_id.clone(), token))
+        }
+    };
     let parts = ApiParts {
         store: store.clone(),
         logs: logs.clone(),
         token,
         telemetry: telemetry.clone(),
         edge_feed,
+        peers,
     };
     let (socket, bound) = serve_api(&cfg, &parts, &mut tasks, &stop_rx).await?;
     let info = ServerInfo {
@@ -386,6 +400,16 @@ struct ApiParts {
     token: String,
     telemetry: metrics::Telemetry,
     edge_feed: edge::EdgeFeed,
+    /// The other servers (a shared store only).
+    peers: Option<peers::Peers>,
+}
+
+/// The router, with the other servers to ask when there can be any.
+fn with_peers(router: axum::Router, parts: &ApiParts) -> axum::Router {
+    match &parts.peers {
+        Some(p) => router.layer(axum::Extension(p.clone())),
+        None => router,
+    }
 }
 
 /// Bind and serve the API: the Unix socket, every `--listen` address (with
@@ -406,9 +430,12 @@ async fn serve_api(
     };
     let socket = cfg.data_dir.join(SOCKET_NAME);
     {
-        let router = api::router(ctx(None))
-            .layer(axum::Extension(parts.telemetry.clone()))
-            .layer(axum::Extension(parts.edge_feed.clone()));
+        let router = with_peers(
+            api::router(ctx(None))
+                .layer(axum::Extension(parts.telemetry.clone()))
+                .layer(axum::Extension(parts.edge_feed.clone())),
+            parts,
+        );
         let socket = socket.clone();
         let rx = stop_rx.clone();
         tasks.spawn(async move {
@@ -434,9 +461,12 @@ async fn serve_api(
             auth: cfg.dashboard_auth,
         };
         let router = ui::with_dashboard(
-            api::router(ctx(need_token))
-                .layer(axum::Extension(parts.telemetry.clone()))
-                .layer(axum::Extension(parts.edge_feed.clone())),
+            with_peers(
+                api::router(ctx(need_token))
+                    .layer(axum::Extension(parts.telemetry.clone()))
+                    .layer(axum::Extension(parts.edge_feed.clone())),
+                parts,
+            ),
             guard,
         );
         let rx = stop_rx.clone();

@@ -4,7 +4,7 @@
 
 use crate::args::LogsArgs;
 use crate::client::{check, enc};
-use crate::cmd::LineReader;
+use crate::cmd::{LineReader, warn_missing_servers};
 use crate::exit;
 use crate::output::{LogPrinter, print_line};
 use crate::resolve::{self, stack_path};
@@ -36,6 +36,7 @@ pub async fn run(settings: &Settings, args: &LogsArgs) -> anyhow::Result<u8> {
         query.join("&")
     );
     let resp = check(client.send(hyper::Method::GET, &path, None).await?).await?;
+    warn_missing_servers(resp.headers());
     let mut reader = LineReader::new(resp.into_body());
     let mut printer = LogPrinter::new(settings.color, !args.no_prefix, 0);
     while let Some(line) = reader.next().await? {

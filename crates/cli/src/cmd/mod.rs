@@ -47,6 +47,19 @@ pub(crate) async fn read_frame(body: &mut Incoming, buf: &mut Vec<u8>) -> anyhow
     }
 }
 
+/// Say on stderr which servers' lines a logs answer lacks: with several
+/// servers, the one asked merges every other's, and names in
+/// `Berth-Missing-Server` (`<node>: <why>`) each that did not answer.
+pub(crate) fn warn_missing_servers(headers: &hyper::HeaderMap) {
+    for v in headers.get_all("berth-missing-server") {
+        let text = String::from_utf8_lossy(v.as_bytes());
+        let (node, why) = text.split_once(": ").unwrap_or((&text, "no reason given"));
+        eprintln!(
+            "warning: server {node} did not answer ({why}): the log lines stored there are missing"
+        );
+    }
+}
+
 /// Reads NDJSON log lines off a streaming response body.
 pub struct LineReader {
     body: Incoming,

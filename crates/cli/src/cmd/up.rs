@@ -121,6 +121,7 @@ async fn attached(
     let mut interrupt = signal(SignalKind::interrupt())?;
     let path = format!("{}/logs?follow=true&since={since_s}", stack_path(ns, stack));
     let resp = check(client.send(hyper::Method::GET, &path, None).await?).await?;
+    super::warn_missing_servers(resp.headers());
     let mut reader = LineReader::new(resp.into_body());
     let mut printer = LogPrinter::new(settings.color, true, width);
 

@@ -648,6 +648,30 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// `berth server --store etcd://…/PREFIX --node-id NODE --no-http
+    /// --no-dns ARGS` with its own data dir (no router or DNS: several
+    /// servers share this host); (harness, its first TCP API address) once
+    /// it has written it.
+    pub fn server(&self, prefix: &str, node: &str, args: &[&str]) -> (Berth, String) {
+        let mut b = Berth::new();
+        let store = format!("etcd://127.0.0.1:{}/{prefix}", self.port);
+        let mut all = vec![
+            "server",
+            "--store",
+            &store,
+            "--node-id",
+            node,
+            "--no-http",
+            "--no-dns",
+        ];
+        all.extend_from_slice(args);
+        b.spawn_server(&all);
+        let api = server_tcp_addresses(b.data.path()).swap_remove(0);
+        (b, api)
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();

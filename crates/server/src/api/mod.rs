@@ -11,7 +11,8 @@
 //!   and config vars.
 //! - [`instances`]: the join of assignments (desired placement) with
 //!   instance statuses (actual state) that `berth ps` shows.
-//! - [`logs`]: past and followed logs as an NDJSON stream.
+//! - [`logs`]: past and followed logs as an NDJSON stream, merged across
+//!   servers (`/v1/peer/…`, the peer token: see [`crate::peers`]).
 //! - [`metrics`]: `GET /metrics` (Prometheus) and the built-in history;
 //!   [`events`]: the event log as JSON pages or SSE.
 //! - [`services`]: the catalog per service (`berth services`) and the
@@ -218,8 +219,9 @@ fn build() -> Routes {
         .then(consul::add_routes)
 }
 
-/// The agents' routes: never behind the admin token (they check the join
-/// token or the node's credential themselves, on every listener).
+/// The agents' and servers' routes: never behind the admin token (they
+/// check the join token, the node's credential or the peer token
+/// themselves, on every listener).
 fn build_agent() -> Routes {
     let r = Routes {
         router: Router::new(),
@@ -260,6 +262,12 @@ fn build_agent() -> Routes {
             agent::edge_watch,
         )
         .add(Method::POST, "/v1/agent/nodes/{node}/stats", agent::stats)
+        // Servers asking each other: the peer token, checked by the route.
+        .add(
+            Method::GET,
+            "/v1/peer/stacks/{ns}/{stack}/logs",
+            logs::peer_stream,
+        )
 }
 
 /// Every (method, path) the router serves, in axum's path syntax.
@@ -325,7 +333,7 @@ async fn require_token(State(token): State<Arc<String>>, req: Request, next: Nex
 
 /// The credentials of an `Authorization: Bearer <token>` value. The scheme
 /// is case-insensitive (RFC 7235 §2.1), so `bearer` and `BEARER` work too.
-fn bearer_token(value: &str) -> Option<&str> {
+pub(crate) fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim_start().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -334,7 +342,7 @@ fn bearer_token(value: &str) -> Option<&str> {
 
 /// Compares in time that depends only on the lengths, so a remote client
 /// cannot find the token byte by byte from response times.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

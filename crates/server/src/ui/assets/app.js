@@ -647,10 +647,17 @@ async function followLogs(box, search, follow, older, status, ns, stack, svc) {
     if (jumpTop) { box.scrollTop = 0; jumpTop = false; } else if (follow.checked) box.scrollTop = box.scrollHeight;
   };
   const schedule = () => { if (!pending) { pending = true; requestAnimationFrame(render); } };
+  // With several servers, the one asked names each other server that did
+  // not answer (its lines are missing from this answer).
+  const missing = (r) => {
+    const m = r.headers.get('berth-missing-server');
+    return m ? ` Some servers did not answer; their lines are missing: ${m}` : '';
+  };
   // One finished (not followed) request for past lines.
   const past = async (params) => {
     const r = await openStream(`${base}&${params}`, 'application/x-ndjson', page.signal);
     const got = [];
+    got.note = missing(r);
     await readLines(r, (raw) => { if (raw.trim()) { try { got.push(JSON.parse(raw)); } catch { /* partial line */ } } });
     return got;
   };
@@ -671,7 +678,7 @@ async function followLogs(box, search, follow, older, status, ns, stack, svc) {
       let n;
       if (q) [n, matches] = merge(matches, got); else [n, lines] = merge(lines, got);
       limit += n;
-      status.textContent = n ? `${n} older ${q ? 'matching ' : ''}lines loaded.` : `No older ${q ? 'matching ' : ''}lines.`;
+      status.textContent = (n ? `${n} older ${q ? 'matching ' : ''}lines loaded.` : `No older ${q ? 'matching ' : ''}lines.`) + got.note;
       if (n) { follow.checked = false; jumpTop = true; }
       schedule();
     } catch (e) {
@@ -690,7 +697,7 @@ async function followLogs(box, search, follow, older, status, ns, stack, svc) {
         const got = await past(`tail=${PAGE}&grep=${grepOf(q)}`);
         if (query() !== q) return; // the user typed on
         matches = got; matchedFor = q;
-        status.textContent = `${got.length}${got.length === PAGE ? '+' : ''} past matching line${got.length === 1 ? '' : 's'} from the server; new ones appear as they come.`;
+        status.textContent = `${got.length}${got.length === PAGE ? '+' : ''} past matching line${got.length === 1 ? '' : 's'} from the server; new ones appear as they come.` + got.note;
         schedule();
       } catch (e) {
         if (e.status !== 401) status.textContent = `Search failed: ${e.message}`;
@@ -708,6 +715,8 @@ async function followLogs(box, search, follow, older, status, ns, stack, svc) {
     try {
       const r = await openStream(`${base}&${q}&follow=true`, 'application/x-ndjson', page.signal);
       delay = 500;
+      const note = missing(r);
+      if (note) status.textContent = note.trim();
       await readLines(r, (raw) => {
         if (!raw.trim()) return;
         try {
