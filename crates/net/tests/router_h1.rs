@@ -687,9 +687,117 @@ async fn connection_close_and_http_1_0_are_honoured() {
     assert_eq!(a.body, b"hello world");
 }
 
+/// The router's own error pages carry a `Date` of now: an IMF-fixdate of
+/// a second between `before` and the check.
+fn assert_dated(reply: &Reply, before: std::time::SystemTime) {
+    let date =
+        header(&reply.head, "date").unwrap_or_else(|| panic!("no date header in {:?}", reply.head));
+    let secs =
+        |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = secs(std::time::SystemTime::now());
+    // `head` is lower-cased: compare with every second's date, likewise.
+    let ok = (secs(before)..=now).any(|t| {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(t);
+        httpdate::fmt_http_date(at).to_ascii_lowercase() == date
+    });
+    assert!(ok, "date {date:?} is not an IMF-fixdate of now");
+}
+
 #[tokio::test]
-async fn a_client_that_goes_away_cancels_its_request() {
+async fn the_routers_own_error_pages_carry_a_date() {
+    let before = std::time::SystemTime::now();
     let inst = instance(KEEP).await;
+    let r = router_to(&[inst.addr], 1).await;
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let mut buf = Vec::new();
+    // 404: no route (keep-alive), then 502 on the same connection.
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 404);
+    assert_dated(&a, before);
+    let a = exchange(
+        &mut c,
+        &mut buf,
+        "GET /garbage HTTP/1.1\r\nHost: web.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 502);
+    assert_dated(&a, before);
+    // 400 (and the connection closes).
+    let mut c = TcpStream::connect(r.addr).await.unwrap();
+    let a = exchange(
+        &mut c,
+        &mut Vec::new(),
+        "GET / HTTP/1.1\r\nHost web.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 400);
+    assert_dated(&a, before);
+    // 503: a service with no instance.
+    let none = router_to(&[], 1).await;
+    let mut c = TcpStream::connect(none.addr).await.unwrap();
+    let a = exchange(
+        &mut c,
+        &mut Vec::new(),
+        "GET / HTTP/1.1\r\nHost: web.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 503);
+    assert_dated(&a, before);
+}
+
+/// An instance that, for `/hold`, reads the request (its body too), says
+/// so on `got`, never answers, and says on `closed` when the router
+/// closes that connection; any other request gets `200 ok`.
+async fn holding_instance() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, got) = tokio::sync::mpsc::unbounded_channel();
+    let (closed_tx, closed) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (got_tx, closed_tx) = (got_tx.clone(), closed_tx.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some((head, _body)) = read_request(&mut s, &mut buf).await {
+                    if head.starts_with("GET /hold ") || head.starts_with("POST /hold ") {
+                        let _ = got_tx.send(());
+                        let mut sink = [0u8; 1024];
+                        while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                        let _ = closed_tx.send(());
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, got, closed)
+}
+
+async fn next_event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what} within 10 s"))
+        .expect("the instance runs");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_request_with_or_without_a_body() {
+    // The router's upstream timeout is 60 s: only a cancellation closes
+    // the instance's connection within the 10 s waited for.
+    let (inst, mut got, mut closed) = holding_instance().await;
     let web = ServiceId::new("default", "s", "web");
     let table = RouteTable::new(
         vec![Route::host("web.test", web.clone())],
@@ -697,7 +805,7 @@ async fn a_client_that_goes_away_cancels_its_request() {
             web,
             ServiceBackends {
                 backends: vec![Backend {
-                    addr: inst.addr,
+                    addr: inst,
                     id: "i0".into(),
                 }],
                 max_concurrent: Some(1),
@@ -717,17 +825,47 @@ async fn a_client_that_goes_away_cancels_its_request() {
             })
             .await
     });
-    let get = |p: &str| format!("GET {p} HTTP/1.1\r\nHost: web.test\r\n\r\n");
-
-    // The one bulkhead slot is taken while /slow runs …
-    let mut a = TcpStream::connect(addr).await.unwrap();
-    a.write_all(get("/slow").as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut b = TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();
-    assert_eq!(exchange(&mut b, &mut buf, &get("/a")).await.status, 503);
-    // … and freed as soon as its client goes away, long before /slow ends.
-    drop(a);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(exchange(&mut b, &mut buf, &get("/a")).await.status, 200);
+    let get_a = "GET /a HTTP/1.1\r\nHost: web.test\r\n\r\n";
+    assert_eq!(exchange(&mut b, &mut buf, get_a).await.status, 200);
+    for (what, request) in [
+        ("no body", "GET /hold HTTP/1.1\r\nHost: web.test\r\n\r\n"),
+        (
+            "a Content-Length body",
+            "POST /hold HTTP/1.1\r\nHost: web.test\r\nContent-Length: 5\r\n\r\nhello",
+        ),
+        (
+            "a chunked body",
+            "POST /hold HTTP/1.1\r\nHost: web.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+    ] {
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        a.write_all(request.as_bytes()).await.unwrap();
+        // The instance has the whole request: the one bulkhead slot is
+        // taken …
+        next_event(
+            &mut got,
+            &format!("the held request ({what}) reaches the instance"),
+        )
+        .await;
+        assert_eq!(
+            exchange(&mut b, &mut buf, get_a).await.status,
+            503,
+            "{what}"
+        );
+        // … and the request is cancelled as soon as its client goes away:
+        // the instance's connection is closed and the slot freed.
+        drop(a);
+        next_event(
+            &mut closed,
+            &format!("the router closes the instance's connection ({what})"),
+        )
+        .await;
+        assert_eq!(
+            exchange(&mut b, &mut buf, get_a).await.status,
+            200,
+            "{what}"
+        );
+    }
 }

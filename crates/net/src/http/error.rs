@@ -50,6 +50,11 @@ pub enum ProxyError {
         /// What went wrong, without addresses.
         reason: &'static str,
     },
+    /// The client went away before service answered: the request was
+    /// cancelled. Nothing is sent (there is nobody to send it to); 499 is
+    /// nginx's status for it in logs.
+    #[error("the client closed the connection before service {0} answered")]
+    ClientGone(ServiceId),
 }
 
 impl ProxyError {
@@ -64,23 +69,30 @@ impl ProxyError {
             }
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ClientGone(_) => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST)
+            }
         }
     }
 
     /// The response as HTTP/1.1 bytes, appended to `out`, for the
-    /// router's own HTTP/1.1 connections.
+    /// router's own HTTP/1.1 connections. With a `Date` (hyper adds one to
+    /// the HTTP/2 responses).
     pub(crate) fn write_h1(&self, out: &mut Vec<u8>, close: bool) {
         use std::io::Write;
         let status = self.status();
         let body = format!("{self}\n");
         let _ = write!(
             out,
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}\r\n{body}",
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n{}",
             status.as_str(),
             status.canonical_reason().unwrap_or(""),
             body.len(),
             if close { "connection: close\r\n" } else { "" },
         );
+        crate::http::date::write_header(out);
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body.as_bytes());
     }
 
     /// The response sent to the client.

@@ -500,6 +500,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> RequestBody for ClientBody<'_, S>
         self.done = true;
         Ok(())
     }
+
+    /// As the body-less path does: read ahead (bytes of a pipelined next
+    /// request are kept) until the connection ends. No system call while
+    /// nothing arrives.
+    async fn client_gone(&mut self) {
+        loop {
+            if self.rb.data().len() >= PIPELINE_READ_AHEAD {
+                return std::future::pending().await;
+            }
+            match self.rb.fill(self.stream).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
 }
 
 /// Forward one parsed request and copy the answer back.
@@ -587,6 +602,10 @@ async fn one<S: AsyncRead + AsyncWrite + Unpin + Send>(
     };
     let (mut resp, picked) = match outcome {
         Ok(r) => r,
+        Err(ProxyError::ClientGone(service)) => {
+            tracing::debug!(%service, "client went away; request cancelled");
+            return Flow::Abort;
+        }
         Err(err) => {
             counters.record(err.status().as_u16(), start.elapsed());
             access_log(&p.method, &st.host, &st.path, err.status(), start, "-");

@@ -18,7 +18,8 @@
 //!   ended.
 //! - `codec`: byte-level HTTP/1.1 (response heads via `httparse`, body
 //!   framing, the chunked decoder), pure and property-tested.
-//! - `error`: the one place router failures become HTTP responses.
+//! - `error`: the one place router failures become HTTP responses;
+//!   `date`: their `Date` header, formatted once per second per thread.
 //! - [`metrics`]: counters and the [`RouterMetrics`] snapshot.
 //! - [`tls`]: certificates from PEM files.
 //!
@@ -52,6 +53,7 @@
 mod balance;
 mod body;
 mod codec;
+mod date;
 mod error;
 mod h1;
 pub mod metrics;

@@ -334,6 +334,10 @@ pub(crate) async fn forward<B: RequestBody>(
                     reason: "cannot connect to an instance",
                 });
             }
+            Ok(Err(UpstreamError::ClientGone)) => {
+                // Not the instance's fault either, and nobody to answer.
+                return Err(ProxyError::ClientGone(service.id.clone()));
+            }
             Ok(Err(UpstreamError::ClientBody(e))) => {
                 // A client whose body broke off is not the instance's fault.
                 tracing::debug!(service = %service.id, error = %e, "request body not forwarded");

@@ -58,6 +58,10 @@ pub(crate) enum UpstreamError {
     Invalid(CodecError),
     /// The client's request body failed while being forwarded.
     ClientBody(String),
+    /// The client went away after its body was forwarded, before the
+    /// instance answered: the request is dropped (and the instance's
+    /// connection closed).
+    ClientGone,
 }
 
 impl std::fmt::Display for UpstreamError {
@@ -67,6 +71,7 @@ impl std::fmt::Display for UpstreamError {
             UpstreamError::Io(e) => write!(f, "{e}"),
             UpstreamError::Invalid(e) => write!(f, "{e}"),
             UpstreamError::ClientBody(e) => write!(f, "request body: {e}"),
+            UpstreamError::ClientGone => write!(f, "the client went away"),
         }
     }
 }
@@ -240,6 +245,14 @@ pub(crate) trait RequestBody {
         to: &mut TcpStream,
         scratch: &mut Vec<u8>,
     ) -> impl std::future::Future<Output = Result<(), UpstreamError>> + Send;
+
+    /// Completes when the client has gone away; polled, once the whole
+    /// body is forwarded, while the instance's answer is awaited, so a
+    /// client that leaves cancels the request. Never, where the server
+    /// side cancels by dropping the request itself (hyper).
+    fn client_gone(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 /// A body from hyper, forwarded as it is framed on this hop: with
@@ -366,7 +379,16 @@ impl Upstream {
                 }
                 return Err(e);
             }
-            match read_head(&mut conn, request_was_head).await {
+            let head = match body.as_mut() {
+                Some(body) => tokio::select! {
+                    biased;
+                    h = read_head(&mut conn, request_was_head) => h,
+                    // Dropping `conn` closes the instance's connection.
+                    () = body.client_gone() => return Err(UpstreamError::ClientGone),
+                },
+                None => read_head(&mut conn, request_was_head).await,
+            };
+            match head {
                 Ok(head) => return Ok(Response { head, conn }),
                 Err(ReadHeadError::ClosedEmpty(_)) if retry => continue,
                 Err(ReadHeadError::ClosedEmpty(e) | ReadHeadError::Io(e)) => {
