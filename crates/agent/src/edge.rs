@@ -738,9 +738,12 @@ mod tests {
         let mut t = tables();
         t.services[0].backends[0].addr = baddr;
         tx.send_replace(Arc::new(t));
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         while !get().await.starts_with("HTTP/1.1 200") {
-            assert!(tokio::time::Instant::now() < deadline, "never routed");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not routed within 20 s"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         drop(tx);

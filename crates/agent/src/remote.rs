@@ -1504,21 +1504,15 @@ mod tests {
         let live = live_server("{}").await;
         let servers = Arc::new(Servers::new(vec![hung.clone(), live.clone()]));
         let client = ApiClient::with_servers(servers.clone(), "n1".into(), Some("s".into()));
+        // A budget of seconds: the live server must answer within what is
+        // left of it, which a loaded machine may make slow.
         let t = tokio::time::Instant::now();
-        let renewed = client.heartbeat_any(Duration::from_millis(800)).await;
+        let renewed = client.heartbeat_any(Duration::from_secs(4)).await;
         assert!(matches!(renewed, Ok(true)), "{renewed:?}");
         assert_eq!(servers.current(), live);
         // Half the budget on the hung one, then the live one answers.
-        assert!(
-            t.elapsed() >= Duration::from_millis(400),
-            "{:?}",
-            t.elapsed()
-        );
-        assert!(
-            t.elapsed() < Duration::from_millis(800),
-            "{:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
         // Two hung servers use up a beat's budget; the third is not
         // counted as failed for it, and answers the next beat.
         let (_hung2, hung2) = hung_server();
@@ -1527,7 +1521,7 @@ mod tests {
         let r = client3.heartbeat_any(Duration::from_millis(400)).await;
         assert!(matches!(r, Err(RemoteError::Unreachable { .. })), "{r:?}");
         assert_eq!(three.current(), live);
-        let r = client3.heartbeat_any(Duration::from_millis(400)).await;
+        let r = client3.heartbeat_any(Duration::from_secs(4)).await;
         assert!(matches!(r, Ok(true)), "{r:?}");
         // With only the hung server, the whole budget is its, and it fails.
         let alone = ApiClient::with_servers(Arc::new(Servers::new(vec![hung])), "n1".into(), None);
@@ -1553,11 +1547,9 @@ mod tests {
         let t = tokio::time::Instant::now();
         assert!(servers.failed(&hung));
         let r = waiting.await.unwrap();
-        assert!(
-            t.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            t.elapsed()
-        );
+        // At once: not after the call's own 10 s answer bound (with room for
+        // a loaded machine to schedule it).
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         match r {
             Err(RemoteError::Unreachable { message, .. }) => {
                 assert!(message.contains("abandoned"), "{message}");

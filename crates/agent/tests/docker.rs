@@ -270,7 +270,10 @@ impl Harness {
 async fn until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while !pred() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -343,7 +346,7 @@ async fn container_runs_healthy_restarts_after_docker_kill_and_is_adopted_not_du
 
     // Output reaches the log store.
     let key2 = k.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let lines = h.lines(&key2).await;
         if lines
@@ -357,7 +360,7 @@ async fn container_runs_healthy_restarts_after_docker_kill_and_is_adopted_not_du
     }
 
     // The engine's stats reach the shared map.
-    until(15, "a stats sample", || {
+    until(30, "a stats sample", || {
         stats
             .get(&k)
             .is_some_and(|s| s.container_id == first[0] && s.memory_bytes > 0)
@@ -384,11 +387,15 @@ async fn container_runs_healthy_restarts_after_docker_kill_and_is_adopted_not_du
     // running container instead of starting a second one.
     agent.task.abort();
     let _ = agent.task.await;
+    // The dead agent's last report stays in the store: wait for a newer one
+    // (the new agent's), however long the new agent takes to get there.
+    let before = h.status_of(&k).await.unwrap().updated_at;
     let agent = h.start(AgentOptions::default());
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let st = h
-        .eventually(&k, 30, "adopted", |s| {
-            s.state == InstanceState::Running && s.health == Health::Healthy
+        .eventually(&k, 60, "adopted (a newer status)", |s| {
+            s.updated_at > before
+                && s.state == InstanceState::Running
+                && s.health == Health::Healthy
         })
         .await;
     assert_eq!(containers(stack), second, "same container, no duplicate");
@@ -402,7 +409,7 @@ async fn container_runs_healthy_restarts_after_docker_kill_and_is_adopted_not_du
     // Assignment removed → container and the stack network removed.
     h.remove(&k).await;
     until(30, "container removed", || containers(stack).is_empty()).await;
-    until(10, "network removed", || !network_exists(stack)).await;
+    until(30, "network removed", || !network_exists(stack)).await;
 
     agent.stop.send_replace(true);
     agent.task.await.unwrap();
@@ -471,12 +478,17 @@ async fn on_a_node_other_nodes_reach_containers_are_published_on_its_address_and
     // ports (and holds them, so nothing else is handed them).
     agent.task.abort();
     let _ = agent.task.await;
+    // The dead agent's last reports stay in the store: wait for newer ones.
+    let before = [
+        h.status_of(&k1).await.unwrap().updated_at,
+        h.status_of(&k2).await.unwrap().updated_at,
+    ];
     let agent = h.start_at(&ip, AgentOptions::default());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for (k, port) in [(&k1, seen[0]), (&k2, seen[1])] {
+    for ((k, port), before) in [(&k1, seen[0]), (&k2, seen[1])].into_iter().zip(before) {
         let st = h
-            .eventually(k, 30, "adopted with its host port", |s| {
-                s.state == InstanceState::Running
+            .eventually(k, 60, "adopted with its host port (a newer status)", |s| {
+                s.updated_at > before
+                    && s.state == InstanceState::Running
                     && s.health == Health::Healthy
                     && s.port == Some(port)
             })
@@ -715,7 +727,7 @@ async fn services_reach_each_other_by_name_with_limits_and_a_kept_named_volume()
     h.remove(&kw).await;
     h.remove(&kc).await;
     until(30, "containers removed", || containers(stack).is_empty()).await;
-    until(10, "network removed", || !network_exists(stack)).await;
+    until(30, "network removed", || !network_exists(stack)).await;
     assert!(docker(&["volume", "inspect", "net_data"]).0, "volume kept");
     let removed =
         berth_agent::driver::docker::remove_stack_volumes(None, NS, stack, Duration::from_secs(10))
@@ -775,7 +787,7 @@ async fn a_missing_image_with_pull_policy_never_fails_clearly_and_a_build_servic
         s.state == InstanceState::Running
     })
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let lines = h.lines(&kb).await;
         let out = lines

@@ -18,13 +18,19 @@ async fn processes_carrying_the_marker_are_killed_others_are_not() {
     };
     let mut ours = spawn(&id);
     let mut theirs = spawn(&format!("{id}-other"));
-    // Let the shells start their sleeps.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert_eq!(
-        berth_agent::orphans::find_marked(&id).len(),
-        2,
-        "sh and sleep"
-    );
+    // Wait for the shell to have started its sleep (both carry the marker).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let marked = berth_agent::orphans::find_marked(&id);
+        if marked.len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sh and sleep not both marked within 30 s: {marked:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     let found = tokio::task::spawn_blocking({
         let id = id.clone();
@@ -35,6 +41,8 @@ async fn processes_carrying_the_marker_are_killed_others_are_not() {
     assert_eq!(found, 2);
     ours.wait().unwrap();
     assert!(wait_gone(ours.id()).await);
+    // kill_orphans returns once they are gone (it waits for the SIGKILL to
+    // take effect).
     assert!(berth_agent::orphans::find_marked(&id).is_empty());
     assert!(!gone(theirs.id()), "another agent's process survives");
     theirs.kill().unwrap();

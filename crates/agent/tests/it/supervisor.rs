@@ -17,7 +17,10 @@ async fn runs_logs_and_restarts_after_kill_9() {
     let svc = service("web", "echo hi; sleep 1000", json!({}));
     let sup = Supervisor::spawn(ctx, assignment(key("web", 1), svc, "u1", "n1"));
 
-    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let running = until(&mut rx, 30, "running", |s| {
+        s.state == InstanceState::Running
+    })
+    .await;
     let pid = running.pid.expect("pid");
     assert_eq!(running.restarts, 0);
     let line = next_stdout(&mut live).await;
@@ -29,7 +32,7 @@ async fn runs_logs_and_restarts_after_kill_9() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let again = until(&mut rx, 5, "running again", |s| {
+    let again = until(&mut rx, 30, "running again", |s| {
         s.state == InstanceState::Running && s.restarts == 1
     })
     .await;
@@ -69,19 +72,23 @@ async fn runs_logs_and_restarts_after_kill_9() {
     assert!(texts.contains(&"killed by SIGKILL"), "{texts:?}");
 }
 
+/// The next stdout line of the live log stream (the process must start and
+/// write it: generous on a loaded machine), failing with the lines seen.
 async fn next_stdout(
     live: &mut tokio::sync::broadcast::Receiver<berth_model::LogLine>,
 ) -> berth_model::LogLine {
-    tokio::time::timeout(Duration::from_secs(5), async {
+    let mut seen = Vec::new();
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             let l = live.recv().await.expect("log stream open");
             if l.stream == LogStream::Stdout {
                 return l;
             }
+            seen.push(l.line);
         }
     })
-    .await
-    .expect("a stdout line within 5 s")
+    .await;
+    got.unwrap_or_else(|_| panic!("no stdout line within 30 s; other lines: {seen:?}"))
 }
 
 #[tokio::test]
@@ -90,7 +97,7 @@ async fn restart_no_stays_exited() {
     let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
     let svc = service("job", "exit 3", json!({"restart": {"policy": "no"}}));
     let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u1", "n1"));
-    let exited = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
+    let exited = until(&mut rx, 30, "exited", |s| s.state == InstanceState::Exited).await;
     assert_eq!(exited.last_exit.unwrap().code, Some(3));
     assert_eq!(exited.restarts, 0);
     // Nothing more happens until we stop it.
@@ -111,7 +118,7 @@ async fn on_failure_2_gives_up_after_two_restarts() {
     );
     let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u2", "n1"));
     let mut starts = 0;
-    let failed = until(&mut rx, 10, "failed", |s| s.state == InstanceState::Failed).await;
+    let failed = until(&mut rx, 30, "failed", |s| s.state == InstanceState::Failed).await;
     assert_eq!(failed.restarts, 2);
     assert!(failed.message.unwrap().contains("gave up after 2 restarts"));
     sup.stop().await;
@@ -129,7 +136,7 @@ async fn on_failure_does_not_restart_a_clean_exit() {
     let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
     let svc = service("job", "true", json!({"restart": {"policy": "on-failure"}}));
     let sup = Supervisor::spawn(ctx, assignment(key("job", 1), svc, "u3", "n1"));
-    let s = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
+    let s = until(&mut rx, 30, "exited", |s| s.state == InstanceState::Exited).await;
     assert_eq!(s.last_exit.unwrap().code, Some(0));
     sup.stop().await;
 }
@@ -142,15 +149,17 @@ async fn back_off_doubles_up_to_the_cap() {
     let sup = Supervisor::spawn(ctx, assignment(key("crash", 1), svc, "u1", "n1"));
     let mut delays = Vec::new();
     let mut gaps = Vec::new();
-    let mut last_backoff: Option<Instant> = None;
+    let mut last_backoff: Option<u64> = None;
     while delays.len() < 6 {
-        let s = until(&mut rx, 10, "backoff", |s| {
+        let s = until(&mut rx, 30, "backoff", |s| {
             s.state == InstanceState::Backoff
         })
         .await;
-        let now = Instant::now();
+        // Stamped by the supervisor as it emitted the state (when this test
+        // received it is no measure: a late receive shortens the next gap).
+        let now = s.updated_at;
         if let Some(prev) = last_backoff {
-            gaps.push(now - prev);
+            gaps.push(now.saturating_sub(prev));
         }
         last_backoff = Some(now);
         let msg = s.message.unwrap();
@@ -166,9 +175,10 @@ async fn back_off_doubles_up_to_the_cap() {
     sup.stop().await;
     assert_eq!(delays, [50, 100, 200, 400, 400, 400]);
     // The loop really slept: each back-off state follows the previous one by
-    // at least the previous delay.
+    // at least the previous delay (1 ms for the wall clock's rounding and slew
+    // against the monotonic one the sleep uses).
     for (gap, delay) in gaps.iter().zip(&delays) {
-        assert!(*gap >= Duration::from_millis(*delay), "{gaps:?}");
+        assert!(gap + 1 >= *delay, "gaps {gaps:?} ms, delays {delays:?} ms");
     }
 }
 
@@ -183,17 +193,19 @@ async fn stop_kills_a_term_ignoring_group_after_the_grace_period() {
         json!({}),
     );
     let sup = Supervisor::spawn(ctx, assignment(key("stubborn", 1), svc, "u1", "n1"));
-    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let running = until(&mut rx, 30, "running", |s| {
+        s.state == InstanceState::Running
+    })
+    .await;
     let pid = running.pid.unwrap();
-    let mut children = Vec::new();
-    for _ in 0..100 {
-        children = group_members(pid);
-        if !children.is_empty() {
-            break;
-        }
+    // Once the shell has forked its `sleep`, the TERM trap is set.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut children = group_members(pid);
+    while children.is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+        children = group_members(pid);
     }
-    assert_eq!(children.len(), 1, "the sleep grandchild");
+    assert_eq!(children.len(), 1, "the sleep grandchild within 30 s");
     let t0 = Instant::now();
     sup.stop().await;
     let took = t0.elapsed();
@@ -201,7 +213,8 @@ async fn stop_kills_a_term_ignoring_group_after_the_grace_period() {
         took >= Duration::from_millis(300),
         "grace respected: {took:?}"
     );
-    assert!(took < Duration::from_secs(5), "then killed: {took:?}");
+    // Killed after the grace, not left to its `sleep 1000`.
+    assert!(took < Duration::from_secs(20), "then killed: {took:?}");
     assert!(wait_gone(pid).await);
     assert!(wait_gone(children[0]).await, "grandchild gone");
     let mut states = Vec::new();
@@ -220,7 +233,7 @@ async fn a_command_that_cannot_start_backs_off_and_says_why() {
         "/nonexistent/berth-test-binary".into(),
     ]));
     let sup = Supervisor::spawn(ctx, assignment(key("bad", 1), svc, "u1", "n1"));
-    let s = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
+    let s = until(&mut rx, 30, "exited", |s| s.state == InstanceState::Exited).await;
     assert_eq!(s.last_exit.unwrap().code, Some(127));
     sup.stop().await;
 }
@@ -240,15 +253,13 @@ async fn environment_and_port_are_given_to_the_instance() {
         }),
     );
     let sup = Supervisor::spawn(ctx, assignment(key("web", 3), svc, "u1", "n1"));
-    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let running = until(&mut rx, 30, "running", |s| {
+        s.state == InstanceState::Running
+    })
+    .await;
     let port = running.port.expect("a port");
     assert_eq!(running.address.as_deref(), Some("127.0.0.1"));
-    let line = loop {
-        let l = live.recv().await.unwrap();
-        if l.stream == LogStream::Stdout {
-            break l.line;
-        }
-    };
+    let line = next_stdout(&mut live).await.line;
     assert_eq!(line, format!("{port} web.3 demo hello unset"));
     sup.stop().await;
 }
@@ -264,7 +275,10 @@ async fn limits_go_into_a_cgroup_that_is_removed_afterwards() {
             "resources": {"limits": {"pids": 50, "memory_bytes": 268435456_u64, "cpus": 0.5}}}}),
     );
     let sup = Supervisor::spawn(ctx, assignment(key("limited", 1), svc, "u1", "n1"));
-    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let running = until(&mut rx, 30, "running", |s| {
+        s.state == InstanceState::Running
+    })
+    .await;
     let pid = running.pid.unwrap();
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     if let Some(w) = &running.limits_warning {
@@ -313,9 +327,12 @@ async fn setsid_grandchild_survived_stop_and_stop_waited_seconds_for_the_log_pum
     );
     let svc = service("web", &cmd, json!({}));
     let sup = Supervisor::spawn(ctx, assignment(key("web", 1), svc, "u2", "n1"));
-    let running = until(&mut rx, 5, "running", |s| s.state == InstanceState::Running).await;
+    let running = until(&mut rx, 30, "running", |s| {
+        s.state == InstanceState::Running
+    })
+    .await;
     let pid = running.pid.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
     let grandchild: u32 = loop {
         if let Some(p) = std::fs::read_to_string(&pidfile)
             .ok()
@@ -323,7 +340,7 @@ async fn setsid_grandchild_survived_stop_and_stop_waited_seconds_for_the_log_pum
         {
             break p;
         }
-        assert!(Instant::now() < deadline, "no grandchild pid");
+        assert!(Instant::now() < deadline, "no grandchild pid within 30 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     // Whether this machine lets us make cgroups at all (limits or not).
@@ -336,10 +353,13 @@ async fn setsid_grandchild_survived_stop_and_stop_waited_seconds_for_the_log_pum
     let writable = probe.create("probe", &limits).map(|cg| cg.remove()).is_ok();
     let _ = probe.remove_leftovers();
 
+    // The pumps used to get 2 s to drain, which a grandchild holding the
+    // pipes used up on every stop: well under that, with room for a loaded
+    // machine (a stop is tens of ms when quiet).
     let began = Instant::now();
     sup.stop().await;
     let took = began.elapsed();
-    assert!(took < Duration::from_secs(1), "stop took {took:?}");
+    assert!(took < Duration::from_millis(1500), "stop took {took:?}");
     assert!(wait_gone(pid).await);
     if writable {
         assert!(
@@ -362,13 +382,16 @@ async fn stopped_instance_kept_its_restarting_note_and_exited_one_its_address() 
     let (ctx, mut rx) = context(dir.path(), logs(dir.path()));
     let svc = service("job", "exit 3", json!({"restart": {"policy": "no"}}));
     let sup = Supervisor::spawn(ctx.clone(), assignment(key("job", 1), svc, "u4", "n1"));
-    let exited = until(&mut rx, 5, "exited", |s| s.state == InstanceState::Exited).await;
+    let exited = until(&mut rx, 30, "exited", |s| s.state == InstanceState::Exited).await;
     assert_eq!(exited.address, None, "{exited:?}");
     sup.stop().await;
 
     let svc = service("loop", "exit 1", json!({"restart": {"policy": "always"}}));
     let sup = Supervisor::spawn(ctx, assignment(key("loop", 1), svc, "u2", "n1"));
-    let backoff = until(&mut rx, 5, "backoff", |s| s.state == InstanceState::Backoff).await;
+    let backoff = until(&mut rx, 30, "backoff", |s| {
+        s.state == InstanceState::Backoff
+    })
+    .await;
     assert!(backoff.message.unwrap().contains("restarting in"));
     assert_eq!(backoff.address, None);
     sup.stop().await;
