@@ -132,6 +132,21 @@ async fn serve_backend(
         .unwrap())
 }
 
+/// Wait until `hits` reaches `n` (a request sent from another task got to
+/// its backend), failing after 10 s: a fixed sleep is not enough on a
+/// loaded machine.
+async fn until_hits(hits: &AtomicUsize, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hits.load(Ordering::SeqCst) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {n} requests reached the backend within 10 s",
+            hits.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// An address nothing listens on.
 async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -474,18 +489,30 @@ async fn least_requests_prefers_the_idle_backend() {
     s.policy = LbPolicy::LeastRequests;
     let r = start_router(one_service_table(s), RouterConfig::default()).await;
     let cl = client();
+    // Long enough that the requests below run while it is in flight.
     let slow = {
         let cl = cl.clone();
         let addr = r.addr;
-        tokio::spawn(async move { get(&cl, addr, "web.test", "/slow?ms=1500").await })
+        tokio::spawn(async move { get(&cl, addr, "web.test", "/slow?ms=5000").await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (a_hits, b_hits) = (a.hits.clone(), b.hits.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a_hits.load(Ordering::SeqCst) + b_hits.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow request reached no backend"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let busy = if a.hits.load(Ordering::SeqCst) == 1 {
         "a"
     } else {
         "b"
     };
     for _ in 0..20 {
+        if slow.is_finished() {
+            break;
+        }
         let ans = get(&cl, r.addr, "web.test", "/").await;
         assert_ne!(ans.header("x-backend"), busy, "went to the busy instance");
     }
@@ -530,18 +557,22 @@ async fn connect_failure_is_retried_for_get_but_not_for_post() {
 
 #[tokio::test]
 async fn breaker_ejects_a_dead_backend_and_readmits_it() {
+    const BASE: Duration = Duration::from_secs(2);
     let live = backend("live").await;
     let reserved = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = reserved.local_addr().unwrap();
     drop(reserved);
     let config = RouterConfig {
         failure_threshold: 2,
-        base_ejection: Duration::from_millis(800),
+        base_ejection: BASE,
         ..Default::default()
     };
     let r = start_router(one_service_table(svc(&[dead, live.addr])), config).await;
     let cl = client();
     let mut errors = 0;
+    // The ejection happens during these requests: its cool-down ends no
+    // sooner than `before + BASE` and no later than `ejected_at + BASE`.
+    let before = Instant::now();
     for _ in 0..4 {
         if get(&cl, r.addr, "web.test", "/").await.status != StatusCode::OK {
             errors += 1;
@@ -552,21 +583,26 @@ async fn breaker_ejects_a_dead_backend_and_readmits_it() {
     let web = m.service(&id("web")).unwrap();
     assert_eq!((web.ejections, web.instances_ejected), (1, 1));
     let ejected_at = Instant::now();
+    // During the cool-down nothing goes to the dead instance. Only requests
+    // sent in its first half count (a loaded machine may be slow to send or
+    // route them); all 20 normally are, in tens of milliseconds.
+    let mut within = 0;
     for _ in 0..20 {
+        if before.elapsed() >= BASE / 2 {
+            break;
+        }
         assert_eq!(
             get(&cl, r.addr, "web.test", "/").await.status,
             StatusCode::OK
         );
+        within += 1;
     }
-    assert!(
-        ejected_at.elapsed() < Duration::from_millis(700),
-        "test too slow to prove the cool-down"
-    );
+    assert!(within > 0, "no request was sent within the cool-down");
 
     // The instance comes back on the same address; after the cool-down a
     // trial request reaches it and it takes its share again.
     let revived = backend_on("revived", TcpListener::bind(dead).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep_until((ejected_at + BASE + Duration::from_millis(100)).into()).await;
     for _ in 0..10 {
         assert_eq!(
             get(&cl, r.addr, "web.test", "/").await.status,
@@ -594,9 +630,10 @@ async fn bulkhead_answers_503_at_the_limit() {
     let slow = {
         let cl = cl.clone();
         let addr = r.addr;
-        tokio::spawn(async move { get(&cl, addr, "web.test", "/slow?ms=600").await })
+        tokio::spawn(async move { get(&cl, addr, "web.test", "/slow?ms=3000").await })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The slow request holds the one slot once it reached the backend.
+    until_hits(&b.hits, 1, "the slow request").await;
     let ans = get(&cl, r.addr, "web.test", "/").await;
     assert_eq!(ans.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
@@ -649,7 +686,8 @@ async fn table_swap_does_not_cut_a_running_request() {
         let addr = r.addr;
         tokio::spawn(async move { get(&cl, addr, "web.test", "/slow?ms=800").await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Swapped while the slow request is at `a`.
+    until_hits(&a.hits, 1, "the slow request").await;
     r.table.send_replace(one_service_table(svc(&[b.addr])));
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
@@ -900,7 +938,8 @@ async fn shutdown_lets_a_running_request_finish_then_stops_accepting() {
         let addr = r.addr;
         tokio::spawn(async move { get(&cl, addr, "web.test", "/slow?ms=600").await })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Stopped while the request runs (not before it was accepted).
+    until_hits(&b.hits, 1, "the slow request").await;
     r.stop.take().unwrap().send(()).unwrap();
     let ans = slow.await.unwrap();
     assert_eq!(ans.status, StatusCode::OK);

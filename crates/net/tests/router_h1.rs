@@ -580,7 +580,9 @@ async fn a_slow_head_is_cut_off_but_a_busy_connection_is_not() {
         )]),
     );
     let (_tx, rx) = watch::channel(table);
-    let timeout = Duration::from_millis(300);
+    // Long enough that a loaded machine's pauses between the requests below
+    // do not reach it.
+    let timeout = Duration::from_millis(700);
     let router = Router::new(
         rx,
         RouterConfig {
@@ -603,7 +605,7 @@ async fn a_slow_head_is_cut_off_but_a_busy_connection_is_not() {
     // the deadline moves with each request.
     let mut c = TcpStream::connect(addr).await.unwrap();
     let mut buf = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..25 {
         let a = exchange(
             &mut c,
             &mut buf,
@@ -617,13 +619,13 @@ async fn a_slow_head_is_cut_off_but_a_busy_connection_is_not() {
     c.write_all(b"GET /a HTTP/1.1\r\nHost: web").await.unwrap();
     let t0 = std::time::Instant::now();
     let mut rest = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut rest))
         .await
-        .expect("closed within 5 s");
+        .expect("closed within 10 s");
     assert!(n.is_err() || rest.is_empty(), "{rest:?}");
     let waited = t0.elapsed();
     assert!(
-        waited >= timeout / 2 && waited < Duration::from_secs(3),
+        waited >= timeout / 2 && waited < Duration::from_secs(8),
         "{waited:?}"
     );
 }

@@ -340,10 +340,12 @@ mod tests {
         ))
     }
 
+    // Cool-downs of half a second and more: the test checks "still ejected"
+    // on the real clock, which a loaded machine may pause for a while.
     const CFG: BreakerConfig = BreakerConfig {
         failure_threshold: 2,
-        base_ejection: Duration::from_millis(50),
-        max_ejection: Duration::from_millis(400),
+        base_ejection: Duration::from_millis(500),
+        max_ejection: Duration::from_secs(4),
     };
 
     #[test]
@@ -356,15 +358,15 @@ mod tests {
         }
         assert!(s.backends[0].is_ejected(&clock));
         assert!(s.pick(0, &clock, &CFG).is_none());
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(600));
         let probe = s.pick(0, &clock, &CFG).expect("half-open trial");
         assert!(s.pick(0, &clock, &CFG).is_none(), "one trial at a time");
-        // A failed trial re-ejects for twice as long.
+        // A failed trial re-ejects for twice as long (1 s).
         assert!(probe.finish(Outcome::Failure, &clock, &CFG));
         drop(probe);
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(600));
         assert!(s.pick(0, &clock, &CFG).is_none());
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(500));
         let probe = s.pick(0, &clock, &CFG).unwrap();
         probe.finish(Outcome::Success, &clock, &CFG);
         drop(probe);
