@@ -401,7 +401,11 @@ const CONTAINER_DNS_RETRY: std::time::Duration = std::time::Duration::from_secs(
 /// TCP; the engine gives containers servers without a port), answering
 /// each service's names with its container-facing address
 /// ([`container_zone`]). Containers get it from the Docker driver
-/// (`driver::docker::dns`).
+/// (`driver::docker::dns`), which looks for the address on the host: it is
+/// added at once, so containers created from the node's start get it.
+/// Port 53 is held only while the tables name a service (some stack runs
+/// containers), so berth processes that run none (tests on one host) leave
+/// it to one that does.
 ///
 /// Without root the address cannot be added, nor port 53 bound: said once,
 /// and containers keep the engine's DNS (other services by name on their
@@ -412,20 +416,24 @@ const CONTAINER_DNS_RETRY: std::time::Duration = std::time::Duration::from_secs(
 /// engine asks its next server, where an absent address would make every
 /// lookup wait for a timeout.
 async fn serve_container_dns(
-    zone: watch::Receiver<Arc<Zone>>,
+    mut zone: watch::Receiver<Arc<Zone>>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let addr = SocketAddr::new(CONTAINER_DNS.into(), 53);
     let fallback = "containers find other services by name only when those have \
                     containers on the same node (the stack network's aliases)";
+    if let Err(e) = ip_addr("add", CONTAINER_DNS).await {
+        tracing::warn!(%addr, error = %e, "berth's DNS for containers not served: cannot add its address to lo (needs root / CAP_NET_ADMIN and iproute2's `ip`); {fallback}");
+        return Ok(());
+    }
     let mut said = false;
-    let server = loop {
-        if let Err(e) = ip_addr("add", CONTAINER_DNS).await {
-            tracing::warn!(%addr, error = %e, "berth's DNS for containers not served: cannot add its address to lo (needs root / CAP_NET_ADMIN and iproute2's `ip`); {fallback}");
-            return Ok(());
+    loop {
+        tokio::select! {
+            named = zone.wait_for(|z| !z.services().is_empty()) => if named.is_err() { return Ok(()) },
+            _ = stop.wait_for(|s| *s) => return Ok(()),
         }
-        match DnsServer::bind(addr).await {
-            Ok(server) => break server,
+        let server = match DnsServer::bind(addr).await {
+            Ok(server) => server,
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 tracing::warn!(%addr, error = %e, "berth's DNS for containers not served: port 53 needs root (CAP_NET_BIND_SERVICE); {fallback}");
                 return Ok(());
@@ -439,12 +447,26 @@ async fn serve_container_dns(
                     () = tokio::time::sleep(CONTAINER_DNS_RETRY) => {}
                     _ = stop.wait_for(|s| *s) => return Ok(()),
                 }
+                continue;
             }
+        };
+        said = false;
+        tracing::info!(%addr, "DNS for containers listening");
+        let (quit_tx, quit) = watch::channel(false);
+        let run = server.run(zone.clone(), quit);
+        tokio::pin!(run);
+        let stopping = tokio::select! {
+            () = &mut run => false,
+            _ = zone.wait_for(|z| z.services().is_empty()) => false,
+            _ = stop.wait_for(|s| *s) => true,
+        };
+        quit_tx.send_replace(true);
+        run.await;
+        if stopping {
+            return Ok(());
         }
-    };
-    tracing::info!(%addr, "DNS for containers listening");
-    server.run(zone, stop).await;
-    Ok(())
+        tracing::info!(%addr, "DNS for containers closed: no stack runs containers");
+    }
 }
 
 /// Turns each new [`EdgeTables`] into the components' tables.
@@ -617,7 +639,10 @@ mod tests {
                 node: "n2".into(),
             }],
             lo_addresses: vec![],
-            container_names: vec![],
+            container_names: vec![berth_model::edge::ContainerName {
+                service: web(),
+                addr: "198.19.0.9".parse().unwrap(),
+            }],
         }
     }
 
@@ -639,6 +664,17 @@ mod tests {
         let z = zone(&t);
         assert_eq!(z.services().len(), 1);
         assert!(z.names().any(|n| n == "web.shop.default.berth"));
+        // berth's DNS for containers: the service's container-facing
+        // address under the same names, not its instances.
+        let c = container_zone(&t);
+        let web = &c.services()[&berth_net::dns::ServiceName {
+            namespace: "default".into(),
+            stack: "shop".into(),
+            service: "web".into(),
+        }];
+        let addrs: Vec<std::net::IpAddr> = web.iter().map(|i| i.addr).collect();
+        assert_eq!(addrs, ["198.19.0.9".parse::<std::net::IpAddr>().unwrap()]);
+        assert!(c.names().any(|n| n == "web.shop.default.berth"));
     }
 
     #[test]

@@ -503,6 +503,7 @@ fn a_container_reaches_services_on_another_node_by_name() {
     });
 
     std::fs::write(dir.join("compose.yaml"), NAMES_STACK).unwrap();
+    let up = std::time::Instant::now();
     b.ok(dir, &["up", "-d", "-p", "ctrn"]);
     wait_until("the stack ready", Duration::from_secs(60), || {
         let ps = b.ps(dir, "ctrn");
@@ -518,7 +519,7 @@ fn a_container_reaches_services_on_another_node_by_name() {
     let mut api_addr = String::new();
     wait_until(
         "berth's DNS for containers answers on the host",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || {
             let a = dig_at(lo, 53, "api.ctrn.default.berth", "A");
             match a.as_slice() {
@@ -553,6 +554,10 @@ fn a_container_reaches_services_on_another_node_by_name() {
                 Err(format!("{got:?}\n{}", logs()))
             }
         },
+    );
+    eprintln!(
+        "the client reached api.1 and api.2 on d2 by name {:?} after `up -d`",
+        up.elapsed()
     );
     // (a) the process service on d2, by name and declared port.
     wait_until(
@@ -593,6 +598,7 @@ fn a_container_reaches_services_on_another_node_by_name() {
             h => Err(format!("api.1 is {h:?}")),
         },
     );
+    let unhealthy = std::time::Instant::now();
     let only = |who: &str| -> BTreeSet<String> { [who.to_owned()].into() };
     wait_until(
         "the client no longer reaches the unhealthy api.1",
@@ -607,6 +613,10 @@ fn a_container_reaches_services_on_another_node_by_name() {
         },
     );
 
+    eprintln!(
+        "api.1 out of the client's answers {:?} after ps showed it unhealthy",
+        unhealthy.elapsed()
+    );
     // Healthy again, then api.2 removed: api.1 only.
     engine.docker(&["exec", &api1, "sh", "-c", "echo ok > /w/health"]);
     wait_until(
