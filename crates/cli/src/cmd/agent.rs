@@ -65,7 +65,8 @@ pub struct AgentArgs {
     #[arg(long)]
     pub no_dns: bool,
     /// No TCP proxy on this node: published ports and services' stable
-    /// addresses (`<NAME>_HOST`) then do not answer here.
+    /// addresses (`<NAME>_HOST`) then do not answer here, nor berth's DNS
+    /// for containers (198.18.0.53).
     #[arg(long)]
     pub no_proxy: bool,
     /// How often facts (load, memory, disk…) are refreshed.
