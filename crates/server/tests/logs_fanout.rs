@@ -273,7 +273,6 @@ async fn a_server_that_does_not_answer_is_named_and_the_others_still_answer() {
     };
     fleet.list("s8", vec![fleet.servers[1].0]).await;
     fleet.list("s9", vec![closed]).await;
-    let t = Instant::now();
     let (lines, missing) = fleet.logs(0, "tail=100").await;
     assert_eq!(texts(&lines).len(), 6);
     assert_eq!(missing.len(), 2, "{missing:?}");
@@ -285,7 +284,6 @@ async fn a_server_that_does_not_answer_is_named_and_the_others_still_answer() {
         missing[1].starts_with(&format!("s9: {closed}: ")),
         "{missing:?}"
     );
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
 
 #[tokio::test]
