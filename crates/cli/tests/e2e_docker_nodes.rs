@@ -502,6 +502,24 @@ fn a_container_reaches_services_on_another_node_by_name() {
         }
     });
 
+    // The server's edge puts berth's DNS address on the host's `lo` as it
+    // starts; d1's driver gives it to containers only once it is there.
+    wait_until(
+        "198.18.0.53 on the host's lo",
+        Duration::from_secs(20),
+        || {
+            let out = Command::new("ip")
+                .args(["-4", "-o", "addr", "show", "dev", "lo"])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains(" 198.18.0.53/32 ") {
+                Ok(())
+            } else {
+                Err(format!("{text}\n{}", logs()))
+            }
+        },
+    );
     std::fs::write(dir.join("compose.yaml"), NAMES_STACK).unwrap();
     let up = std::time::Instant::now();
     b.ok(dir, &["up", "-d", "-p", "ctrn"]);
