@@ -86,7 +86,9 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
     }
 
     // The built-in history has them too: `berth top` shows the node, the
-    // memory, and a busy loop's CPU rate (from two reports of the agent).
+    // memory, and a busy loop's CPU rate (from two reports of the agent:
+    // with one there is none). Any rate above 0: on a loaded 2-core machine
+    // a busy loop gets far less than a core (CI saw 6.6 % and 9.9 %).
     wait_until(
         "berth top shows n1's figures",
         Duration::from_secs(20),
@@ -97,7 +99,7 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
                 && rows.iter().all(|r| {
                     r["node"] == "n1"
                         && r["memory_bytes"].as_u64().is_some_and(|m| m > 0)
-                        && r["cpu_percent"].as_f64().is_some_and(|c| c > 10.0)
+                        && r["cpu_percent"].as_f64().is_some_and(|c| c > 0.0)
                 });
             if ok { Ok(()) } else { Err(out) }
         },
