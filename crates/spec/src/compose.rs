@@ -1235,42 +1235,7 @@ fn deploy(conv: &mut Conv<'_, '_>, node: &Node, svc: &mut Service) {
     if let Some(r) = node.get("resources")
         && conv.map(r, "deploy.resources").is_some()
     {
-        conv.keys(r, "deploy.resources", schema::RESOURCES, schema::RESOURCES);
-        for (key, slot) in [
-            ("limits", &mut d.resources.limits),
-            ("reservations", &mut d.resources.reservations),
-        ] {
-            let f = format!("deploy.resources.{key}");
-            let Some(n) = r.get(key) else { continue };
-            if conv.map(n, &f).is_none() {
-                continue;
-            }
-            conv.keys(
-                n,
-                &f,
-                schema::RESOURCE_SPEC,
-                schema::RESOURCE_SPEC_SUPPORTED,
-            );
-            if let Some(c) = n.get("cpus") {
-                slot.cpus = conv
-                    .number::<f64>(c, &format!("{f}.cpus"), "a number of CPUs such as 0.5")
-                    .filter(|v| v.is_finite() && *v >= 0.0);
-            }
-            if let Some(m) = n.get("memory") {
-                match m.as_str().and_then(parse_size) {
-                    Some(b) => slot.memory_bytes = Some(b),
-                    None => conv.error_hint(
-                        m,
-                        &format!("{f}.memory"),
-                        format!("invalid memory size {:?}", m.as_str().unwrap_or_default()),
-                        "use a size like 512M, 1g, 100k or a number of bytes",
-                    ),
-                }
-            }
-            if let Some(p) = n.get("pids") {
-                slot.pids = conv.number::<u64>(p, &format!("{f}.pids"), "a whole number");
-            }
-        }
+        deploy_resources(conv, r, &mut d.resources);
     }
     for key in ["update_config", "rollback_config"] {
         let Some(u) = node.get(key) else { continue };
@@ -1278,130 +1243,185 @@ fn deploy(conv: &mut Conv<'_, '_>, node: &Node, svc: &mut Service) {
         if conv.map(u, &f).is_none() {
             continue;
         }
-        conv.keys(u, &f, schema::UPDATE_CONFIG, schema::UPDATE_CONFIG);
-        let mut uc = UpdateConfig {
-            parallelism: 1,
-            delay_ms: 0,
-            failure_action: if key == "update_config" {
-                "rollback".into()
-            } else {
-                "pause".into()
-            },
-            monitor_ms: 0,
-            max_failure_ratio: 0.0,
-            order: None,
-        };
-        if let Some(p) = u.get("parallelism")
-            && let Some(n) = conv.number::<u32>(p, &format!("{f}.parallelism"), "a whole number")
-        {
-            uc.parallelism = n;
-        }
-        if let Some(v) = u.get("delay")
-            && let Some(ms) = conv.duration(v, &format!("{f}.delay"))
-        {
-            uc.delay_ms = ms;
-        }
-        if let Some(v) = u.get("monitor")
-            && let Some(ms) = conv.duration(v, &format!("{f}.monitor"))
-        {
-            uc.monitor_ms = ms;
-        }
-        if let Some(v) = u.get("failure_action")
-            && let Some(s) = conv.string(v, &format!("{f}.failure_action"))
-        {
-            if matches!(s.as_str(), "pause" | "continue" | "rollback") {
-                uc.failure_action = s;
-            } else {
-                conv.error_hint(
-                    v,
-                    &format!("{f}.failure_action"),
-                    format!("invalid failure_action {s:?}"),
-                    "use pause, continue or rollback",
-                );
-            }
-        }
-        if let Some(v) = u.get("max_failure_ratio")
-            && let Some(r) = conv.number::<f64>(
-                v,
-                &format!("{f}.max_failure_ratio"),
-                "a number between 0 and 1",
-            )
-        {
-            uc.max_failure_ratio = r;
-        }
-        if let Some(v) = u.get("order")
-            && let Some(s) = conv.string(v, &format!("{f}.order"))
-        {
-            if matches!(s.as_str(), "stop-first" | "start-first") {
-                uc.order = Some(s);
-            } else {
-                conv.error_hint(
-                    v,
-                    &format!("{f}.order"),
-                    format!("invalid order {s:?}"),
-                    "use stop-first or start-first",
-                );
-            }
-        }
+        let uc = update_config(conv, u, key, &f);
         if key == "update_config" {
             svc.deploy.update_config = Some(uc);
         } else {
             svc.deploy.rollback_config = Some(uc);
         }
     }
-    let d = &mut svc.deploy;
     if let Some(p) = node.get("placement")
         && conv.map(p, "deploy.placement").is_some()
     {
-        conv.keys(p, "deploy.placement", schema::PLACEMENT, schema::PLACEMENT);
-        if let Some(c) = p.get("constraints") {
-            d.placement.constraints = conv.strings(c, "deploy.placement.constraints");
-            for it in c.as_seq().unwrap_or_default() {
-                if let Some(expr) = it.as_str()
-                    && let Err(e) = crate::constraint::Constraint::parse(expr)
-                {
-                    conv.error_hint(
-                        it,
-                        "deploy.placement.constraints",
-                        format!("invalid constraint {expr:?}: {e}"),
-                        "write e.g. `node.labels.zone == east`, `node.facts.load_15m < 0.25` or `node.facts.kernel ~= ^6\\.`",
-                    );
-                }
+        deploy_placement(conv, p, &mut svc.deploy.placement);
+    }
+}
+
+/// `deploy.resources` (`r`, known to be a mapping): limits and reservations
+/// share one shape, so both go through the same checks.
+fn deploy_resources(conv: &mut Conv<'_, '_>, r: &Node, resources: &mut Resources) {
+    conv.keys(r, "deploy.resources", schema::RESOURCES, schema::RESOURCES);
+    for (key, slot) in [
+        ("limits", &mut resources.limits),
+        ("reservations", &mut resources.reservations),
+    ] {
+        let f = format!("deploy.resources.{key}");
+        let Some(n) = r.get(key) else { continue };
+        if conv.map(n, &f).is_none() {
+            continue;
+        }
+        conv.keys(
+            n,
+            &f,
+            schema::RESOURCE_SPEC,
+            schema::RESOURCE_SPEC_SUPPORTED,
+        );
+        if let Some(c) = n.get("cpus") {
+            slot.cpus = conv
+                .number::<f64>(c, &format!("{f}.cpus"), "a number of CPUs such as 0.5")
+                .filter(|v| v.is_finite() && *v >= 0.0);
+        }
+        if let Some(m) = n.get("memory") {
+            match m.as_str().and_then(parse_size) {
+                Some(b) => slot.memory_bytes = Some(b),
+                None => conv.error_hint(
+                    m,
+                    &format!("{f}.memory"),
+                    format!("invalid memory size {:?}", m.as_str().unwrap_or_default()),
+                    "use a size like 512M, 1g, 100k or a number of bytes",
+                ),
             }
         }
-        if let Some(prefs) = p.get("preferences") {
-            match prefs.as_seq() {
-                Some(items) => {
-                    for it in items {
-                        match it.get("spread").and_then(Node::as_str) {
-                            Some(s) if crate::constraint::parse_spread(s).is_err() => {
-                                conv.error_hint(
-                                    it,
-                                    "deploy.placement.preferences",
-                                    format!("cannot spread over {s:?}"),
-                                    "spread over a node attribute, e.g. `- spread: node.labels.zone`",
-                                );
-                            }
-                            Some(s) => d.placement.preferences.push(s.trim().to_string()),
-                            None => conv.error_hint(
-                                it,
-                                "deploy.placement.preferences",
-                                "a placement preference must be `spread: <label expression>`",
-                                "write `- spread: node.labels.zone`",
-                            ),
-                        }
-                    }
-                }
-                None => conv.expect(prefs, "deploy.placement.preferences", "a list"),
-            }
+        if let Some(p) = n.get("pids") {
+            slot.pids = conv.number::<u64>(p, &format!("{f}.pids"), "a whole number");
         }
-        if let Some(m) = p.get("max_replicas_per_node") {
-            d.placement.max_replicas_per_node = conv.number(
-                m,
-                "deploy.placement.max_replicas_per_node",
-                "a whole number",
+    }
+}
+
+/// `deploy.update_config` or `deploy.rollback_config` (`u`, known to be a
+/// mapping, reported as `f`). Compose's defaults differ only in the failure
+/// action: a failed update rolls back, a failed rollback pauses.
+fn update_config(conv: &mut Conv<'_, '_>, u: &Node, key: &str, f: &str) -> UpdateConfig {
+    conv.keys(u, f, schema::UPDATE_CONFIG, schema::UPDATE_CONFIG);
+    let mut uc = UpdateConfig {
+        parallelism: 1,
+        delay_ms: 0,
+        failure_action: if key == "update_config" {
+            "rollback".into()
+        } else {
+            "pause".into()
+        },
+        monitor_ms: 0,
+        max_failure_ratio: 0.0,
+        order: None,
+    };
+    if let Some(p) = u.get("parallelism")
+        && let Some(n) = conv.number::<u32>(p, &format!("{f}.parallelism"), "a whole number")
+    {
+        uc.parallelism = n;
+    }
+    if let Some(v) = u.get("delay")
+        && let Some(ms) = conv.duration(v, &format!("{f}.delay"))
+    {
+        uc.delay_ms = ms;
+    }
+    if let Some(v) = u.get("monitor")
+        && let Some(ms) = conv.duration(v, &format!("{f}.monitor"))
+    {
+        uc.monitor_ms = ms;
+    }
+    if let Some(v) = u.get("failure_action")
+        && let Some(s) = conv.string(v, &format!("{f}.failure_action"))
+    {
+        if matches!(s.as_str(), "pause" | "continue" | "rollback") {
+            uc.failure_action = s;
+        } else {
+            conv.error_hint(
+                v,
+                &format!("{f}.failure_action"),
+                format!("invalid failure_action {s:?}"),
+                "use pause, continue or rollback",
             );
         }
+    }
+    if let Some(v) = u.get("max_failure_ratio")
+        && let Some(r) = conv.number::<f64>(
+            v,
+            &format!("{f}.max_failure_ratio"),
+            "a number between 0 and 1",
+        )
+    {
+        uc.max_failure_ratio = r;
+    }
+    if let Some(v) = u.get("order")
+        && let Some(s) = conv.string(v, &format!("{f}.order"))
+    {
+        if matches!(s.as_str(), "stop-first" | "start-first") {
+            uc.order = Some(s);
+        } else {
+            conv.error_hint(
+                v,
+                &format!("{f}.order"),
+                format!("invalid order {s:?}"),
+                "use stop-first or start-first",
+            );
+        }
+    }
+    uc
+}
+
+/// `deploy.placement` (`p`, known to be a mapping). Constraints and spread
+/// preferences are parsed here only to report bad ones with their position;
+/// the scheduler parses them again from the kept strings.
+fn deploy_placement(conv: &mut Conv<'_, '_>, p: &Node, placement: &mut Placement) {
+    conv.keys(p, "deploy.placement", schema::PLACEMENT, schema::PLACEMENT);
+    if let Some(c) = p.get("constraints") {
+        placement.constraints = conv.strings(c, "deploy.placement.constraints");
+        for it in c.as_seq().unwrap_or_default() {
+            if let Some(expr) = it.as_str()
+                && let Err(e) = crate::constraint::Constraint::parse(expr)
+            {
+                conv.error_hint(
+                    it,
+                    "deploy.placement.constraints",
+                    format!("invalid constraint {expr:?}: {e}"),
+                    "write e.g. `node.labels.zone == east`, `node.facts.load_15m < 0.25` or `node.facts.kernel ~= ^6\\.`",
+                );
+            }
+        }
+    }
+    if let Some(prefs) = p.get("preferences") {
+        match prefs.as_seq() {
+            Some(items) => {
+                for it in items {
+                    match it.get("spread").and_then(Node::as_str) {
+                        Some(s) if crate::constraint::parse_spread(s).is_err() => {
+                            conv.error_hint(
+                                it,
+                                "deploy.placement.preferences",
+                                format!("cannot spread over {s:?}"),
+                                "spread over a node attribute, e.g. `- spread: node.labels.zone`",
+                            );
+                        }
+                        Some(s) => placement.preferences.push(s.trim().to_string()),
+                        None => conv.error_hint(
+                            it,
+                            "deploy.placement.preferences",
+                            "a placement preference must be `spread: <label expression>`",
+                            "write `- spread: node.labels.zone`",
+                        ),
+                    }
+                }
+            }
+            None => conv.expect(prefs, "deploy.placement.preferences", "a list"),
+        }
+    }
+    if let Some(m) = p.get("max_replicas_per_node") {
+        placement.max_replicas_per_node = conv.number(
+            m,
+            "deploy.placement.max_replicas_per_node",
+            "a whole number",
+        );
     }
 }
 
