@@ -159,6 +159,60 @@ fn listener_addresses_are_checked_with_an_example() {
     }
 }
 
+/// `--join` takes several comma-separated servers (docs/cli.md): the list
+/// is accepted and each server tried, so nothing answering is exit 3 (no
+/// server), not exit 2 (bad input) as when only one URL was accepted.
+#[test]
+fn agent_join_takes_a_list_of_servers() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("agent");
+    let out = berth(
+        &fixtures().join("good"),
+        &[
+            "agent",
+            "--join",
+            "http://127.0.0.1:1,http://127.0.0.1:2",
+            "--token",
+            "t",
+            "--node-id",
+            "n1",
+            "--data",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the berth server"),
+        "{}",
+        stderr(&out)
+    );
+    let out = berth(
+        &fixtures().join("good"),
+        &["agent", "--join", "http://127.0.0.1:1,https://x:2"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("https://x:2"), "{}", stderr(&out));
+}
+
+/// A `--store` URL that does not parse is bad input (exit 2) naming the
+/// problem, like every other flag.
+#[test]
+fn server_store_url_errors_are_bad_input() {
+    for (store, says) in [
+        ("etcd://h1", "must be host:port"),
+        ("http://127.0.0.1:2379", "is not an etcd URL"),
+        ("etcd://127.0.0.1:2379?user=berth", "no password"),
+        ("etcd://127.0.0.1:2379?colour=blue", "unknown etcd URL option"),
+    ] {
+        let out = berth(
+            &fixtures().join("good"),
+            &["server", "--no-agent", "--store", store],
+        );
+        assert_eq!(out.status.code(), Some(2), "{store}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{store}: {}", stderr(&out));
+    }
+}
+
 #[test]
 fn commands_without_a_server_say_so_and_exit_3() {
     for args in [

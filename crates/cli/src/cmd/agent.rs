@@ -113,7 +113,8 @@ pub async fn run(settings: &Settings, args: &AgentArgs) -> anyhow::Result<u8> {
             ),
         ));
     }
-    berth_agent::remote::parse_join_url(&args.join)
+    // The whole list: `--join` takes several comma-separated servers.
+    berth_agent::remote::parse_join_urls(&args.join)
         .map_err(|e| Failure::with_code(exit::BAD_INPUT, e.to_string()))?;
     let data_dir = args
         .data

@@ -1,7 +1,7 @@
 //! `berth server`: the server in the foreground.
 
 use crate::args::ServerArgs;
-use crate::exit;
+use crate::exit::{self, Failure};
 use crate::settings::Settings;
 
 /// Run until SIGINT or SIGTERM, then stop every instance and exit.
@@ -21,7 +21,8 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
     cfg.http = (!args.no_http).then_some(args.http);
     cfg.dns = (!args.no_dns).then_some(args.dns);
     cfg.consul = args.consul_listen;
-    cfg.store = berth_server::StoreLocation::parse(&args.store)?;
+    cfg.store = berth_server::StoreLocation::parse(&args.store)
+        .map_err(|e| Failure::with_code(exit::BAD_INPUT, e.to_string()))?;
     cfg.run_agent = !args.no_agent;
     if let Some(ip) = args.advertise {
         cfg.advertise = ip;
