@@ -202,7 +202,10 @@ fn server_store_url_errors_are_bad_input() {
         ("etcd://h1", "must be host:port"),
         ("http://127.0.0.1:2379", "is not an etcd URL"),
         ("etcd://127.0.0.1:2379?user=berth", "no password"),
-        ("etcd://127.0.0.1:2379?colour=blue", "unknown etcd URL option"),
+        (
+            "etcd://127.0.0.1:2379?colour=blue",
+            "unknown etcd URL option",
+        ),
     ] {
         let out = berth(
             &fixtures().join("good"),
