@@ -49,6 +49,14 @@ pub mod watch;
 
 pub use config::{Credentials, EtcdConfig, TlsConfig, UrlError};
 
+/// The key a revision read (and the check at connect) touches. Every key
+/// berth writes starts with it (`/berth/…`, `/berth-stats/…`,
+/// `/berth-logs/…`), so an etcd user whose role grants readwrite on the
+/// prefix `<namespace>/berth` (or the whole `<namespace>/`) can connect;
+/// reading the bare namespace key (`/acc`, which `/acc/` does not cover)
+/// was refused to such a user.
+const PROBE_KEY: &str = "/berth";
+
 /// Largest response berth accepts from etcd (a `range` over many keys).
 const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -168,11 +176,10 @@ impl EtcdStore {
     }
 
     async fn header_revision(&self) -> Result<Revision> {
-        // Any read answers with the revision; etcd refuses an empty key.
-        let mut key = self.namespace.key("");
-        if key.is_empty() {
-            key.push(0);
-        }
+        // Any read answers with the revision, but with auth on etcd checks
+        // the key against the user's role: read one of the keys berth
+        // uses, so a role granting only those works (see [`PROBE_KEY`]).
+        let key = self.namespace.key(PROBE_KEY);
         let response = self
             .call("revision", Retry::Always, |mut c| {
                 let key = key.clone();
@@ -183,6 +190,19 @@ impl EtcdStore {
             })
             .await?;
         Ok(revision(response.header()))
+    }
+
+    /// The message of a failed request; a refusal by etcd's access control
+    /// says which grant berth needs.
+    fn explain(&self, what: &str, e: &etcd_client::Error) -> String {
+        if grpc_status(e).is_some_and(|s| s.code() == tonic::Code::PermissionDenied) {
+            let prefix = format!("{}{PROBE_KEY}", self.namespace.0);
+            return format!(
+                "etcd {what}: {e} (the etcd user's role must allow reading and writing every key under `{prefix}`: \
+                 etcdctl role grant-permission ROLE readwrite --prefix=true {prefix})"
+            );
+        }
+        format!("etcd {what}: {e}")
     }
 
     /// Runs one request, retrying within the request timeout when `retry`
@@ -206,7 +226,7 @@ impl EtcdStore {
                         Retry::IfNotSent => not_sent(&e),
                     };
                     if !retryable || Instant::now() + backoff > deadline {
-                        return Err(StoreError::Backend(format!("etcd {what}: {e}")));
+                        return Err(StoreError::Backend(self.explain(what, &e)));
                     }
                     tracing::debug!(error = %e, what, "etcd: retrying");
                     sleep(backoff).await;

@@ -383,6 +383,72 @@ async fn authentication_with_user_and_password() {
     );
 }
 
+/// An etcd user whose role grants only its namespace's keys (the usual
+/// least-privilege set-up: `readwrite --prefix=true /acc/`) can connect
+/// and use the store; with a namespace outside its grant, connecting fails
+/// and says which grant is missing. (The check at connect used to read the
+/// bare namespace key `/acc`, which `/acc/` does not cover.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_granted_only_its_namespace_can_connect() {
+    let etcd = EtcdCluster::single().await;
+    let endpoint = etcd.endpoints()[0].clone();
+    let etcdctl = |args: &[&str]| {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .args(args)
+            .output()
+            .expect("etcdctl (Debian's etcd-client package; run scripts/test)");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    etcdctl(&["user", "add", "root:rootpw"]);
+    etcdctl(&["user", "add", "berth:berthpw"]);
+    etcdctl(&["role", "add", "berth"]);
+    etcdctl(&[
+        "role",
+        "grant-permission",
+        "berth",
+        "readwrite",
+        "--prefix=true",
+        "/acc/",
+    ]);
+    etcdctl(&["user", "grant-role", "berth", "berth"]);
+    etcdctl(&["auth", "enable"]);
+
+    let url = format!("etcd://{endpoint}/acc?user=berth&password=berthpw");
+    let store = EtcdStore::connect(EtcdConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let mut watch = store.watch("/berth/", 0).await.unwrap();
+    let r = store.put("/berth/k", b("v"), 0).await.unwrap();
+    assert_eq!(
+        store.get("/berth/k").await.unwrap().unwrap().mod_revision,
+        r
+    );
+    assert_eq!(store.revision().await.unwrap(), r);
+    let batch = timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch[0].revision(), r);
+
+    let outside = format!("etcd://{endpoint}/other?user=berth&password=berthpw");
+    let err = EtcdStore::connect(EtcdConfig::from_url(&outside).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("permission denied")
+            && err.contains("grant-permission ROLE readwrite --prefix=true /other/berth"),
+        "{err}"
+    );
+}
+
 /// TLS with client certificates, configured through an etcd:// URL: the
 /// right CA and certificate work (reads, writes, watches); no client
 /// certificate, or plain http, is refused at connect.
