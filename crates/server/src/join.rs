@@ -75,6 +75,15 @@ pub enum NodeAuthError {
     /// The node is a server's own, not a joined one.
     #[error("node {0} is a server's own node, not a joined agent")]
     ServerNode(String),
+    /// A join named a node that is up: a joined node that is registered,
+    /// or a server's own node.
+    #[error("node id {node} is taken: {}", if *server { "it is a server's own node" } else { "a node with this id is up" })]
+    NodeIdTaken {
+        /// The id asked for.
+        node: String,
+        /// Whether a server's own node has it.
+        server: bool,
+    },
     /// Randomness for a secret could not be had.
     #[error("cannot generate a secret: the system's random source failed")]
     Random,
@@ -101,6 +110,15 @@ impl NodeAuthError {
                 ),
             ),
             Self::Forbidden { .. } => (S::FORBIDDEN, None),
+            Self::NodeIdTaken { node, .. } => (
+                S::CONFLICT,
+                Some(format!(
+                    "give this machine another id with `berth agent --node-id` (the default is the host name); \
+                     if it is the same machine with a new data dir, stop its old agent and wait {} s for its \
+                     registration to expire, or run `berth node rm {node}`",
+                    NODE_TTL.as_secs()
+                )),
+            ),
             Self::NotRegistered(_) => (
                 S::CONFLICT,
                 Some("register again with PUT /v1/agent/nodes/{node}".into()),
@@ -220,22 +238,55 @@ pub async fn join(
     }
     let secret = random_hex(32)?;
     let key = keys::node_cred(node);
-    let last = match store.get(&key).await? {
-        Some(kv) => decode::<NodeCredential>(&kv).ok().and_then(|c| c.last),
-        None => None,
-    };
-    let cred = NodeCredential {
-        node: node.to_owned(),
-        secret_sha256: sha256_hex(&secret),
-        joined_at: now,
-        last,
-    };
-    store.put(&key, encode(&key, &cred)?, 0).await?;
-    tracing::info!(%node, "node joined");
-    Ok(JoinResponse {
-        node: node.to_owned(),
-        secret,
-    })
+    let live_key = keys::node(node);
+    // Joining replaces the node's credential, so it must not take the id
+    // of a node that is up: that node (a second machine with the same host
+    // name, or anyone holding the join token) would lose its credential,
+    // stop its instances and exit, and the joiner would be handed its
+    // assignments. A server's own node has no credential to replace.
+    // Compared in the write, so a registration or another join landing in
+    // between is not overwritten.
+    for _ in 0..5 {
+        let existing = store.get(&key).await?;
+        let live = store.get(&live_key).await?;
+        if live.is_some() {
+            return Err(NodeAuthError::NodeIdTaken {
+                node: node.to_owned(),
+                server: existing.is_none(),
+            });
+        }
+        let last = existing
+            .as_ref()
+            .and_then(|kv| decode::<NodeCredential>(kv).ok())
+            .and_then(|c| c.last);
+        let cred = NodeCredential {
+            node: node.to_owned(),
+            secret_sha256: sha256_hex(&secret),
+            joined_at: now,
+            last,
+        };
+        let res = store
+            .txn(Txn {
+                compare: vec![
+                    Compare::ModRevision(live_key.clone(), 0),
+                    Compare::ModRevision(key.clone(), existing.map_or(0, |kv| kv.mod_revision)),
+                ],
+                success: vec![Op::put(key.clone(), encode(&key, &cred)?)],
+                failure: vec![],
+            })
+            .await?;
+        if res.succeeded {
+            tracing::info!(%node, "node joined");
+            return Ok(JoinResponse {
+                node: node.to_owned(),
+                secret,
+            });
+        }
+    }
+    Err(StoreError::Backend(format!(
+        "joining node {node} kept conflicting with other changes to it"
+    ))
+    .into())
 }
 
 /// Check that `secret` is `node`'s.
@@ -291,7 +342,6 @@ pub async fn register(
     now: u64,
 ) -> Result<RegisterResponse, NodeAuthError> {
     let key = keys::node(&record.id);
-    let drain_key = keys::node_drain(&record.id);
     record.updated_at = now;
     // `node.role` (Swarm's constraint attribute) is the server's word, not
     // the agent's: a joined node is a worker whatever it claims, so a
@@ -299,26 +349,49 @@ pub async fn register(
     record
         .facts
         .insert(ROLE_FACT.to_owned(), serde_json::Value::from(ROLE_WORKER));
-    // Compare-and-swap on the drain mark: a `berth node drain` that lands
-    // between reading it and writing the record is not overwritten.
+    let lease = match store.get(&key).await? {
+        Some(kv) if kv.lease != 0 && store.lease_keep_alive(kv.lease).await.is_ok() => kv.lease,
+        _ => store.lease_grant(NODE_TTL).await?,
+    };
+    let draining = put_record(store, record, lease, |record| {
+        let Some(cred) = cred else {
+            return Ok(vec![]);
+        };
+        let ck = keys::node_cred(&record.id);
+        let mut cred = cred.clone();
+        cred.last = Some(record.clone());
+        Ok(vec![Op::put(ck.clone(), encode(&ck, &cred)?)])
+    })
+    .await?;
+    Ok(RegisterResponse {
+        ttl_ms: NODE_TTL.as_millis() as u64,
+        draining,
+    })
+}
+
+/// Write `record` as the node's registration on `lease`, with the drain
+/// mark merged in, plus the ops `also` makes from the record as written
+/// (in the same transaction). Returns whether the node is draining.
+///
+/// Compare-and-swap on the drain mark: a `berth node drain` that lands
+/// between reading it and writing the record is not overwritten.
+pub async fn put_record(
+    store: &dyn Store,
+    mut record: Node,
+    lease: LeaseId,
+    also: impl Fn(&Node) -> Result<Vec<Op>, StoreError>,
+) -> Result<bool, NodeAuthError> {
+    let key = keys::node(&record.id);
+    let drain_key = keys::node_drain(&record.id);
     for _ in 0..5 {
         let drain = store.get(&drain_key).await?;
         record.draining = drain.is_some();
-        let lease = match store.get(&key).await? {
-            Some(kv) if kv.lease != 0 && store.lease_keep_alive(kv.lease).await.is_ok() => kv.lease,
-            _ => store.lease_grant(NODE_TTL).await?,
-        };
         let mut success = vec![Op::Put {
             key: key.clone(),
             value: encode(&key, &record)?,
             lease,
         }];
-        if let Some(cred) = cred {
-            let ck = keys::node_cred(&record.id);
-            let mut cred = cred.clone();
-            cred.last = Some(record.clone());
-            success.push(Op::put(ck.clone(), encode(&ck, &cred)?));
-        }
+        success.extend(also(&record)?);
         let res = store
             .txn(Txn {
                 compare: vec![Compare::ModRevision(
@@ -330,10 +403,7 @@ pub async fn register(
             })
             .await?;
         if res.succeeded {
-            return Ok(RegisterResponse {
-                ttl_ms: NODE_TTL.as_millis() as u64,
-                draining: record.draining,
-            });
+            return Ok(record.draining);
         }
     }
     Err(StoreError::Backend("node registration kept conflicting with drain changes".into()).into())
@@ -510,6 +580,27 @@ mod tests {
             .unwrap();
         assert!(!r.draining);
 
+        // The join token cannot take the id of a node that is up: its
+        // credential stays valid. Nor a server's own node's id.
+        assert!(matches!(
+            join(s.as_ref(), "n1", &token, 8).await,
+            Err(NodeAuthError::NodeIdTaken { server: false, .. })
+        ));
+        authenticate(s.as_ref(), "n1", Some(&j.secret))
+            .await
+            .unwrap();
+        let own = keys::node("srv");
+        s.put(&own, encode(&own, &node("srv")).unwrap(), 0)
+            .await
+            .unwrap();
+        let taken = join(s.as_ref(), "srv", &token, 8).await.unwrap_err();
+        assert!(
+            matches!(taken, NodeAuthError::NodeIdTaken { server: true, .. }),
+            "{taken}"
+        );
+        assert_eq!(taken.classify().0, axum::http::StatusCode::CONFLICT);
+        assert!(s.get(&keys::node_cred("srv")).await.unwrap().is_none());
+
         remove(s.as_ref(), "n1").await.unwrap();
         assert!(
             authenticate(s.as_ref(), "n1", Some(&j.secret))
@@ -521,5 +612,39 @@ mod tests {
             remove(s.as_ref(), "n1").await,
             Err(NodeAuthError::NoSuchNode(_))
         ));
+        // A removed node joins again under its id.
+        let again = join(s.as_ref(), "n1", &token, 9).await.unwrap();
+        authenticate(s.as_ref(), "n1", Some(&again.secret))
+            .await
+            .unwrap();
+    }
+
+    /// A node that is down (its registration expired) may join again under
+    /// its id, e.g. after losing its data dir; the credential it had is
+    /// replaced and its last registration kept for `berth nodes`.
+    #[tokio::test]
+    async fn a_down_node_joins_again() {
+        let (_d, s) = store();
+        let token = ensure_join_token(s.as_ref()).await.unwrap();
+        let first = join(s.as_ref(), "n1", &token, 1).await.unwrap();
+        let cred = authenticate(s.as_ref(), "n1", Some(&first.secret))
+            .await
+            .unwrap();
+        register(s.as_ref(), Some(&cred), node("n1"), 2)
+            .await
+            .unwrap();
+        // What the lease's expiry does.
+        let lease = node_lease(s.as_ref(), "n1").await.unwrap();
+        s.lease_revoke(lease).await.unwrap();
+        let second = join(s.as_ref(), "n1", &token, 3).await.unwrap();
+        assert!(
+            authenticate(s.as_ref(), "n1", Some(&first.secret))
+                .await
+                .is_err()
+        );
+        let cred = authenticate(s.as_ref(), "n1", Some(&second.secret))
+            .await
+            .unwrap();
+        assert_eq!(cred.last.map(|n| n.id), Some("n1".to_owned()));
     }
 }
