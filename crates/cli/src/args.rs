@@ -504,6 +504,15 @@ pub struct ServerArgs {
         value_parser = parse_duration
     )]
     pub reschedule_after: std::time::Duration,
+    /// How often this server's own node refreshes its facts (load, memory,
+    /// disk…), as `berth agent --facts-every` does for a joined node.
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "15s",
+        value_parser = parse_duration
+    )]
+    pub facts_every: std::time::Duration,
     /// Serve the dashboard to browsers without the token. Only allowed when
     /// every --listen address is loopback; other local users can then use it.
     #[arg(long)]

@@ -324,3 +324,64 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
     );
     assert_eq!(node_state(&nodes(&berth, dir), "n1"), "absent");
 }
+
+/// A server's own node refreshes its facts as a joined agent does (load,
+/// free memory and disk change, and constraints read them; it used to keep
+/// the ones read at start), and a refresh keeps its drain mark.
+#[test]
+fn a_servers_own_node_refreshes_its_facts_and_keeps_its_drain_mark() {
+    let mut berth = Berth::new();
+    berth.spawn_server(&[
+        "server",
+        "--node-id",
+        "own",
+        "--no-http",
+        "--no-dns",
+        "--facts-every",
+        "200ms",
+    ]);
+    server_tcp_addresses(berth.data.path());
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let own = |berth: &Berth| -> Value {
+        nodes(berth, dir)
+            .into_iter()
+            .find(|n| n["id"] == "own")
+            .expect("the server's own node is listed")
+    };
+    let first = own(&berth);
+    assert!(first["facts"]["load_1m"].is_number(), "{first}");
+    assert_eq!(first["facts"]["role"], "manager", "{first}");
+    let at = |n: &Value| n["updated_at"].as_u64().unwrap();
+    let start = at(&first);
+    wait_until(
+        "the server's node record to be refreshed",
+        Duration::from_secs(15),
+        || {
+            let n = own(&berth);
+            if at(&n) > start {
+                Ok(())
+            } else {
+                Err(format!("updated_at still {start}: {n}"))
+            }
+        },
+    );
+
+    berth.ok(dir, &["node", "drain", "own"]);
+    let drained = own(&berth);
+    assert_eq!(drained["state"], "draining", "{drained}");
+    wait_until("a refresh after the drain", Duration::from_secs(15), || {
+        let n = own(&berth);
+        assert_eq!(
+            n["state"], "draining",
+            "a refresh dropped the drain mark: {n}"
+        );
+        if at(&n) > at(&drained) {
+            Ok(())
+        } else {
+            Err(format!("not refreshed since the drain: {n}"))
+        }
+    });
+    berth.ok(dir, &["node", "activate", "own"]);
+    assert_eq!(own(&berth)["state"], "up");
+}

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_model::{Node, keys};
-use berth_store::{Store, embedded::EmbeddedStore, encode};
+use berth_store::{Store, embedded::EmbeddedStore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -97,6 +97,8 @@ pub struct ServerConfig {
     pub reschedule_after: Duration,
     /// Whether browsers need the token on loopback listeners (see [`ui`]).
     pub dashboard_auth: ui::DashboardAuth,
+    /// How often the local agent's node record gets fresh facts.
+    pub facts_every: Duration,
 }
 
 impl ServerConfig {
@@ -119,6 +121,7 @@ impl ServerConfig {
                 controller::Liveness::DEFAULT_RESCHEDULE_AFTER_MS,
             ),
             dashboard_auth: ui::DashboardAuth::Required,
+            facts_every: Duration::from_secs(15),
         }
     }
 }
@@ -588,26 +591,26 @@ async fn start_local_agent(
     local_statuses: &berth_agent::local::LocalStatuses,
 ) -> anyhow::Result<()> {
     let lease = store.lease_grant(join::NODE_TTL).await?;
-    let mut facts = berth_agent::facts::collect(&cfg.data_dir);
-    // A server's own node: `node.role == manager` in constraints.
-    facts.insert(
-        join::ROLE_FACT.to_owned(),
-        serde_json::Value::from(join::ROLE_MANAGER),
-    );
     let node = Node {
         id: cfg.node_id.clone(),
         address: cfg.advertise.to_string(),
         labels: Default::default(),
-        facts,
-        // `berth node drain` survives a server restart.
-        draining: store.get(&keys::node_drain(&cfg.node_id)).await?.is_some(),
+        facts: own_facts(&cfg.data_dir),
+        // Merged in from the drain mark by `join::put_record`, so `berth
+        // node drain` survives a server restart.
+        draining: false,
         updated_at: now_ms(),
     };
-    let node_key = keys::node(&cfg.node_id);
-    store
-        .put(&node_key, encode(&node_key, &node)?, lease)
-        .await?;
+    join::put_record(store.as_ref(), node.clone(), lease, |_| Ok(vec![])).await?;
     tasks.spawn(keep_lease_alive(store.clone(), lease, stop_rx.clone()));
+    tasks.spawn(refresh_own_facts(
+        store.clone(),
+        cfg.data_dir.clone(),
+        node,
+        lease,
+        cfg.facts_every,
+        stop_rx.clone(),
+    ));
 
     let agent_cfg = berth_agent::AgentConfig {
         node_id: cfg.node_id.clone(),
@@ -634,6 +637,57 @@ async fn start_local_agent(
             .context("agent failed")
     });
     Ok(())
+}
+
+/// The facts of this server's own node: the machine's, and
+/// `node.role == manager` for constraints.
+fn own_facts(data_dir: &Path) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut facts = berth_agent::facts::collect(data_dir);
+    facts.insert(
+        join::ROLE_FACT.to_owned(),
+        serde_json::Value::from(join::ROLE_MANAGER),
+    );
+    facts
+}
+
+/// Rewrite the server's own node record with fresh facts every `every`,
+/// as a joined agent re-registers (`berth agent --facts-every`): load,
+/// free memory and disk change, and constraints such as
+/// `node.facts.load_1m < 0.25` read them. A failed write is retried at the
+/// next tick; the lease keep-alive, not this, decides whether the node
+/// is up.
+async fn refresh_own_facts(
+    store: Arc<dyn Store>,
+    data_dir: PathBuf,
+    mut node: Node,
+    lease: berth_store::LeaseId,
+    every: Duration,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut stop = std::pin::pin!(stopped(stop));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => return Ok(()),
+        }
+        let dir = data_dir.clone();
+        // /proc, statvfs and a connect to Docker's socket: blocking calls.
+        match tokio::task::spawn_blocking(move || own_facts(&dir)).await {
+            Ok(facts) => node.facts = facts,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read this node's facts; retrying");
+                continue;
+            }
+        }
+        node.updated_at = now_ms();
+        if let Err(e) = join::put_record(store.as_ref(), node.clone(), lease, |_| Ok(vec![])).await
+        {
+            tracing::warn!(error = %e, "cannot refresh this node's facts; retrying");
+        }
+    }
 }
 
 /// Write a secret file readable only by its owner.

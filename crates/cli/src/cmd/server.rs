@@ -33,6 +33,7 @@ pub async fn run(settings: &Settings, args: &ServerArgs) -> anyhow::Result<u8> {
         .history_interval
         .max(std::time::Duration::from_millis(100));
     cfg.reschedule_after = args.reschedule_after;
+    cfg.facts_every = args.facts_every.max(std::time::Duration::from_millis(100));
     if args.dashboard_no_auth {
         cfg.dashboard_auth = berth_server::ui::DashboardAuth::Off;
     }
