@@ -202,5 +202,12 @@ mod tests {
         assert_eq!(f["arch"], std::env::consts::ARCH);
         assert!(f["kernel"].as_str().is_some());
         assert!(f["virtualized"].is_boolean() && f["docker"].is_boolean());
+        // The stack file loader warns about facts outside this list.
+        for name in f.keys() {
+            assert!(
+                berth_spec::constraint::KNOWN_FACTS.contains(&name.as_str()),
+                "fact {name} is missing from berth_spec::constraint::KNOWN_FACTS"
+            );
+        }
     }
 }

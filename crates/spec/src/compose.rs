@@ -1378,15 +1378,31 @@ fn deploy_placement(conv: &mut Conv<'_, '_>, p: &Node, placement: &mut Placement
     if let Some(c) = p.get("constraints") {
         placement.constraints = conv.strings(c, "deploy.placement.constraints");
         for it in c.as_seq().unwrap_or_default() {
-            if let Some(expr) = it.as_str()
-                && let Err(e) = crate::constraint::Constraint::parse(expr)
-            {
-                conv.error_hint(
+            let Some(expr) = it.as_str() else { continue };
+            match crate::constraint::Constraint::parse(expr) {
+                Err(e) => conv.error_hint(
                     it,
                     "deploy.placement.constraints",
                     format!("invalid constraint {expr:?}: {e}"),
                     "write e.g. `node.labels.zone == east`, `node.facts.load_15m < 0.25` or `node.facts.kernel ~= ^6\\.`",
-                );
+                ),
+                // A misspelt or invented fact (`load_10m`: Linux has 1, 5
+                // and 15 minutes) would leave the service pending with only
+                // the constraint as its reason.
+                Ok(c) => {
+                    if let crate::constraint::Attribute::Fact(name) = &c.attribute
+                        && !crate::constraint::KNOWN_FACTS.contains(&name.as_str())
+                    {
+                        conv.warn(
+                            it,
+                            "deploy.placement.constraints",
+                            format!(
+                                "berth agents report no fact `{name}`, so no node has it and only `!=` or `!~` can hold (facts: {})",
+                                crate::constraint::KNOWN_FACTS.join(", ")
+                            ),
+                        );
+                    }
+                }
             }
         }
     }

@@ -18,6 +18,27 @@
 
 use std::fmt;
 
+/// The facts berth's agents report for every node (`node.facts.<name>`;
+/// `role` is set by the server). A constraint may name another fact, but
+/// no node has it unless something else reports it, so the loader warns.
+pub const KNOWN_FACTS: [&str; 15] = [
+    "cpus",
+    "memory_total",
+    "memory_free",
+    "load_1m",
+    "load_5m",
+    "load_15m",
+    "disk_free",
+    "arch",
+    "os",
+    "kernel",
+    "hostname",
+    "virtualized",
+    "virtualization",
+    "docker",
+    "role",
+];
+
 /// A parsed constraint.
 #[derive(Debug, Clone)]
 pub struct Constraint {

@@ -1009,6 +1009,23 @@ fn placement_constraints_are_checked_with_their_position() {
     assert!(e.contains("cannot spread over \"zone\""), "{e}");
 }
 
+/// A fact no agent reports (`load_10m`: Linux has 1, 5 and 15 minute load
+/// averages) is a warning at its position naming the facts there are: the
+/// service would otherwise stay pending with only the constraint as reason.
+#[test]
+fn constraints_on_facts_no_agent_reports_warn() {
+    let l = ok(
+        "services:\n  web:\n    command: x\n    deploy:\n      placement:\n        constraints:\n          - node.facts.load_10m < 0.25\n          - node.facts.load_15m < 0.25\n          - node.facts.memory_free > 1G\n          - node.labels.anything == x\n",
+    );
+    let w: Vec<String> = l.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].contains("compose.yaml:7:13: service `web`, field `deploy.placement.constraints`: berth agents report no fact `load_10m`")
+            && w[0].contains("load_1m, load_5m, load_15m"),
+        "{w:?}"
+    );
+}
+
 #[test]
 fn x_berth_placement_strategy_and_affinity() {
     let l = ok(
