@@ -739,8 +739,10 @@ assert data["Value"] == b"red"
 def writer():
     time.sleep(0.5)
     consul.Consul(host="127.0.0.1", port=int(sys.argv[1])).kv.put("app/colour", "green")
-threading.Thread(target=writer).start()
+# t0 before the writer starts: whenever the get is sent, it returns green no
+# sooner than the writer's 0.5 s after t0.
 t0 = time.time()
+threading.Thread(target=writer).start()
 new_index, data = c.kv.get("app/colour", index=index, wait="20s")
 elapsed = time.time() - t0
 assert data["Value"] == b"green", data

@@ -138,12 +138,17 @@ pub struct EtcdCluster {
 /// One etcd member, for the conformance suite.
 pub type Etcd = EtcdCluster;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct free ports. The listeners are held until all are chosen:
+/// one dropped at once could be handed out again by the next bind, and a
+/// member whose client and peer ports are the same cannot start.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 impl EtcdCluster {
@@ -171,7 +176,8 @@ impl EtcdCluster {
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let free = free_ports(2 * size);
+        let ports: Vec<(u16, u16)> = free.chunks(2).map(|p| (p[0], p[1])).collect();
         let initial_cluster = ports
             .iter()
             .enumerate()
