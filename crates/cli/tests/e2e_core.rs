@@ -17,7 +17,7 @@ use common::*;
 fn example_stack_up_heals_scales_and_goes_down_cleanly() {
     let mut berth = Berth::new();
     let stack = format!("poly{}", std::process::id());
-    let (api_port, web_port) = (free_port(), free_port());
+    let [api_port, web_port] = free_ports();
     berth.env.insert("API_PORT".into(), api_port.to_string());
     berth.env.insert("WEB_PORT".into(), web_port.to_string());
     let dir = repo().join("examples/polyglot");
@@ -35,8 +35,18 @@ fn example_stack_up_heals_scales_and_goes_down_cleanly() {
         }
         assert_eq!(i["stack"], stack.as_str());
     }
-    // The front end answers through its published port, with the API's answer.
-    let page = http_get(web_port, "/").unwrap();
+    // The front end answers through its published port, with the API's
+    // answer. `up -d` waited for the instances; the TCP proxy learns of them
+    // from the store on its own, a moment later on a loaded machine.
+    let mut page = String::new();
+    wait_until(
+        "the front end through its published port",
+        Duration::from_secs(30),
+        || {
+            page = http_get(web_port, "/")?;
+            Ok(())
+        },
+    );
     assert!(
         page.contains("\"api\"") && page.contains("hello from the python api"),
         "{page}"
@@ -75,7 +85,12 @@ fn example_stack_up_heals_scales_and_goes_down_cleanly() {
             Err(format!("{n} web processes"))
         }
     });
-    assert_eq!(http_get(web_port, "/").map(|_| ()), Ok(()));
+    // The proxy drops the removed instances on its own, a moment later.
+    wait_until(
+        "the front end after scaling down",
+        Duration::from_secs(30),
+        || http_get(web_port, "/").map(|_| ()),
+    );
 
     // The worker talks to the front end, and its logs say so.
     wait_until("worker log line", Duration::from_secs(30), || {
@@ -134,7 +149,7 @@ fn server_killed_during_scale_converges_to_exactly_the_desired_count() {
     std::thread::sleep(Duration::from_millis(150));
     let pid = berth.server_pid().expect("server.json names the server");
     signal(pid, "KILL");
-    wait_until("server gone", Duration::from_secs(5), || {
+    wait_until("server gone", Duration::from_secs(30), || {
         if alive(pid) {
             Err("alive".into())
         } else {
@@ -162,7 +177,14 @@ fn server_killed_during_scale_converges_to_exactly_the_desired_count() {
         }
     });
     berth.ok(dir, &["down", "-p", &stack]);
-    assert!(processes_of(&stack, None).is_empty());
+    wait_until("no process left", Duration::from_secs(30), || {
+        let left = processes_of(&stack, None);
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        }
+    });
 }
 
 #[test]

@@ -14,7 +14,7 @@ use common::*;
 fn dns_and_router_list_exactly_the_healthy_instances() {
     let mut berth = Berth::new();
     let stack = format!("disc{}", std::process::id());
-    let (http, dns) = (free_port(), free_port());
+    let [http, dns] = free_ports();
     berth
         .env
         .insert("BERTH_HTTP".into(), format!("127.0.0.1:{http}"));
@@ -32,7 +32,9 @@ fn dns_and_router_list_exactly_the_healthy_instances() {
             "    restart: unless-stopped\n",
             "    deploy: { replicas: 3 }\n",
             "    x-berth:\n",
-            "      healthcheck: { http: /, interval: 300ms, timeout: 300ms, retries: 2, start_interval: 50ms }\n",
+            // A 1 s timeout: a loaded machine must not fail a running
+            // instance's check (the frozen one still fails it within ~3 s).
+            "      healthcheck: { http: /, interval: 300ms, timeout: 1s, retries: 2, start_interval: 50ms }\n",
         ),
     )
     .unwrap();
@@ -62,7 +64,7 @@ fn dns_and_router_list_exactly_the_healthy_instances() {
     assert_eq!(healthy.len(), 3);
     wait_until(
         "SRV lists the 3 healthy instances",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || {
             let got = srv_ports();
             if got == healthy {
@@ -79,7 +81,7 @@ fn dns_and_router_list_exactly_the_healthy_instances() {
     );
     // The router serves <service>.<stack>.localhost.
     let host = format!("web.{stack}.localhost");
-    wait_until("router serves the stack", Duration::from_secs(10), || {
+    wait_until("router serves the stack", Duration::from_secs(30), || {
         http_get_host(http, &host, "/").map(|_| ())
     });
 
@@ -93,7 +95,7 @@ fn dns_and_router_list_exactly_the_healthy_instances() {
     signal(victim["pid"].as_i64().unwrap() as i32, "STOP");
     wait_until(
         "frozen instance out of DNS",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || {
             let got = srv_ports();
             if got.len() == 2 && !got.contains(&victim_port) {
@@ -117,7 +119,7 @@ fn dns_and_router_list_exactly_the_healthy_instances() {
     signal(victim["pid"].as_i64().unwrap() as i32, "CONT");
     wait_until(
         "thawed instance back in DNS",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || {
             let got = srv_ports();
             if got.len() == 3 {
@@ -139,13 +141,13 @@ fn an_exited_instance_stayed_healthy_when_another_process_answered_its_check() {
     let port = foreign.local_addr().unwrap().port();
     let mut berth = Berth::new();
     let stack = format!("gone{}", std::process::id());
-    let dns = free_port();
+    let [dns, http] = free_ports();
     berth
         .env
         .insert("BERTH_DNS".into(), format!("127.0.0.1:{dns}"));
     berth
         .env
-        .insert("BERTH_HTTP".into(), format!("127.0.0.1:{}", free_port()));
+        .insert("BERTH_HTTP".into(), format!("127.0.0.1:{http}"));
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("compose.yaml"),
@@ -153,10 +155,12 @@ fn an_exited_instance_stayed_healthy_when_another_process_answered_its_check() {
             concat!(
                 "services:\n",
                 "  web:\n",
-                "    command: [\"sh\", \"-c\", \"sleep 2; exit 1\"]\n",
+                // Runs 6 s: `up -d` must see it healthy, and dig find it,
+                // before it exits (2 s was tight on a loaded machine).
+                "    command: [\"sh\", \"-c\", \"sleep 6; exit 1\"]\n",
                 "    restart: \"no\"\n",
                 "    x-berth:\n",
-                "      healthcheck: {{ tcp: true, port: {port}, interval: 200ms, timeout: 300ms, retries: 2, start_interval: 50ms }}\n",
+                "      healthcheck: {{ tcp: true, port: {port}, interval: 200ms, timeout: 1s, retries: 2, start_interval: 50ms }}\n",
             ),
             port = port
         ),
@@ -168,7 +172,7 @@ fn an_exited_instance_stayed_healthy_when_another_process_answered_its_check() {
     // While it runs it is healthy and found.
     wait_until(
         "the running instance in DNS",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || match dig(dns, &name, "A").as_slice() {
             [a] if a == "127.0.0.1" => Ok(()),
             other => Err(format!("{other:?}")),
@@ -176,7 +180,7 @@ fn an_exited_instance_stayed_healthy_when_another_process_answered_its_check() {
     );
     wait_until(
         "the instance exited",
-        Duration::from_secs(15),
+        Duration::from_secs(30),
         || match berth.ps(dir, &stack).first() {
             Some(i) if i["state"] == "exited" => Ok(()),
             other => Err(format!("{other:?}")),
@@ -187,7 +191,7 @@ fn an_exited_instance_stayed_healthy_when_another_process_answered_its_check() {
     // Gone from DNS and the catalog although the check would still pass.
     wait_until(
         "the exited instance out of DNS",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || match dig(dns, &name, "A").as_slice() {
             [] => Ok(()),
             other => Err(format!("{other:?}")),

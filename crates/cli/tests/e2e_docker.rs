@@ -82,7 +82,7 @@ fn docker_kill_restarts_kill_9_of_the_server_adopts_and_down_leaves_nothing() {
     // exactly them.
     let pid = berth.server_pid().expect("server.json names the server");
     signal(pid, "KILL");
-    wait_until("the server gone", Duration::from_secs(10), || {
+    wait_until("the server gone", Duration::from_secs(30), || {
         if alive(pid) {
             Err(format!("{pid} alive"))
         } else {
@@ -204,7 +204,18 @@ fn mixed_stack_runs_and_down_v_removes_containers_networks_and_volumes() {
             }
         },
     );
-    assert!(processes_of(&stack, None).is_empty());
+    wait_until(
+        "the process service stopped",
+        Duration::from_secs(30),
+        || {
+            let left = processes_of(&stack, None);
+            if left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{left:?}"))
+            }
+        },
+    );
 }
 
 /// The example-voting-app's images, made locally from the test image under
@@ -349,7 +360,7 @@ fn example_voting_app_explains_what_cannot_run_then_runs_with_local_images() {
     );
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (vote_port, result_port, debug_port) = (free_port(), free_port(), free_port());
+    let [vote_port, result_port, debug_port] = free_ports();
     let text = original
         .replace("\"8080:80\"", &format!("\"{vote_port}:80\""))
         .replace("\"8081:80\"", &format!("\"{result_port}:80\""))
@@ -418,10 +429,15 @@ fn example_voting_app_explains_what_cannot_run_then_runs_with_local_images() {
     // Published through berth's proxy, as the file asks.
     wait_until(
         "vote answers on its host port",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || http_get(vote_port, "/").and_then(|r| r.contains("Cats vs Dogs").then_some(()).ok_or(r)),
     );
-    http_get(result_port, "/").unwrap();
+    // Each published port's proxy learns of its instance on its own.
+    wait_until(
+        "result answers on its host port",
+        Duration::from_secs(30),
+        || http_get(result_port, "/").map(|_| ()),
+    );
     // The worker reaches redis and db by service name.
     wait_until(
         "worker reaches redis and db",

@@ -87,7 +87,7 @@ fn a_joined_agents_containers_are_served_by_another_nodes_router_dns_and_proxy()
 
     // d1: on the host, where dockerd publishes; its TCP proxy is off (the
     // server's own edge holds the host's loopback published port).
-    let (d1_http, d1_dns) = (free_port(), free_port());
+    let [d1_http, d1_dns] = free_ports();
     let d1 = spawn_agent(&b, &apis[0], &token, "d1")
         .label("kind=docker")
         .args(&[
@@ -207,7 +207,7 @@ fn a_joined_agents_containers_are_served_by_another_nodes_router_dns_and_proxy()
     // n1's TCP proxy forwards the published port, on n1's own loopback.
     let mut curl = Command::new("curl");
     curl.args(["-sS", "-m", "3", &format!("http://127.0.0.1:{published}/")]);
-    wait_until("n1's TCP proxy", Duration::from_secs(10), || {
+    wait_until("n1's TCP proxy", Duration::from_secs(30), || {
         let out = net.command(0, &curl).output().map_err(|e| e.to_string())?;
         let body = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         if want.contains(&body) {
@@ -223,28 +223,50 @@ fn a_joined_agents_containers_are_served_by_another_nodes_router_dns_and_proxy()
 
     // The node running them reaches them too: d1's router and DNS, and the
     // server's router, all on the host.
+    // Each edge follows the store on its own: wait for each.
     let lo: IpAddr = Ipv4Addr::LOCALHOST.into();
-    assert_eq!(served_at(lo, d1_http, WEB, 6).unwrap(), want);
-    assert_eq!(served_at(lo, server_http, WEB, 6).unwrap(), want);
-    assert_eq!(
-        dig(d1_dns, "web.dockn.berth", "A"),
-        vec![node.host.to_string()]
-    );
+    for (what, port) in [
+        ("d1's router", d1_http),
+        ("the server's router", server_http),
+    ] {
+        wait_until(what, Duration::from_secs(30), || {
+            let got = served_at(lo, port, WEB, 6)?;
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        });
+    }
+    wait_until("d1's DNS", Duration::from_secs(30), || {
+        let got = dig(d1_dns, "web.dockn.berth", "A");
+        if got == vec![node.host.to_string()] {
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
+        }
+    });
     // ... and the host port answers from n1's namespace directly.
     let port = *host_ports.first().unwrap();
     let mut direct = Command::new("curl");
     direct.args(["-sS", "-m", "3", &format!("http://{host_ip}:{port}/")]);
-    let out = net.command(0, &direct).output().unwrap();
-    assert!(
-        want.contains(String::from_utf8_lossy(&out.stdout).trim()),
-        "{out:?}"
-    );
+    wait_until("the host port from n1", Duration::from_secs(30), || {
+        let out = net
+            .command(0, &direct)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if want.contains(String::from_utf8_lossy(&out.stdout).trim()) {
+            Ok(())
+        } else {
+            Err(format!("{out:?}"))
+        }
+    });
     // So does each container's second declared port, at the host port
     // `ps --json` shows for it.
     for port in &second_ports {
         let mut direct = Command::new("curl");
         direct.args(["-sS", "-m", "3", &format!("http://{host_ip}:{port}/")]);
-        wait_until("the second port answers", Duration::from_secs(10), || {
+        wait_until("the second port answers", Duration::from_secs(30), || {
             let out = net
                 .command(0, &direct)
                 .output()

@@ -211,7 +211,7 @@ fn durations_like_1m30s_were_rejected_by_the_cli_and_parsed_three_ways() {
         dir.path(),
         &["up", "-d", "-p", &stack, "--wait-timeout", "1m30s"],
     );
-    wait_until("the hello line", Duration::from_secs(10), || {
+    wait_until("the hello line", Duration::from_secs(30), || {
         let logs = berth.ok(dir.path(), &["logs", "-p", &stack, "--since", "1m30s"]);
         if logs.contains("hello") {
             Ok(())

@@ -207,7 +207,7 @@ fn agents_join_run_spread_work_and_lose_their_node_when_killed() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("insufficient memory"), "{body}");
     berth.ok(mars.path(), &["down", "-p", "mars"]);
-    wait_until("mars's pending rows gone", Duration::from_secs(10), || {
+    wait_until("mars's pending rows gone", Duration::from_secs(30), || {
         let all: Vec<Value> =
             serde_json::from_str(&berth.ok(dir, &["ps", "--all-stacks", "--json"])).unwrap();
         match all.iter().filter(|i| i["stack"] == "mars").count() {

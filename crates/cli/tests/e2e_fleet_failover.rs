@@ -64,7 +64,7 @@ fn fails_over(sig: &str) {
     let dir = work.path();
 
     // Both servers are listed (admin route), by either server.
-    wait_until("both servers listed", Duration::from_secs(15), || {
+    wait_until("both servers listed", Duration::from_secs(30), || {
         let (status, body) = admin_get(&s2, &api2, "/v1/servers");
         let list: Vec<Value> = serde_json::from_str(&body).map_err(|e| format!("{status} {e}"))?;
         let nodes: Vec<&str> = list.iter().filter_map(|s| s["node"].as_str()).collect();
@@ -103,7 +103,7 @@ fn fails_over(sig: &str) {
     let s1_pid = s1.server_pid().unwrap();
     signal(s1_pid, sig);
     let _resume = (sig == "STOP").then_some(Resume(s1_pid));
-    wait_until("the agent switched to s2", Duration::from_secs(10), || {
+    wait_until("the agent switched to s2", Duration::from_secs(20), || {
         if agent_log().contains("switching to the next one") {
             Ok(())
         } else {

@@ -111,10 +111,21 @@ fn logs_of_an_agents_instances_are_shown_and_followed_on_the_server() {
         },
     );
     eprintln!("a past line shipped and listed within {:?}", t.elapsed());
-    // The agent keeps its own copy.
-    let local = std::fs::read_to_string(state.join("logs/default/flogs/web.1/current.log"))
-        .unwrap_or_else(|e| panic!("agent's local log file: {e}"));
-    assert!(local.contains("url:/before-follow.txt"), "{local}");
+    // The agent keeps its own copy (its writer flushes the file after
+    // publishing the line to the shipper: wait rather than race it).
+    wait_until(
+        "the line in the agent's own file",
+        Duration::from_secs(30),
+        || {
+            let local = std::fs::read_to_string(state.join("logs/default/flogs/web.1/current.log"))
+                .map_err(|e| format!("agent's local log file: {e}"))?;
+            if local.contains("url:/before-follow.txt") {
+                Ok(())
+            } else {
+                Err(local)
+            }
+        },
+    );
 
     // Following: a line written after `logs -f` started shows up in it.
     let mut follow = Proc(

@@ -60,7 +60,7 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
         );
         wait_until(
             &format!("{i}'s CPU and memory on /metrics"),
-            Duration::from_secs(20),
+            Duration::from_secs(30),
             || {
                 let m = http_get(port, "/metrics")?;
                 let mem = metric(&m, &format!("berth_instance_memory_bytes{labels}"));
@@ -91,7 +91,7 @@ fn an_agents_instances_have_cpu_and_memory_series_with_their_node() {
     // a busy loop gets far less than a core (CI saw 6.6 % and 9.9 %).
     wait_until(
         "berth top shows n1's figures",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || {
             let out = berth.ok(dir, &["top", "--once", "--json", "-p", &stack]);
             let rows: Vec<Value> = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;

@@ -229,7 +229,7 @@ fn consul_get(port: u16, path: &str) -> (String, String) {
 fn deploys_scale_and_a_failed_deploy_through_the_router_lose_no_request() {
     let mut berth = Berth::new();
     let stack = format!("rzdt{}", std::process::id());
-    let (http, dns, consul) = (free_port(), free_port(), free_port());
+    let [http, dns, consul] = free_ports();
     berth
         .env
         .insert("BERTH_HTTP".into(), format!("127.0.0.1:{http}"));

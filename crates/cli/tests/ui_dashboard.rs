@@ -353,7 +353,7 @@ fn stack_file(port: u16, greeting: &str) -> String {
 #[test]
 fn dashboard_shows_scales_follows_logs_and_rolls_back_in_chromium() {
     let mut berth = Berth::new();
-    let (http, dns) = (free_port(), free_port());
+    let [http, dns] = free_ports();
     berth
         .env
         .insert("BERTH_HTTP".into(), format!("127.0.0.1:{http}"));

@@ -245,6 +245,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `N` distinct free ports: the listeners are held until all are chosen
+/// (each dropped at once, [`free_port`] twice can return the same port).
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
 pub fn http_get(port: u16, path: &str) -> Result<String, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
@@ -374,7 +383,9 @@ pub fn dig_at(ip: std::net::IpAddr, dns_port: u16, name: &str, qtype: &str) -> V
             name,
             qtype,
             "+short",
-            "+time=2",
+            // One try (a retry would count twice in DNS counters), with
+            // time for a loaded machine.
+            "+time=10",
             "+tries=1",
         ])
         .output()
@@ -618,7 +629,7 @@ pub struct Etcd {
 impl Etcd {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (port, peer) = (free_port(), free_port());
+        let [port, peer] = free_ports();
         let client = format!("http://127.0.0.1:{port}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
