@@ -208,7 +208,15 @@ impl Servers {
     pub fn learn(&self, live: Vec<String>) {
         let mut r = self.ring();
         let current = r.list.get(r.current).cloned();
-        let mut list = live;
+        // A server lists its loopback listeners too. They name this
+        // machine only when the agent reached a server over loopback (same
+        // host); otherwise they would send the node's secret to whatever
+        // listens on that port here.
+        let same_host = r.seeds.iter().any(|s| is_loopback(s));
+        let mut list: Vec<String> = live
+            .into_iter()
+            .filter(|s| same_host || !is_loopback(s))
+            .collect();
         for s in &r.seeds {
             if !list.contains(s) {
                 list.push(s.clone());
@@ -228,6 +236,16 @@ impl Servers {
             self.switched.send_modify(|n| *n += 1);
         }
     }
+}
+
+/// Whether `authority` (`host:port`) names a loopback address.
+fn is_loopback(authority: &str) -> bool {
+    if let Ok(a) = authority.parse::<std::net::SocketAddr>() {
+        return a.ip().is_loopback();
+    }
+    authority
+        .rsplit_once(':')
+        .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
 }
 
 /// An HTTP client of the servers, authenticated as one node.
@@ -1461,6 +1479,23 @@ mod tests {
         assert_eq!(s.current(), "a:1", "the seeds stay in the ring");
         let one = Servers::new(vec!["a:1".into()]);
         assert!(!one.failed("a:1"));
+
+        // An agent on another machine does not take the servers' loopback
+        // listeners; one that joined over loopback (same host) does.
+        let remote = Servers::new(vec!["10.0.0.1:7777".into()]);
+        remote.learn(vec![
+            "10.0.0.1:7777".into(),
+            "127.0.0.1:7777".into(),
+            "[::1]:7777".into(),
+            "localhost:7778".into(),
+            "10.0.0.2:7777".into(),
+        ]);
+        assert_eq!(remote.len(), 2);
+        assert!(remote.failed("10.0.0.1:7777"));
+        assert_eq!(remote.current(), "10.0.0.2:7777");
+        let local = Servers::new(vec!["127.0.0.1:7777".into()]);
+        local.learn(vec!["127.0.0.1:7777".into(), "127.0.0.1:7778".into()]);
+        assert_eq!(local.len(), 2);
     }
 
     /// A server that accepts connections (the kernel does, into the
