@@ -30,7 +30,7 @@ use berth_store::{Store, StoreError};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use hyper::{Method, Request, StatusCode, header};
+use hyper::{Method, Request, header};
 use hyper_util::rt::TokioIo;
 
 use crate::leader::LeaderRecord;
@@ -105,13 +105,23 @@ impl Peers {
     /// ([`addresses`]), until one answers 200 as that server. The error
     /// says why none did.
     pub async fn get(&self, peer: &LeaderRecord, path: &str) -> Result<PeerBody, String> {
+        self.request(Method::GET, peer, path).await
+    }
+
+    /// [`Peers::get`] with another method.
+    pub async fn request(
+        &self,
+        method: Method,
+        peer: &LeaderRecord,
+        path: &str,
+    ) -> Result<PeerBody, String> {
         let addrs = addresses(peer);
         if addrs.is_empty() {
             return Err("it listens on no TCP address".into());
         }
         let mut why = Vec::new();
         for addr in addrs {
-            match self.get_at(addr, &peer.node, path).await {
+            match self.send(method.clone(), addr, &peer.node, path).await {
                 Ok(body) => return Ok(body),
                 Err(e) => why.push(format!("{addr}: {e}")),
             }
@@ -119,7 +129,13 @@ impl Peers {
         Err(why.join("; "))
     }
 
-    async fn get_at(&self, addr: SocketAddr, node: &str, path: &str) -> Result<PeerBody, String> {
+    async fn send(
+        &self,
+        method: Method,
+        addr: SocketAddr,
+        node: &str,
+        path: &str,
+    ) -> Result<PeerBody, String> {
         let stream = tokio::time::timeout(CONNECT_WITHIN, tokio::net::TcpStream::connect(addr))
             .await
             .map_err(|_| format!("not connected within {CONNECT_WITHIN:?}"))?
@@ -134,7 +150,7 @@ impl Peers {
             let _ = conn.await;
         });
         let req = Request::builder()
-            .method(Method::GET)
+            .method(method)
             .uri(path)
             .header(header::HOST, addr.to_string())
             .header(
@@ -158,7 +174,7 @@ impl Peers {
             body: resp.into_body(),
             buf: Vec::new(),
         };
-        if status != StatusCode::OK {
+        if !status.is_success() {
             // The error's own JSON says why (bad token, unknown stack…).
             let text = body.rest(IDLE_WITHIN).await.unwrap_or_default();
             return Err(format!(

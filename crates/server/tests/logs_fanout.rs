@@ -380,3 +380,26 @@ async fn a_followed_answer_streams_every_servers_new_lines_and_servers_that_join
     // The servers' records are what the fan-out asked.
     assert_eq!(servers::list(fleet.store.as_ref()).await.unwrap().len(), 3);
 }
+
+#[tokio::test]
+async fn removing_a_stack_removes_its_logs_on_every_server() {
+    let fleet = two_servers().await;
+    let (status, _, body) = fleet
+        .call(0, Method::DELETE, "/v1/stacks/default/shop", None, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Both servers' stores are empty for it: a stack made again under the
+    // name does not show the old lines.
+    for (i, (_, logs)) in fleet.servers.iter().enumerate() {
+        let q = berth_agent::logs::LogQuery {
+            namespace: "default".into(),
+            stack: "shop".into(),
+            ..Default::default()
+        };
+        assert_eq!(logs.read(&q).await.unwrap(), [], "s{i}");
+    }
+    // The route takes the peer token like the other peer route.
+    let path = "/v1/peer/stacks/default/shop/logs";
+    let (status, _, _) = fleet.call(1, Method::DELETE, path, None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}

@@ -158,6 +158,53 @@ pub(crate) async fn peer_stream(
     Ok(resp)
 }
 
+/// `DELETE /v1/peer/stacks/{ns}/{stack}/logs`: remove this server's logs
+/// of a stack another server removed (`DELETE /v1/stacks/…`), so a stack
+/// made again under that name does not show them. Takes the peer token.
+pub(crate) async fn peer_remove(
+    State(ctx): State<ApiContext>,
+    peers: Option<Extension<Peers>>,
+    headers: HeaderMap,
+    ApiPath((ns, stack)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let Some(Extension(peers)) = peers else {
+        return Err(ApiError::NotFound(
+            "this server has no peers (it runs on its own embedded store)".into(),
+        ));
+    };
+    if !peers.authorized(&headers) {
+        return Err(ApiError::Unauthorized);
+    }
+    ctx.logs
+        .remove_stack(&ns, &stack)
+        .await
+        .map_err(|e| ApiError::Internal(format!("removing the stack's logs: {e}")))?;
+    let mut resp = axum::http::StatusCode::NO_CONTENT.into_response();
+    if let Ok(v) = HeaderValue::from_str(peers.node()) {
+        resp.headers_mut().insert(peers::NODE_HEADER, v);
+    }
+    Ok(resp)
+}
+
+/// Remove the stack's logs on every other live server (this one removed
+/// its own). Each server that did not is named with why, for the log.
+pub(crate) async fn remove_on_peers(peers: &Peers, ns: &str, stack: &str) -> Vec<(String, String)> {
+    let others = match peers.others().await {
+        Ok(o) => o,
+        Err(e) => return vec![("(the other servers)".into(), e.to_string())],
+    };
+    let path = format!("/v1/peer/stacks/{}/{}/logs", enc(ns), enc(stack));
+    let asks = others.iter().map(|p| async {
+        let resp = peers.request(hyper::Method::DELETE, p, &path).await;
+        resp.err().map(|why| (p.node.clone(), why))
+    });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// The request's stack and services exist, and its `since` reads.
 async fn checked(
     ctx: &ApiContext,

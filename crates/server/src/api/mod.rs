@@ -268,6 +268,11 @@ fn build_agent() -> Routes {
             "/v1/peer/stacks/{ns}/{stack}/logs",
             logs::peer_stream,
         )
+        .add(
+            Method::DELETE,
+            "/v1/peer/stacks/{ns}/{stack}/logs",
+            logs::peer_remove,
+        )
 }
 
 /// Every (method, path) the router serves, in axum's path syntax.

@@ -145,6 +145,7 @@ fn yes() -> bool {
 
 pub(crate) async fn remove(
     State(ctx): State<ApiContext>,
+    peers: Option<axum::Extension<crate::peers::Peers>>,
     ApiPath((ns, stack)): ApiPath<(String, String)>,
     ApiQuery(q): ApiQuery<RemoveQuery>,
 ) -> Result<Json<RemoveStackResponse>, ApiError> {
@@ -158,6 +159,14 @@ pub(crate) async fn remove(
             .remove_stack(&ns, &stack)
             .await
             .map_err(|e| ApiError::Internal(format!("removing the stack's logs: {e}")))?;
+        // Other servers hold lines of it too (their agents', those shipped
+        // to them); the merged logs of a stack made again under this name
+        // must not show them.
+        if let Some(axum::Extension(peers)) = peers {
+            for (server, why) in super::logs::remove_on_peers(&peers, &ns, &stack).await {
+                tracing::warn!(%server, error = %why, namespace = %ns, %stack, "could not remove a removed stack's logs on another server; they stay on its disk");
+            }
+        }
     }
     let volumes_removed = if q.volumes {
         remove_volumes(&ns, &stack).await?
