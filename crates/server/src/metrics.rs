@@ -759,13 +759,37 @@ impl Collector for ScrapeCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let src = &self.0;
         let live = src.live.borrow().clone();
-        let mut usage = local_usage(&live, src);
-        // Joined nodes' instances are exported by the leader only.
+        // Joined nodes' instances and edges are exported by the leader only.
         let remote = if src.leadership.borrow().is_some() {
             src.remote()
         } else {
             Arc::default()
         };
+        let instances = ScrapedInstances::gather(src, &live, &remote);
+        // The families keep the order scrapers have always seen.
+        instances.encode_lifecycle(&mut enc)?;
+        instances.encode_health_checks(&mut enc)?;
+        instances.encode_usage(&mut enc)?;
+        instances.encode_last_exit(&mut enc)?;
+        encode_own_process(&mut enc)?;
+        encode_edges(&mut enc, src, &remote)
+    }
+}
+
+/// The instances one scrape exports (this node's, and joined nodes' when
+/// this server leads), with their usage and health-check figures merged from
+/// this node's meters and the other nodes' latest reports.
+struct ScrapedInstances<'a> {
+    node: &'a str,
+    live: &'a Live,
+    remote: &'a BTreeMap<String, NodeStats>,
+    usage: HashMap<InstanceKey, Usage>,
+    health: HashMap<InstanceKey, berth_agent::health::HealthStats>,
+}
+
+impl<'a> ScrapedInstances<'a> {
+    fn gather(src: &'a Sources, live: &'a Live, remote: &'a BTreeMap<String, NodeStats>) -> Self {
+        let mut usage = local_usage(live, src);
         let mut health = src.health.snapshot();
         for s in live.statuses.values() {
             if s.node != src.node
@@ -777,18 +801,33 @@ impl Collector for ScrapeCollector {
                 }
             }
         }
-        let rows = || {
-            live.statuses
-                .values()
-                .filter(|s| s.node == src.node || remote.contains_key(&s.node))
-        };
+        ScrapedInstances {
+            node: &src.node,
+            live,
+            remote,
+            usage,
+            health,
+        }
+    }
 
+    /// This node's instances, and those of joined nodes that have reported
+    /// (`remote` is empty on a follower, so each joined node's instances
+    /// are exported by one server: the leader).
+    fn rows(&self) -> impl Iterator<Item = &'a InstanceStatus> + '_ {
+        self.live
+            .statuses
+            .values()
+            .filter(|s| s.node == self.node || self.remote.contains_key(&s.node))
+    }
+
+    /// State, health and restarts: known for every instance, probed or not.
+    fn encode_lifecycle(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         family(
-            &mut enc,
+            enc,
             "berth_instance_state",
             "1 for the instance's current state (pending, starting, running, exited, backoff, failed, stopping, stopped)",
             MetricType::Gauge,
-            rows().flat_map(|s| {
+            self.rows().flat_map(|s| {
                 STATES.iter().map(move |st| {
                     let mut l = instance_labels(&s.key, &s.node);
                     l.push(("state", st.to_string()));
@@ -797,11 +836,11 @@ impl Collector for ScrapeCollector {
             }),
         )?;
         family(
-            &mut enc,
+            enc,
             "berth_instance_healthy",
             "1 when the instance's health check passes (or it has none and runs), else 0",
             MetricType::Gauge,
-            rows().map(|s| {
+            self.rows().map(|s| {
                 let ok = match s.health {
                     berth_model::Health::Healthy => true,
                     berth_model::Health::None => s.state == InstanceState::Running,
@@ -814,20 +853,28 @@ impl Collector for ScrapeCollector {
             }),
         )?;
         family(
-            &mut enc,
+            enc,
             "berth_instance_restarts",
             "Restarts of the instance slot",
             MetricType::Counter,
-            rows().map(|s| {
+            self.rows().map(|s| {
                 (
                     instance_labels(&s.key, &s.node),
                     ConstCounter::new(u64::from(s.restarts)),
                 )
             }),
-        )?;
-        let probed = || rows().filter_map(|s| Some((s, *health.get(&s.key)?)));
+        )
+    }
+
+    /// Probe counts and timing, only for instances whose current
+    /// incarnation has been probed.
+    fn encode_health_checks(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let probed = || {
+            self.rows()
+                .filter_map(|s| Some((s, *self.health.get(&s.key)?)))
+        };
         family(
-            &mut enc,
+            enc,
             "berth_instance_health_checks",
             "Health-check probes run by the instance's current incarnation",
             MetricType::Counter,
@@ -839,7 +886,7 @@ impl Collector for ScrapeCollector {
             }),
         )?;
         family(
-            &mut enc,
+            enc,
             "berth_instance_health_check_failures",
             "Health-check probes that failed (current incarnation)",
             MetricType::Counter,
@@ -851,7 +898,7 @@ impl Collector for ScrapeCollector {
             }),
         )?;
         family(
-            &mut enc,
+            enc,
             "berth_instance_health_check_seconds",
             "Duration of the instance's last health-check probe",
             MetricType::Gauge,
@@ -861,13 +908,19 @@ impl Collector for ScrapeCollector {
                     ConstGauge::new(h.last_seconds),
                 )
             }),
-        )?;
+        )
+    }
+
+    /// CPU and memory. Processes and containers are metered differently
+    /// (cumulative seconds from /proc vs the engine's percentage over its
+    /// interval), so each CPU family holds only the instances it fits.
+    fn encode_usage(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         family(
-            &mut enc,
+            enc,
             "berth_instance_cpu_seconds",
             "CPU seconds used by the instance's current run (processes: the whole process tree, from /proc)",
             MetricType::Counter,
-            rows().filter_map(|s| match usage.get(&s.key) {
+            self.rows().filter_map(|s| match self.usage.get(&s.key) {
                 Some(Usage::Process { cpu_seconds, .. }) => Some((
                     instance_labels(&s.key, &s.node),
                     ConstCounter::new(*cpu_seconds),
@@ -876,11 +929,11 @@ impl Collector for ScrapeCollector {
             }),
         )?;
         family(
-            &mut enc,
+            enc,
             "berth_instance_cpu_percent",
             "CPU use of a container over the engine's last stats interval, in percent of one core",
             MetricType::Gauge,
-            rows().filter_map(|s| match usage.get(&s.key) {
+            self.rows().filter_map(|s| match self.usage.get(&s.key) {
                 Some(Usage::Container { cpu_percent, .. }) => Some((
                     instance_labels(&s.key, &s.node),
                     ConstGauge::new(*cpu_percent),
@@ -889,12 +942,12 @@ impl Collector for ScrapeCollector {
             }),
         )?;
         family(
-            &mut enc,
+            enc,
             "berth_instance_memory_bytes",
             "Resident memory (processes: RSS of the tree; containers: usage without page cache)",
             MetricType::Gauge,
-            rows().filter_map(|s| {
-                let bytes = match usage.get(&s.key)? {
+            self.rows().filter_map(|s| {
+                let bytes = match self.usage.get(&s.key)? {
                     Usage::Process { rss_bytes, .. } => *rss_bytes,
                     Usage::Container { memory_bytes, .. } => *memory_bytes,
                 };
@@ -903,68 +956,80 @@ impl Collector for ScrapeCollector {
                     ConstGauge::new(bytes as i64),
                 ))
             }),
-        )?;
+        )
+    }
+
+    fn encode_last_exit(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         family(
-            &mut enc,
+            enc,
             "berth_instance_last_exit_code",
             "Exit code of the instance slot's last exit (absent when it never exited or was killed by a signal)",
             MetricType::Gauge,
-            rows().filter_map(|s| {
+            self.rows().filter_map(|s| {
                 let code = s.last_exit.as_ref()?.code?;
                 Some((
                     instance_labels(&s.key, &s.node),
                     ConstGauge::new(i64::from(code)),
                 ))
             }),
-        )?;
-
-        let me = metrics_proc::own_usage();
-        family(
-            &mut enc,
-            "process_cpu_seconds",
-            "CPU seconds used by the berth server process (agent included)",
-            MetricType::Counter,
-            [(Labels::new(), ConstCounter::new(me.cpu_seconds))],
-        )?;
-        family(
-            &mut enc,
-            "process_resident_memory_bytes",
-            "Resident memory of the berth server process",
-            MetricType::Gauge,
-            [(Labels::new(), ConstGauge::new(me.rss_bytes as i64))],
-        )?;
-
-        // Every node's edge: this server's own, and (like their instances,
-        // from the leader only) joined nodes', as their agents last
-        // reported them.
-        let local = src.edge_meters().stats();
-        let mut edges: Vec<(&str, &EdgeStats)> = Vec::new();
-        if let Some(e) = &local {
-            edges.push((&src.node, e));
-        }
-        for (node, report) in remote.iter() {
-            if *node != src.node
-                && let Some(e) = &report.edge
-            {
-                edges.push((node, e));
-            }
-        }
-        let routers: Vec<(&str, &RouterStats)> = edges
-            .iter()
-            .filter_map(|(n, e)| Some((*n, e.router.as_ref()?)))
-            .collect();
-        if !routers.is_empty() {
-            encode_router(&mut enc, &routers)?;
-        }
-        let dns: Vec<(&str, &DnsStats)> = edges
-            .iter()
-            .filter_map(|(n, e)| Some((*n, e.dns.as_ref()?)))
-            .collect();
-        if !dns.is_empty() {
-            encode_dns(&mut enc, &dns)?;
-        }
-        Ok(())
+        )
     }
+}
+
+/// The berth server process itself (its agent runs inside it).
+fn encode_own_process(enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    let me = metrics_proc::own_usage();
+    family(
+        enc,
+        "process_cpu_seconds",
+        "CPU seconds used by the berth server process (agent included)",
+        MetricType::Counter,
+        [(Labels::new(), ConstCounter::new(me.cpu_seconds))],
+    )?;
+    family(
+        enc,
+        "process_resident_memory_bytes",
+        "Resident memory of the berth server process",
+        MetricType::Gauge,
+        [(Labels::new(), ConstGauge::new(me.rss_bytes as i64))],
+    )
+}
+
+/// Every node's edge: this server's own, and (like their instances, from
+/// the leader only: `remote` is empty on a follower) joined nodes', as their
+/// agents last reported them. A family no node has figures for is left out.
+fn encode_edges(
+    enc: &mut DescriptorEncoder<'_>,
+    src: &Sources,
+    remote: &BTreeMap<String, NodeStats>,
+) -> Result<(), std::fmt::Error> {
+    let local = src.edge_meters().stats();
+    let mut edges: Vec<(&str, &EdgeStats)> = Vec::new();
+    if let Some(e) = &local {
+        edges.push((&src.node, e));
+    }
+    for (node, report) in remote.iter() {
+        if *node != src.node
+            && let Some(e) = &report.edge
+        {
+            edges.push((node, e));
+        }
+    }
+    let routers: Vec<(&str, &RouterStats)> = edges
+        .iter()
+        .filter_map(|(n, e)| Some((*n, e.router.as_ref()?)))
+        .collect();
+    if !routers.is_empty() {
+        encode_router(enc, &routers)?;
+    }
+    let dns: Vec<(&str, &DnsStats)> = edges
+        .iter()
+        .filter_map(|(n, e)| Some((*n, e.dns.as_ref()?)))
+        .collect();
+    if !dns.is_empty() {
+        encode_dns(enc, &dns)?;
+    }
+    Ok(())
 }
 
 /// `labels` with the node's.
