@@ -265,17 +265,123 @@ pub fn plan_service(inp: &ServiceInput<'_>, new_uid: &mut dyn FnMut() -> String)
     // Modified copies, written once at the end (several steps may touch one).
     let mut edits: Vec<(Inst<'_>, Assignment)> = Vec::new();
 
-    let mut live: Vec<Inst<'_>> = Vec::new();
+    let (live, retiring) = advance_retiring(inp, &mut out, &mut edits);
+
+    if inp.stopped {
+        stop_all(&live, n, &mut out, &mut edits);
+        return finish(out, edits);
+    }
+
+    let is_current = |i: &Inst<'_>| {
+        i.a.restart_generation == inp.generation
+            && same_template(&i.a.service, inp.spec)
+            && !inp.draining.contains(i.a.node.as_str())
+    };
+    if restart_stopped(inp, &live, &is_current, &mut edits, new_uid) {
+        return finish(out, edits);
+    }
+
+    let (mut cur, mut old): (Vec<Inst<'_>>, Vec<Inst<'_>>) =
+        live.iter().copied().partition(|i| is_current(i));
+    for i in &cur {
+        if i.a.release != record.release {
+            let e = edit(&mut edits, *i);
+            edits[e].1.release = record.release;
+        }
+    }
+
+    let progress = Progress::of(record, &pol);
+    if progress.active && !progress.cont {
+        out.failure = rollout_failure(inp, &pol, &progress, &cur, &old);
+    }
+    let halted = progress.paused || out.failure.is_some();
+
+    // Too many current instances (scaled down): the ones that serve nothing
+    // first, then the newest (highest slots).
+    if cur.len() > n {
+        cur.sort_by_key(|i| (!progress.done(i), i.a.key.slot));
+        for i in cur.split_off(n) {
+            retire(&mut out, &mut edits, i, now);
+        }
+    }
+    let counts = Counts {
+        wanted: n,
+        current: cur.len(),
+        ready: cur.iter().filter(|i| progress.done(i)).count(),
+        in_flight: cur.iter().filter(|i| !progress.done(i)).count(),
+        retiring,
+        orphans: inp
+            .orphans
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.state,
+                    InstanceState::Running | InstanceState::Starting | InstanceState::Stopping
+                )
+            })
+            .count(),
+    };
+    let last_batch = cur
+        .iter()
+        .filter(|i| progress.in_rollout(i))
+        .map(|i| i.a.created_at)
+        .max();
+    let delay_ok = match last_batch {
+        Some(t) if pol.delay_ms > 0 && t + pol.delay_ms > now => {
+            out.wake(t + pol.delay_ms);
+            false
+        }
+        _ => true,
+    };
+    let may_advance = !halted && delay_ok;
+    // Outdated instances that serve nothing are of no use to anyone.
+    old.sort_by_key(|i| (i.ready(), i.a.key.slot));
+
+    if pol.start_first {
+        replace_start_first(
+            &mut out,
+            &mut edits,
+            &mut old,
+            &counts,
+            &pol,
+            may_advance,
+            now,
+        );
+    } else {
+        replace_stop_first(
+            &mut out,
+            &mut edits,
+            &mut old,
+            &counts,
+            &pol,
+            may_advance,
+            now,
+        );
+    }
+
+    out.settled = settled(&mut out, &cur, &old, &counts, &progress, &pol, now);
+    finish(out, edits)
+}
+
+/// Moves every retiring instance one step along drain → stop → delete.
+/// Returns the instances that are not retiring, and how many are (they
+/// still occupy a replica until their process is gone).
+fn advance_retiring<'a>(
+    inp: &ServiceInput<'a>,
+    out: &mut ServiceOutput,
+    edits: &mut Vec<(Inst<'a>, Assignment)>,
+) -> (Vec<Inst<'a>>, usize) {
+    let mut live: Vec<Inst<'a>> = Vec::new();
     let mut retiring = 0usize;
     for i in &inp.instances {
         match i.a.retire_at {
-            Some(t) if t > now => {
+            Some(t) if t > inp.now => {
                 out.wake(t);
                 retiring += 1;
             }
             // Drained: stop it, still retiring (so out of every table)…
             Some(_) if i.a.desired == DesiredState::Running => {
-                let e = edit(&mut edits, *i);
+                let e = edit(edits, *i);
                 edits[e].1.desired = DesiredState::Stopped;
                 retiring += 1;
             }
@@ -294,171 +400,216 @@ pub fn plan_service(inp: &ServiceInput<'_>, new_uid: &mut dyn FnMut() -> String)
             None => live.push(*i),
         }
     }
+    (live, retiring)
+}
 
-    if inp.stopped {
-        for (k, i) in live.iter().enumerate() {
-            if k >= n {
-                out.deletes.push((i.key.clone(), i.rev));
-            } else if i.a.desired != DesiredState::Stopped {
-                let e = edit(&mut edits, *i);
-                edits[e].1.desired = DesiredState::Stopped;
-            }
+/// `berth stop`: the first `n` slots are kept, stopped (so `berth start`
+/// brings them back in place), and any beyond the replica count go.
+fn stop_all<'a>(
+    live: &[Inst<'a>],
+    n: usize,
+    out: &mut ServiceOutput,
+    edits: &mut Vec<(Inst<'a>, Assignment)>,
+) {
+    for (k, i) in live.iter().enumerate() {
+        if k >= n {
+            out.deletes.push((i.key.clone(), i.rev));
+        } else if i.a.desired != DesiredState::Stopped {
+            let e = edit(edits, *i);
+            edits[e].1.desired = DesiredState::Stopped;
         }
-        out.settled = true;
-        return finish(out, edits);
     }
+    out.settled = true;
+}
 
-    let is_current = |i: &Inst<'_>| {
-        i.a.restart_generation == inp.generation
-            && same_template(&i.a.service, inp.spec)
-            && !inp.draining.contains(i.a.node.as_str())
-    };
-    // Instances stopped by `berth stop`, now wanted again: nothing serves,
-    // so they are restarted in place, on the new template if it changed.
+/// Instances stopped by `berth stop`, now wanted again: nothing serves,
+/// so they are restarted in place, on the new template if it changed.
+/// Returns whether any was; the rest of the plan waits for the next pass.
+fn restart_stopped<'a>(
+    inp: &ServiceInput<'a>,
+    live: &[Inst<'a>],
+    is_current: &dyn Fn(&Inst<'_>) -> bool,
+    edits: &mut Vec<(Inst<'a>, Assignment)>,
+    new_uid: &mut dyn FnMut() -> String,
+) -> bool {
     let mut restarted = false;
-    for i in &live {
+    for i in live {
         if i.a.desired == DesiredState::Stopped && inp.deps_met {
             let current = is_current(i);
-            let e = edit(&mut edits, *i);
+            let e = edit(edits, *i);
             let a = &mut edits[e].1;
             a.desired = DesiredState::Running;
-            a.release = record.release;
+            a.release = inp.record.release;
             if !current {
                 a.uid = new_uid();
                 a.service = inp.spec.clone();
                 a.restart_generation = inp.generation;
-                a.created_at = now;
+                a.created_at = inp.now;
             }
             restarted = true;
         }
     }
-    if restarted {
-        return finish(out, edits);
-    }
+    restarted
+}
 
-    let (mut cur, mut old): (Vec<Inst<'_>>, Vec<Inst<'_>>) =
-        live.iter().copied().partition(|i| is_current(i));
-    for i in &cur {
-        if i.a.release != record.release {
-            let e = edit(&mut edits, *i);
-            edits[e].1.release = record.release;
+/// Where the rollout of the stack's current release stands (a rollout
+/// record of an older release says nothing about this one).
+struct Progress {
+    active: bool,
+    paused: bool,
+    /// When the rollout started: instances created since are its own.
+    since: Millis,
+    /// The policy's failure action is `continue`.
+    cont: bool,
+}
+
+impl Progress {
+    fn of(record: &StackRecord, pol: &Policy) -> Self {
+        let rollout = record
+            .rollout
+            .as_ref()
+            .filter(|r| r.release == record.release);
+        Progress {
+            active: rollout.is_some_and(|r| r.state == RolloutState::InProgress),
+            paused: rollout.is_some_and(|r| r.state == RolloutState::Paused),
+            since: rollout.map_or(Millis::MAX, |r| r.started_at),
+            cont: pol.failure_action == FailureAction::Continue,
         }
     }
 
-    let rollout = record
-        .rollout
-        .as_ref()
-        .filter(|r| r.release == record.release);
-    let active = rollout.is_some_and(|r| r.state == RolloutState::InProgress);
-    let paused = rollout.is_some_and(|r| r.state == RolloutState::Paused);
-    let since = rollout.map_or(Millis::MAX, |r| r.started_at);
-    let in_rollout = |i: &Inst<'_>| active && i.a.created_at >= since;
-    let cont = pol.failure_action == FailureAction::Continue;
-    // With `continue`, a failed instance is as good as a routable one for
-    // the rollout's progress: it is not waited for.
-    let done = |i: &Inst<'_>| i.ready() || (cont && i.failure().is_some());
-
-    if active && !cont {
-        let new: Vec<&Inst<'_>> = cur.iter().filter(|i| in_rollout(i)).collect();
-        let failed: Vec<(&Inst<'_>, String)> = new
-            .iter()
-            .filter_map(|i| i.failure().map(|r| (*i, r)))
-            .collect();
-        if let Some((first, reason)) = failed.first()
-            && failed.len() as f64 / new.len().max(1) as f64 > pol.max_failure_ratio
-        {
-            let restart_only = old.iter().any(|o| same_template(&o.a.service, inp.spec));
-            let rollback_to = if restart_only {
-                None
-            } else {
-                old.iter()
-                    .map(|o| o.a.release)
-                    .max()
-                    .or_else(|| record.release.checked_sub(1).filter(|v| *v > 0))
-            };
-            out.failure = Some(Failure {
-                instance: first.a.key.clone(),
-                reason: reason.clone(),
-                action: pol.failure_action,
-                rollback_to,
-            });
-        }
+    fn in_rollout(&self, i: &Inst<'_>) -> bool {
+        self.active && i.a.created_at >= self.since
     }
-    let halted = paused || out.failure.is_some();
 
-    // Too many current instances (scaled down): the ones that serve nothing
-    // first, then the newest (highest slots).
-    if cur.len() > n {
-        cur.sort_by_key(|i| (!done(i), i.a.key.slot));
-        for i in cur.split_off(n) {
-            retire(&mut out, &mut edits, i, now);
-        }
+    /// With `continue`, a failed instance is as good as a routable one for
+    /// the rollout's progress: it is not waited for.
+    fn done(&self, i: &Inst<'_>) -> bool {
+        i.ready() || (self.cont && i.failure().is_some())
     }
-    let ready_cur = cur.iter().filter(|i| done(i)).count();
-    let in_flight = cur.iter().filter(|i| !done(i)).count();
-    let last_batch = cur
+}
+
+/// The first of the rollout's new instances to fail, once more of them have
+/// failed than the policy tolerates.
+fn rollout_failure(
+    inp: &ServiceInput<'_>,
+    pol: &Policy,
+    progress: &Progress,
+    cur: &[Inst<'_>],
+    old: &[Inst<'_>],
+) -> Option<Failure> {
+    let new: Vec<&Inst<'_>> = cur.iter().filter(|i| progress.in_rollout(i)).collect();
+    let failed: Vec<(&Inst<'_>, String)> = new
         .iter()
-        .filter(|i| in_rollout(i))
-        .map(|i| i.a.created_at)
-        .max();
-    let delay_ok = match last_batch {
-        Some(t) if pol.delay_ms > 0 && t + pol.delay_ms > now => {
-            out.wake(t + pol.delay_ms);
-            false
-        }
-        _ => true,
-    };
-    // Outdated instances that serve nothing are of no use to anyone.
-    old.sort_by_key(|i| (i.ready(), i.a.key.slot));
-    let missing = n.saturating_sub(cur.len());
-
-    if pol.start_first {
-        // Keep enough outdated instances to make up for current ones that
-        // do not take traffic yet.
-        let keep_old = n.saturating_sub(ready_cur).min(old.len());
-        let surplus = old.len() - keep_old;
-        for i in old.drain(..surplus) {
-            retire(&mut out, &mut edits, i, now);
-        }
-        let extra = n.saturating_sub(cur.len() + old.len());
-        let replacements = if halted || !delay_ok {
-            0
-        } else {
-            (missing - extra).min((pol.parallelism as usize).saturating_sub(in_flight))
-        };
-        out.create = (extra + replacements) as u32;
+        .filter_map(|i| i.failure().map(|r| (*i, r)))
+        .collect();
+    let (first, reason) = failed.first()?;
+    let too_many = failed.len() as f64 / new.len().max(1) as f64 > pol.max_failure_ratio;
+    if !too_many {
+        return None;
+    }
+    let restart_only = old.iter().any(|o| same_template(&o.a.service, inp.spec));
+    let rollback_to = if restart_only {
+        None
     } else {
-        let orphans = inp
-            .orphans
-            .iter()
-            .filter(|s| {
-                matches!(
-                    s.state,
-                    InstanceState::Running | InstanceState::Starting | InstanceState::Stopping
-                )
-            })
-            .count();
-        // Everything counts against the replica count until its process is
-        // gone: two copies must never run side by side.
-        let occupying = cur.len() + old.len() + retiring + orphans;
-        out.create = n.saturating_sub(occupying) as u32;
-        if ready_cur >= n {
-            for i in old.drain(..) {
-                retire(&mut out, &mut edits, i, now);
-            }
-        } else if !halted && delay_ok && in_flight == 0 && retiring == 0 && orphans == 0 {
-            let k = (pol.parallelism as usize).min(old.len());
-            for i in old.drain(..k) {
-                retire(&mut out, &mut edits, i, now);
-            }
+        old.iter()
+            .map(|o| o.a.release)
+            .max()
+            .or_else(|| inp.record.release.checked_sub(1).filter(|v| *v > 0))
+    };
+    Some(Failure {
+        instance: first.a.key.clone(),
+        reason: reason.clone(),
+        action: pol.failure_action,
+        rollback_to,
+    })
+}
+
+/// The current instances the replacement steps work from (after scale-down).
+struct Counts {
+    /// Wanted replicas.
+    wanted: usize,
+    current: usize,
+    /// Current instances done (routable, or failed under `continue`).
+    ready: usize,
+    /// Current instances not done yet.
+    in_flight: usize,
+    /// Instances retiring (draining or stopping).
+    retiring: usize,
+    /// Unassigned slots whose instance the agent still runs or is stopping.
+    orphans: usize,
+}
+
+/// Start-first: new instances come up beside the outdated ones, which are
+/// retired only as new ones become routable.
+fn replace_start_first<'a>(
+    out: &mut ServiceOutput,
+    edits: &mut Vec<(Inst<'a>, Assignment)>,
+    old: &mut Vec<Inst<'a>>,
+    c: &Counts,
+    pol: &Policy,
+    may_advance: bool,
+    now: Millis,
+) {
+    // Keep enough outdated instances to make up for current ones that
+    // do not take traffic yet.
+    let keep_old = c.wanted.saturating_sub(c.ready).min(old.len());
+    let surplus = old.len() - keep_old;
+    for i in old.drain(..surplus) {
+        retire(out, edits, i, now);
+    }
+    let missing = c.wanted.saturating_sub(c.current);
+    let extra = c.wanted.saturating_sub(c.current + old.len());
+    let replacements = if may_advance {
+        (missing - extra).min((pol.parallelism as usize).saturating_sub(c.in_flight))
+    } else {
+        0
+    };
+    out.create = (extra + replacements) as u32;
+}
+
+/// Stop-first: outdated instances are retired a batch at a time, and their
+/// replacements created only once they are gone.
+fn replace_stop_first<'a>(
+    out: &mut ServiceOutput,
+    edits: &mut Vec<(Inst<'a>, Assignment)>,
+    old: &mut Vec<Inst<'a>>,
+    c: &Counts,
+    pol: &Policy,
+    may_advance: bool,
+    now: Millis,
+) {
+    // Everything counts against the replica count until its process is
+    // gone: two copies must never run side by side.
+    let occupying = c.current + old.len() + c.retiring + c.orphans;
+    out.create = c.wanted.saturating_sub(occupying) as u32;
+    if c.ready >= c.wanted {
+        for i in old.drain(..) {
+            retire(out, edits, i, now);
+        }
+    } else if may_advance && c.in_flight == 0 && c.retiring == 0 && c.orphans == 0 {
+        let k = (pol.parallelism as usize).min(old.len());
+        for i in old.drain(..k) {
+            retire(out, edits, i, now);
         }
     }
+}
 
-    let mut settled = old.is_empty() && retiring == 0 && cur.len() == n && out.create == 0;
-    for i in &cur {
-        if !done(i) {
+/// Every instance is current, done, and (for the rollout's new ones) past
+/// its monitor period; wakes the controller when the next one ends.
+fn settled(
+    out: &mut ServiceOutput,
+    cur: &[Inst<'_>],
+    old: &[Inst<'_>],
+    c: &Counts,
+    progress: &Progress,
+    pol: &Policy,
+    now: Millis,
+) -> bool {
+    let mut settled = old.is_empty() && c.retiring == 0 && c.current == c.wanted && out.create == 0;
+    for i in cur {
+        if !progress.done(i) {
             settled = false;
-        } else if in_rollout(i) && i.ready() {
+        } else if progress.in_rollout(i) && i.ready() {
             let until = i.started() + pol.monitor_ms;
             if until > now {
                 settled = false;
@@ -466,8 +617,7 @@ pub fn plan_service(inp: &ServiceInput<'_>, new_uid: &mut dyn FnMut() -> String)
             }
         }
     }
-    out.settled = settled && out.deletes.is_empty();
-    finish(out, edits)
+    settled && out.deletes.is_empty()
 }
 
 /// The index of `i`'s modified copy in `edits`, made on first use.
