@@ -66,6 +66,9 @@ pub struct EtcdStore {
     client: Client,
     namespace: Namespace,
     request_timeout: Duration,
+    /// Whether the client logs in with a user and password (watches then
+    /// re-authenticate when a member refuses their token).
+    authenticated: bool,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -153,6 +156,7 @@ impl EtcdStore {
             client,
             namespace,
             request_timeout: config.request_timeout,
+            authenticated: config.credentials.is_some(),
         };
         tokio::time::timeout(config.connect_timeout, store.header_revision())
             .await
@@ -485,9 +489,15 @@ impl Store for EtcdStore {
         } else {
             from
         };
-        watch::Watcher::new(self.client.clone(), self.namespace.clone(), prefix, from)
-            .start()
-            .await
+        watch::Watcher::new(
+            self.client.clone(),
+            self.namespace.clone(),
+            prefix,
+            from,
+            self.authenticated,
+        )
+        .start()
+        .await
     }
 
     async fn revision(&self) -> Result<Revision> {

@@ -152,6 +152,115 @@ async fn watch_and_writes_survive_member_and_leader_kill() {
     }
 }
 
+/// Which single member serves watch streams (waits until exactly one does).
+async fn member_serving_the_watch(cluster: &EtcdCluster) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let serving: Vec<usize> = (0..cluster.members.len())
+            .filter(|&i| {
+                cluster.members[i].is_running()
+                    && watch_streams(cluster.members[i].client_port).unwrap_or(0) > 0
+            })
+            .collect();
+        if let [one] = serving[..] {
+            return one;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cannot tell which member serves the watch: {serving:?}"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With user/password auth on a 3-member cluster, a watch keeps delivering
+/// when the member serving it dies and it re-attaches to a member that does
+/// not know its auth token. etcd's default "simple" tokens live in each
+/// member's memory: the other two members are restarted first, so they have
+/// forgotten the store's token, and nothing else uses the store meanwhile
+/// (its unary calls would log in again by themselves). etcd then cancels the
+/// re-attached watch with "invalid auth token"; the watch must log in again
+/// rather than end (it used to end, and a berth server with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_watch_survives_moving_to_a_member_that_lost_its_token() {
+    let mut cluster = EtcdCluster::start(3).await;
+    let endpoints = cluster.endpoints();
+    let etcdctl = |on: &[String], args: &[&str]| {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", on.join(",")))
+            .arg("--command-timeout=20s")
+            .args(args)
+            .output()
+            .expect("etcdctl (Debian's etcd-client package; run scripts/test)");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    etcdctl(&endpoints, &["user", "add", "root:rootpw"]);
+    etcdctl(&endpoints, &["auth", "enable"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("pw");
+    std::fs::write(&password_file, "rootpw\n").unwrap();
+    let url = format!(
+        "etcd://{}/auth?user=root&password-file={}",
+        endpoints.join(","),
+        password_file.display()
+    );
+    let store = EtcdStore::connect(EtcdConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let first = store.put("/k/0", b("0"), 0).await.unwrap();
+    let mut watch = store.watch("/k/", first).await.unwrap();
+    let batch = timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("the watch delivered nothing within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch[0].revision(), first);
+
+    // A write after the store's login, so the restarted members' data
+    // covers the login's raft entry and they do not replay it.
+    etcdctl(
+        &endpoints,
+        &["--user=root:rootpw", "put", "/auth/marker", "x"],
+    );
+    let watched = member_serving_the_watch(&cluster).await;
+    for m in (0..3).filter(|&m| m != watched) {
+        cluster.members[m].stop();
+        cluster.members[m].restart();
+        cluster.wait_healthy().await;
+    }
+    cluster.members[watched].kill();
+    let survivors: Vec<String> = (0..3)
+        .filter(|&m| m != watched)
+        .map(|m| cluster.members[m].endpoint())
+        .collect();
+    // Written by someone else, so the store itself makes no call that
+    // would renew its token before the watch re-attaches.
+    etcdctl(&survivors, &["--user=root:rootpw", "put", "/auth/k/1", "1"]);
+    let batch = match timeout(Duration::from_secs(30), watch.next()).await {
+        Ok(Some(Ok(batch))) => batch,
+        other => panic!("the watch did not survive the move to another member: {other:?}"),
+    };
+    let WatchEvent::Put(kv) = &batch[0] else {
+        panic!("unexpected {batch:?}")
+    };
+    assert_eq!((kv.key.as_str(), &kv.value[..]), ("/k/1", &b"1"[..]));
+
+    // And it goes on: the store's own writes reach it too.
+    let r = put_retrying(&store, "/k/2").await.0;
+    let batch = timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("the watch delivered nothing within 20 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(batch[0].revision(), r);
+}
+
 /// A watch whose stream broke re-attaches from its next revision; if that
 /// was compacted meanwhile, it says Compacted (then ends) instead of
 /// silently skipping. The stream is lazy: not polling it while etcd restarts

@@ -92,6 +92,30 @@ impl Member {
         }
     }
 
+    /// SIGTERM: etcd shuts down cleanly (its data written out, its
+    /// in-memory state such as auth tokens gone); waits until it exited.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = i32::try_from(child.id()).unwrap();
+        // SAFETY: plain kill(2) on our own child, which has not been reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + STARTUP;
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "etcd member {} did not stop within {STARTUP:?} of SIGTERM:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Start the member again on its data directory (after [`Member::kill`]).
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "{} is still running", self.name);
