@@ -667,12 +667,36 @@ impl ApiClient {
 #[derive(Debug, Clone)]
 pub struct ApiControlPlane {
     client: ApiClient,
+    logs_shipped: Option<crate::remote_logs::ShipBarrier>,
 }
+
+/// How long an instance's `forget` waits for the lines captured up to its
+/// end (`stopping …`, what the program printed as it exited, `stopped …`)
+/// to be shipped: the servers take lines only of instances the node is
+/// assigned or still reports, so lines arriving after the forget are
+/// refused. Normally the wait is one batch linger plus a round trip. When
+/// the servers do not take lines, the forget goes anyway after this long:
+/// a removed instance's status must not linger in `berth ps` and the
+/// catalog (nor hold up the node's other reports, sent by the same task)
+/// for an outage of unknown length; the lines stay in the agent's files.
+/// Three seconds covers a shipper retrying after a failover (first back-off
+/// 0.5 s) on a loaded machine, like the shipper's last flush on exit.
+pub const FORGET_HOLD: Duration = Duration::from_secs(3);
 
 impl ApiControlPlane {
     /// Use this authenticated client.
     pub fn new(client: ApiClient) -> Self {
-        Self { client }
+        Self {
+            client,
+            logs_shipped: None,
+        }
+    }
+
+    /// Hold each `forget` until the log lines captured before it were
+    /// shipped through `barrier` (for at most [`FORGET_HOLD`]).
+    pub fn with_log_barrier(mut self, barrier: crate::remote_logs::ShipBarrier) -> Self {
+        self.logs_shipped = Some(barrier);
+        self
     }
 }
 
@@ -914,6 +938,14 @@ impl ControlPlane for ApiControlPlane {
     }
 
     async fn forget(&self, key: &InstanceKey, seq: u64) -> Result<(), ControlError> {
+        // The instance's supervisor has ended, so its last lines are in
+        // the log store: they must reach a server while it still takes
+        // them, i.e. before this forget.
+        if let Some(barrier) = &self.logs_shipped
+            && !barrier.shipped(FORGET_HOLD).await
+        {
+            tracing::debug!(instance = %key, "forgetting an instance before its last log lines were shipped (they stay in the local files)");
+        }
         let body = serde_json::to_vec(&berth_model::api::ForgetRequest {
             key: key.clone(),
             seq,
@@ -1161,7 +1193,7 @@ pub async fn run_remote(
     let container_stats = crate::driver::docker::StatsMap::default();
     let health_stats = crate::health::HealthStatsMap::default();
     let control = Arc::new(crate::remote_stats::Tapped::new(
-        Arc::new(ApiControlPlane::new(client.clone())),
+        Arc::new(ApiControlPlane::new(client.clone()).with_log_barrier(shipper.barrier())),
         reported.clone(),
     ));
     let stats = crate::remote_stats::StatsShipper::start(

@@ -15,6 +15,11 @@
 //! (`LogBatch::stream`, `offset`): a batch sent again, after the agent gave
 //! up on a hung server that then resumed and stored it anyway, is not
 //! stored twice (the servers keep each node's position in the store).
+//!
+//! A [`ShipBarrier`] waits until every line captured so far has been
+//! answered by a server: the agent holds an instance's `forget` on it, since
+//! the server takes lines only of instances the node still reports (see
+//! [`crate::remote::FORGET_HOLD`]).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -23,7 +28,7 @@ use std::time::Duration;
 
 use berth_model::LogLine;
 use berth_model::api::LogBatch;
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
 use crate::logs::LogStore;
 use crate::remote::{ApiClient, RemoteError};
@@ -77,6 +82,9 @@ struct Buffer {
 
 struct Shared {
     buf: std::sync::Mutex<Buffer>,
+    /// Every line numbered below this has been answered by a server
+    /// (taken, refused) or dropped: nothing more will be done about it.
+    done: watch::Sender<u64>,
     more: Notify,
     stats: Arc<ShipStats>,
     cfg: ShipConfig,
@@ -97,6 +105,7 @@ impl Shared {
         let seq = b.next_seq;
         b.next_seq += 1;
         b.lines.push_back((seq, line));
+        self.mark_done(&b);
         drop(b);
         self.more.notify_one();
     }
@@ -126,6 +135,17 @@ impl Shared {
         while b.lines.front().is_some_and(|(s, _)| *s <= seq) {
             b.lines.pop_front();
         }
+        self.mark_done(&b);
+    }
+
+    /// Publish how far the lines are done: up to the oldest still queued.
+    fn mark_done(&self, b: &Buffer) {
+        let done = b.lines.front().map_or(b.next_seq, |(s, _)| *s);
+        self.done.send_if_modified(|d| {
+            let moved = done > *d;
+            *d = (*d).max(done);
+            moved
+        });
     }
 }
 
@@ -138,27 +158,84 @@ pub struct LogShipper {
     /// `None` once [`LogShipper::failed`] saw it end.
     sender: Option<tokio::task::JoinHandle<Result<(), RemoteError>>>,
     filler: tokio::task::JoinHandle<()>,
+    barrier: ShipBarrier,
 }
 
-impl std::fmt::Debug for LogShipper {
+/// Waits for the lines captured so far to be shipped (see
+/// [`ShipBarrier::shipped`]). Cheap to clone.
+#[derive(Clone)]
+pub struct ShipBarrier {
+    logs: LogStore,
+    /// Asks the filler for the number of the next line it will take, once
+    /// it took every line the store has already broadcast.
+    ask: mpsc::Sender<oneshot::Sender<u64>>,
+    done: watch::Receiver<u64>,
+    /// Where the last wait that timed out wanted the stream to be.
+    gave_up: Arc<std::sync::Mutex<Option<u64>>>,
+}
+
+impl std::fmt::Debug for ShipBarrier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogShipper")
-            .field("stats", &self.shared.stats)
-            .finish_non_exhaustive()
+        f.debug_struct("ShipBarrier").finish_non_exhaustive()
+    }
+}
+
+impl ShipBarrier {
+    /// Wait until every line appended to the log store before this call
+    /// was answered by a server (or dropped), for at most `within`.
+    /// `false` if it was not (servers unreachable or slow, or the shipper
+    /// stopped). After one wait that timed out, later calls answer `false`
+    /// at once until the shipper has caught up with it: an outage holds up
+    /// its callers once, not once per call.
+    pub async fn shipped(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let upto = async {
+            // Lines still queued for the store's writer are broadcast
+            // before its flush answers…
+            self.logs.flush().await.ok()?;
+            // …and the filler takes what was broadcast before answering.
+            let (tx, rx) = oneshot::channel();
+            self.ask.send(tx).await.ok()?;
+            rx.await.ok()
+        };
+        let Ok(Some(upto)) = tokio::time::timeout_at(deadline, upto).await else {
+            return false;
+        };
+        let mut done = self.done.clone();
+        {
+            let gave_up = self.gave_up.lock().unwrap_or_else(|p| p.into_inner());
+            if gave_up.is_some_and(|g| *done.borrow() < g) {
+                return false;
+            }
+        }
+        match tokio::time::timeout_at(deadline, done.wait_for(|d| *d >= upto)).await {
+            Ok(Ok(_)) => {
+                *self.gave_up.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                true
+            }
+            Ok(Err(_)) => false,
+            Err(_) => {
+                *self.gave_up.lock().unwrap_or_else(|p| p.into_inner()) = Some(upto);
+                false
+            }
+        }
     }
 }
 
 impl LogShipper {
     /// Follow `logs` and ship every new line through `client`.
     pub fn start(client: ApiClient, logs: &LogStore, cfg: ShipConfig) -> Self {
+        let (done, done_rx) = watch::channel(0);
         let shared = Arc::new(Shared {
             buf: std::sync::Mutex::new(Buffer::default()),
+            done,
             more: Notify::new(),
             stats: Arc::new(ShipStats::default()),
             cfg,
         });
         let feed = logs.subscribe();
-        let filler = tokio::spawn(fill(feed, shared.clone()));
+        let (ask, asks) = mpsc::channel(64);
+        let filler = tokio::spawn(fill(feed, asks, shared.clone()));
         let (stop, stop_rx) = watch::channel(false);
         let sender = tokio::spawn(send_loop(client, shared.clone(), stop_rx));
         Self {
@@ -166,7 +243,18 @@ impl LogShipper {
             stop,
             sender: Some(sender),
             filler,
+            barrier: ShipBarrier {
+                logs: logs.clone(),
+                ask,
+                done: done_rx,
+                gave_up: Default::default(),
+            },
         }
+    }
+
+    /// A handle that waits for the lines captured so far to be shipped.
+    pub fn barrier(&self) -> ShipBarrier {
+        self.barrier.clone()
     }
 
     /// The counters.
@@ -211,18 +299,42 @@ impl LogShipper {
     }
 }
 
-async fn fill(mut feed: broadcast::Receiver<LogLine>, shared: Arc<Shared>) {
+async fn fill(
+    mut feed: broadcast::Receiver<LogLine>,
+    mut asks: mpsc::Receiver<oneshot::Sender<u64>>,
+    shared: Arc<Shared>,
+) {
+    use broadcast::error::{RecvError, TryRecvError};
+    let lagged = |n: u64| {
+        shared.stats.dropped.fetch_add(n, Ordering::Relaxed);
+        tracing::warn!(lines = n, "log shipping fell behind the live feed");
+    };
+    let closed = || {
+        shared.lock().closed = true;
+        shared.more.notify_one();
+    };
     loop {
-        match feed.recv().await {
-            Ok(line) => shared.push(line),
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                shared.stats.dropped.fetch_add(n, Ordering::Relaxed);
-                tracing::warn!(lines = n, "log shipping fell behind the live feed");
-            }
-            Err(broadcast::error::RecvError::Closed) => {
-                shared.lock().closed = true;
-                shared.more.notify_one();
-                return;
+        tokio::select! {
+            res = feed.recv() => match res {
+                Ok(line) => shared.push(line),
+                Err(RecvError::Lagged(n)) => lagged(n),
+                Err(RecvError::Closed) => return closed(),
+            },
+            Some(ask) = asks.recv() => {
+                // Take everything already broadcast, then say where the
+                // stream stands.
+                loop {
+                    match feed.try_recv() {
+                        Ok(line) => shared.push(line),
+                        Err(TryRecvError::Lagged(n)) => lagged(n),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Closed) => {
+                            closed();
+                            break;
+                        }
+                    }
+                }
+                let _ = ask.send(shared.lock().next_seq);
             }
         }
     }
@@ -332,6 +444,7 @@ mod tests {
     fn shared(cfg: ShipConfig) -> Shared {
         Shared {
             buf: Default::default(),
+            done: watch::channel(0).0,
             more: Notify::new(),
             stats: Default::default(),
             cfg,

@@ -176,6 +176,81 @@ fn logs_of_an_agents_instances_are_shown_and_followed_on_the_server() {
     berth.ok(dir, &["down", "-p", "flogs"]);
 }
 
+/// The lines an instance on a joined node writes while it stops (berth's
+/// `stopping`/`stopped` and what the program prints on SIGTERM) reach the
+/// server: the agent holds the instance's forget until they are shipped
+/// (the server refuses lines of instances the node no longer reports).
+#[test]
+fn the_last_lines_of_an_agents_instance_reach_the_server() {
+    let mut berth = Berth::new();
+    let api = berth.start_server_without_agent(free_port());
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let token = berth.ok(dir, &["token"]).trim().to_owned();
+    let agent = spawn_agent(&berth, &api, &token, "n1").no_edge().start();
+
+    std::fs::write(
+        dir.join("compose.yaml"),
+        concat!(
+            "services:\n",
+            "  bye:\n",
+            "    command: [\"sh\", \"-c\", \"trap 'echo bye-on-term; exit 0' TERM; echo trap-set; while true; do sleep 0.1; done\"]\n",
+        ),
+    )
+    .unwrap();
+    berth.ok(dir, &["up", "-d", "-p", "last"]);
+    // The trap is set once its line is shipped: TERM before it would kill
+    // the shell without the line this test looks for.
+    wait_until(
+        "bye running on n1, its trap set",
+        Duration::from_secs(60),
+        || {
+            let ps = berth.ps(dir, "last");
+            match instances(&ps, "bye")
+                .first()
+                .and_then(|i| i["node"].as_str())
+            {
+                Some("n1") => {}
+                other => return Err(format!("on {other:?}\nagent: {}", agent.log())),
+            }
+            let out = berth.ok(dir, &["logs", "-p", "last"]);
+            if out.contains("trap-set") {
+                Ok(())
+            } else {
+                Err(format!("{out}\nagent: {}", agent.log()))
+            }
+        },
+    );
+
+    berth.ok(dir, &["scale", "-p", "last", "bye=0"]);
+    // The instance is gone from the server (forgotten)…
+    wait_until("bye forgotten", Duration::from_secs(30), || {
+        let ps = berth.ps(dir, "last");
+        if instances(&ps, "bye").is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{ps:?}\nagent: {}", agent.log()))
+        }
+    });
+    // …and its last lines reach the server: they were shipped before the
+    // forget (without the hold they were refused, and never came). Waited
+    // for, since the server's log writer may still be writing them.
+    wait_until(
+        "the last lines in `berth logs`",
+        Duration::from_secs(20),
+        || {
+            let out = berth.ok(dir, &["logs", "-p", "last"]);
+            match ["stopping (SIGTERM", "bye-on-term", "stopped: "]
+                .into_iter()
+                .find(|want| !out.contains(want))
+            {
+                None => Ok(()),
+                Some(want) => Err(format!("{want:?} missing:\n{out}\nagent: {}", agent.log())),
+            }
+        },
+    );
+}
+
 /// Appends `line` to the file an instance `tail -F`s.
 fn append(path: &std::path::Path, line: &str) {
     let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
