@@ -72,13 +72,14 @@ pub trait ControlPlane: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct StoreControlPlane {
     store: Arc<dyn Store>,
-    lease: LeaseId,
+    /// Shared by clones: [`StoreControlPlane::set_lease`] moves them all.
+    lease: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl StoreControlPlane {
     /// Use this store; statuses are written without a lease.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Self { store, lease: 0 }
+        Self::with_lease(store, 0)
     }
 
     /// Attach every status this agent writes to the node's lease.
@@ -89,7 +90,21 @@ impl StoreControlPlane {
     /// (e.g. statuses of instances whose assignments were deleted while the
     /// agent was down), so no ghost instance outlives one lease TTL.
     pub fn with_lease(store: Arc<dyn Store>, lease: LeaseId) -> Self {
-        Self { store, lease }
+        Self {
+            store,
+            lease: Arc::new(std::sync::atomic::AtomicI64::new(lease)),
+        }
+    }
+
+    /// The lease statuses are written on now.
+    pub fn lease(&self) -> LeaseId {
+        self.lease.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Write statuses on `lease` from now on: the node registered again on
+    /// a new lease after the old one expired (with the statuses on it).
+    pub fn set_lease(&self, lease: LeaseId) {
+        self.lease.store(lease, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -144,20 +159,17 @@ impl ControlPlane for StoreControlPlane {
     async fn report(&self, status: &InstanceStatus) -> Result<(), ControlError> {
         let key = keys::status(&status.key);
         let value = berth_store::encode(&key, status)?;
-        self.store.put(&key, value, self.lease).await?;
+        self.store.put(&key, value, self.lease()).await?;
         Ok(())
     }
 
     async fn report_many(&self, statuses: &[InstanceStatus]) -> Result<(), ControlError> {
         let mut parts = Vec::with_capacity(statuses.len());
+        let lease = self.lease();
         for s in statuses {
             let key = keys::status(&s.key);
             let value = berth_store::encode(&key, s)?;
-            parts.push(Part::op(Op::Put {
-                key,
-                value,
-                lease: self.lease,
-            }));
+            parts.push(Part::op(Op::Put { key, value, lease }));
         }
         // In chunks: a node starting a few hundred instances reports them
         // at once, and etcd refuses a transaction of more than 128 ops.

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use berth_model::{Node, keys};
-use berth_store::{Store, embedded::EmbeddedStore};
+use berth_store::{Store, StoreError, embedded::EmbeddedStore};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -602,12 +602,27 @@ async fn start_local_agent(
         updated_at: now_ms(),
     };
     join::put_record(store.as_ref(), node.clone(), lease, |_| Ok(vec![])).await?;
-    tasks.spawn(keep_lease_alive(store.clone(), lease, stop_rx.clone()));
+    // Shared by the agent's status writes, the facts refresh and the
+    // keep-alive, which moves all of them to a new lease if this one expires.
+    let control = Arc::new(berth_agent::StoreControlPlane::with_lease(
+        store.clone(),
+        lease,
+    ));
+    tasks.spawn(keep_lease_alive(
+        store.clone(),
+        OwnNode {
+            node: node.clone(),
+            data_dir: cfg.data_dir.clone(),
+            control: control.clone(),
+            statuses: local_statuses.clone(),
+        },
+        stop_rx.clone(),
+    ));
     tasks.spawn(refresh_own_facts(
         store.clone(),
         cfg.data_dir.clone(),
         node,
-        lease,
+        control.clone(),
         cfg.facts_every,
         stop_rx.clone(),
     ));
@@ -618,10 +633,6 @@ async fn start_local_agent(
         address: cfg.advertise.to_string(),
         logs: cfg.logs.clone(),
     };
-    let control = Arc::new(berth_agent::StoreControlPlane::with_lease(
-        store.clone(),
-        lease,
-    ));
     let logs = logs.clone();
     let rx = stop_rx.clone();
     let local_statuses = local_statuses.clone();
@@ -660,7 +671,7 @@ async fn refresh_own_facts(
     store: Arc<dyn Store>,
     data_dir: PathBuf,
     mut node: Node,
-    lease: berth_store::LeaseId,
+    control: Arc<berth_agent::StoreControlPlane>,
     every: Duration,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -683,6 +694,7 @@ async fn refresh_own_facts(
             }
         }
         node.updated_at = now_ms();
+        let lease = control.lease();
         if let Err(e) = join::put_record(store.as_ref(), node.clone(), lease, |_| Ok(vec![])).await
         {
             tracing::warn!(error = %e, "cannot refresh this node's facts; retrying");
@@ -710,16 +722,87 @@ pub async fn stopped(mut rx: watch::Receiver<bool>) {
 
 async fn keep_lease_alive(
     store: Arc<dyn Store>,
-    lease: berth_store::LeaseId,
+    own: OwnNode,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(3));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop = std::pin::pin!(stopped(stop));
     loop {
         tokio::select! {
-            _ = tick.tick() => store.lease_keep_alive(lease).await.context("node lease keep-alive")?,
+            _ = tick.tick() => {}
             _ = &mut stop => return Ok(()),
         }
+        let lease = own.control.lease();
+        match store.lease_keep_alive(lease).await {
+            Ok(()) => {}
+            Err(StoreError::LeaseNotFound(_)) => {
+                tracing::warn!(
+                    lease,
+                    "this server's node lease expired (the store was slow or unreachable for \
+                     longer than its TTL); registering the node again"
+                );
+                match own.register_again(store.as_ref()).await {
+                    Ok(lease) => tracing::info!(lease, "this server's node registered again"),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "cannot register this server's node again; retrying"
+                    ),
+                }
+            }
+            // The store is slow or unreachable: the next tick tries again;
+            // if the lease expires meanwhile, the node registers again then.
+            Err(e) => tracing::warn!(error = %e, lease, "node lease keep-alive failed; retrying"),
+        }
+    }
+}
+
+/// What lives on the server's own node lease, to write again on a new one.
+struct OwnNode {
+    node: Node,
+    data_dir: PathBuf,
+    control: Arc<berth_agent::StoreControlPlane>,
+    statuses: berth_agent::local::LocalStatuses,
+}
+
+impl OwnNode {
+    /// After the node lease expired (and the node record and the local
+    /// agent's statuses with it), as a joined agent registers again: a new
+    /// lease, the node record with fresh facts (and its drain mark), then
+    /// every status the local agent last gave for an instance it still
+    /// runs. The agent writes later statuses on the new lease. Returns the
+    /// new lease.
+    async fn register_again(&self, store: &dyn Store) -> anyhow::Result<berth_store::LeaseId> {
+        let lease = store.lease_grant(join::NODE_TTL).await?;
+        let dir = self.data_dir.clone();
+        let mut node = self.node.clone();
+        if let Ok(facts) = tokio::task::spawn_blocking(move || own_facts(&dir)).await {
+            node.facts = facts;
+        }
+        node.updated_at = now_ms();
+        if let Err(e) = join::put_record(store, node, lease, |_| Ok(vec![])).await {
+            // The next tick finds the old lease still gone and tries again.
+            let _ = store.lease_revoke(lease).await;
+            return Err(e.into());
+        }
+        self.control.set_lease(lease);
+        // A status the agent publishes while these are written could be
+        // overwritten by the older copy: write again until nothing changed
+        // in between (the agent writes each change after publishing it).
+        let mut latest = self.statuses.subscribe();
+        for _ in 0..5 {
+            let statuses: Vec<berth_model::InstanceStatus> = latest
+                .borrow_and_update()
+                .values()
+                .filter(|s| s.forgotten.is_none())
+                .map(|s| s.status.clone())
+                .collect();
+            berth_agent::ControlPlane::report_many(self.control.as_ref(), &statuses).await?;
+            if !latest.has_changed().unwrap_or(false) {
+                break;
+            }
+        }
+        Ok(lease)
     }
 }
 
@@ -747,4 +830,121 @@ fn write_info(dir: &Path, info: &ServerInfo) -> anyhow::Result<()> {
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
     fs::rename(&tmp, &path)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod own_node_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+    use super::*;
+    use berth_agent::ControlPlane;
+    use berth_agent::local::LocalStatuses;
+    use berth_model::{InstanceKey, InstanceStatus};
+    use berth_store::WatchEvent;
+    use futures::StreamExt;
+
+    /// The server's own node lease expires (what etcd does when the server
+    /// could not renew it within the TTL: a slow or failing etcd). The
+    /// server used to exit with `lease … not found`; now its node comes
+    /// back on a new lease, with the statuses of the instances its agent
+    /// runs (not those it forgot), later statuses go on the new lease, and
+    /// the keep-alive goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_own_node_lease_registers_the_node_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).unwrap());
+        let node = Node {
+            id: "own".into(),
+            address: "127.0.0.1".into(),
+            labels: Default::default(),
+            facts: Default::default(),
+            draining: false,
+            updated_at: 0,
+        };
+        let old = store.lease_grant(join::NODE_TTL).await.unwrap();
+        join::put_record(store.as_ref(), node.clone(), old, |_| Ok(vec![]))
+            .await
+            .unwrap();
+        let control = Arc::new(berth_agent::StoreControlPlane::with_lease(
+            store.clone(),
+            old,
+        ));
+        let statuses = LocalStatuses::new();
+        let running = InstanceStatus::new(
+            InstanceKey::new("default", "shop", "web", 1),
+            "u1",
+            "own",
+            1,
+            0,
+        );
+        let forgotten = InstanceStatus::new(
+            InstanceKey::new("default", "shop", "web", 2),
+            "u2",
+            "own",
+            1,
+            0,
+        );
+        for s in [&running, &forgotten] {
+            statuses.publish(s);
+            control.report(s).await.unwrap();
+        }
+        control.forget(&forgotten.key, 0).await.unwrap();
+        statuses.forget(&forgotten.key);
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let own = OwnNode {
+            node,
+            data_dir: dir.path().to_owned(),
+            control: control.clone(),
+            statuses,
+        };
+        let task = tokio::spawn(keep_lease_alive(store.clone(), own, stop_rx));
+        let mut events = store.watch("/", 0).await.unwrap();
+        store.lease_revoke(old).await.unwrap();
+        assert!(store.get(&keys::node("own")).await.unwrap().is_none());
+
+        let status_key = keys::status(&running.key);
+        let (mut node_back, mut status_back) = (None, None);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while node_back.is_none() || status_back.is_none() {
+            let batch = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .expect("the node and its status did not come back within 30 s")
+                .expect("watch ended")
+                .unwrap();
+            for event in batch {
+                if let WatchEvent::Put(kv) = event {
+                    if kv.key == keys::node("own") {
+                        node_back = Some(kv.lease);
+                    } else if kv.key == status_key {
+                        status_back = Some(kv.lease);
+                    }
+                }
+            }
+        }
+        let new = node_back.unwrap();
+        assert_ne!(new, old, "the node came back on the expired lease");
+        assert_eq!(status_back, Some(new), "the status is on another lease");
+        assert_eq!(control.lease(), new);
+        assert!(
+            store
+                .get(&keys::status(&forgotten.key))
+                .await
+                .unwrap()
+                .is_none(),
+            "a forgotten instance's status was written again"
+        );
+        let record: Node =
+            berth_store::decode(&store.get(&keys::node("own")).await.unwrap().unwrap()).unwrap();
+        assert!(!record.facts.is_empty(), "registered again without facts");
+
+        // Later statuses go on the new lease, which is kept alive.
+        control.report(&running).await.unwrap();
+        assert_eq!(store.get(&status_key).await.unwrap().unwrap().lease, new);
+        store.lease_keep_alive(new).await.unwrap();
+        assert!(!task.is_finished(), "the keep-alive ended: {task:?}");
+        stop_tx.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
 }
