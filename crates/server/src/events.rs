@@ -31,6 +31,16 @@
 //! On taking over, the new leader re-reads the ring's ids from the store,
 //! so trimming and id order continue from what the previous leader wrote.
 //!
+//! A follower keeps the events it derived while not leading (at most
+//! [`UNWRITTEN_CAP`], none older than [`UNWRITTEN_AGE_MS`]); on winning, it
+//! writes those seen after the ring's newest event. Without this, a change
+//! made before a server's first election was never recorded: `berth up -d`
+//! that starts a server deploys as soon as the API answers, often before
+//! the leader lease is won, and lost its `deploy_started`. Events the
+//! previous leader already wrote carry ids (µs of their write) later than
+//! its own view of the change, and so no later than the follower's view of
+//! it in the common case; those are skipped, not written twice.
+//!
 //! The observer also publishes the instance statuses it saw ([`Live`]) for
 //! the metrics endpoint and the history sampler, so those need no store
 //! reads of their own.
@@ -103,6 +113,11 @@ impl EventLog {
         let ring = Ring::load(self.store.as_ref()).await?;
         *self.ring.lock().unwrap_or_else(|p| p.into_inner()) = ring;
         Ok(())
+    }
+
+    /// The newest id in the ring as last loaded (0 when empty).
+    pub fn newest_id(&self) -> u64 {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner()).last_id
     }
 
     /// Assign ids to `events` (their `id` is overwritten) and write them,
@@ -288,7 +303,16 @@ pub struct Observer {
     leadership: crate::leader::Leadership,
     /// The fencing token the ring was last loaded for.
     writing_as: Option<Revision>,
+    /// Events derived while not leading, oldest first: written on winning
+    /// if no leader wrote past them (see the module docs).
+    unwritten: VecDeque<Event>,
 }
+
+/// How many events a follower keeps for when it wins.
+pub const UNWRITTEN_CAP: usize = 1_000;
+/// How old (ms) a follower's kept event may be when it wins: older ones
+/// were a leader's to write.
+pub const UNWRITTEN_AGE_MS: u64 = 60_000;
 
 impl Observer {
     /// An observer writing to `log` while `leadership` holds a fencing
@@ -304,6 +328,7 @@ impl Observer {
             live,
             leadership,
             writing_as: None,
+            unwritten: VecDeque::new(),
         }
     }
 }
@@ -311,8 +336,9 @@ impl Observer {
 impl Follower for Observer {
     async fn changed(&mut self, mirror: &Mirror, revision: Revision) -> anyhow::Result<()> {
         let now = Seen::of(mirror);
-        let events = match &self.seen {
-            Some(before) => diff(before, &now, crate::now_ms()),
+        let at = crate::now_ms();
+        let mut events = match &self.seen {
+            Some(before) => diff(before, &now, at),
             None => Vec::new(),
         };
         self.live.send_replace(Arc::new(Live {
@@ -322,6 +348,7 @@ impl Follower for Observer {
         self.seen = Some(now);
         let Some(token) = *self.leadership.borrow() else {
             self.writing_as = None;
+            self.keep_unwritten(events, at);
             return Ok(());
         };
         // A failed write loses these events but must not stop the server:
@@ -332,11 +359,41 @@ impl Follower for Observer {
                 return Ok(());
             }
             self.writing_as = Some(token);
+            let mut caught_up = self.catch_up(self.log.newest_id(), at);
+            caught_up.append(&mut events);
+            events = caught_up;
         }
         if let Err(e) = self.log.record(events, Some(token)).await {
             tracing::warn!(error = %e, "could not record events");
         }
         Ok(())
+    }
+}
+
+impl Observer {
+    /// Keep a follower's events for when it wins, within the bounds.
+    fn keep_unwritten(&mut self, events: Vec<Event>, now: u64) {
+        self.unwritten.extend(events);
+        while self.unwritten.len() > UNWRITTEN_CAP
+            || self
+                .unwritten
+                .front()
+                .is_some_and(|e| e.at.saturating_add(UNWRITTEN_AGE_MS) < now)
+        {
+            self.unwritten.pop_front();
+        }
+    }
+
+    /// The kept events no leader wrote: those seen after the ring's newest
+    /// event (`newest_id`, µs of its write) and young enough.
+    fn catch_up(&mut self, newest_id: u64, now: u64) -> Vec<Event> {
+        self.unwritten
+            .drain(..)
+            .filter(|e| {
+                e.at.saturating_mul(1000) > newest_id
+                    && e.at.saturating_add(UNWRITTEN_AGE_MS) >= now
+            })
+            .collect()
     }
 }
 
@@ -689,6 +746,85 @@ mod tests {
         assert_eq!(
             kinds(&diff(&d, &Seen::default(), 0)),
             [EventKind::InstanceRemoved]
+        );
+    }
+
+    fn node(id: &str) -> berth_model::Node {
+        berth_model::Node {
+            id: id.into(),
+            address: "127.0.0.1".into(),
+            labels: Default::default(),
+            facts: Default::default(),
+            draining: false,
+            updated_at: 1,
+        }
+    }
+
+    /// A change seen before this server first led (as `berth up -d` that
+    /// starts a server deploys before the election is won) is recorded once
+    /// it leads; one a previous leader already wrote is not written again.
+    #[tokio::test]
+    async fn a_change_seen_before_leading_is_recorded_on_winning() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(berth_store::embedded::EmbeddedStore::open(&dir.path().join("db")).unwrap());
+        let log = Arc::new(EventLog::open(store.clone(), 100).await.unwrap());
+        let (lead_tx, lead_rx) = watch::channel(None);
+        let (live_tx, _live_rx) = watch::channel(Arc::new(Live::default()));
+        let mut observer = Observer::new(log, live_tx, lead_rx);
+        let mut mirror = Mirror::default();
+        observer.changed(&mirror, 1).await.unwrap();
+        mirror.nodes.insert("n1".into(), node("n1"));
+        observer.changed(&mirror, 2).await.unwrap();
+        let none = list(store.as_ref(), &EventFilter::default(), 10)
+            .await
+            .unwrap();
+        assert!(none.0.is_empty(), "a follower wrote {:?}", none.0);
+
+        let token = store
+            .put(crate::leader::KEY, bytes::Bytes::from_static(b"s1"), 0)
+            .await
+            .unwrap();
+        lead_tx.send_replace(Some(token));
+        observer.changed(&mirror, 3).await.unwrap();
+        let (events, _) = list(store.as_ref(), &EventFilter::default(), 10)
+            .await
+            .unwrap();
+        assert_eq!(kinds(&events), [EventKind::NodeJoined], "{events:?}");
+
+        // Deposed, it sees n2 join, which the next leader records; winning
+        // again, it must not write n2's join a second time.
+        lead_tx.send_replace(None);
+        mirror.nodes.insert("n2".into(), node("n2"));
+        observer.changed(&mirror, 4).await.unwrap();
+        let other = Arc::new(EventLog::open(store.clone(), 100).await.unwrap());
+        other
+            .record(
+                vec![Event {
+                    node: Some("n2".into()),
+                    ..base(
+                        EventKind::NodeJoined,
+                        crate::now_ms(),
+                        "node n2 joined".into(),
+                    )
+                }],
+                Some(token),
+            )
+            .await
+            .unwrap();
+        let token = store
+            .put(crate::leader::KEY, bytes::Bytes::from_static(b"s1"), 0)
+            .await
+            .unwrap();
+        lead_tx.send_replace(Some(token));
+        observer.changed(&mirror, 5).await.unwrap();
+        let (events, _) = list(store.as_ref(), &EventFilter::default(), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            kinds(&events),
+            [EventKind::NodeJoined, EventKind::NodeJoined],
+            "{events:?}"
         );
     }
 
