@@ -8,14 +8,13 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::process::Command;
 use std::time::Duration;
 
 use berth_store::etcd::{EtcdConfig, EtcdStore};
 use berth_store::{Revision, Store, StoreError, WatchEvent};
 use bytes::Bytes;
 use futures::StreamExt;
-use support::etcd::EtcdCluster;
+use support::etcd::{EtcdCluster, etcdctl};
 use tokio::time::{Instant, sleep, timeout};
 
 fn b(s: &str) -> Bytes {
@@ -185,20 +184,6 @@ async fn member_serving_the_watch(cluster: &EtcdCluster) -> usize {
 async fn authenticated_watch_survives_moving_to_a_member_that_lost_its_token() {
     let mut cluster = EtcdCluster::start(3).await;
     let endpoints = cluster.endpoints();
-    let etcdctl = |on: &[String], args: &[&str]| {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", on.join(",")))
-            .arg("--command-timeout=20s")
-            .args(args)
-            .output()
-            .expect("etcdctl (Debian's etcd-client package; run scripts/test)");
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     etcdctl(&endpoints, &["user", "add", "root:rootpw"]);
     etcdctl(&endpoints, &["auth", "enable"]);
 
@@ -443,19 +428,7 @@ async fn connect_to_nothing_fails_fast_and_says_where() {
 async fn authentication_with_user_and_password() {
     let etcd = EtcdCluster::single().await;
     let endpoint = etcd.endpoints()[0].clone();
-    let etcdctl = |args: &[&str]| {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={endpoint}"))
-            .args(args)
-            .output()
-            .expect("etcdctl (Debian's etcd-client package; run scripts/test)");
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let etcdctl = |args: &[&str]| etcdctl(std::slice::from_ref(&endpoint), args);
     etcdctl(&["user", "add", "root:rootpw"]);
     etcdctl(&["auth", "enable"]);
 
@@ -501,19 +474,7 @@ async fn authentication_with_user_and_password() {
 async fn a_user_granted_only_its_namespace_can_connect() {
     let etcd = EtcdCluster::single().await;
     let endpoint = etcd.endpoints()[0].clone();
-    let etcdctl = |args: &[&str]| {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={endpoint}"))
-            .args(args)
-            .output()
-            .expect("etcdctl (Debian's etcd-client package; run scripts/test)");
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let etcdctl = |args: &[&str]| etcdctl(std::slice::from_ref(&endpoint), args);
     etcdctl(&["user", "add", "root:rootpw"]);
     etcdctl(&["user", "add", "berth:berthpw"]);
     etcdctl(&["role", "add", "berth"]);

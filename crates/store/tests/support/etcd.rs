@@ -512,3 +512,22 @@ impl TlsFiles {
             ))
     }
 }
+
+/// Run `etcdctl ARGS` against `endpoints` (v3 API) and fail the test with
+/// its stderr if it fails: the auth tests set up users, roles and grants
+/// this way. The 20 s command timeout leaves room for a cluster still
+/// electing after a member was killed.
+pub fn etcdctl(endpoints: &[String], args: &[&str]) {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .arg("--command-timeout=20s")
+        .args(args)
+        .output()
+        .expect("etcdctl (Debian's etcd-client package; run scripts/test)");
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
